@@ -1,0 +1,7 @@
+"""A faithful local Open Connectors for tests, the demo and development (DESIGN §5)."""
+
+from .instance import OPERATIONS, Sandbox
+from .options import DEFAULT_HUBS, SandboxOptions
+from .routes import API_PREFIX
+
+__all__ = ["API_PREFIX", "DEFAULT_HUBS", "OPERATIONS", "Sandbox", "SandboxOptions"]

@@ -1,0 +1,295 @@
+"""The state of one simulated Open Connectors instance: its jobs, faults and callbacks.
+
+Jobs run on the event loop of the server that hosts the sandbox: each one is a task
+that walks ``CREATED`` → ``RUNNING`` → a terminal status and then delivers a signed
+callback, with the redelivery schedule of the real platform (scaled by
+``callback_retry_base``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import secrets
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import anyio.to_thread
+import httpx
+
+from ..signatures import HEADER as SIGNATURE_HEADER
+from ..signatures import sign
+from .options import SandboxOptions
+from .records import ScanResult, scan_csv
+
+__all__ = ["OPERATIONS", "Fault", "Sandbox", "SandboxJob"]
+
+OPERATIONS = ("objects", "submit", "status", "errors", "cancel", "jobs")
+TERMINAL = frozenset({"COMPLETED", "ERROR", "ABORTED", "CANCELLED"})
+_LEGACY = {"COMPLETED": "COMPLETE", "CANCELLED": "CANCELED"}
+
+
+@dataclass
+class Fault:
+    """An answer the sandbox gives instead of (or after) doing the real work.
+
+    ``after_processing`` models the ambiguous failure: the upstream did the work (a job
+    exists) but the client only sees the error.
+    """
+
+    operation: str | None
+    status: int
+    retry_after: float | None = None
+    after_processing: bool = False
+    remaining: int = 1
+
+    def body(self) -> dict[str, str]:
+        message = "Too many requests" if self.status == 429 else "Injected upstream failure"
+        return {"message": message, "requestId": str(uuid.uuid4())}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": f"{self.retry_after:g}"}
+
+
+@dataclass
+class SandboxJob:
+    id: int
+    hub: str
+    object: str
+    path: str
+    callback_url: str | None
+    metadata: dict[str, Any]
+    status: str = "CREATED"
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    scan: ScanResult | None = None
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def status_body(self, legacy: bool) -> dict[str, Any]:
+        scan = self.scan or ScanResult()
+        status = _LEGACY.get(self.status, self.status) if legacy else self.status
+        body: dict[str, Any] = {
+            "id": str(self.id),
+            "status": status,
+            "objectName": self.object,
+            "jobDirection": "UPLOAD",
+            "recordsCount": scan.records,
+            "recordsFailedCount": len(scan.failed),
+            "createdDate": _iso(self.created_at),
+            "updatedDate": _iso(self.updated_at),
+        }
+        if scan.error:
+            body["errorMessage"] = scan.error
+        return body
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Sandbox:
+    """One simulated instance. ``app`` is its ASGI app; ``aclose`` stops its jobs."""
+
+    def __init__(self, options: SandboxOptions | None = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError("pass either options or keyword arguments, not both")
+        self.options = options or SandboxOptions(**kwargs)
+        self._rng = random.Random(self.options.seed)
+        self.jobs: dict[int, SandboxJob] = {}
+        self._next_id = 1000 + self._rng.randrange(9000)
+        self._faults: list[Fault] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._client: httpx.AsyncClient | None = None
+        self._callback_key = self.options.signature_key
+        if self.options.wrong_key:
+            self._callback_key = secrets.token_urlsafe(32)
+        self.calls: Counter[str] = Counter()
+        self.status_calls: Counter[str] = Counter()
+        self.callbacks: Counter[str] = Counter()
+        self.callback_log: list[dict[str, Any]] = []
+        from .routes import build_app
+
+        self.app = build_app(self)
+
+    # -- faults -------------------------------------------------------------------
+
+    def inject_fault(
+        self,
+        operation: str | None,
+        status: int,
+        *,
+        retry_after: float | None = None,
+        times: int = 1,
+        after_processing: bool = False,
+    ) -> None:
+        """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``."""
+        if operation is not None and operation not in OPERATIONS:
+            raise ValueError(f"unknown operation {operation!r}")
+        self._faults.append(Fault(operation, status, retry_after, after_processing, times))
+
+    def take_fault(self, operation: str) -> Fault | None:
+        """Count the call and decide whether it fails: scripted faults first, then chance."""
+        self.calls[operation] += 1
+        for fault in self._faults:
+            if fault.operation in (None, operation) and fault.remaining > 0:
+                fault.remaining -= 1
+                if fault.remaining == 0:
+                    self._faults.remove(fault)
+                return fault
+        if self.options.fail_rate and self._rng.random() < self.options.fail_rate:
+            if self._rng.random() < 0.5:
+                return Fault(operation, 429, retry_after=self.options.retry_after)
+            return Fault(operation, 500, after_processing=operation == "submit")
+        return None
+
+    # -- jobs ---------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        hub: str,
+        object_name: str,
+        path: str,
+        upload: BinaryIO,
+        callback_url: str | None,
+        metadata: dict[str, Any],
+    ) -> SandboxJob:
+        job = SandboxJob(
+            id=self._next_id,
+            hub=hub,
+            object=object_name,
+            path=path,
+            callback_url=callback_url or self.options.callback_url,
+            metadata=metadata,
+        )
+        self._next_id += 1
+        self.jobs[job.id] = job
+        self._spawn(self._run(job, upload))
+        return job
+
+    def find_job(self, hub: str, job_id: str) -> SandboxJob | None:
+        try:
+            job = self.jobs.get(int(job_id))
+        except ValueError:
+            return None
+        return job if job is not None and job.hub == hub else None
+
+    def request_cancel(self, job: SandboxJob) -> bool:
+        if job.status in TERMINAL or job.status == "CANCELLATION_PENDING":
+            return job.status == "CANCELLATION_PENDING"
+        self._set_status(job, "CANCELLATION_PENDING")
+        job.cancel_requested.set()
+        return True
+
+    def _set_status(self, job: SandboxJob, status: str) -> None:
+        job.status = status
+        job.updated_at = time.time()
+
+    async def _cancelled_within(self, job: SandboxJob, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(job.cancel_requested.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _run(self, job: SandboxJob, upload: BinaryIO) -> None:
+        half = self.options.job_seconds / 2
+        try:
+            upload.seek(0)
+            scan = job.scan = await anyio.to_thread.run_sync(scan_csv, upload)
+        finally:
+            upload.close()
+        if not await self._cancelled_within(job, half):
+            self._set_status(job, "RUNNING")
+            if not await self._cancelled_within(job, half):
+                self._set_status(job, "ERROR" if scan.error else "COMPLETED")
+        if job.status == "CANCELLATION_PENDING":
+            await asyncio.sleep(min(0.05, half))
+            self._set_status(job, "CANCELLED")
+        await self._notify(job)
+
+    # -- callbacks ----------------------------------------------------------------
+
+    def callback_body(self, job: SandboxJob) -> bytes:
+        body = job.status_body(self.options.legacy_status_names)
+        payload = job.metadata.get("callback-payload")
+        if payload is not None:
+            body["callback-payload"] = payload
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    async def _notify(self, job: SandboxJob) -> None:
+        if not job.callback_url:
+            return
+        if self._rng.random() < self.options.drop_callbacks:
+            self.callbacks["dropped"] += 1
+            return
+        body = self.callback_body(job)
+        headers = {
+            "Content-Type": "application/json",
+            "Elements-Webhook-Id": str(uuid.uuid4()),
+        }
+        if self._callback_key:
+            headers[SIGNATURE_HEADER] = sign(self._callback_key, body, self.options.signature_algo)
+        copies = 2 if self._rng.random() < self.options.duplicate_callbacks else 1
+        if copies == 2:
+            self.callbacks["duplicated"] += 1
+        if self.options.callback_delay:
+            await asyncio.sleep(self.options.callback_delay)
+        for _ in range(copies):
+            await self._deliver(job.callback_url, body, headers)
+
+    async def _deliver(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=10.0)
+        for attempt in range(self.options.callback_retries + 1):
+            if attempt:
+                self.callbacks["redelivered"] += 1
+                await asyncio.sleep(self.options.callback_retry_base * 4**attempt)
+            self.callbacks["sent"] += 1
+            try:
+                response = await self._client.post(url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                outcome: int | str = type(exc).__name__
+            else:
+                outcome = response.status_code
+            self.callback_log.append(
+                {"url": url, "webhook_id": headers["Elements-Webhook-Id"], "outcome": outcome}
+            )
+            if isinstance(outcome, int) and 200 <= outcome < 300:
+                self.callbacks["delivered"] += 1
+                return
+            self.callbacks["failed"] += 1
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def stats(self) -> dict[str, Any]:
+        by_status = Counter(job.status for job in self.jobs.values())
+        return {
+            "jobs": len(self.jobs),
+            "jobs_by_status": dict(by_status),
+            "calls": dict(self.calls),
+            "status_calls": dict(self.status_calls),
+            "callbacks": dict(self.callbacks),
+        }
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -1,0 +1,64 @@
+"""What a sandbox instance simulates: its keys, its timing and the faults it injects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..signatures import ALGORITHMS
+
+__all__ = ["DEFAULT_HUBS", "SandboxOptions"]
+
+DEFAULT_HUBS: dict[str, tuple[str, ...]] = {
+    "marketing": ("activities", "contact", "campaign", "list", "account"),
+    "crm": ("accounts", "contacts", "leads", "opportunities"),
+}
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True)
+class SandboxOptions:
+    """Every knob of DESIGN §5, plus a few that make tests deterministic.
+
+    ``signature_key`` unset means the instance has no signature key, so callbacks carry
+    no ``Elements-Webhook-Signature`` header, as a real instance without one.
+    """
+
+    signature_key: str | None = None
+    signature_algo: str = "sha256"
+    job_seconds: float = 2.0
+    drop_callbacks: float = 0.0
+    duplicate_callbacks: float = 0.0
+    callback_delay: float = 0.0
+    wrong_key: bool = False
+    fail_rate: float = 0.0
+    # Seconds announced in Retry-After on injected 429s.
+    retry_after: float = 1.0
+    # Redelivery of a callback that was not answered 2xx: attempt n waits base * 4**n.
+    callback_retries: int = 9
+    callback_retry_base: float = 1.0
+    # Answer COMPLETE / CANCELED instead of COMPLETED / CANCELLED, as some endpoints do.
+    legacy_status_names: bool = False
+    # The instance-wide callback URL (event.notification.callback.url).
+    callback_url: str | None = None
+    # When set, the exact Authorization header value required; otherwise any
+    # well-formed "User …, Organization …, Element …" header is accepted.
+    authorization: str | None = None
+    hubs: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_HUBS))
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.signature_algo not in ALGORITHMS:
+            raise ValueError(f"signature_algo must be one of {ALGORITHMS}")
+        for name in ("drop_callbacks", "duplicate_callbacks", "fail_rate"):
+            _fraction(name, getattr(self, name))
+        for name in ("job_seconds", "callback_delay", "retry_after", "callback_retry_base"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.callback_retries < 0:
+            raise ValueError("callback_retries must not be negative")
+        if self.wrong_key and not self.signature_key:
+            raise ValueError("wrong_key needs a signature_key to differ from")

@@ -1,0 +1,252 @@
+"""The sandbox's HTTP surface: DESIGN §2 under ``/elements/api-v2``, plus introspection.
+
+``/_sandbox/stats`` and ``/_sandbox/faults`` are not part of Open Connectors; they let
+tests in other processes count calls and script faults.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+if TYPE_CHECKING:
+    from .instance import Fault, Sandbox
+
+__all__ = ["build_app"]
+
+API_PREFIX = "/elements/api-v2"
+_AUTH_PART = re.compile(r"^(User|Organization|Element) \S+$")
+_MAX_PAGE = 500
+_DEFAULT_PAGE = 200
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"message": message, "requestId": str(uuid.uuid4())}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _fault_response(fault: Fault) -> JSONResponse:
+    return JSONResponse(fault.body(), status_code=fault.status, headers=fault.headers())
+
+
+def _authorized(sandbox: Sandbox, request: Request) -> bool:
+    header = request.headers.get("authorization")
+    if header is None:
+        return False
+    if sandbox.options.authorization is not None:
+        return header == sandbox.options.authorization
+    parts = [part.strip() for part in header.split(",")]
+    return bool(parts) and all(_AUTH_PART.match(part) for part in parts)
+
+
+def _encode_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"offset:{offset}".encode()).decode()
+
+
+def _decode_token(token: str) -> int | None:
+    try:
+        text = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        return None
+    kind, _, number = text.partition(":")
+    return int(number) if kind == "offset" and number.isdigit() else None
+
+
+def _page(request: Request, items: Sequence[Any]) -> Response:
+    """Answer one page of ``items`` the way Open Connectors pages its lists."""
+    raw_size = request.query_params.get("pageSize", str(_DEFAULT_PAGE))
+    if not raw_size.isdigit() or not 1 <= int(raw_size) <= _MAX_PAGE:
+        return _error(400, f"pageSize must be between 1 and {_MAX_PAGE}")
+    size = int(raw_size)
+    offset = 0
+    token = request.query_params.get("nextPage")
+    if token:
+        decoded = _decode_token(token)
+        if decoded is None:
+            return _error(400, "Invalid nextPage token")
+        offset = decoded
+    chunk = list(items[offset : offset + size])
+    headers = {"Elements-Returned-Count": str(len(chunk))}
+    if offset + size < len(items):
+        headers["Elements-Next-Page-Token"] = _encode_token(offset + size)
+    return JSONResponse(chunk, headers=headers)
+
+
+def _metadata(raw: object) -> dict[str, Any] | None:
+    """The ``metaData`` part is a JSON object sent as a string; absent means empty."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, str):
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def build_app(sandbox: Sandbox) -> Starlette:
+    def operation(name: str) -> Callable[[Handler], Handler]:
+        """Wrap a handler with the checks every API call goes through."""
+
+        def wrap(handler: Handler) -> Handler:
+            async def endpoint(request: Request) -> Response:
+                if not _authorized(sandbox, request):
+                    return _error(
+                        401,
+                        "Invalid Organization or User secret, or invalid Element token provided.",
+                    )
+                hub = request.path_params["hub"]
+                if hub not in sandbox.options.hubs:
+                    return _error(404, f"No element instance found for hub '{hub}'")
+                fault = sandbox.take_fault(name)
+                if fault is not None and not fault.after_processing:
+                    # Read what the client sent, as a real server would before answering.
+                    async for _ in request.stream():
+                        pass
+                    return _fault_response(fault)
+                response = await handler(request)
+                if fault is not None and response.status_code < 400:
+                    return _fault_response(fault)
+                return response
+
+            return endpoint
+
+        return wrap
+
+    @operation("objects")
+    async def objects(request: Request) -> Response:
+        return JSONResponse(list(sandbox.options.hubs[request.path_params["hub"]]))
+
+    @operation("submit")
+    async def submit(request: Request) -> Response:
+        hub = request.path_params["hub"]
+        object_name = request.path_params["object"]
+        if object_name not in sandbox.options.hubs[hub]:
+            return _error(404, f"Object '{object_name}' is not available in hub '{hub}'")
+        path = request.query_params.get("path")
+        if not path:
+            return _error(400, "The 'path' query parameter is required")
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("multipart/form-data"):
+            return _error(415, "Expected multipart/form-data with a 'file' part")
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            await form.close()
+            return _error(400, "The multipart part 'file' is required")
+        metadata = _metadata(form.get("metaData"))
+        if metadata is None:
+            await form.close()
+            return _error(400, "metaData must be a JSON object encoded as a string")
+        job = sandbox.create_job(
+            hub=hub,
+            object_name=object_name,
+            path=path,
+            upload=upload.file,
+            callback_url=request.headers.get("elements-async-callback-url"),
+            metadata=metadata,
+        )
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    def _job_or_404(request: Request) -> Any:
+        job = sandbox.find_job(request.path_params["hub"], request.path_params["job_id"])
+        if job is None:
+            return _error(404, f"No bulk job found with id {request.path_params['job_id']}")
+        return job
+
+    @operation("status")
+    async def status(request: Request) -> Response:
+        job = _job_or_404(request)
+        if isinstance(job, Response):
+            return job
+        sandbox.status_calls[str(job.id)] += 1
+        return JSONResponse(job.status_body(sandbox.options.legacy_status_names))
+
+    @operation("errors")
+    async def errors(request: Request) -> Response:
+        job = _job_or_404(request)
+        if isinstance(job, Response):
+            return job
+        return _page(request, job.scan.failed if job.scan else [])
+
+    @operation("cancel")
+    async def cancel(request: Request) -> Response:
+        job = _job_or_404(request)
+        if isinstance(job, Response):
+            return job
+        if not sandbox.request_cancel(job):
+            return _error(400, f"Bulk job {job.id} is already {job.status} and cannot be cancelled")
+        return JSONResponse(job.status_body(sandbox.options.legacy_status_names))
+
+    @operation("jobs")
+    async def jobs(request: Request) -> Response:
+        where = request.query_params.get("where", "")
+        hub = request.path_params["hub"]
+        if where and where.replace(" ", "").lower() not in (
+            "job_direction='upload'",
+            'job_direction="upload"',
+        ):
+            return _error(400, "Only where=job_direction='UPLOAD' is supported")
+        legacy = sandbox.options.legacy_status_names
+        listed = [job.status_body(legacy) for job in sandbox.jobs.values() if job.hub == hub]
+        return _page(request, listed)
+
+    async def root(request: Request) -> Response:
+        return JSONResponse({"service": "bulkhook sandbox", "api": API_PREFIX})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(sandbox.stats())
+
+    async def faults(request: Request) -> Response:
+        try:
+            spec = json.loads(await request.body())
+            sandbox.inject_fault(
+                spec.get("operation"),
+                int(spec["status"]),
+                retry_after=spec.get("retry_after"),
+                times=int(spec.get("times", 1)),
+                after_processing=bool(spec.get("after_processing", False)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _error(400, f"bad fault: {exc}")
+        return JSONResponse({"ok": True})
+
+    bulk = "/hubs/{hub}/bulk"
+    api = [
+        Route("/hubs/{hub}/objects", objects, methods=["GET"]),
+        Route(bulk + "/jobs", jobs, methods=["GET"]),
+        Route(bulk + "/{job_id}/status", status, methods=["GET"]),
+        Route(bulk + "/{job_id}/errors", errors, methods=["GET"]),
+        Route(bulk + "/{job_id}/cancel", cancel, methods=["PUT"]),
+        Route(bulk + "/{object}", submit, methods=["POST"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await sandbox.aclose()
+
+    return Starlette(
+        lifespan=lifespan,
+        routes=[
+            Route("/", root, methods=["GET"]),
+            Route("/_sandbox/stats", stats, methods=["GET"]),
+            Route("/_sandbox/faults", faults, methods=["POST"]),
+            Mount(API_PREFIX, routes=api),
+        ],
+    )

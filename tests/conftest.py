@@ -1,0 +1,129 @@
+"""Real servers on ephemeral loopback ports, shared by the whole suite."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.sandbox import API_PREFIX, Sandbox
+from service.servers import ServerThread
+
+SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
+SIGNATURE_KEY = "test-instance-key"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def contacts_csv() -> Path:
+    """The sample contacts from the Open Connectors docs: 10 rows, all valid."""
+    return SAMPLES / "contacts.csv"
+
+
+@dataclass
+class RunningSandbox:
+    sandbox: Sandbox
+    server: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def api_url(self) -> str:
+        return self.server.url + API_PREFIX
+
+
+@pytest.fixture
+def start_sandbox() -> Iterator[Callable[..., RunningSandbox]]:
+    """Start a sandbox with the given options on its own uvicorn server."""
+    servers: list[ServerThread] = []
+
+    def start(**options: Any) -> RunningSandbox:
+        options.setdefault("signature_key", SIGNATURE_KEY)
+        options.setdefault("job_seconds", 0.2)
+        options.setdefault("callback_retry_base", 0.01)
+        sandbox = Sandbox(**options)
+        server = ServerThread(sandbox.app).start()
+        servers.append(server)
+        return RunningSandbox(sandbox, server)
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def sandbox(start_sandbox: Callable[..., RunningSandbox]) -> RunningSandbox:
+    return start_sandbox()
+
+
+@dataclass
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """A bare callback endpoint that records every POST exactly as it arrived."""
+
+    server: ServerThread | None = None
+    deliveries: list[Delivery] = field(default_factory=list)
+    # Status codes to answer, in order; 200 once they run out.
+    answers: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url + "/callbacks"
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.deliveries) >= count:
+                    return list(self.deliveries)
+            time.sleep(0.01)
+        with self._lock:
+            return list(self.deliveries)
+
+    async def _endpoint(self, request: Request) -> Response:
+        body = await request.body()
+        with self._lock:
+            self.deliveries.append(
+                Delivery(request.url.path, dict(request.headers), body, time.monotonic())
+            )
+            status = self.answers.pop(0) if self.answers else 200
+        return JSONResponse({"received": True}, status_code=status)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    recorder = Receiver()
+    app = Starlette(routes=[Route("/callbacks{rest:path}", recorder._endpoint, methods=["POST"])])
+    recorder.server = ServerThread(app).start()
+    yield recorder
+    recorder.server.stop()
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    """Write a small CSV with the given rows (the first is the header)."""
+    path.write_text("".join(",".join(row) + "\r\n" for row in rows), encoding="utf-8")
+    return path

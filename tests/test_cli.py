@@ -1,0 +1,166 @@
+"""`bulkhook verify` and `bulkhook sign`, run as real processes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+KEY = "cli-test-key"
+BODY = b'{"id":"77","status":"COMPLETED"}\n'
+
+
+def bulkhook(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None):
+    environment = {k: v for k, v in os.environ.items() if k != "OC_SIGNATURE_KEYS"}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        input=stdin,
+        capture_output=True,
+        env=environment,
+        timeout=30,
+        check=False,
+    )
+
+
+def reference(key: str, body: bytes, algo: str = "sha256") -> str:
+    digest = hmac.new(key.encode(), body, getattr(hashlib, algo)).digest()
+    return f"{algo}={base64.b64encode(digest).decode()}"
+
+
+@pytest.fixture
+def body_file(tmp_path: Path) -> Path:
+    path = tmp_path / "body.json"
+    path.write_bytes(BODY)
+    return path
+
+
+def test_verify_a_file_prints_valid_and_exits_0(body_file: Path) -> None:
+    result = bulkhook("verify", "--key", KEY, "--signature", reference(KEY, BODY), str(body_file))
+    assert result.returncode == 0
+    assert result.stdout == b"valid\n"
+
+
+def test_verify_reads_stdin_with_dash_or_no_file() -> None:
+    header = reference(KEY, BODY)
+    for extra in (["-"], []):
+        result = bulkhook("verify", "--key", KEY, "--signature", header, *extra, stdin=BODY)
+        assert (result.returncode, result.stdout) == (0, b"valid\n")
+
+
+def test_verify_does_not_strip_the_trailing_newline() -> None:
+    header = reference(KEY, BODY.rstrip(b"\n"))
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=BODY)
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"invalid: ")
+    assert b"does not match" in result.stdout
+
+
+def test_verify_the_wrong_key_is_invalid(body_file: Path) -> None:
+    header = reference("some-other-key", BODY)
+    result = bulkhook("verify", "--key", KEY, "--signature", header, str(body_file))
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"invalid")
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ("md5=abc", b"unknown algorithm"),
+        ("sha256=!!!", b"not valid base64"),
+        ("sha256=YWJj", b"must be 32 bytes"),
+        ("nonsense", b"expected"),
+        ("", b"empty"),
+    ],
+)
+def test_verify_explains_why_a_header_is_invalid(
+    body_file: Path, header: str, reason: bytes
+) -> None:
+    result = bulkhook("verify", "--key", KEY, "--signature", header, str(body_file))
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"invalid: ")
+    assert reason in result.stdout
+
+
+def test_verify_accepts_several_keys(body_file: Path) -> None:
+    header = reference("old-key", BODY)
+    result = bulkhook(
+        "verify", "--key", "new-key", "--key", "old-key", "--signature", header, str(body_file)
+    )
+    assert (result.returncode, result.stdout) == (0, b"valid\n")
+
+
+def test_verify_falls_back_to_oc_signature_keys(body_file: Path) -> None:
+    header = reference("old-key", BODY)
+    result = bulkhook(
+        "verify",
+        "--signature",
+        header,
+        str(body_file),
+        env={"OC_SIGNATURE_KEYS": "new-key, old-key"},
+    )
+    assert (result.returncode, result.stdout) == (0, b"valid\n")
+
+
+def test_verify_without_any_key_is_a_usage_error(body_file: Path) -> None:
+    result = bulkhook("verify", "--signature", reference(KEY, BODY), str(body_file))
+    assert result.returncode == 2
+    assert b"no signature key" in result.stderr
+    assert result.stdout == b""
+
+
+def test_verify_an_unreadable_file_is_a_usage_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.json"
+    result = bulkhook("verify", "--key", KEY, "--signature", "sha256=x", str(missing))
+    assert result.returncode == 2
+    assert b"cannot read" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_verify_without_signature_is_a_usage_error(body_file: Path) -> None:
+    result = bulkhook("verify", "--key", KEY, str(body_file))
+    assert result.returncode == 2
+    assert b"--signature" in result.stderr
+
+
+@pytest.mark.parametrize("algo", ["sha256", "sha1"])
+def test_sign_prints_the_header_value(body_file: Path, algo: str) -> None:
+    result = bulkhook("sign", "--key", KEY, "--algo", algo, str(body_file))
+    assert result.returncode == 0
+    assert result.stdout.decode().strip() == reference(KEY, BODY, algo)
+
+
+def test_sign_reads_raw_stdin() -> None:
+    result = bulkhook("sign", "--key", KEY, "-", stdin=BODY)
+    assert result.stdout.decode().strip() == reference(KEY, BODY)
+    assert result.stdout.decode().strip() != reference(KEY, BODY.rstrip(b"\n"))
+
+
+def test_sign_then_verify_round_trip(body_file: Path) -> None:
+    header = bulkhook("sign", "--key", KEY, str(body_file)).stdout.decode().strip()
+    result = bulkhook("verify", "--key", KEY, "--signature", header, str(body_file))
+    assert result.stdout == b"valid\n"
+
+
+def test_sign_rejects_unknown_algorithms(body_file: Path) -> None:
+    result = bulkhook("sign", "--key", KEY, "--algo", "md5", str(body_file))
+    assert result.returncode == 2
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("bulkhook")
+    assert script.exists()
+    result = subprocess.run(
+        [str(script), "sign", "--key", KEY, "-"],
+        input=BODY,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.stdout.decode().strip() == reference(KEY, BODY)

@@ -1,0 +1,332 @@
+"""The Open Connectors client, against the sandbox over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import tracemalloc
+from collections.abc import Callable
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+
+from service.sandbox import Sandbox
+from service.servers import ServerThread
+from service.upstream import (
+    Credentials,
+    RetryPolicy,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamUnavailable,
+    parse_retry_after,
+)
+
+from .conftest import Receiver, RunningSandbox, write_csv
+
+pytestmark = pytest.mark.anyio
+
+CREDENTIALS = Credentials("user-secret", "org-secret", "element-token")
+FAST = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
+
+
+def client_for(sandbox: RunningSandbox, **kwargs: object) -> UpstreamClient:
+    kwargs.setdefault("retry", FAST)
+    return UpstreamClient(sandbox.api_url, CREDENTIALS, **kwargs)  # type: ignore[arg-type]
+
+
+async def wait_terminal(client: UpstreamClient, job_id: str, within: float = 10.0) -> str:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        status = await client.status("marketing", job_id)
+        if status.status in {"COMPLETED", "ERROR", "ABORTED", "CANCELLED"}:
+            return status.status
+        await asyncio.sleep(0.05)
+    raise AssertionError("job did not finish")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_discovers_objects(sandbox: RunningSandbox) -> None:
+    async with client_for(sandbox) as client:
+        assert await client.objects("marketing") == [
+            "activities",
+            "contact",
+            "campaign",
+            "list",
+            "account",
+        ]
+
+
+async def test_sends_the_configured_authorization_parts(
+    start_sandbox: Callable[..., RunningSandbox],
+) -> None:
+    sandbox = start_sandbox(
+        authorization="User user-secret, Organization org-secret, Element element-token"
+    )
+    async with client_for(sandbox) as client:
+        assert await client.objects("marketing")
+    partial = UpstreamClient(sandbox.api_url, Credentials(user_secret="user-secret"), retry=FAST)
+    async with partial:
+        with pytest.raises(UpstreamError) as caught:
+            await partial.objects("marketing")
+    assert caught.value.status == 401
+    assert "Invalid Organization or User secret" in caught.value.message
+    assert caught.value.request_id
+    assert sandbox.sandbox.calls["objects"] == 1  # a 401 is not retried
+
+
+def test_credentials_never_show_in_repr() -> None:
+    text = repr(CREDENTIALS)
+    assert "user-secret" not in text and "org-secret" not in text
+    expected = "User user-secret, Organization org-secret, Element element-token"
+    assert CREDENTIALS.header() == expected
+    assert Credentials(org_secret="o").header() == "Organization o"
+    assert Credentials().header() is None
+
+
+async def test_submit_then_follow_the_job_to_completed(
+    sandbox: RunningSandbox, contacts_csv: Path, receiver: Receiver
+) -> None:
+    async with client_for(sandbox) as client:
+        submission = await client.submit(
+            "marketing",
+            "contact",
+            contacts_csv,
+            callback_url=receiver.url,
+            metadata={"callback-payload": "bulkhook-job-1"},
+        )
+        assert submission.id.isdigit()  # the sandbox answers a number: kept as a string
+        assert isinstance(submission.raw["id"], int)
+        assert submission.status == "CREATED"
+        assert await wait_terminal(client, submission.id) == "COMPLETED"
+        status = await client.status("marketing", int(submission.id))
+    assert status.id == submission.id
+    assert (status.records_count, status.records_failed_count) == (10, 0)
+    job = sandbox.sandbox.jobs[int(submission.id)]
+    assert job.path == "/contacts.csv"
+    assert job.callback_url == receiver.url
+    (delivery,) = receiver.wait_for(1)
+    assert json.loads(delivery.body)["callback-payload"] == "bulkhook-job-1"
+
+
+async def test_submit_sets_the_path_and_filename(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    upload = write_csv(tmp_path / "people.csv", [["Email"], ["a@example.com"]])
+    async with client_for(sandbox) as client:
+        first = await client.submit("marketing", "contact", upload)
+        second = await client.submit("marketing", "contact", upload, path="/imports/x.csv")
+    assert sandbox.sandbox.jobs[int(first.id)].path == "/people.csv"
+    assert sandbox.sandbox.jobs[int(second.id)].path == "/imports/x.csv"
+
+
+async def test_status_normalises_legacy_names(
+    start_sandbox: Callable[..., RunningSandbox], contacts_csv: Path
+) -> None:
+    sandbox = start_sandbox(legacy_status_names=True, job_seconds=0.05)
+    async with client_for(sandbox) as client:
+        submission = await client.submit("marketing", "contact", contacts_csv)
+        await asyncio.sleep(0.3)
+        status = await client.status("marketing", submission.id)
+    assert status.raw_status == "COMPLETE"
+    assert status.status == "COMPLETED"
+
+
+async def test_errors_follow_every_page(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    rows = [["C_EmailAddress", "C_FirstName"]]
+    rows += [[f"user{i}@example.com" if i % 2 else "", f"n{i}"] for i in range(14)]
+    upload = write_csv(tmp_path / "mixed.csv", rows)
+    async with client_for(sandbox) as client:
+        submission = await client.submit("marketing", "contact", upload)
+        assert await wait_terminal(client, submission.id) == "COMPLETED"
+        status = await client.status("marketing", submission.id)
+        errors = await client.errors("marketing", submission.id, page_size=2)
+    assert (status.records_count, status.records_failed_count) == (14, 7)
+    assert len(errors) == 7
+    assert sorted(e["record"]["C_FirstName"] for e in errors) == sorted(
+        f"n{i}" for i in range(0, 14, 2)
+    )
+    assert sandbox.sandbox.calls["errors"] == 4  # 2 + 2 + 2 + 1
+
+
+async def test_lists_upload_jobs_across_pages(sandbox: RunningSandbox, contacts_csv: Path) -> None:
+    async with client_for(sandbox) as client:
+        ids = [(await client.submit("marketing", "contact", contacts_csv)).id for _ in range(3)]
+        listed = await client.jobs("marketing", page_size=2)
+    assert sorted(job.id for job in listed) == sorted(ids)
+    assert sandbox.sandbox.calls["jobs"] == 2
+
+
+async def test_cancel(start_sandbox: Callable[..., RunningSandbox], contacts_csv: Path) -> None:
+    sandbox = start_sandbox(job_seconds=5)
+    async with client_for(sandbox) as client:
+        submission = await client.submit("marketing", "contact", contacts_csv)
+        cancelled = await client.cancel("marketing", submission.id)
+        assert cancelled is not None and cancelled.status == "CANCELLATION_PENDING"
+        assert await wait_terminal(client, submission.id) == "CANCELLED"
+        with pytest.raises(UpstreamError) as caught:
+            await client.cancel("marketing", submission.id)
+    assert caught.value.status == 400
+
+
+async def test_an_unknown_job_is_a_404_without_retries(sandbox: RunningSandbox) -> None:
+    async with client_for(sandbox) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.status("marketing", "999999")
+    assert caught.value.status == 404
+    assert "No bulk job" in caught.value.message
+    assert sandbox.sandbox.calls["status"] == 1
+
+
+async def test_a_429_with_retry_after_is_honoured(sandbox: RunningSandbox) -> None:
+    sandbox.sandbox.inject_fault("objects", 429, retry_after=1)
+    async with client_for(sandbox) as client:
+        started = time.monotonic()
+        assert await client.objects("marketing")
+        waited = time.monotonic() - started
+    assert waited >= 1.0
+    assert sandbox.sandbox.calls["objects"] == 2
+
+
+async def test_a_retry_after_too_long_is_raised_not_slept(sandbox: RunningSandbox) -> None:
+    sandbox.sandbox.inject_fault("status", 429, retry_after=120)
+    async with client_for(sandbox) as client:
+        started = time.monotonic()
+        with pytest.raises(UpstreamError) as caught:
+            await client.status("marketing", "1")
+    assert time.monotonic() - started < 5
+    assert caught.value.status == 429
+    assert caught.value.retry_after == 120
+
+
+async def test_a_500_on_a_get_is_retried(sandbox: RunningSandbox, contacts_csv: Path) -> None:
+    async with client_for(sandbox) as client:
+        submission = await client.submit("marketing", "contact", contacts_csv)
+        sandbox.sandbox.inject_fault("status", 500, times=2)
+        status = await client.status("marketing", submission.id)
+        sandbox.sandbox.inject_fault("errors", 502)
+        assert await client.errors("marketing", submission.id) == []
+    assert status.id == submission.id
+    assert sandbox.sandbox.calls["status"] == 3
+    assert sandbox.sandbox.calls["errors"] == 2
+
+
+async def test_gets_give_up_after_the_bounded_attempts(sandbox: RunningSandbox) -> None:
+    sandbox.sandbox.inject_fault("objects", 503, times=10)
+    async with client_for(sandbox) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.objects("marketing")
+    assert caught.value.status == 503
+    assert sandbox.sandbox.calls["objects"] == FAST.attempts
+
+
+async def test_a_submit_that_failed_after_the_body_was_sent_is_not_retried(
+    sandbox: RunningSandbox, contacts_csv: Path
+) -> None:
+    sandbox.sandbox.inject_fault("submit", 500, after_processing=True)
+    async with client_for(sandbox) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.submit("marketing", "contact", contacts_csv)
+    assert caught.value.status == 500
+    assert caught.value.request_sent
+    assert sandbox.sandbox.calls["submit"] == 1
+    assert len(sandbox.sandbox.jobs) == 1  # the upstream made the job; we made only one
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_a_submit_5xx_without_retry_after_is_not_retried(
+    sandbox: RunningSandbox, contacts_csv: Path, status: int
+) -> None:
+    sandbox.sandbox.inject_fault("submit", status)
+    async with client_for(sandbox) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.submit("marketing", "contact", contacts_csv)
+    assert caught.value.status == status
+    assert sandbox.sandbox.calls["submit"] == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_submit_refused_with_retry_after_is_retried_once_it_may(
+    sandbox: RunningSandbox, contacts_csv: Path, status: int
+) -> None:
+    sandbox.sandbox.inject_fault("submit", status, retry_after=0.2)
+    async with client_for(sandbox) as client:
+        started = time.monotonic()
+        submission = await client.submit("marketing", "contact", contacts_csv)
+    assert time.monotonic() - started >= 0.2
+    assert sandbox.sandbox.calls["submit"] == 2
+    assert list(sandbox.sandbox.jobs) == [int(submission.id)]
+
+
+async def test_a_submit_is_retried_while_the_connection_is_refused(
+    contacts_csv: Path,
+) -> None:
+    port = free_port()
+    sandbox = Sandbox(job_seconds=0.1)
+    server = ServerThread(sandbox.app, port=port)
+    loop = asyncio.get_running_loop()
+    starting = loop.call_later(0.3, server.start)
+    client = UpstreamClient(
+        f"http://127.0.0.1:{port}/elements/api-v2",
+        CREDENTIALS,
+        retry=RetryPolicy(attempts=20, base_delay=0.1, max_delay=0.2),
+    )
+    try:
+        async with client:
+            submission = await client.submit("marketing", "contact", contacts_csv)
+        assert list(sandbox.jobs) == [int(submission.id)]
+    finally:
+        starting.cancel()
+        server.stop()
+
+
+async def test_an_unreachable_upstream_is_reported_as_never_sent(contacts_csv: Path) -> None:
+    client = UpstreamClient(f"http://127.0.0.1:{free_port()}", CREDENTIALS, retry=FAST)
+    async with client:
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.submit("marketing", "contact", contacts_csv)
+        with pytest.raises(UpstreamUnavailable):
+            await client.objects("marketing")
+    assert caught.value.status is None
+    assert not caught.value.request_sent
+    assert "cannot connect" in str(caught.value)
+
+
+async def test_submit_streams_the_file_from_disk(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    upload = tmp_path / "big.csv"
+    rows = 400_000
+    with upload.open("w") as out:
+        out.write("Email,Name\n")
+        for i in range(rows):
+            out.write(f"user{i}@example.com,Name number {i}\n")
+    size = upload.stat().st_size
+    assert size > 10 * 1024 * 1024
+    seen: list[int] = []
+    async with client_for(sandbox) as client:
+        tracemalloc.start()
+        try:
+            submission = await client.submit("marketing", "contact", upload, progress=seen.append)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert await wait_terminal(client, submission.id, within=60) == "COMPLETED"
+        status = await client.status("marketing", submission.id)
+    assert sum(seen) == size
+    assert max(seen) <= 1 << 20
+    assert peak < size / 2, f"peak {peak} bytes for a {size}-byte file"
+    assert status.records_count == rows
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after("-4") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    later = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
+    assert later is not None and 25 <= later <= 31
