@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import BinaryIO, NoReturn
 
 from . import signatures
+from .commands import CommandError, add_job_commands, report
 
 __all__ = ["main"]
 
@@ -98,6 +99,24 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, stdin: BinaryIO) -> int:
+    from .config import ConfigError, Settings
+    from .serving import serve
+
+    try:
+        settings = Settings.from_env()
+        settings.check_bind(args.host)
+    except ConfigError as exc:
+        raise _UsageError(str(exc)) from None
+    return serve(settings, args.host, args.port)
+
+
+def _demo(args: argparse.Namespace, stdin: BinaryIO) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -171,6 +190,16 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--callback-url", help="the instance-wide callback URL")
     sandbox.add_argument("--seed", type=int, help="seed for the fault dice")
     sandbox.set_defaults(run=_sandbox)
+
+    serve = commands.add_parser("serve", help="run the service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=_serve)
+
+    add_job_commands(commands)
+
+    demo = commands.add_parser("demo", help="show the whole flow on embedded defaults")
+    demo.set_defaults(run=_demo)
     return parser
 
 
@@ -181,6 +210,8 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> No
     except _UsageError as exc:
         print(f"bulkhook {args.command}: error: {exc}", file=sys.stderr)
         code = USAGE_ERROR
+    except CommandError as exc:
+        code = report(exc, args.command)
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -6,6 +6,7 @@ without a subprocess; each server has its own event loop.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from types import TracebackType
@@ -13,45 +14,58 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["ServerThread"]
+__all__ = ["ServerThread", "bind_socket"]
 
 
 class ServerThread:
+    """The socket is bound at construction, so ``url`` is known before the app exists
+    (an app needs its own public URL to hand out callback URLs)."""
+
     def __init__(
         self,
-        app: Any,
+        app: Any = None,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
         **uvicorn_options: Any,
     ) -> None:
-        config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, lifespan="auto", **uvicorn_options
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._socket = bind_socket(host, port)
         self.host = host
-        self.port = port
+        self.port = self._socket.getsockname()[1]
+        self.app = app
+        self._options = {"log_level": log_level, **uvicorn_options}
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> ServerThread:
+    def start(self, app: Any = None, timeout: float = 10.0) -> ServerThread:
+        app = app if app is not None else self.app
+        if app is None:
+            raise ValueError("no app to serve")
+        self.app = app
+        config = uvicorn.Config(app, lifespan="auto", **self._options)
+        server = self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
-        while not self._server.started:
+        while not server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the server did not start")
             time.sleep(0.005)
-        sockets = self._server.servers[0].sockets
-        self.port = sockets[0].getsockname()[1]
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout)
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout)
+        self._socket.close()
 
     def __enter__(self) -> ServerThread:
         return self.start()
@@ -63,3 +77,17 @@ class ServerThread:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket for uvicorn, bound now so its port is known."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock

@@ -14,7 +14,6 @@ import asyncio
 import email.utils
 import json
 import random
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,9 +22,9 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
-import anyio
 import httpx
 
+from .multipart import MultipartFile
 from .statuses import normalize_status
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "UpstreamUnavailable",
 ]
 
-_CHUNK = 1 << 20
 _MAX_PAGES = 100_000
 
 
@@ -195,47 +193,6 @@ def _error_from(operation: str, response: httpx.Response) -> UpstreamError:
     )
 
 
-class _MultipartUpload:
-    """A ``multipart/form-data`` body streamed from disk with a known length.
-
-    httpx would read our file with blocking calls; this reads it in chunks off the event
-    loop and reports progress, and can be replayed for a retry.
-    """
-
-    def __init__(self, file: Path, filename: str, metadata: Mapping[str, Any] | None) -> None:
-        self.file = file
-        self.boundary = secrets.token_hex(16)
-        safe_name = quote(filename, safe=" !#$&'()+,-.;=@[]^_`{}~")
-        self.head = (
-            f"--{self.boundary}\r\n"
-            f'Content-Disposition: form-data; name="file"; filename="{safe_name}"\r\n'
-            "Content-Type: text/csv\r\n\r\n"
-        ).encode()
-        tail = "\r\n"
-        if metadata is not None:
-            tail += (
-                f"--{self.boundary}\r\n"
-                'Content-Disposition: form-data; name="metaData"\r\n'
-                "Content-Type: application/json\r\n\r\n"
-                f"{json.dumps(metadata)}\r\n"
-            )
-        self.tail = (tail + f"--{self.boundary}--\r\n").encode()
-        self.length = len(self.head) + file.stat().st_size + len(self.tail)
-
-    @property
-    def content_type(self) -> str:
-        return f"multipart/form-data; boundary={self.boundary}"
-
-    async def stream(self, progress: Callable[[int], None] | None) -> AsyncIterator[bytes]:
-        yield self.head
-        async with await anyio.open_file(self.file, "rb") as source:
-            while chunk := await source.read(_CHUNK):
-                if progress is not None:
-                    progress(len(chunk))
-                yield chunk
-        yield self.tail
-
-
 class UpstreamClient:
     """One connection pool to one Open Connectors instance."""
 
@@ -296,8 +253,9 @@ class UpstreamClient:
         progress: Callable[[int], None] | None = None,
     ) -> Submission:
         filename = filename or file.name
-        upload = _MultipartUpload(file, filename, metadata)
-        headers = {"Content-Type": upload.content_type, "Content-Length": str(upload.length)}
+        trailing = {"metaData": (json.dumps(metadata), "application/json")} if metadata else {}
+        upload = MultipartFile(file, filename=filename, trailing_fields=trailing)
+        headers = upload.headers
         if callback_url:
             headers["Elements-Async-Callback-Url"] = callback_url
         response = await self._call(
@@ -306,7 +264,7 @@ class UpstreamClient:
             f"/hubs/{_seg(hub)}/bulk/{_seg(object_name)}",
             params={"path": path or f"/{filename}"},
             headers=headers,
-            content=lambda: upload.stream(progress),
+            content=lambda: upload.aiter(progress),
             idempotent=False,
         )
         body = _json(response, "submit")

@@ -127,3 +127,83 @@ def write_csv(path: Path, rows: list[list[str]]) -> Path:
     """Write a small CSV with the given rows (the first is the header)."""
     path.write_text("".join(",".join(row) + "\r\n" for row in rows), encoding="utf-8")
     return path
+
+
+@dataclass
+class RunningService:
+    """A real bulkhook app on its own uvicorn server, with an HTTP client."""
+
+    server: ServerThread
+    settings: Any
+    http: Any
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def state(self) -> Any:
+        return self.server.app.state.bulkhook
+
+    def submit(self, file: Path, *, headers: dict[str, str] | None = None, **fields: str) -> Any:
+        fields.setdefault("object", "contact")
+        with file.open("rb") as handle:
+            return self.http.post(
+                "/jobs",
+                data=fields,
+                files={"file": (file.name, handle, "text/csv")},
+                headers=headers or {},
+            )
+
+    def wait_for(self, job_id: str, states: set[str], within: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/jobs/{job_id}").json()
+            if job.get("state") in states:
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} stayed {job.get('state')}: {job}")
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
+    """Start the service against ``upstream`` (a RunningSandbox) or in embedded mode."""
+    import httpx
+
+    from service.app import create_app
+    from service.config import Settings
+
+    running: list[RunningService] = []
+
+    def start(
+        upstream: RunningSandbox | None = None,
+        *,
+        database: Path | None = None,
+        sandbox_options: Any = None,
+        **overrides: Any,
+    ) -> RunningService:
+        server = ServerThread()
+        values: dict[str, Any] = {
+            "oc_base_url": upstream.api_url if upstream else None,
+            "oc_user_secret": "user-secret",
+            "oc_org_secret": "org-secret",
+            "oc_element_token": "element-token",
+            "signature_keys": (SIGNATURE_KEY,),
+            "public_url": server.url,
+            "database_url": f"sqlite:///{database or tmp_path / 'bulkhook.db'}",
+            "callback_grace": 5.0,
+            "poll_interval": 0.3,
+            "poll_max_interval": 1.0,
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        server.start(create_app(settings, sandbox=sandbox_options))
+        service = RunningService(server, settings, httpx.Client(base_url=server.url, timeout=30))
+        running.append(service)
+        return service
+
+    yield start
+    for service in running:
+        service.http.close()
+        service.server.stop()

@@ -60,5 +60,3 @@ class SandboxOptions:
                 raise ValueError(f"{name} must not be negative")
         if self.callback_retries < 0:
             raise ValueError("callback_retries must not be negative")
-        if self.wrong_key and not self.signature_key:
-            raise ValueError("wrong_key needs a signature_key to differ from")

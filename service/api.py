@@ -1,0 +1,227 @@
+"""The job API (DESIGN §3 "HTTP API"): submit, list, inspect, cancel, refresh, discover."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from .errors import ApiError
+from .jobs import Job, State
+from .store import StoreError
+from .tracker import SubmitRequest
+from .uploads import receive_upload
+from .upstream import UpstreamError
+
+if TYPE_CHECKING:
+    from .state import AppState
+
+__all__ = ["routes"]
+
+_MAX_FIELD = 200
+_MAX_LIMIT = 500
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.bulkhook  # type: ignore[no-any-return]
+
+
+def _authorize(request: Request) -> AppState:
+    """Bearer-token check for the job API; constant time over every configured token."""
+    state = _state(request)
+    tokens = state.settings.api_tokens
+    if not tokens:
+        return state
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(given.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not matched:
+        raise ApiError(
+            "a valid bearer token is required",
+            code="unauthorized",
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return state
+
+
+def _name(value: str | None, field: str, *, required: bool = False) -> str | None:
+    value = (value or "").strip()
+    if not value:
+        if required:
+            raise ApiError(f"the form field '{field}' is required", code=f"missing_{field}")
+        return None
+    if len(value) > _MAX_FIELD or "/" in value or not value.isprintable():
+        raise ApiError(f"'{field}' is not a valid name", code=f"bad_{field}")
+    return value
+
+
+def _metadata(raw: str | None) -> dict[str, Any]:
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError(f"'metadata' is not JSON: {exc.msg}", code="bad_metadata") from None
+    if not isinstance(value, dict):
+        raise ApiError("'metadata' must be a JSON object", code="bad_metadata")
+    return value
+
+
+async def _job_or_404(state: AppState, job_id: str, *, with_events: bool = True) -> Job:
+    job = await state.store.get_job(job_id, with_events=with_events)
+    if job is None:
+        raise ApiError(f"no job {job_id!r}", code="job_not_found", status=404)
+    return job
+
+
+def _job_response(job: Job, status: int = 200, **headers: str) -> JSONResponse:
+    return JSONResponse(job.to_json(), status_code=status, headers=headers or None)
+
+
+async def submit_job(request: Request) -> Response:
+    state = _authorize(request)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key.strip()) <= _MAX_FIELD):
+        raise ApiError("Idempotency-Key must be 1 to 200 characters", code="bad_idempotency_key")
+    upload = await receive_upload(request, max_bytes=state.settings.max_upload_bytes)
+    try:
+        fields = upload.fields
+        object_name = _name(fields.get("object"), "object", required=True)
+        hub = _name(fields.get("hub"), "hub") or state.settings.oc_hub
+        path = (fields.get("path") or "").strip() or f"/{upload.filename}"
+        if not path.startswith("/"):
+            path = f"/{path}"
+        submit = SubmitRequest(
+            hub=hub,
+            object=str(object_name),
+            path=path,
+            filename=upload.filename,
+            rows=upload.summary.rows,
+            metadata=_metadata(fields.get("metadata")),
+            idempotency_key=key.strip() if key else None,
+        )
+    except BaseException:
+        upload.path.unlink(missing_ok=True)
+        raise
+    # From here the tracker owns the temporary file and removes it.
+    job, created = await state.tracker.submit(submit, upload.path)
+    if not created:
+        return _job_response(
+            job, 200, **{"Location": f"/jobs/{job.id}", "Idempotent-Replayed": "true"}
+        )
+    return _job_response(job, 202, Location=f"/jobs/{job.id}")
+
+
+async def list_jobs(request: Request) -> Response:
+    state = _authorize(request)
+    params = request.query_params
+    state_filter = params.get("state")
+    if state_filter is not None and state_filter.upper() not in State.__members__:
+        raise ApiError(f"unknown state {state_filter[:40]!r}", code="bad_state")
+    raw_limit = params.get("limit", "50")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
+        raise ApiError(f"limit must be between 1 and {_MAX_LIMIT}", code="bad_limit")
+    cursor = params.get("cursor") or None
+    if cursor is not None and (len(cursor) > 64 or not cursor.isalnum()):
+        raise ApiError("cursor is not valid", code="bad_cursor")
+    limit = int(raw_limit)
+    jobs = await state.store.list_jobs(
+        state=State(state_filter.upper()) if state_filter else None, limit=limit, before=cursor
+    )
+    next_cursor = jobs[-1].id if len(jobs) == limit else None
+    return JSONResponse(
+        {"jobs": [job.to_json(with_events=False) for job in jobs], "next_cursor": next_cursor}
+    )
+
+
+async def get_job(request: Request) -> Response:
+    state = _authorize(request)
+    return _job_response(await _job_or_404(state, request.path_params["job_id"]))
+
+
+async def job_errors(request: Request) -> Response:
+    state = _authorize(request)
+    job = await _job_or_404(state, request.path_params["job_id"], with_events=False)
+    if job.upstream_id is None:
+        raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
+    try:
+        errors = await state.upstream.errors(job.hub, job.upstream_id)
+    except UpstreamError as exc:
+        raise ApiError(
+            f"the upstream could not list the failed records: {exc.message}",
+            code="upstream_unavailable",
+            status=502,
+            upstream_status=exc.status,
+        ) from exc
+    return JSONResponse({"job": job.id, "count": len(errors), "errors": errors})
+
+
+async def cancel_job(request: Request) -> Response:
+    state = _authorize(request)
+    job = await _job_or_404(state, request.path_params["job_id"], with_events=False)
+    job = await state.tracker.cancel(job)
+    return _job_response(await _job_or_404(state, job.id))
+
+
+async def refresh_job(request: Request) -> Response:
+    state = _authorize(request)
+    job = await _job_or_404(state, request.path_params["job_id"], with_events=False)
+    if not job.terminal:
+        await state.tracker.poll(job, manual=True)
+    return _job_response(await _job_or_404(state, job.id))
+
+
+async def objects(request: Request) -> Response:
+    state = _authorize(request)
+    hub = _name(request.query_params.get("hub"), "hub") or state.settings.oc_hub
+    try:
+        names = await state.upstream.objects(hub)
+    except UpstreamError as exc:
+        raise ApiError(
+            f"the upstream could not list objects: {exc.message}",
+            code="upstream_unavailable" if exc.status is None else "upstream_refused",
+            status=502,
+            upstream_status=exc.status,
+        ) from exc
+    return JSONResponse({"hub": hub, "objects": names})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        await _state(request).store.ping()
+    except (StoreError, OSError) as exc:
+        raise ApiError(
+            f"the store is not reachable: {exc}", code="store_unavailable", status=503
+        ) from exc
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    body = state.metrics.render(await state.store.count_by_state())
+    return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+routes = [
+    Route("/jobs", submit_job, methods=["POST"]),
+    Route("/jobs", list_jobs, methods=["GET"]),
+    Route("/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/jobs/{job_id}/errors", job_errors, methods=["GET"]),
+    Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/jobs/{job_id}/refresh", refresh_job, methods=["POST"]),
+    Route("/objects", objects, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

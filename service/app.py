@@ -1,0 +1,133 @@
+"""``create_app(settings)``: the routes, the error mapping, and the lifespan that owns
+the store, the upstream client, the poller and, in embedded mode, the sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from . import api
+from .callbacks import receive_callback
+from .config import Settings
+from .errors import ApiError, error_response
+from .metrics import Metrics
+from .openapi import openapi_spec
+from .poller import Poller
+from .sandbox import API_PREFIX, Sandbox, SandboxOptions
+from .state import AppState
+from .store import open_store
+from .tracker import Tracker
+from .upstream import Credentials, UpstreamClient
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("bulkhook")
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, headers=exc.headers, **exc.extra)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error on %s %s: %r", request.method, request.url.path, exc)
+    return error_response(500, "internal_error", "an unexpected error occurred")
+
+
+async def _job_callback(request: Request) -> Response:
+    state = request.app.state.bulkhook
+    return await receive_callback(request, state, request.path_params["job_id"])
+
+
+async def _instance_callback(request: Request) -> Response:
+    return await receive_callback(request, request.app.state.bulkhook, None)
+
+
+async def _openapi(request: Request) -> Response:
+    return JSONResponse(openapi_spec())
+
+
+def create_app(settings: Settings, *, sandbox: SandboxOptions | None = None) -> Starlette:
+    """An independent app; ``sandbox`` tunes the embedded upstream (only without OC_BASE_URL)."""
+    public_url = (settings.public_url or "http://127.0.0.1:8000").rstrip("/")
+    keys = settings.signature_keys
+    routes: list[Route | Mount] = [
+        *api.routes,
+        Route("/callbacks/jobs/{job_id}", _job_callback, methods=["POST"]),
+        Route("/callbacks", _instance_callback, methods=["POST"]),
+        Route("/openapi.json", _openapi, methods=["GET"]),
+    ]
+    embedded: Sandbox | None = None
+    credentials = settings.credentials()
+    if settings.embedded:
+        options = sandbox or SandboxOptions()
+        key = options.signature_key or (keys[0] if keys else secrets.token_urlsafe(32))
+        if credentials.header() is None:
+            # The embedded instance has credentials of its own, made up at start-up.
+            credentials = Credentials(*(secrets.token_urlsafe(16) for _ in range(3)))
+        embedded = Sandbox(
+            dataclasses.replace(options, signature_key=key, authorization=credentials.header())
+        )
+        keys = keys or (key,)
+        routes.append(Mount("/sandbox", app=embedded.app))
+        base_url = f"{public_url}/sandbox{API_PREFIX}"
+    else:
+        assert settings.oc_base_url is not None
+        base_url = settings.oc_base_url
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        metrics = Metrics()
+        store = open_store(settings.database_url)
+        await store.open()
+        upstream = UpstreamClient(base_url, credentials, on_call=metrics.upstream_call)
+        tracker = Tracker(settings, store, upstream, public_url)
+        poller = Poller(store, tracker, metrics, settings.poll_rate)
+        tracker.wake = poller.wake
+        app.state.bulkhook = AppState(
+            settings=settings,
+            public_url=public_url,
+            signature_keys=keys,
+            metrics=metrics,
+            store=store,
+            upstream=upstream,
+            tracker=tracker,
+            poller=poller,
+            sandbox=embedded,
+        )
+        poller.start()
+        try:
+            yield
+        finally:
+            await poller.stop()
+            if embedded is not None:
+                await embedded.aclose()
+            await upstream.aclose()
+            await store.close()
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: _api_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+    )

@@ -1,0 +1,269 @@
+"""Settings from the environment and a ``.env`` file (DESIGN §3).
+
+A typo in an interval or a database URL should stop start-up with one line naming
+the variable, not surface hours later as a job that is never polled. The checks run
+in ``__post_init__`` so settings built in code obey the same rules. Secrets (upstream
+credentials, signature keys, API tokens, a database password) never appear in
+``repr()`` or an error message, because both end up in logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from .upstream import Credentials
+
+__all__ = ["ConfigError", "Settings"]
+
+_SQLITE = "sqlite:///"
+_POSTGRES = ("postgresql://", "postgres://")
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"0", "false", "no"})
+_SHOW_MAX = 40
+
+# Field -> (environment variable, kind). The kind picks both the parser for the raw
+# string and the check in __post_init__, so the two cannot drift apart.
+_VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "oc_base_url": ("OC_BASE_URL", "url"),
+        "oc_user_secret": ("OC_USER_SECRET", "secret"),
+        "oc_org_secret": ("OC_ORG_SECRET", "secret"),
+        "oc_element_token": ("OC_ELEMENT_TOKEN", "secret"),
+        "oc_hub": ("OC_HUB", "hub"),
+        "signature_keys": ("OC_SIGNATURE_KEYS", "secrets"),
+        "public_url": ("BULKHOOK_PUBLIC_URL", "url"),
+        "database_url": ("BULKHOOK_DATABASE_URL", "database"),
+        "api_tokens": ("BULKHOOK_API_TOKENS", "secrets"),
+        "allow_open_api": ("BULKHOOK_ALLOW_OPEN_API", "bool"),
+        "callback_grace": ("BULKHOOK_CALLBACK_GRACE", "seconds"),
+        "poll_interval": ("BULKHOOK_POLL_INTERVAL", "seconds"),
+        "poll_max_interval": ("BULKHOOK_POLL_MAX_INTERVAL", "seconds"),
+        "poll_rate": ("BULKHOOK_POLL_RATE", "rate"),
+        "job_timeout": ("BULKHOOK_JOB_TIMEOUT", "seconds"),
+        "max_callback_bytes": ("BULKHOOK_MAX_CALLBACK_BYTES", "bytes"),
+        "max_upload_bytes": ("BULKHOOK_MAX_UPLOAD_BYTES", "bytes"),
+    }
+)
+_WANTED: Mapping[str, str] = MappingProxyType(
+    {
+        "seconds": "a positive number of seconds",
+        "rate": "a positive number of polls per second",
+        "bytes": "a positive whole number of bytes",
+        "bool": "one of 1/true/yes/0/false/no",
+    }
+)
+
+
+class ConfigError(Exception):
+    """A setting is unusable; the message is one line fit to print before exiting."""
+
+
+def _redact(text: str) -> str:
+    """Hide URL userinfo, where a database password sits; hiding too much is harmless."""
+    return re.sub(r"//.*@", "//***@", text)
+
+
+def _show(value: object) -> str:
+    """A non-secret value for a message, cut short so a pasted blob stays one line."""
+    if isinstance(value, str):
+        text = _redact(value)
+        return repr(text if len(text) <= _SHOW_MAX else text[:_SHOW_MAX] + "…")
+    return repr(value)
+
+
+def _parse(var: str, kind: str, raw: str) -> Any:
+    """Turn an environment string into the field's type; range checks come later."""
+    if kind == "secrets":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if kind not in _WANTED:
+        return raw
+    if kind in ("seconds", "rate"):
+        with contextlib.suppress(ValueError):
+            return float(raw)
+    elif kind == "bytes" and raw.isascii() and raw.isdigit():
+        return int(raw)
+    elif kind == "bool" and raw.lower() in _TRUE | _FALSE:
+        return raw.lower() in _TRUE
+    raise ConfigError(f"{var} must be {_WANTED[kind]}, got {_show(raw)}")
+
+
+def _check_secret(var: str, value: object) -> str:
+    # A secret with whitespace, a comma or a control character would corrupt the
+    # Authorization header or the comma-separated list it came from.
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{var} must be a non-empty string (value not shown)")
+    if any(ch.isspace() or ch == "," or not ch.isprintable() for ch in value):
+        raise ConfigError(
+            f"{var} must not contain whitespace, commas or control characters (value not shown)"
+        )
+    return value
+
+
+def _check_url(var: str, value: object) -> str:
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        _ = parts and parts.port  # raises on a non-numeric or out-of-range port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{var} must be an http(s) URL with a host, got {_show(value)}")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{var} must not have a query or fragment, got {_show(value)}")
+    return str(value).rstrip("/")  # callback URLs are built by appending "/callbacks/..."
+
+
+def _check_database(var: str, value: object) -> str:
+    if isinstance(value, str) and value.startswith(_SQLITE):
+        if value.removeprefix(_SQLITE) in ("", ":memory:"):
+            raise ConfigError(
+                f"{var} needs a file path after sqlite:/// (not :memory: - job state must"
+                " survive a restart), e.g. sqlite:///./bulkhook.db"
+            )
+        return value
+    if isinstance(value, str) and value.startswith(_POSTGRES):
+        return value
+    raise ConfigError(f"{var} must be sqlite:///<path> or postgresql://..., got {_show(value)}")
+
+
+def _check(var: str, kind: str, value: Any) -> Any:
+    """The validated (and normalised) value of one field."""
+    if kind in ("url", "secret") and value in (None, ""):
+        return None
+    if kind == "url":
+        return _check_url(var, value)
+    if kind == "secret":
+        return _check_secret(var, value)
+    if kind == "secrets":
+        if isinstance(value, str) or not isinstance(value, tuple | list):
+            raise ConfigError(f"{var} must be a sequence of strings (value not shown)")
+        return tuple(_check_secret(var, item) for item in value)
+    if kind == "hub":
+        if not isinstance(value, str) or not value.strip() or "/" in value:
+            raise ConfigError(f"{var} must be a non-empty hub name without '/', got {_show(value)}")
+        return value
+    if kind == "database":
+        return _check_database(var, value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "bytes" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    # seconds / rate: a zero, negative, NaN or infinite interval would stall or spin.
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind in ("seconds", "rate") and number and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ConfigError(f"{var} must be {_WANTED[kind]}, got {_show(value)}")
+
+
+def _is_loopback(host: str) -> bool:
+    """Only literal loopback addresses count: a name other than localhost is not resolved."""
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+@dataclass(frozen=True, repr=False)
+class Settings:
+    oc_base_url: str | None = None
+    oc_user_secret: str | None = field(default=None, repr=False)
+    oc_org_secret: str | None = field(default=None, repr=False)
+    oc_element_token: str | None = field(default=None, repr=False)
+    oc_hub: str = "marketing"
+    signature_keys: tuple[str, ...] = field(default=(), repr=False)
+    public_url: str | None = None
+    database_url: str = "sqlite:///./bulkhook.db"
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)
+    allow_open_api: bool = False
+    callback_grace: float = 60.0
+    poll_interval: float = 15.0
+    poll_max_interval: float = 300.0
+    poll_rate: float = 10.0
+    job_timeout: float = 259200.0
+    max_callback_bytes: int = 1048576
+    max_upload_bytes: int = 2147483648
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            var, kind = _VARS[f.name]
+            object.__setattr__(self, f.name, _check(var, kind, getattr(self, f.name)))
+        if self.poll_interval > self.poll_max_interval:
+            raise ConfigError(
+                f"BULKHOOK_POLL_INTERVAL ({self.poll_interval:g}) must not exceed"
+                f" BULKHOOK_POLL_MAX_INTERVAL ({self.poll_max_interval:g})"
+            )
+
+    def __repr__(self) -> str:
+        # Hand-written so that a password inside database_url is hidden too.
+        shown = []
+        for f in dataclasses.fields(self):
+            if f.repr:
+                value = getattr(self, f.name)
+                shown.append(f"{f.name}={_redact(value) if isinstance(value, str) else value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+    ) -> Settings:
+        """The environment wins over the file so a deployment can override a checked-in
+        ``.env``. The file is read literally (no ``${VAR}`` expansion), so a secret
+        containing ``$`` survives and the result depends only on ``environ``."""
+        env = os.environ if environ is None else environ
+        from_file: Mapping[str, str | None] = {}
+        if env_file is not None and Path(env_file).is_file():
+            from_file = dotenv_values(env_file, interpolate=False)
+        values: dict[str, Any] = {}
+        for name, (var, kind) in _VARS.items():
+            raw = (env.get(var) or "").strip() or (from_file.get(var) or "").strip()
+            if raw:
+                values[name] = _parse(var, kind, raw)
+        return cls(**values)
+
+    def credentials(self) -> Credentials:
+        return Credentials(self.oc_user_secret, self.oc_org_secret, self.oc_element_token)
+
+    @property
+    def embedded(self) -> bool:
+        """Without an upstream URL the service runs against its own sandbox (DESIGN §5)."""
+        return self.oc_base_url is None
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """What the SQLite store opens; None when the state lives in PostgreSQL."""
+        if self.database_url.startswith(_SQLITE):
+            return self.database_url.removeprefix(_SQLITE)
+        return None
+
+    def replace(self, **changes: Any) -> Settings:
+        """Like ``dataclasses.replace``; the copy goes through the same validation."""
+        return dataclasses.replace(self, **changes)
+
+    def check_bind(self, host: str) -> None:
+        """An open job API is safe only where nothing else can reach it."""
+        if self.api_tokens or self.allow_open_api or _is_loopback(host):
+            return
+        raise ConfigError(
+            f"BULKHOOK_API_TOKENS is not set, so the job API would be open to anyone on"
+            f" {_show(host)}, which is not a loopback address: set BULKHOOK_API_TOKENS,"
+            " or BULKHOOK_ALLOW_OPEN_API=1 to accept an open API"
+            " (e.g. behind an authenticating proxy)"
+        )

@@ -1,0 +1,54 @@
+"""The one JSON error shape, and the typed exceptions that map onto it.
+
+Every error the service answers is ``{"error": {"code": "...", "message": "..."}}``,
+with optional extra fields beside ``code`` and ``message``. ``code`` strings are
+stable: clients may branch on them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+__all__ = ["ApiError", "error_body", "error_response"]
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a stable code; raise it anywhere in a request."""
+
+    status: int = 400
+    code: str = "bad_request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.headers = headers
+        self.extra = extra
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)

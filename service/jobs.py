@@ -1,0 +1,242 @@
+"""The job model and the one function that decides a job's next state. Pure: no I/O.
+
+Every source of news (submission, callbacks, polls, cancellation, the timeout) becomes
+an ``Observation``; ``decide`` turns the job's current state and that observation into
+a ``Decision``. States only move forward, terminal states never change, and news that
+would move a job backwards is recorded and ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "TERMINAL",
+    "Decision",
+    "Event",
+    "Job",
+    "Observation",
+    "Source",
+    "State",
+    "decide",
+    "new_job_id",
+]
+
+
+class State(enum.StrEnum):
+    SUBMITTING = "SUBMITTING"
+    SUBMIT_FAILED = "SUBMIT_FAILED"
+    CREATED = "CREATED"
+    STARTED = "STARTED"
+    RUNNING = "RUNNING"
+    CANCELLATION_PENDING = "CANCELLATION_PENDING"
+    COMPLETED = "COMPLETED"
+    ERROR = "ERROR"
+    ABORTED = "ABORTED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+
+class Source(enum.StrEnum):
+    SUBMIT = "submit"
+    CALLBACK = "callback"
+    POLL = "poll"
+    CANCEL = "cancel"
+    TIMEOUT = "timeout"
+
+
+TERMINAL = frozenset(
+    {
+        State.SUBMIT_FAILED,
+        State.COMPLETED,
+        State.ERROR,
+        State.ABORTED,
+        State.CANCELLED,
+        State.TIMED_OUT,
+    }
+)
+
+# How far along a job is; a state may only be replaced by one further along.
+_PROGRESS = {
+    State.SUBMITTING: 0,
+    State.CREATED: 1,
+    State.STARTED: 2,
+    State.RUNNING: 3,
+    State.CANCELLATION_PENDING: 4,
+}
+_FINAL = 5
+
+# Upstream statuses (already normalised, see statuses.py) and the state each one means.
+_FROM_UPSTREAM = {
+    "CREATED": State.CREATED,
+    "STARTED": State.STARTED,
+    "RUNNING": State.RUNNING,
+    "CANCELLATION_PENDING": State.CANCELLATION_PENDING,
+    "COMPLETED": State.COMPLETED,
+    "ERROR": State.ERROR,
+    "ABORTED": State.ABORTED,
+    "CANCELLED": State.CANCELLED,
+}
+
+
+def new_job_id() -> str:
+    """Time-ordered, unguessable: sorting ids sorts jobs by creation."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One piece of news about a job, from one source.
+
+    ``status`` is a normalised upstream status or None (no readable status: a nudge).
+    ``state`` forces a service-side state (``SUBMIT_FAILED``, ``TIMED_OUT``, or
+    ``ABORTED`` when the upstream lost the job) and wins over ``status``.
+    """
+
+    source: Source
+    status: str | None = None
+    raw_status: str | None = None
+    records_count: int | None = None
+    records_failed_count: int | None = None
+    detail: str = ""
+    state: State | None = None
+    at: float = field(default_factory=time.time)
+
+    def target(self) -> State | None:
+        if self.state is not None:
+            return self.state
+        return _FROM_UPSTREAM.get(self.status) if self.status else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: State
+    changed: bool
+    # Whether the observation's news was taken (counts, raw status); False when ignored.
+    accepted: bool
+    note: str
+
+
+def decide(current: State, observation: Observation) -> Decision:
+    target = observation.target()
+    if target is None:
+        return Decision(current, False, False, "no readable status")
+    if current in TERMINAL:
+        if target == current:
+            return Decision(current, False, True, f"already {current}")
+        return Decision(current, False, False, f"ignored: job is already {current}")
+    if target == State.SUBMIT_FAILED and current != State.SUBMITTING:
+        return Decision(current, False, False, "ignored: the upstream already accepted the job")
+    rank = _FINAL if target in TERMINAL else _PROGRESS[target]
+    here = _PROGRESS[current]
+    if rank > here:
+        return Decision(target, True, True, f"{current} → {target}")
+    if rank == here:
+        return Decision(current, False, True, f"still {current}")
+    return Decision(current, False, False, f"ignored: {target} is behind {current}")
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    source: str
+    state: str
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": _iso(self.at),
+            "source": self.source,
+            "state": self.state,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    hub: str
+    object: str
+    path: str
+    state: State
+    created_at: float
+    updated_at: float
+    last_source: str
+    upstream_id: str | None = None
+    upstream_status: str | None = None
+    records_count: int | None = None
+    records_failed_count: int | None = None
+    filename: str | None = None
+    rows: int | None = None
+    version: int = 0
+    next_poll_at: float | None = None
+    # Status polls since the last submit or callback (drives the doubling interval).
+    poll_count: int = 0
+    # Consecutive polls answered 404.
+    not_found_count: int = 0
+    events: tuple[Event, ...] = ()
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def to_json(self, *, with_events: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": self.id,
+            "upstream_id": self.upstream_id,
+            "hub": self.hub,
+            "object": self.object,
+            "path": self.path,
+            "state": str(self.state),
+            "upstream_status": self.upstream_status,
+            "records_count": self.records_count,
+            "records_failed_count": self.records_failed_count,
+            "succeeded": _succeeded(self),
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "last_source": self.last_source,
+        }
+        if with_events:
+            body["events"] = [event.to_json() for event in self.events]
+        return body
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], events: tuple[Event, ...] = ()) -> Job:
+        return cls(
+            id=row["id"],
+            hub=row["hub"],
+            object=row["object"],
+            path=row["path"],
+            state=State(row["state"]),
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            last_source=row["last_source"],
+            upstream_id=row["upstream_id"],
+            upstream_status=row["upstream_status"],
+            records_count=row["records_count"],
+            records_failed_count=row["records_failed_count"],
+            filename=row["filename"],
+            rows=row["rows"],
+            version=row["version"],
+            next_poll_at=row["next_poll_at"],
+            poll_count=row["poll_count"],
+            not_found_count=row["not_found_count"],
+            events=events,
+        )
+
+
+def _succeeded(job: Job) -> bool | None:
+    """True only for a COMPLETED job with no failed records: partial failure shows plainly."""
+    if job.state != State.COMPLETED:
+        return False if job.terminal else None
+    return job.records_failed_count == 0 if job.records_failed_count is not None else None
+
+
+def _iso(ts: float) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    return f"{seconds}.{int(ts * 1000) % 1000:03d}Z"

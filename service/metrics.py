@@ -1,0 +1,47 @@
+"""Prometheus metrics, in a registry of the app's own (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.callbacks = Counter(
+            "bulkhook_callbacks",
+            "Callback deliveries by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.upstream_calls = Counter(
+            "bulkhook_upstream_calls",
+            "Calls to the upstream by operation and HTTP status ('none': no response).",
+            ["operation", "status"],
+            registry=self.registry,
+        )
+        self.jobs = Gauge(
+            "bulkhook_jobs", "Jobs in the store by state.", ["state"], registry=self.registry
+        )
+        self.poll_lag = Histogram(
+            "bulkhook_poll_lag_seconds",
+            "How late a due status poll started.",
+            buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300),
+            registry=self.registry,
+        )
+        self.callback_latency = Histogram(
+            "bulkhook_callback_ack_seconds",
+            "From receiving a callback to acknowledging it.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=self.registry,
+        )
+
+    def upstream_call(self, operation: str, status: int | None) -> None:
+        self.upstream_calls.labels(operation, str(status) if status else "none").inc()
+
+    def render(self, jobs_by_state: dict[str, int]) -> bytes:
+        for state, count in jobs_by_state.items():
+            self.jobs.labels(state).set(count)
+        return generate_latest(self.registry)

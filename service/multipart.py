@@ -1,0 +1,83 @@
+"""A ``multipart/form-data`` body with one file part, streamed from disk.
+
+The length is known up front (so no chunked encoding is needed), the file is read in
+chunks (never whole), and the body can be produced again for a retry. Both the
+upstream client (async) and the CLI (sync, with a progress bar) send uploads this way.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from urllib.parse import quote
+
+import anyio
+
+__all__ = ["CHUNK", "MultipartFile"]
+
+CHUNK = 1 << 20
+
+
+def _part_head(boundary: str, disposition: str, content_type: str | None) -> str:
+    head = f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n"
+    if content_type:
+        head += f"Content-Type: {content_type}\r\n"
+    return head + "\r\n"
+
+
+class MultipartFile:
+    def __init__(
+        self,
+        file: Path,
+        *,
+        file_field: str = "file",
+        filename: str | None = None,
+        fields: Mapping[str, str] | None = None,
+        trailing_fields: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
+        """``fields`` go before the file; ``trailing_fields`` (value, content type) after."""
+        self.file = file
+        self.boundary = secrets.token_hex(16)
+        name = quote(filename or file.name, safe=" !#$&'()+,-.;=@[]^_`{}~")
+        head = "".join(
+            _part_head(self.boundary, f'name="{key}"', None) + f"{value}\r\n"
+            for key, value in (fields or {}).items()
+        )
+        head += _part_head(self.boundary, f'name="{file_field}"; filename="{name}"', "text/csv")
+        tail = "\r\n" + "".join(
+            _part_head(self.boundary, f'name="{key}"', content_type) + f"{value}\r\n"
+            for key, (value, content_type) in (trailing_fields or {}).items()
+        )
+        self.head = head.encode()
+        self.tail = (tail + f"--{self.boundary}--\r\n").encode()
+        self.file_size = file.stat().st_size
+        self.length = len(self.head) + self.file_size + len(self.tail)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {
+            "Content-Type": f"multipart/form-data; boundary={self.boundary}",
+            "Content-Length": str(self.length),
+        }
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.iter()
+
+    def iter(self, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+        yield self.head
+        with self.file.open("rb") as source:
+            while chunk := source.read(CHUNK):
+                if progress is not None:
+                    progress(len(chunk))
+                yield chunk
+        yield self.tail
+
+    async def aiter(self, progress: Callable[[int], None] | None = None) -> AsyncIterator[bytes]:
+        yield self.head
+        async with await anyio.open_file(self.file, "rb") as source:
+            while chunk := await source.read(CHUNK):
+                if progress is not None:
+                    progress(len(chunk))
+                yield chunk
+        yield self.tail

@@ -1,0 +1,124 @@
+"""The polling fallback (DESIGN §3): ask the upstream only about jobs no callback settled.
+
+Due times live in the store, so a restart resumes where it left off. The loop sleeps
+until the next due time (or until woken by a callback that carried no status), claims
+due jobs with a lease, and polls them with bounded concurrency under a global rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+
+from .jobs import Job
+from .metrics import Metrics
+from .store import Store
+from .tracker import Tracker
+
+__all__ = ["Poller", "RateLimiter"]
+
+log = logging.getLogger("bulkhook.poller")
+
+_BATCH = 100
+# Another replica may have made a job due sooner: look again at least this often.
+_MAX_SLEEP = 5.0
+
+
+class RateLimiter:
+    """At most ``rate`` acquisitions per second, spaced evenly (no bursts)."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            wait = self._next - now
+            self._next = max(now, self._next) + self._interval
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+
+class Poller:
+    def __init__(self, store: Store, tracker: Tracker, metrics: Metrics, rate: float) -> None:
+        self.store = store
+        self.tracker = tracker
+        self.metrics = metrics
+        self.owner = f"poller-{secrets.token_hex(4)}"
+        self.lease = 120.0
+        self._limiter = RateLimiter(rate)
+        self._concurrency = asyncio.Semaphore(max(1, min(32, int(rate * 2))))
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="poller")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for task in list(self._inflight):
+            task.cancel()
+        for task in list(self._inflight):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.store.release_leases(self.owner)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                claimed = await self.tick()
+                delay = await self._sleep_time(claimed)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("poller tick failed; retrying")
+                delay = 1.0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def tick(self) -> int:
+        """Claim the jobs due now and start polling them; returns how many."""
+        now = time.time()
+        jobs = await self.store.claim_due(now, _BATCH, self.owner, self.lease)
+        for job in jobs:
+            if job.next_poll_at is not None:
+                self.metrics.poll_lag.observe(max(0.0, now - job.next_poll_at))
+            task = asyncio.get_running_loop().create_task(self._poll(job))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+        return len(jobs)
+
+    async def _sleep_time(self, claimed: int) -> float:
+        if claimed >= _BATCH:
+            return 0.0
+        due = await self.store.next_due_at()
+        if due is None:
+            return _MAX_SLEEP
+        return min(_MAX_SLEEP, max(0.0, due - time.time()))
+
+    async def _poll(self, job: Job) -> None:
+        async with self._concurrency:
+            if job.upstream_id is not None:
+                await self._limiter.acquire()
+            try:
+                await self.tracker.poll(job)
+            except Exception:
+                log.exception("poll of job %s failed", job.id)
+                await self.store.reschedule(
+                    job.id, time.time() + self.tracker.settings.poll_interval
+                )

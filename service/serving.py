@@ -1,0 +1,73 @@
+"""``bulkhook serve``: the service under uvicorn, saying at start-up what it runs on."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import uvicorn
+
+from .app import create_app
+from .config import Settings
+from .sandbox import API_PREFIX
+from .servers import bind_socket
+
+__all__ = ["describe", "serve"]
+
+
+def _loopback_url(host: str, port: int) -> str:
+    """A URL the service can reach itself on (for the embedded sandbox's callbacks)."""
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        unspecified = False
+    if unspecified:
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def describe(settings: Settings, url: str) -> list[str]:
+    """What the operator needs to know at start-up; never a secret."""
+    public = settings.public_url or url
+    lines = [f"bulkhook: serving on {url} (callbacks: {public}/callbacks/jobs/<id>)"]
+    if settings.embedded:
+        lines.append(
+            f"bulkhook: OC_BASE_URL is unset: using the embedded sandbox upstream at "
+            f"{public}/sandbox{API_PREFIX}"
+        )
+        if not settings.signature_keys:
+            lines.append(
+                "bulkhook: callbacks are verified with a signature key generated at start-up "
+                "and shared with the embedded sandbox"
+            )
+    else:
+        lines.append(f"bulkhook: upstream {settings.oc_base_url}")
+        if not settings.signature_keys:
+            lines.append(
+                "bulkhook: WARNING: OC_SIGNATURE_KEYS is unset: every callback will be "
+                "refused (401) and jobs will finish by polling"
+            )
+    lines.append(f"bulkhook: job state in {settings.database_url.split('?', 1)[0]}")
+    if not settings.api_tokens:
+        lines.append("bulkhook: the job API is open (BULKHOOK_API_TOKENS unset)")
+    return lines
+
+
+def serve(settings: Settings, host: str, port: int) -> int:
+    sock = bind_socket(host, port)
+    port = sock.getsockname()[1]
+    url = _loopback_url(host, port)
+    if settings.public_url is None:
+        settings = dataclasses.replace(settings, public_url=url)
+    for line in describe(settings, url):
+        print(line, flush=True)
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level="info",
+        proxy_headers=True,
+        timeout_graceful_shutdown=30,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

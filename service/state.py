@@ -1,0 +1,31 @@
+"""Everything one running app owns, built in its lifespan and reached via ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .config import Settings
+from .metrics import Metrics
+from .store import Store
+from .upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from .poller import Poller
+    from .sandbox import Sandbox
+    from .tracker import Tracker
+
+__all__ = ["AppState"]
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    public_url: str
+    signature_keys: tuple[str, ...]
+    metrics: Metrics
+    store: Store
+    upstream: UpstreamClient
+    tracker: Tracker
+    poller: Poller
+    sandbox: Sandbox | None = None

@@ -1,0 +1,403 @@
+"""The embedded store: one SQLite file in WAL mode, written by one thread (writer.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from ..jobs import TERMINAL, Event, Job, Observation, Source, State, decide
+from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
+from .writer import SQLiteThreads, connect
+
+__all__ = ["SQLiteStore"]
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        upstream_id TEXT,
+        hub TEXT NOT NULL,
+        object TEXT NOT NULL,
+        path TEXT NOT NULL,
+        filename TEXT,
+        rows INTEGER,
+        state TEXT NOT NULL,
+        upstream_status TEXT,
+        records_count INTEGER,
+        records_failed_count INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_source TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0,
+        idempotency_key TEXT UNIQUE,
+        next_poll_at REAL,
+        poll_count INTEGER NOT NULL DEFAULT 0,
+        not_found_count INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until REAL
+    );
+    CREATE INDEX jobs_state_id ON jobs (state, id);
+    CREATE INDEX jobs_due ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL;
+    CREATE INDEX jobs_upstream_id ON jobs (upstream_id) WHERE upstream_id IS NOT NULL;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at REAL NOT NULL,
+        source TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id, seq);
+    CREATE TABLE deliveries (
+        webhook_id TEXT PRIMARY KEY,
+        job_id TEXT,
+        received_at REAL NOT NULL
+    );
+    CREATE TABLE kept_callbacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        webhook_id TEXT NOT NULL,
+        job_ref TEXT,
+        received_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        body BLOB NOT NULL,
+        applied_at REAL
+    );
+    CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
+    """,
+)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, at REAL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    for version, script in enumerate(MIGRATIONS, start=1):
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _events(conn: sqlite3.Connection, job_id: str) -> tuple[Event, ...]:
+    rows = conn.execute(
+        "SELECT at, source, state, detail FROM events WHERE job_id = ? ORDER BY seq", (job_id,)
+    )
+    return tuple(Event(*row) for row in rows)
+
+
+def _job(conn: sqlite3.Connection, job_id: str, with_events: bool = True) -> Job | None:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    return Job.from_row(row, _events(conn, job_id) if with_events else ())
+
+
+def _add_event(
+    conn: sqlite3.Connection, job_id: str, at: float, source: str, state: str, detail: str
+) -> None:
+    conn.execute(
+        "INSERT INTO events (job_id, at, source, state, detail) VALUES (?, ?, ?, ?, ?)",
+        (job_id, at, source, state, detail),
+    )
+
+
+def _describe(observation: Observation) -> str:
+    parts = []
+    if observation.raw_status or observation.status:
+        parts.append(f"upstream says {observation.raw_status or observation.status}")
+    if observation.records_count is not None:
+        failed = observation.records_failed_count
+        parts.append(
+            f"{observation.records_count} records"
+            + (f", {failed} failed" if failed is not None else "")
+        )
+    if observation.detail:
+        parts.append(observation.detail)
+    return "; ".join(parts)
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._threads = SQLiteThreads(self.path)
+
+    async def open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = connect(self.path)
+            try:
+                _migrate(conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        self._threads.start()
+
+    async def close(self) -> None:
+        self._threads.stop()
+
+    async def ping(self) -> None:
+        try:
+            await self._threads.read(lambda conn: conn.execute("SELECT 1").fetchone())
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def create_job(
+        self, job: Job, *, idempotency_key: str | None = None, detail: str = ""
+    ) -> tuple[Job, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[Job, bool]:
+            if idempotency_key is not None:
+                row = conn.execute(
+                    "SELECT id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+                if row is not None:
+                    existing = _job(conn, row["id"])
+                    assert existing is not None
+                    return existing, False
+            conn.execute(
+                """INSERT INTO jobs (id, hub, object, path, filename, rows, state, created_at,
+                       updated_at, last_source, idempotency_key, next_poll_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    job.id,
+                    job.hub,
+                    job.object,
+                    job.path,
+                    job.filename,
+                    job.rows,
+                    str(job.state),
+                    job.created_at,
+                    job.updated_at,
+                    job.last_source,
+                    idempotency_key,
+                    job.next_poll_at,
+                ),
+            )
+            _add_event(conn, job.id, job.created_at, job.last_source, str(job.state), detail)
+            created = _job(conn, job.id)
+            assert created is not None
+            return created, True
+
+        return await self._threads.write(op)
+
+    async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None:
+        return await self._threads.read(lambda conn: _job(conn, job_id, with_events))
+
+    async def find_by_upstream_id(self, upstream_id: str) -> Job | None:
+        def op(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE upstream_id = ? ORDER BY id DESC LIMIT 1",
+                (upstream_id,),
+            ).fetchone()
+            return _job(conn, row["id"], False) if row else None
+
+        return await self._threads.read(op)
+
+    async def list_jobs(
+        self, *, state: State | None = None, limit: int = 50, before: str | None = None
+    ) -> list[Job]:
+        clauses, params = [], []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(str(state))
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?"
+
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            return [Job.from_row(row) for row in conn.execute(sql, (*params, limit))]
+
+        return await self._threads.read(op)
+
+    async def apply(
+        self,
+        job_id: str,
+        observation: Observation,
+        *,
+        delivery: Delivery | None = None,
+        upstream_id: str | None = None,
+        next_poll_at: float | _Keep | None = KEEP,
+        kept_id: int | None = None,
+    ) -> Applied | None:
+        def op(conn: sqlite3.Connection) -> Applied | None:
+            job = _job(conn, job_id, with_events=False)
+            if job is None:
+                return None
+            if delivery is not None:
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
+                    (delivery.webhook_id, job_id, delivery.received_at),
+                ).rowcount
+                if not inserted:
+                    return Applied(job, None, duplicate=True)
+            decision = decide(job.state, observation)
+            changes: dict[str, Any] = {"updated_at": observation.at}
+            if decision.changed:
+                changes["state"] = str(decision.state)
+            if decision.accepted or decision.changed:
+                changes["last_source"] = str(observation.source)
+                if observation.raw_status or observation.status:
+                    changes["upstream_status"] = observation.raw_status or observation.status
+                if observation.records_count is not None:
+                    changes["records_count"] = observation.records_count
+                if observation.records_failed_count is not None:
+                    changes["records_failed_count"] = observation.records_failed_count
+            if upstream_id is not None and job.upstream_id is None:
+                changes["upstream_id"] = upstream_id
+            if observation.source == Source.POLL:
+                changes["poll_count"] = job.poll_count + 1
+                changes["not_found_count"] = 0
+            elif observation.source == Source.CALLBACK:
+                changes["poll_count"] = 0
+            if decision.state in TERMINAL:
+                changes["next_poll_at"] = None
+            elif not isinstance(next_poll_at, _Keep):
+                changes["next_poll_at"] = next_poll_at
+            if "next_poll_at" in changes or observation.source == Source.POLL:
+                changes["lease_owner"] = None
+                changes["lease_until"] = None
+            assignments = ", ".join(f"{name} = ?" for name in changes)
+            updated = conn.execute(
+                f"UPDATE jobs SET {assignments}, version = version + 1 "
+                "WHERE id = ? AND version = ?",
+                (*changes.values(), job_id, job.version),
+            ).rowcount
+            if not updated:
+                raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
+            detail = _describe(observation)
+            note = decision.note if not decision.changed else ""
+            _add_event(
+                conn,
+                job_id,
+                observation.at,
+                str(observation.source),
+                str(decision.state),
+                "; ".join(part for part in (detail, note) if part),
+            )
+            if kept_id is not None:
+                conn.execute(
+                    "UPDATE kept_callbacks SET applied_at = ? WHERE id = ?",
+                    (observation.at, kept_id),
+                )
+            fresh = _job(conn, job_id)
+            assert fresh is not None
+            return Applied(fresh, decision)
+
+        return await self._threads.write(op)
+
+    async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
+        def op(conn: sqlite3.Connection) -> str:
+            ref = delivery.job_ref
+            if reason == "unknown_job" and ref is not None:
+                known = conn.execute(
+                    "SELECT 1 FROM jobs WHERE id = ? OR upstream_id = ?", (ref, ref)
+                ).fetchone()
+                if known is not None:
+                    return "known"
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, NULL, ?)",
+                (delivery.webhook_id, delivery.received_at),
+            ).rowcount
+            if not inserted:
+                return "duplicate"
+            conn.execute(
+                """INSERT INTO kept_callbacks (webhook_id, job_ref, received_at, reason, body)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (delivery.webhook_id, ref, delivery.received_at, reason, body),
+            )
+            return "kept"
+
+        return await self._threads.write(op)
+
+    async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
+        refs = [ref for ref in refs if ref]
+        if not refs:
+            return []
+        marks = ",".join("?" for _ in refs)
+        sql = (
+            "SELECT id, webhook_id, job_ref, received_at, reason, body FROM kept_callbacks "
+            f"WHERE applied_at IS NULL AND job_ref IN ({marks}) ORDER BY id"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[KeptCallback]:
+            return [KeptCallback(*row) for row in conn.execute(sql, refs)]
+
+        return await self._threads.read(op)
+
+    async def claim_due(self, now: float, limit: int, owner: str, lease: float) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                """SELECT id FROM jobs WHERE next_poll_at <= ?
+                   AND (lease_until IS NULL OR lease_until < ?)
+                   ORDER BY next_poll_at LIMIT ?""",
+                (now, now, limit),
+            ).fetchall()
+            ids = [row["id"] for row in rows]
+            conn.executemany(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                [(owner, now + lease, job_id) for job_id in ids],
+            )
+            return [job for job_id in ids if (job := _job(conn, job_id, False)) is not None]
+
+        return await self._threads.write(op)
+
+    async def reschedule(
+        self,
+        job_id: str,
+        next_poll_at: float | None,
+        *,
+        detail: str | None = None,
+        not_found: bool = False,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                """UPDATE jobs SET next_poll_at = ?, lease_owner = NULL, lease_until = NULL,
+                       not_found_count = CASE WHEN ? THEN not_found_count + 1 ELSE 0 END
+                   WHERE id = ? AND state NOT IN ('SUBMIT_FAILED', 'COMPLETED', 'ERROR',
+                       'ABORTED', 'CANCELLED', 'TIMED_OUT')""",
+                (next_poll_at, not_found, job_id),
+            )
+            if detail:
+                row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None:
+                    _add_event(conn, job_id, time.time(), "poll", row["state"], detail)
+
+        await self._threads.write(op)
+
+    async def next_due_at(self) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_poll_at) FROM jobs WHERE next_poll_at IS NOT NULL"
+            ).fetchone()
+            return row[0]
+
+        return await self._threads.read(op)
+
+    async def release_leases(self, owner: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+                (owner,),
+            )
+
+        await self._threads.write(op)
+
+    async def count_by_state(self) -> dict[str, int]:
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            return {row[0]: row[1] for row in rows}
+
+        return await self._threads.read(op)

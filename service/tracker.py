@@ -1,0 +1,326 @@
+"""A job's life: submission, polls, cancellation, and applying kept callbacks.
+
+Every change goes through ``Store.apply`` with an ``Observation``; this module only
+decides *when* to ask the upstream and *what* to tell the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .errors import ApiError
+from .jobs import Job, Observation, Source, State, new_job_id
+from .store import Store
+from .upstream import UpstreamClient, UpstreamError, UpstreamUnavailable
+
+__all__ = ["NOT_FOUND_LIMIT", "SUBMIT_DEADLINE", "SubmitRequest", "Tracker"]
+
+log = logging.getLogger("bulkhook.jobs")
+
+# A job still SUBMITTING this long after creation lost its submitter (a crash): fail it.
+SUBMIT_DEADLINE = 3600.0
+# Consecutive 404s from the status endpoint before a job is given up as lost upstream.
+NOT_FOUND_LIMIT = 3
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    hub: str
+    object: str
+    path: str
+    filename: str
+    rows: int
+    metadata: Mapping[str, Any]
+    idempotency_key: str | None = None
+
+
+class Tracker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        upstream: UpstreamClient,
+        public_url: str,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.upstream = upstream
+        self.public_url = public_url.rstrip("/")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Set by the app to the poller's wake(): called when a job becomes due sooner.
+        self.wake: Callable[[], None] = lambda: None
+
+    # -- schedule -----------------------------------------------------------------
+
+    def callback_url(self, job_id: str) -> str:
+        return f"{self.public_url}/callbacks/jobs/{job_id}"
+
+    def after_grace(self, now: float) -> float:
+        return now + self.settings.callback_grace
+
+    def next_poll(self, job: Job, now: float, polls: int) -> float:
+        """Doubling from the poll interval, capped, with jitter; never past the timeout."""
+        interval = min(
+            self.settings.poll_max_interval, self.settings.poll_interval * 2 ** max(0, polls - 1)
+        )
+        interval *= random.uniform(0.8, 1.0)
+        return min(now + interval, job.created_at + self.settings.job_timeout)
+
+    def backoff(self, job: Job, now: float, retry_after: float | None) -> float:
+        wait = max(retry_after or 0.0, self.settings.poll_interval * random.uniform(0.5, 1.0))
+        return min(now + wait, job.created_at + self.settings.job_timeout)
+
+    # -- submission ---------------------------------------------------------------
+
+    async def submit(self, request: SubmitRequest, file: Path) -> tuple[Job, bool]:
+        """Record the job, then upload ``file`` (which this call removes when done)."""
+        now = time.time()
+        job = Job(
+            id=new_job_id(),
+            hub=request.hub,
+            object=request.object,
+            path=request.path,
+            state=State.SUBMITTING,
+            created_at=now,
+            updated_at=now,
+            last_source=str(Source.SUBMIT),
+            filename=request.filename,
+            rows=request.rows,
+            next_poll_at=now + SUBMIT_DEADLINE,
+        )
+        try:
+            job, created = await self.store.create_job(
+                job,
+                idempotency_key=request.idempotency_key,
+                detail=f"received {request.filename} ({request.rows} rows)",
+            )
+        except BaseException:
+            _remove(file)
+            raise
+        if not created:
+            _remove(file)
+            return job, False
+        # Shielded: a client that stops waiting never stops (or cancels) the upload.
+        task = asyncio.ensure_future(self._upload(job, request, file))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task), True
+
+    async def _upload(self, job: Job, request: SubmitRequest, file: Path) -> Job:
+        try:
+            return await self._send(job, request, file)
+        finally:
+            _remove(file)
+
+    async def _send(self, job: Job, request: SubmitRequest, file: Path) -> Job:
+        metadata = dict(request.metadata)
+        metadata["callback-payload"] = job.id
+        try:
+            submission = await self.upstream.submit(
+                job.hub,
+                job.object,
+                file,
+                path=job.path,
+                filename=request.filename,
+                callback_url=self.callback_url(job.id),
+                metadata=metadata,
+            )
+        except UpstreamError as exc:
+            return await self._submit_failed(job, exc)
+        applied = await self.store.apply(
+            job.id,
+            Observation(
+                Source.SUBMIT,
+                status=submission.status or "CREATED",
+                raw_status=str(submission.raw.get("status") or "") or None,
+                detail=f"upstream job {submission.id}",
+            ),
+            upstream_id=submission.id,
+            next_poll_at=self.after_grace(time.time()),
+        )
+        assert applied is not None
+        self.wake()
+        await self.apply_kept(applied.job)
+        fresh = await self.store.get_job(job.id)
+        assert fresh is not None
+        return fresh
+
+    async def _submit_failed(self, job: Job, exc: UpstreamError) -> Job:
+        if isinstance(exc, UpstreamUnavailable) and exc.request_sent:
+            # No answer after the body went out: a job may exist upstream. Stay
+            # SUBMITTING so its callback can still land; the deadline fails it otherwise.
+            await self.store.reschedule(
+                job.id,
+                time.time() + SUBMIT_DEADLINE,
+                detail=f"no answer from the upstream: {exc.message}; outcome unknown",
+            )
+            fresh = await self.store.get_job(job.id)
+            assert fresh is not None
+            raise ApiError(
+                f"the upstream did not answer ({exc.message}); the job may exist upstream",
+                code="upstream_outcome_unknown",
+                status=502,
+                job=fresh.to_json(),
+            )
+        applied = await self.store.apply(
+            job.id,
+            Observation(Source.SUBMIT, state=State.SUBMIT_FAILED, detail=str(exc)),
+        )
+        assert applied is not None
+        raise ApiError(
+            f"the upstream refused the job: {exc.message}",
+            code="upstream_refused" if exc.status is not None else "upstream_unavailable",
+            status=502,
+            upstream_status=exc.status,
+            upstream_request_id=exc.request_id,
+            job=applied.job.to_json(),
+        )
+
+    async def apply_kept(self, job: Job) -> None:
+        """Apply callbacks that arrived before the job was known (they raced the submit)."""
+        from .callbacks import observation_from_body  # circular at import time
+
+        kept = await self.store.kept_for([job.id, *([job.upstream_id] if job.upstream_id else [])])
+        for item in kept:
+            if item.reason != "unknown_job":
+                continue
+            observation = observation_from_body(item.body, item.received_at)
+            if observation is None:
+                continue
+            await self.store.apply(job.id, observation, kept_id=item.id)
+
+    # -- polling ------------------------------------------------------------------
+
+    async def poll(self, job: Job, *, manual: bool = False) -> Job:
+        """Ask the upstream for the job's status and record the answer.
+
+        Transient failures reschedule and never fail the job; ``manual`` re-raises
+        them so an operator's refresh gets an answer.
+        """
+        now = time.time()
+        if job.upstream_id is None:
+            if job.state == State.SUBMITTING and now >= job.created_at + SUBMIT_DEADLINE:
+                await self.store.apply(
+                    job.id,
+                    Observation(
+                        Source.POLL,
+                        state=State.SUBMIT_FAILED,
+                        detail="the upload never got an answer from the upstream",
+                    ),
+                )
+            elif manual:
+                raise ApiError(
+                    "the job has not reached the upstream yet", code="not_submitted", status=409
+                )
+            return await self._reload(job)
+        try:
+            status = await self.upstream.status(job.hub, job.upstream_id)
+        except UpstreamError as exc:
+            await self._poll_failed(job, exc, now)
+            if manual:
+                raise ApiError(str(exc), code="upstream_unavailable", status=502) from exc
+            return await self._reload(job)
+        observation = Observation(
+            Source.POLL,
+            status=status.status,
+            raw_status=status.raw_status,
+            records_count=status.records_count,
+            records_failed_count=status.records_failed_count,
+        )
+        applied = await self.store.apply(
+            job.id, observation, next_poll_at=self.next_poll(job, now, job.poll_count + 1)
+        )
+        if (
+            applied is not None
+            and not applied.job.terminal
+            and now >= job.created_at + self.settings.job_timeout
+        ):
+            applied = await self.store.apply(
+                job.id,
+                Observation(
+                    Source.TIMEOUT,
+                    state=State.TIMED_OUT,
+                    detail=f"not finished after {self.settings.job_timeout:g} s",
+                ),
+            )
+        return applied.job if applied else await self._reload(job)
+
+    async def _poll_failed(self, job: Job, exc: UpstreamError, now: float) -> None:
+        if exc.status == 404:
+            if job.not_found_count + 1 >= NOT_FOUND_LIMIT:
+                await self.store.apply(
+                    job.id,
+                    Observation(
+                        Source.POLL,
+                        state=State.ABORTED,
+                        detail=f"the upstream no longer knows job {job.upstream_id} "
+                        f"({NOT_FOUND_LIMIT} status polls answered 404)",
+                    ),
+                )
+                return
+            await self.store.reschedule(
+                job.id, self.backoff(job, now, None), detail=str(exc), not_found=True
+            )
+            return
+        log.info("status poll failed for job %s: %s", job.id, exc)
+        if now >= job.created_at + self.settings.job_timeout:
+            await self.store.apply(
+                job.id,
+                Observation(
+                    Source.TIMEOUT,
+                    state=State.TIMED_OUT,
+                    detail=f"not finished after {self.settings.job_timeout:g} s",
+                ),
+            )
+            return
+        await self.store.reschedule(
+            job.id, self.backoff(job, now, exc.retry_after), detail=str(exc)
+        )
+
+    async def _reload(self, job: Job) -> Job:
+        fresh = await self.store.get_job(job.id)
+        return fresh if fresh is not None else job
+
+    # -- cancellation -------------------------------------------------------------
+
+    async def cancel(self, job: Job) -> Job:
+        if job.terminal:
+            raise ApiError(f"the job is already {job.state}", code="job_terminal", status=409)
+        if job.upstream_id is None:
+            raise ApiError(
+                "the job has not reached the upstream yet", code="not_submitted", status=409
+            )
+        try:
+            answer = await self.upstream.cancel(job.hub, job.upstream_id)
+        except UpstreamError as exc:
+            raise ApiError(
+                f"the upstream refused to cancel: {exc.message}",
+                code="upstream_refused" if exc.status is not None else "upstream_unavailable",
+                status=502,
+                upstream_status=exc.status,
+            ) from exc
+        now = time.time()
+        applied = await self.store.apply(
+            job.id,
+            Observation(
+                Source.CANCEL,
+                status=(answer.status if answer and answer.status else "CANCELLATION_PENDING"),
+                raw_status=answer.raw_status if answer else None,
+                detail="cancel requested",
+            ),
+            next_poll_at=now + self.settings.poll_interval,
+        )
+        assert applied is not None
+        return applied.job

@@ -1,0 +1,181 @@
+"""`bulkhook submit / status / jobs / serve / demo`, run as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import RunningSandbox, RunningService
+
+StartSandbox = Callable[..., RunningSandbox]
+StartService = Callable[..., RunningService]
+
+
+def bulkhook(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))
+    }
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def service(start_sandbox: StartSandbox, start_service: StartService) -> RunningService:
+    return start_service(start_sandbox(job_seconds=0.3))
+
+
+def test_submit_and_wait_follows_the_job_to_completed(
+    service: RunningService, contacts_csv: Path
+) -> None:
+    result = bulkhook(
+        "submit", str(contacts_csv), "--object", "contact", "--wait", "--url", service.url
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "CREATED" in lines[0]
+    assert "COMPLETED" in lines[-1]
+    assert "10 records, none failed" in lines[-1]
+    assert result.stderr == ""  # no progress bar off a terminal
+
+
+def test_submit_json_output_parses(service: RunningService, contacts_csv: Path) -> None:
+    result = bulkhook(
+        "submit", str(contacts_csv), "--object", "contact", "--json", "--url", service.url
+    )
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["state"] == "CREATED"
+    status = bulkhook("status", job["id"], "--wait", "--json", "--url", service.url)
+    assert status.returncode == 0
+    assert json.loads(status.stdout.strip().splitlines()[-1])["state"] == "COMPLETED"
+    listed = bulkhook("jobs", "--json", "--url", service.url)
+    assert [j["id"] for j in json.loads(listed.stdout)["jobs"]] == [job["id"]]
+
+
+def test_wait_exits_non_zero_unless_completed(
+    start_sandbox: StartSandbox, start_service: StartService, tmp_path: Path
+) -> None:
+    service = start_service(start_sandbox(job_seconds=0.2))
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"Email,Name\n\xff\xfe,x\n")  # not UTF-8: refused before upload
+    result = bulkhook("submit", str(bad), "--object", "contact", "--wait", "--url", service.url)
+    assert result.returncode == 1
+    assert "not_utf8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_shows_the_timeline(service: RunningService, contacts_csv: Path) -> None:
+    job = service.submit(contacts_csv).json()
+    service.wait_for(job["id"], {"COMPLETED"})
+    result = bulkhook("status", job["id"], "--url", service.url)
+    assert result.returncode == 0
+    assert "COMPLETED" in result.stdout
+    assert "signature verified" in result.stdout
+
+
+def test_an_unknown_job_is_one_line_and_exit_1(service: RunningService) -> None:
+    result = bulkhook("status", "nope", "--url", service.url)
+    assert result.returncode == 1
+    assert "job_not_found" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_service_says_so_and_hints_at_serve() -> None:
+    result = bulkhook("jobs", "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot reach the service" in result.stderr
+    assert "bulkhook serve" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_submit_a_missing_file_is_a_usage_error() -> None:
+    result = bulkhook("submit", "nowhere.csv", "--object", "contact")
+    assert result.returncode == 2
+    assert "cannot read nowhere.csv" in result.stderr
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_serve_on_embedded_defaults_runs_the_walkthrough(
+    served: tuple[str, subprocess.Popen[str]], contacts_csv: Path, tmp_path: Path
+) -> None:
+    url, process = served
+    objects = httpx.get(f"{url}/objects").json()
+    assert "contact" in objects["objects"]
+    result = bulkhook("submit", str(contacts_csv), "--object", "contact", "--wait", "--url", url)
+    assert result.returncode == 0, result.stderr
+    assert "COMPLETED" in result.stdout
+    assert (tmp_path / "bulkhook.db").exists()
+    process.terminate()
+    output = process.communicate(timeout=10)[0]
+    assert "embedded sandbox" in output
+    assert "generated at start-up" in output
+
+
+def test_serve_refuses_an_open_api_on_a_public_address() -> None:
+    result = bulkhook("serve", "--host", "0.0.0.0", "--port", str(free_port()))  # noqa: S104
+    assert result.returncode == 2
+    assert "BULKHOOK_API_TOKENS" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_names_a_bad_setting_in_one_line() -> None:
+    result = bulkhook("serve", "--port", str(free_port()), BULKHOOK_POLL_INTERVAL="soon")
+    assert result.returncode == 2
+    assert "BULKHOOK_POLL_INTERVAL" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
+    result = bulkhook("demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "by a verified callback" in result.stdout
+    assert "by polling" in result.stdout
+    assert "demo succeeded" in result.stdout

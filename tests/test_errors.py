@@ -1,0 +1,52 @@
+"""The one JSON error shape: {"error": {"code": "...", "message": "..."}}."""
+
+from __future__ import annotations
+
+import json
+
+from service.errors import ApiError, error_body, error_response
+
+from .conftest import RunningService
+
+
+def test_error_body_shape() -> None:
+    assert error_body("job_not_found", "no job 'x'") == {
+        "error": {"code": "job_not_found", "message": "no job 'x'"}
+    }
+    assert error_body("upstream_refused", "no", upstream_status=400) == {
+        "error": {"code": "upstream_refused", "message": "no", "upstream_status": 400}
+    }
+
+
+def test_error_response_carries_status_headers_and_body() -> None:
+    response = error_response(401, "unauthorized", "token", headers={"WWW-Authenticate": "Bearer"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert json.loads(response.body) == {"error": {"code": "unauthorized", "message": "token"}}
+
+
+def test_api_error_defaults_and_overrides() -> None:
+    plain = ApiError("bad")
+    assert (plain.status, plain.code, plain.message) == (400, "bad_request", "bad")
+    custom = ApiError("gone", code="job_not_found", status=404, job="x")
+    assert (custom.status, custom.code, custom.extra) == (404, "job_not_found", {"job": "x"})
+
+
+def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+def test_every_kind_of_error_uses_the_shape(start_service) -> None:  # type: ignore[no-untyped-def]
+    service: RunningService = start_service(None)
+    assert_error(service.http.get("/nowhere"), 404, "not_found")
+    assert_error(service.http.delete("/jobs"), 405, "method_not_allowed")
+    assert_error(service.http.get("/jobs/unknown"), 404, "job_not_found")
+    assert_error(service.http.get("/jobs?limit=0"), 400, "bad_limit")
+    assert_error(service.http.get("/jobs?state=DONE"), 400, "bad_state")
+    assert_error(service.http.post("/jobs", json={}), 415, "unsupported_media_type")
+    assert_error(service.http.post("/callbacks", content=b"{}"), 401, "bad_signature")

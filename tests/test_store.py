@@ -1,0 +1,218 @@
+"""The store on a real SQLite file: atomic apply, dedupe, kept callbacks, leases."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from service.jobs import Job, Observation, Source, State, new_job_id
+from service.store import Delivery, Store, open_store
+
+pytestmark = pytest.mark.anyio
+
+
+def make_job(**changes: object) -> Job:
+    now = time.time()
+    fields: dict[str, object] = {
+        "id": new_job_id(),
+        "hub": "marketing",
+        "object": "contact",
+        "path": "/contacts.csv",
+        "state": State.SUBMITTING,
+        "created_at": now,
+        "updated_at": now,
+        "last_source": "submit",
+        "filename": "contacts.csv",
+        "rows": 10,
+    }
+    fields.update(changes)
+    return Job(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "bulkhook.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    opened = open_store(f"sqlite:///{db_path}")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def test_create_and_read_a_job(store: Store) -> None:
+    job, created = await store.create_job(make_job(), detail="received contacts.csv")
+    assert created
+    fetched = await store.get_job(job.id)
+    assert fetched is not None and fetched.state == State.SUBMITTING
+    assert [e.detail for e in fetched.events] == ["received contacts.csv"]
+
+
+async def test_an_idempotency_key_returns_the_first_job(store: Store) -> None:
+    first, created = await store.create_job(make_job(), idempotency_key="k1")
+    second, again = await store.create_job(make_job(), idempotency_key="k1")
+    assert created and not again
+    assert second.id == first.id
+    assert len(await store.list_jobs()) == 1
+
+
+async def test_apply_moves_forward_and_records_the_timeline(store: Store) -> None:
+    job, _ = await store.create_job(make_job())
+    await store.apply(job.id, Observation(Source.SUBMIT, status="CREATED"), upstream_id="77")
+    applied = await store.apply(
+        job.id,
+        Observation(Source.CALLBACK, status="COMPLETED", records_count=10, records_failed_count=2),
+        delivery=Delivery("hook-1", time.time()),
+        next_poll_at=time.time() + 60,
+    )
+    assert applied is not None and applied.decision is not None and applied.decision.changed
+    final = applied.job
+    assert (final.state, final.upstream_id, final.last_source) == (
+        State.COMPLETED,
+        "77",
+        "callback",
+    )
+    assert (final.records_count, final.records_failed_count) == (10, 2)
+    assert final.next_poll_at is None  # terminal: nothing left to poll
+    assert [e.state for e in final.events] == ["SUBMITTING", "CREATED", "COMPLETED"]
+
+
+async def test_a_repeated_delivery_changes_nothing(store: Store) -> None:
+    job, _ = await store.create_job(make_job(state=State.RUNNING))
+    observation = Observation(Source.CALLBACK, status="COMPLETED")
+    first = await store.apply(job.id, observation, delivery=Delivery("hook-1", time.time()))
+    again = await store.apply(
+        job.id, Observation(Source.CALLBACK, status="ERROR"), delivery=Delivery("hook-1", 0)
+    )
+    assert first is not None and not first.duplicate
+    assert again is not None and again.duplicate
+    fetched = await store.get_job(job.id)
+    assert fetched is not None and fetched.state == State.COMPLETED
+    assert len(fetched.events) == 2
+
+
+async def test_stale_news_is_recorded_and_ignored(store: Store) -> None:
+    job, _ = await store.create_job(make_job(state=State.RUNNING))
+    await store.apply(job.id, Observation(Source.CALLBACK, status="COMPLETED"))
+    late = await store.apply(job.id, Observation(Source.POLL, status="RUNNING"))
+    assert late is not None and late.job.state == State.COMPLETED
+    assert late.job.last_source == "callback"
+    assert "ignored" in late.job.events[-1].detail
+
+
+async def test_apply_to_an_unknown_job_is_none(store: Store) -> None:
+    assert await store.apply("nope", Observation(Source.POLL, status="RUNNING")) is None
+
+
+async def test_concurrent_deliveries_are_each_applied_once(store: Store) -> None:
+    jobs = [(await store.create_job(make_job(state=State.RUNNING)))[0] for _ in range(20)]
+    observations = [
+        store.apply(
+            job.id,
+            Observation(Source.CALLBACK, status="RUNNING"),
+            delivery=Delivery(f"hook-{job.id}-{n}", time.time()),
+        )
+        for job in jobs
+        for n in range(10)
+    ]
+    duplicates = [
+        store.apply(
+            jobs[0].id,
+            Observation(Source.CALLBACK, status="RUNNING"),
+            delivery=Delivery(f"hook-{jobs[0].id}-0", time.time()),
+        )
+        for _ in range(5)
+    ]
+    results = await asyncio.gather(*observations, *duplicates)
+    assert sum(1 for r in results if r is not None and not r.duplicate) == 200
+    for job in jobs:
+        fetched = await store.get_job(job.id)
+        assert fetched is not None and len(fetched.events) == 11
+
+
+async def test_state_survives_reopening_the_file(db_path: Path) -> None:
+    first = open_store(f"sqlite:///{db_path}")
+    await first.open()
+    job, _ = await first.create_job(make_job())
+    await first.apply(job.id, Observation(Source.CALLBACK, status="COMPLETED"))
+    await first.close()
+    second = open_store(f"sqlite:///{db_path}")
+    await second.open()  # migrations run again and change nothing
+    try:
+        fetched = await second.get_job(job.id)
+        assert fetched is not None and fetched.state == State.COMPLETED
+    finally:
+        await second.close()
+    versions = sqlite3.connect(db_path).execute("SELECT version FROM schema_migrations").fetchall()
+    assert versions == [(1,)]
+
+
+async def test_the_file_is_in_wal_mode(store: Store, db_path: Path) -> None:
+    mode = sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+async def test_kept_callbacks_wait_for_their_job(store: Store) -> None:
+    kept = await store.keep_callback(
+        Delivery("hook-9", time.time(), "upstream-9"), reason="unknown_job", body=b"{}"
+    )
+    again = await store.keep_callback(
+        Delivery("hook-9", time.time(), "upstream-9"), reason="unknown_job", body=b"{}"
+    )
+    assert (kept, again) == ("kept", "duplicate")
+    [item] = await store.kept_for(["upstream-9"])
+    job, _ = await store.create_job(make_job())
+    await store.apply(
+        job.id, Observation(Source.SUBMIT, status="CREATED"), upstream_id="upstream-9"
+    )
+    # Now that a job carries that upstream id, a late keep is refused: apply it instead.
+    late = await store.keep_callback(
+        Delivery("hook-10", time.time(), "upstream-9"), reason="unknown_job", body=b"{}"
+    )
+    assert late == "known"
+    await store.apply(job.id, Observation(Source.CALLBACK, status="COMPLETED"), kept_id=item.id)
+    assert await store.kept_for(["upstream-9"]) == []
+
+
+async def test_list_pages_newest_first_and_filters_by_state(store: Store) -> None:
+    ids = []
+    for n in range(5):
+        job, _ = await store.create_job(make_job(state=State.RUNNING if n % 2 else State.CREATED))
+        ids.append(job.id)
+        await asyncio.sleep(0.002)
+    page = await store.list_jobs(limit=2)
+    assert [j.id for j in page] == ids[::-1][:2]
+    rest = await store.list_jobs(limit=10, before=page[-1].id)
+    assert [j.id for j in rest] == ids[::-1][2:]
+    running = await store.list_jobs(state=State.RUNNING)
+    assert {j.id for j in running} == {ids[1], ids[3]}
+
+
+async def test_due_jobs_are_leased_once(store: Store) -> None:
+    now = time.time()
+    due, _ = await store.create_job(make_job(next_poll_at=now - 1))
+    await store.create_job(make_job(next_poll_at=now + 3600))
+    claimed = await store.claim_due(now, 10, "a", lease=60)
+    assert [j.id for j in claimed] == [due.id]
+    assert await store.claim_due(now, 10, "b", lease=60) == []
+    # An expired lease is taken over.
+    assert [j.id for j in await store.claim_due(now + 61, 10, "b", lease=60)] == [due.id]
+    await store.release_leases("b")
+    assert [j.id for j in await store.claim_due(now, 10, "c", lease=60)] == [due.id]
+    await store.reschedule(due.id, now + 30, detail="HTTP 503")
+    assert await store.next_due_at() == pytest.approx(now + 30)
+    fetched = await store.get_job(due.id)
+    assert fetched is not None and fetched.events[-1].detail == "HTTP 503"
+
+
+async def test_ping_and_counts(store: Store) -> None:
+    await store.ping()
+    await store.create_job(make_job())
+    assert await store.count_by_state() == {"SUBMITTING": 1}
