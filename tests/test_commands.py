@@ -21,9 +21,7 @@ StartService = Callable[..., RunningService]
 
 
 def bulkhook(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))
-    }
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
     environment.update(env)
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
