@@ -26,7 +26,7 @@ from .sandbox import API_PREFIX, Sandbox, SandboxOptions
 from .state import AppState
 from .store import open_store
 from .tracker import Tracker
-from .upstream import Credentials, UpstreamClient
+from .upstream import Credentials, RetryPolicy, UpstreamClient
 
 __all__ = ["create_app"]
 
@@ -64,8 +64,17 @@ async def _openapi(request: Request) -> Response:
     return JSONResponse(openapi_spec())
 
 
-def create_app(settings: Settings, *, sandbox: SandboxOptions | None = None) -> Starlette:
-    """An independent app; ``sandbox`` tunes the embedded upstream (only without OC_BASE_URL)."""
+def create_app(
+    settings: Settings,
+    *,
+    sandbox: SandboxOptions | None = None,
+    upstream_retry: RetryPolicy | None = None,
+) -> Starlette:
+    """An independent app.
+
+    ``sandbox`` tunes the embedded upstream (used only without OC_BASE_URL);
+    ``upstream_retry`` overrides the upstream client's retry policy (tests shorten it).
+    """
     public_url = (settings.public_url or "http://127.0.0.1:8000").rstrip("/")
     keys = settings.signature_keys
     routes: list[Route | Mount] = [
@@ -97,7 +106,9 @@ def create_app(settings: Settings, *, sandbox: SandboxOptions | None = None) -> 
         metrics = Metrics()
         store = open_store(settings.database_url)
         await store.open()
-        upstream = UpstreamClient(base_url, credentials, on_call=metrics.upstream_call)
+        upstream = UpstreamClient(
+            base_url, credentials, retry=upstream_retry, on_call=metrics.upstream_call
+        )
         tracker = Tracker(settings, store, upstream, public_url)
         poller = Poller(store, tracker, metrics, settings.poll_rate)
         tracker.wake = poller.wake

@@ -181,6 +181,7 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
         *,
         database: Path | None = None,
         sandbox_options: Any = None,
+        upstream_retry: Any = None,
         **overrides: Any,
     ) -> RunningService:
         server = ServerThread()
@@ -198,7 +199,7 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
         }
         values.update(overrides)
         settings = Settings(**values)
-        server.start(create_app(settings, sandbox=sandbox_options))
+        server.start(create_app(settings, sandbox=sandbox_options, upstream_retry=upstream_retry))
         service = RunningService(server, settings, httpx.Client(base_url=server.url, timeout=30))
         running.append(service)
         return service

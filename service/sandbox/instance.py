@@ -112,6 +112,8 @@ class Sandbox:
             self._callback_key = secrets.token_urlsafe(32)
         self.calls: Counter[str] = Counter()
         self.status_calls: Counter[str] = Counter()
+        # (wall time, job id) of every answered status call, for rate and dedupe checks.
+        self.status_log: list[tuple[float, str]] = []
         self.callbacks: Counter[str] = Counter()
         self.callback_log: list[dict[str, Any]] = []
         from .routes import build_app

@@ -11,6 +11,7 @@ import binascii
 import contextlib
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -175,6 +176,7 @@ def build_app(sandbox: Sandbox) -> Starlette:
         if isinstance(job, Response):
             return job
         sandbox.status_calls[str(job.id)] += 1
+        sandbox.status_log.append((time.time(), str(job.id)))
         return JSONResponse(job.status_body(sandbox.options.legacy_status_names))
 
     @operation("errors")

@@ -1,0 +1,123 @@
+"""The polling fallback: backoff, Retry-After, 404s, the timeout, the rate budget."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from service.upstream import RetryPolicy
+
+from .conftest import RunningSandbox, RunningService
+
+StartSandbox = Callable[..., RunningSandbox]
+StartService = Callable[..., RunningService]
+DONE = {"COMPLETED", "ERROR", "ABORTED", "CANCELLED", "TIMED_OUT", "SUBMIT_FAILED"}
+ONE_TRY = RetryPolicy(attempts=1)
+
+
+def poll_times(job: dict) -> list[float]:
+    return [
+        datetime.fromisoformat(e["at"].replace("Z", "+00:00")).timestamp()
+        for e in job["events"]
+        if e["source"] == "poll"
+    ]
+
+
+def test_intervals_double_up_to_the_maximum(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=4.0)
+    service = start_service(upstream, callback_grace=0.2, poll_interval=0.25, poll_max_interval=1.0)
+    job = service.submit(contacts_csv).json()
+    final = service.wait_for(job["id"], DONE, within=15)
+    assert (final["state"], final["last_source"]) == ("COMPLETED", "poll")
+    times = poll_times(final)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) >= 3
+    assert gaps[0] < 0.45  # about 0.25 (jittered down, never up)
+    assert gaps[1] >= 0.3  # about 0.5
+    assert gaps[2] >= 0.6  # about 1.0
+    assert max(gaps) <= 1.0 + 0.3  # capped at the maximum
+
+
+def test_upstream_failures_never_fail_a_job(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0)
+    service = start_service(upstream, callback_grace=0.2, poll_interval=0.2, upstream_retry=ONE_TRY)
+    upstream.sandbox.inject_fault("status", 503, times=4)
+    job = service.submit(contacts_csv).json()
+    final = service.wait_for(job["id"], DONE, within=15)
+    assert (final["state"], final["last_source"]) == ("COMPLETED", "poll")
+    assert upstream.sandbox.calls["status"] >= 5
+    assert sum("HTTP 503" in e["detail"] for e in final["events"]) == 4
+
+
+def test_retry_after_is_honoured_by_the_poller(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0)
+    service = start_service(upstream, callback_grace=0.2, poll_interval=0.2, upstream_retry=ONE_TRY)
+    upstream.sandbox.inject_fault("status", 429, retry_after=1.5)
+    job = service.submit(contacts_csv).json()
+    final = service.wait_for(job["id"], DONE, within=15)
+    assert final["state"] == "COMPLETED"
+    refused, answered = poll_times(final)[:2]
+    assert "HTTP 429" in next(e["detail"] for e in final["events"] if e["source"] == "poll")
+    assert answered - refused >= 1.4  # the timeline's times are rounded to the millisecond
+
+
+def test_repeated_404_fails_the_job_with_the_reason(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=30)
+    service = start_service(upstream, callback_grace=0.2, poll_interval=0.2, upstream_retry=ONE_TRY)
+    upstream.sandbox.inject_fault("status", 404, times=10)
+    job = service.submit(contacts_csv).json()
+    final = service.wait_for(job["id"], DONE, within=15)
+    assert final["state"] == "ABORTED"
+    assert "no longer knows" in final["events"][-1]["detail"]
+    assert upstream.sandbox.calls["status"] == 3
+
+
+def test_a_job_that_never_ends_times_out(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=60)
+    service = start_service(
+        upstream, callback_grace=0.2, poll_interval=0.2, poll_max_interval=0.4, job_timeout=1.5
+    )
+    job = service.submit(contacts_csv).json()
+    final = service.wait_for(job["id"], DONE, within=10)
+    assert final["state"] == "TIMED_OUT"
+    assert final["last_source"] == "timeout"
+
+
+def test_polls_stay_within_the_rate_budget(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=0.1)
+    service = start_service(upstream, callback_grace=0.5, poll_interval=0.2, poll_rate=5)
+    ids = [service.submit(contacts_csv).json()["id"] for _ in range(15)]
+    for job_id in ids:
+        assert service.wait_for(job_id, DONE, within=20)["state"] == "COMPLETED"
+    times = sorted(t for t, _ in upstream.sandbox.status_log)
+    # Evenly spaced at 5 per second: any 11 consecutive polls span at least ~2 s.
+    spans = [b - a for a, b in zip(times, times[10:], strict=False)]
+    assert len(times) >= 15
+    assert min(spans) >= 1.8
+
+
+def test_a_callback_within_the_grace_period_costs_no_polls(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(job_seconds=0.5)
+    service = start_service(upstream, callback_grace=2.0, poll_interval=0.2)
+    ids = [service.submit(contacts_csv).json()["id"] for _ in range(5)]
+    for job_id in ids:
+        assert service.wait_for(job_id, DONE)["last_source"] == "callback"
+    time.sleep(2.5)  # past the grace period: still nothing to poll
+    assert upstream.sandbox.calls["status"] == 0
