@@ -131,7 +131,15 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
     except ApiError:
         metrics.callbacks.labels("too_large").inc()
         raise
-    verdict = signatures.verify(request.headers.get(signatures.HEADER), body, state.signature_keys)
+    given = request.headers.getlist(signatures.HEADER)
+    if len(given) > 1:
+        metrics.callbacks.labels("bad_signature").inc()
+        raise ApiError(
+            f"the {signatures.HEADER} header was given {len(given)} times",
+            code="bad_signature",
+            status=401,
+        )
+    verdict = signatures.verify(given[0] if given else None, body, state.signature_keys)
     if not verdict.ok:
         metrics.callbacks.labels("bad_signature").inc()
         log.warning("callback refused: %s", verdict.verdict.value)
