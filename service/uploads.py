@@ -60,6 +60,7 @@ class CsvInspector:
         self._line_has_content = False
         self._header: bytes | None = None
         self._header_buffer = bytearray()
+        self._header_quoted = False
 
     def feed(self, chunk: bytes) -> None:
         if not chunk:
@@ -79,16 +80,17 @@ class CsvInspector:
         self._size += len(chunk)
 
     def _collect_header(self, chunk: bytes) -> None:
+        """Keep bytes until the first record ends; scan each byte once."""
+        offset = len(self._header_buffer)
         self._header_buffer += chunk
-        data = bytes(self._header_buffer)
-        quoted = False
-        start = 0
-        for piece in data.split(b'"'):
-            if not quoted and (newline := piece.find(b"\n")) >= 0:
-                self._header = data[: start + newline]
+        for index, piece in enumerate(chunk.split(b'"')):
+            if index:
+                self._header_quoted = not self._header_quoted
+            if not self._header_quoted and (newline := piece.find(b"\n")) >= 0:
+                self._header = bytes(self._header_buffer[: offset + newline])
+                self._header_buffer = bytearray()
                 return
-            start += len(piece) + 1
-            quoted = not quoted
+            offset += len(piece) + 1
         if len(self._header_buffer) > _MAX_HEADER_BYTES:
             raise _bad("no_header", "the first line is longer than 1 MiB: no usable header row")
 
