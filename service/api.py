@@ -184,6 +184,12 @@ async def objects(request: Request) -> Response:
     try:
         names = await state.upstream.objects(hub)
     except UpstreamError as exc:
+        if exc.status == 404:
+            raise ApiError(
+                f"the upstream knows no hub {hub!r}: {exc.message}",
+                code="hub_not_found",
+                status=404,
+            ) from exc
         raise ApiError(
             f"the upstream could not list objects: {exc.message}",
             code="upstream_unavailable" if exc.status is None else "upstream_refused",

@@ -130,7 +130,8 @@ def test_objects_are_discovered_through_the_upstream(service: RunningService) ->
         "objects": ["accounts", "contacts", "leads", "opportunities"],
     }
     unknown = service.http.get("/objects", params={"hub": "nowhere"})
-    assert unknown.status_code == 502
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "hub_not_found"
 
 
 def test_health_readiness_and_metrics(service: RunningService, contacts_csv: Path) -> None:
