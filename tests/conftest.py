@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,33 @@ from service.servers import ServerThread
 
 SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
 SIGNATURE_KEY = "test-instance-key"
+# Every secret the suite configures: none may ever be logged (see suite_logs).
+CONFIGURED_SECRETS = (SIGNATURE_KEY, "user-secret", "org-secret", "element-token")
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_logs() -> Iterator[None]:
+    """Capture every log record of the whole suite; no configured secret may appear."""
+    handler = _Collect()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.INFO)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous)
+    text = "\n".join(handler.lines)
+    leaked = [secret for secret in CONFIGURED_SECRETS if secret in text]
+    assert not leaked, f"secrets in the suite's logs: {leaked}"
 
 
 @pytest.fixture
