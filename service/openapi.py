@@ -1,335 +1,381 @@
-"""The API description served at ``/openapi.json`` (OpenAPI 3.1), built per call."""
+"""The API description served at ``/openapi.json`` (OpenAPI 3.1), built fresh per call.
+
+Everything here mirrors what ``api.py``, ``callbacks.py``, ``uploads.py`` and
+``tracker.py`` actually answer: the JSON shapes of ``Job.to_json``/``Event.to_json``,
+and every error ``code`` a route can raise, listed in its response's description.
+The embedded sandbox (mounted at ``/sandbox``) is not part of this API.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from . import __version__
-from .jobs import State
+from .jobs import Source, State
 
 __all__ = ["openapi_spec"]
 
 JSON = "application/json"
+Schema = dict[str, Any]
+
+# The 400 codes of POST /jobs: the multipart body, the form fields, the CSV itself.
+_MULTIPART_CODES = ("missing_file", "bad_upload", "bad_field", "malformed_multipart")
+_FIELD_CODES = ("missing_object", "bad_object", "bad_hub", "bad_metadata", "bad_idempotency_key")
+_CSV_CODES = ("empty_file", "binary_file", "not_utf8", "no_header", "no_rows")
 
 
-def _ref(name: str) -> dict[str, str]:
+def _ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
+def _nullable(kind: str, **extra: Any) -> Schema:
     return {"type": [kind, "null"], **extra}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": schema}}}
+def _object(properties: dict[str, Schema], required: list[str] | None = None) -> Schema:
+    needed = list(properties) if required is None else required
+    return {"type": "object", "required": needed, "properties": properties}
 
 
-def _error(description: str, *codes: str) -> dict[str, Any]:
+def _enum(values: Any) -> Schema:
+    return {"type": "string", "enum": [str(value) for value in values]}
+
+
+def _json(schema: Schema, description: str, **headers: str) -> Schema:
+    response: Schema = {"description": description, "content": {JSON: {"schema": schema}}}
+    if headers:
+        response["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return response
+
+
+def _error(description: str, *codes: str, **headers: str) -> Schema:
     listed = ", ".join(f"`{code}`" for code in codes)
-    return _json(_ref("Error"), f"{description} (codes: {listed})")
+    return _json(_ref("Error"), f"{description}. Error codes: {listed}.", **headers)
 
 
-def _job_id() -> dict[str, Any]:
-    return {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+def _param(name: str, where: str, schema: Schema, description: str = "", **extra: Any) -> Schema:
+    param: Schema = {"name": name, "in": where, "schema": schema, **extra}
+    if description:
+        param["description"] = description
+    return param
 
 
-def _schemas() -> dict[str, Any]:
-    event = {
-        "type": "object",
-        "required": ["at", "source", "state", "detail"],
-        "properties": {
-            "at": {"type": "string", "format": "date-time"},
-            "source": {"type": "string"},
-            "state": {"type": "string", "enum": [str(s) for s in State]},
-            "detail": {"type": "string"},
-        },
-    }
-    job_fields = {
-        "id": {"type": "string"},
-        "upstream_id": _nullable("string"),
-        "hub": {"type": "string"},
-        "object": {"type": "string"},
-        "path": {"type": "string"},
-        "state": {"type": "string", "enum": [str(s) for s in State]},
-        "upstream_status": _nullable("string"),
-        "records_count": _nullable("integer", minimum=0),
-        "records_failed_count": _nullable("integer", minimum=0),
-        "succeeded": _nullable("boolean"),
-        "created_at": {"type": "string", "format": "date-time"},
-        "updated_at": {"type": "string", "format": "date-time"},
-        "last_source": {
-            "type": "string",
-            "enum": ["submit", "callback", "poll", "cancel", "timeout"],
-        },
-    }
-    summary = {"type": "object", "required": list(job_fields), "properties": job_fields}
-    job = {
-        "type": "object",
-        "required": [*job_fields, "events"],
-        "properties": {**job_fields, "events": {"type": "array", "items": _ref("Event")}},
-    }
-    return {
-        "Event": event,
-        "JobSummary": summary,
-        "Job": job,
-        "JobList": {
-            "type": "object",
-            "required": ["jobs", "next_cursor"],
-            "properties": {
-                "jobs": {"type": "array", "items": _ref("JobSummary")},
-                "next_cursor": _nullable("string"),
-            },
-        },
-        "FailedRecords": {
-            "type": "object",
-            "required": ["job", "count", "errors"],
-            "properties": {
-                "job": {"type": "string"},
-                "count": {"type": "integer", "minimum": 0},
-                "errors": {"type": "array", "items": {}},
-            },
-        },
-        "Objects": {
-            "type": "object",
-            "required": ["hub", "objects"],
-            "properties": {
-                "hub": {"type": "string"},
-                "objects": {"type": "array", "items": {"type": "string"}},
-            },
-        },
-        "CallbackAck": {
-            "type": "object",
-            "required": ["status"],
-            "properties": {
-                "status": {"type": "string", "enum": ["accepted", "duplicate", "kept"]},
-                "job": {"type": "string"},
-                "state": {"type": "string"},
-            },
-        },
-        "Status": {
-            "type": "object",
-            "required": ["status"],
-            "properties": {"status": {"type": "string"}},
-        },
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                }
-            },
-        },
-    }
+def _job_id() -> Schema:
+    return _param("job_id", "path", {"type": "string"}, "the job's id", required=True)
 
 
-def _secured(operation: dict[str, Any]) -> dict[str, Any]:
-    operation["security"] = [{"bearer": []}]
-    operation["responses"]["401"] = _error("a bearer token is required", "unauthorized")
+def _op(
+    op_id: str,
+    summary: str,
+    responses: dict[str, Schema],
+    *,
+    params: list[Schema] | None = None,
+    body: Schema | None = None,
+    secured: bool = False,
+) -> Schema:
+    """One operation; ``secured`` adds the bearer requirement and its 401."""
+    operation: Schema = {"operationId": op_id, "summary": summary}
+    if params:
+        operation["parameters"] = params
+    if body is not None:
+        operation["requestBody"] = body
+    operation["responses"] = dict(responses)
+    if secured:
+        operation["security"] = [{"bearer": []}]
+        operation["responses"]["401"] = _error(
+            "A valid bearer token is required", "unauthorized", **{"WWW-Authenticate": "Bearer"}
+        )
     return operation
 
 
-def _callback(summary: str, path_param: bool) -> dict[str, Any]:
-    headers = [
+def _schemas() -> dict[str, Schema]:
+    date_time = {"type": "string", "format": "date-time"}
+    count = _nullable("integer", minimum=0)
+    job_fields: dict[str, Schema] = {
+        "id": {"type": "string", "description": "the service's own id"},
+        "upstream_id": _nullable("string", description="the upstream bulk job id, once known"),
+        "hub": {"type": "string"},
+        "object": {"type": "string"},
+        "path": {"type": "string"},
+        "state": _enum(State),
+        "upstream_status": _nullable("string", description="the upstream status, raw"),
+        "records_count": count,
+        "records_failed_count": count,
+        "succeeded": _nullable(
+            "boolean",
+            description="true only for COMPLETED with no failed records; false for any other "
+            "terminal state or failed records; null while running or when unknown",
+        ),
+        "created_at": date_time,
+        "updated_at": date_time,
+        "last_source": _enum(Source),
+    }
+    timeline = {"type": "array", "items": _ref("Event")}
+    error_detail = _object(
         {
-            "name": "Elements-Webhook-Signature",
-            "in": "header",
-            "required": False,
-            "schema": {"type": "string"},
-            "description": "`sha256=` or `sha1=` and the base64 HMAC of the raw body",
+            "code": {"type": "string", "description": "stable; see each response for its codes"},
+            "message": {"type": "string"},
+            "upstream_status": _nullable("integer", description="the upstream's HTTP status"),
+            "upstream_request_id": _nullable("string"),
+            "job": _ref("Job"),
         },
-        {"name": "Elements-Webhook-Id", "in": "header", "schema": {"type": "string"}},
-    ]
-    return {
-        "summary": summary,
-        "parameters": ([_job_id()] if path_param else []) + headers,
-        "requestBody": {"required": True, "content": {JSON: {"schema": {}}}},
-        "responses": {
-            "200": _json(_ref("CallbackAck"), "applied, or a repeated delivery"),
-            "202": _json(_ref("CallbackAck"), "verified and kept for a job not known yet"),
-            "400": _error("verified but not a JSON object; kept", "malformed_callback"),
-            "401": _error("the signature does not hold", "bad_signature"),
-            "404": _error("no such job", "not_found"),
-            "413": _error("the body is over the limit", "too_large"),
-        },
-    }
-
-
-def openapi_spec() -> dict[str, Any]:
-    upstream_502 = _error(
-        "the upstream failed",
-        "upstream_refused",
-        "upstream_unavailable",
-        "upstream_outcome_unknown",
+        required=["code", "message"],
     )
-    job_404 = _error("no such job", "job_not_found")
-    upload = {
-        "type": "object",
-        "required": ["file", "object"],
-        "properties": {
-            "file": {"type": "string", "format": "binary"},
-            "object": {"type": "string"},
-            "hub": {"type": "string"},
-            "path": {"type": "string"},
-            "metadata": {"type": "string", "description": "a JSON object, sent as metaData"},
-        },
+    return {
+        "Event": _object(
+            {
+                "at": date_time,
+                "source": _enum(Source),
+                "state": _enum(State),
+                "detail": {"type": "string"},
+            }
+        ),
+        "JobSummary": _object(job_fields),
+        "Job": _object({**job_fields, "events": timeline}),
+        "JobList": _object(
+            {
+                "jobs": {"type": "array", "items": _ref("JobSummary")},
+                "next_cursor": _nullable("string", description="null on the last page"),
+            }
+        ),
+        "FailedRecords": _object(
+            {
+                "job": {"type": "string"},
+                "count": {"type": "integer", "minimum": 0},
+                "errors": {"type": "array", "items": {}, "description": "as the upstream sent"},
+            }
+        ),
+        "Objects": _object(
+            {"hub": {"type": "string"}, "objects": {"type": "array", "items": {"type": "string"}}}
+        ),
+        "CallbackAck": _object(
+            {
+                "status": {"type": "string", "enum": ["accepted", "duplicate", "kept"]},
+                "job": {"type": "string", "description": "present with 200"},
+                "state": {**_enum(State), "description": "present with 200"},
+            },
+            required=["status"],
+        ),
+        "Status": _object({"status": {"type": "string"}}),
+        "Error": _object({"error": error_detail}),
     }
-    paths: dict[str, Any] = {
+
+
+def _callback(op_id: str, summary: str, params: list[Schema]) -> Schema:
+    headers = [
+        _param(
+            "Elements-Webhook-Signature",
+            "header",
+            {"type": "string"},
+            "`sha256=` (or legacy `sha1=`) and the base64 HMAC of the raw body",
+            required=True,
+        ),
+        _param(
+            "Elements-Webhook-Id",
+            "header",
+            {"type": "string"},
+            "delivery id for deduplication; the body's SHA-256 when absent",
+        ),
+    ]
+    return _op(
+        op_id,
+        summary,
+        {
+            "200": _json(_ref("CallbackAck"), "Applied (`accepted`) or a repeat (`duplicate`)"),
+            "202": _json(_ref("CallbackAck"), "Verified, job not known yet: `kept` (or repeat)"),
+            "400": _error("Verified but not a JSON object; kept", "malformed_callback"),
+            "401": _error("The signature is missing or does not hold", "bad_signature"),
+            "404": _error("The job vanished while the callback was applied (a race)", "not_found"),
+            "413": _error("The body is over BULKHOOK_MAX_CALLBACK_BYTES", "too_large"),
+        },
+        params=[*params, *headers],
+        body={"required": True, "content": {JSON: {"schema": {}}}},
+    )
+
+
+def _paths() -> dict[str, Schema]:
+    job_404 = _error("No such job", "job_not_found")
+    location = {"Location": "`/jobs/{id}`"}
+    upload = _object(
+        {
+            "file": {"type": "string", "format": "binary", "contentMediaType": "text/csv"},
+            "object": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^/]+$"},
+            "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
+            "path": {"type": "string", "description": "default `/<filename>`"},
+            "metadata": {
+                "type": "string",
+                "contentMediaType": JSON,
+                "contentSchema": {"type": "object"},
+                "description": "a JSON object, passed upstream as `metaData`",
+            },
+        },
+        required=["file", "object"],
+    )
+    list_params = [
+        _param("state", "query", _enum(State)),
+        _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
+        _param(
+            "cursor", "query", {"type": "string", "maxLength": 64}, "`next_cursor` of the last page"
+        ),
+    ]
+    job_action_409 = {
+        "cancel": _error("Not possible now", "job_terminal", "not_submitted"),
+        "refresh": _error("Not submitted upstream yet", "not_submitted"),
+    }
+    job_action_502 = {
+        "cancel": _error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+        "refresh": _error("The status poll failed", "upstream_unavailable"),
+    }
+    paths: dict[str, Schema] = {
         "/jobs": {
-            "post": _secured(
+            "post": _op(
+                "submitJob",
+                "Validate a CSV and submit it upstream as a bulk job",
                 {
-                    "summary": "Submit a CSV as a bulk job",
-                    "parameters": [
-                        {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"multipart/form-data": {"schema": upload}},
-                    },
-                    "responses": {
-                        "200": _json(_ref("Job"), "the job a repeated Idempotency-Key made"),
-                        "202": _json(_ref("Job"), "accepted by the upstream"),
-                        "400": _error(
-                            "a bad upload",
-                            "missing_file",
-                            "missing_object",
-                            "bad_object",
-                            "bad_hub",
-                            "bad_metadata",
-                            "bad_upload",
-                            "bad_field",
-                            "malformed_multipart",
-                            "empty_file",
-                            "binary_file",
-                            "not_utf8",
-                            "no_header",
-                            "no_rows",
-                            "bad_idempotency_key",
-                        ),
-                        "413": _error("the upload is over the limit", "upload_too_large"),
-                        "415": _error("not multipart/form-data", "unsupported_media_type"),
-                        "502": upstream_502,
-                    },
-                }
+                    "200": _json(
+                        _ref("Job"),
+                        "The job an earlier request with this Idempotency-Key made",
+                        **location,
+                        **{"Idempotent-Replayed": "`true`"},
+                    ),
+                    "202": _json(_ref("Job"), "Accepted by the upstream", **location),
+                    "400": _error("A bad upload", *_MULTIPART_CODES, *_FIELD_CODES, *_CSV_CODES),
+                    "413": _error("Over BULKHOOK_MAX_UPLOAD_BYTES", "upload_too_large"),
+                    "415": _error("Not multipart/form-data", "unsupported_media_type"),
+                    "502": _error(
+                        "The upstream refused or did not answer; `job` holds the job "
+                        "(SUBMIT_FAILED, or still SUBMITTING when the outcome is unknown)",
+                        "upstream_refused",
+                        "upstream_unavailable",
+                        "upstream_outcome_unknown",
+                    ),
+                },
+                params=[
+                    _param(
+                        "Idempotency-Key",
+                        "header",
+                        {"type": "string", "minLength": 1, "maxLength": 200},
+                        "the same key returns the same job, with no second upload",
+                    )
+                ],
+                body={"required": True, "content": {"multipart/form-data": {"schema": upload}}},
+                secured=True,
             ),
-            "get": _secured(
+            "get": _op(
+                "listJobs",
+                "List jobs, newest first (without timelines)",
                 {
-                    "summary": "List jobs, newest first",
-                    "parameters": [
-                        {
-                            "name": "state",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": [str(s) for s in State]},
-                        },
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 500},
-                        },
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {
-                        "200": _json(_ref("JobList"), "a page of jobs"),
-                        "400": _error("a bad query", "bad_state", "bad_limit", "bad_cursor"),
-                    },
-                }
+                    "200": _json(_ref("JobList"), "A page of jobs"),
+                    "400": _error("A bad query", "bad_state", "bad_limit", "bad_cursor"),
+                },
+                params=list_params,
+                secured=True,
             ),
         },
         "/jobs/{job_id}": {
-            "get": _secured(
-                {
-                    "summary": "One job with its timeline",
-                    "parameters": [_job_id()],
-                    "responses": {"200": _json(_ref("Job"), "the job"), "404": job_404},
-                }
+            "get": _op(
+                "getJob",
+                "One job with its timeline",
+                {"200": _json(_ref("Job"), "The job"), "404": job_404},
+                params=[_job_id()],
+                secured=True,
             )
         },
         "/jobs/{job_id}/errors": {
-            "get": _secured(
+            "get": _op(
+                "getJobErrors",
+                "The job's failed records, from every page of the upstream errors endpoint",
                 {
-                    "summary": "The job's failed records, from every upstream page",
-                    "parameters": [_job_id()],
-                    "responses": {
-                        "200": _json(_ref("FailedRecords"), "the failed records"),
-                        "404": job_404,
-                        "409": _error("not submitted yet", "not_submitted"),
-                        "502": upstream_502,
-                    },
-                }
-            )
-        },
-        "/objects": {
-            "get": _secured(
-                {
-                    "summary": "The hub's objects, from the upstream",
-                    "parameters": [{"name": "hub", "in": "query", "schema": {"type": "string"}}],
-                    "responses": {
-                        "200": _json(_ref("Objects"), "object names"),
-                        "400": _error("a bad hub name", "bad_hub"),
-                        "404": _error("the upstream has no such hub", "hub_not_found"),
-                        "502": upstream_502,
-                    },
-                }
-            )
-        },
-        "/callbacks/jobs/{job_id}": {"post": _callback("The per-job callback URL", True)},
-        "/callbacks": {"post": _callback("The instance-wide callback URL", False)},
-        "/healthz": {
-            "get": {"summary": "Liveness", "responses": {"200": _json(_ref("Status"), "alive")}}
-        },
-        "/readyz": {
-            "get": {
-                "summary": "Readiness: the store answers",
-                "responses": {
-                    "200": _json(_ref("Status"), "ready"),
-                    "503": _error("the store is unreachable", "store_unavailable"),
+                    "200": _json(_ref("FailedRecords"), "The failed records"),
+                    "404": job_404,
+                    "409": _error("Not submitted upstream yet", "not_submitted"),
+                    "502": _error("The upstream failed", "upstream_unavailable"),
                 },
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {
-                    "200": {
-                        "description": "Prometheus text format",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    }
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "responses": {"200": _json({"type": "object"}, "the OpenAPI document")},
-            }
+                params=[_job_id()],
+                secured=True,
+            )
         },
     }
     for action, summary in (("cancel", "Cancel upstream"), ("refresh", "Poll the status now")):
         paths[f"/jobs/{{job_id}}/{action}"] = {
-            "post": _secured(
+            "post": _op(
+                f"{action}Job",
+                summary,
                 {
-                    "summary": summary,
-                    "parameters": [_job_id()],
-                    "responses": {
-                        "200": _json(_ref("Job"), "the job afterwards"),
-                        "404": job_404,
-                        "409": _error("not possible now", "job_terminal", "not_submitted"),
-                        "502": upstream_502,
-                    },
-                }
+                    "200": _json(_ref("Job"), "The job afterwards"),
+                    "404": job_404,
+                    "409": job_action_409[action],
+                    "502": job_action_502[action],
+                },
+                params=[_job_id()],
+                secured=True,
             )
         }
+    paths["/objects"] = {
+        "get": _op(
+            "listObjects",
+            "The hub's objects, proxied from the upstream",
+            {
+                "200": _json(_ref("Objects"), "Object names"),
+                "400": _error("A bad hub name", "bad_hub"),
+                "404": _error("The upstream knows no such hub", "hub_not_found"),
+                "502": _error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+            },
+            params=[_param("hub", "query", {"type": "string", "maxLength": 200}, "default OC_HUB")],
+            secured=True,
+        )
+    }
+    paths["/callbacks/jobs/{job_id}"] = {
+        "post": _callback("jobCallback", "The per-job callback URL given upstream", [_job_id()])
+    }
+    paths["/callbacks"] = {
+        "post": _callback("instanceCallback", "The instance-wide callback URL", [])
+    }
+    paths["/healthz"] = {"get": _op("healthz", "Liveness", {"200": _json(_ref("Status"), "ok")})}
+    paths["/readyz"] = {
+        "get": _op(
+            "readyz",
+            "Readiness: the store answers",
+            {
+                "200": _json(_ref("Status"), "ready"),
+                "503": _error("The store is unreachable", "store_unavailable"),
+            },
+        )
+    }
+    paths["/metrics"] = {
+        "get": _op(
+            "metrics",
+            "Prometheus metrics",
+            {
+                "200": {
+                    "description": "Prometheus text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        )
+    }
+    paths["/openapi.json"] = {
+        "get": _op("openapi", "This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")})
+    }
+    return paths
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The whole document; a new dict on every call, safe to mutate."""
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "bulkhook",
             "version": __version__,
             "description": "Submit SAP Open Connectors bulk jobs, receive their verified "
-            "callbacks, and follow every job to a terminal state.",
+            "callbacks, and follow every job to a terminal state. Every error is "
+            '`{"error": {"code", "message", ...}}`; `code` is stable. The job and object '
+            "routes need a bearer token when BULKHOOK_API_TOKENS is set.",
         },
-        "paths": paths,
+        "paths": _paths(),
         "components": {
             "schemas": _schemas(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

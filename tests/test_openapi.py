@@ -1,59 +1,156 @@
-"""/openapi.json: a valid OpenAPI 3.1 document that describes every route served."""
+"""The API description: valid OpenAPI 3.1, complete, and served at /openapi.json."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
 from starlette.routing import Mount, Route
 
+from service import __version__, signatures
 from service.app import create_app
 from service.config import Settings
+from service.jobs import State
 from service.openapi import openapi_spec
 
-from .conftest import RunningService
+from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
+
+_METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
+_PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/callbacks"}
 
 
-def test_the_document_is_valid_openapi() -> None:
-    validate(openapi_spec())
+def _operations(spec: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (path, method.upper())
+        for path, item in spec["paths"].items()
+        for method in item
+        if method in _METHODS
+    }
 
 
-def test_every_route_served_is_described(tmp_path: Path) -> None:
+def test_the_document_is_valid_openapi_3_1() -> None:
+    spec = openapi_spec()
+    validate(spec)
+    assert spec["openapi"].startswith("3.1")
+    assert spec["info"]["title"] == "bulkhook"
+    assert spec["info"]["version"] == __version__
+
+
+def test_every_route_the_app_serves_is_described(tmp_path: Path) -> None:
     app = create_app(Settings(database_url=f"sqlite:///{tmp_path}/x.db"))
-    served = set()
+    served: set[tuple[str, str]] = set()
     for route in app.routes:
         if isinstance(route, Mount):
-            assert route.path == "/sandbox"  # the embedded upstream, not our API
+            assert route.path == "/sandbox", f"unexpected mount {route.path}"
             continue
         assert isinstance(route, Route)
-        for method in route.methods or ():
-            if method != "HEAD":
-                served.add((route.path, method.lower()))
-    described = {
-        (path, method) for path, item in openapi_spec()["paths"].items() for method in item
-    }
-    assert served == described
+        served |= {(route.path, method) for method in route.methods or () if method != "HEAD"}
+    assert served
+    assert _operations(openapi_spec()) == served
 
 
-def test_secured_routes_are_exactly_the_job_and_object_routes() -> None:
-    secured = {
-        path
-        for path, item in openapi_spec()["paths"].items()
-        for operation in item.values()
-        if operation.get("security")
-    }
-    assert secured == {
-        "/jobs",
-        "/jobs/{job_id}",
-        "/jobs/{job_id}/errors",
-        "/jobs/{job_id}/cancel",
-        "/jobs/{job_id}/refresh",
-        "/objects",
-    }
+def test_security_covers_the_job_and_object_routes_only() -> None:
+    spec = openapi_spec()
+    assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            public = path in _PUBLIC or path.startswith("/callbacks/")
+            assert ("security" in operation) is not public, (method, path)
+            assert ("401" in operation["responses"]) is (not public or "callbacks" in path)
 
 
-def test_it_is_served(start_service) -> None:  # type: ignore[no-untyped-def]
-    service: RunningService = start_service(None)
+def test_every_response_is_described_and_every_ref_resolves() -> None:
+    spec = openapi_spec()
+    schemas = spec["components"]["schemas"]
+    refs: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.append(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec)
+    assert refs
+    for ref in refs:
+        assert ref.removeprefix("#/components/schemas/") in schemas, ref
+    for path, item in spec["paths"].items():
+        for operation in item.values():
+            for status, response in operation["responses"].items():
+                assert response["description"], (path, status)
+                if status.startswith(("4", "5")):
+                    assert response["content"]["application/json"]["schema"] == {
+                        "$ref": "#/components/schemas/Error"
+                    }
+                    assert "Error codes: `" in response["description"], (path, status)
+    job_list = spec["paths"]["/jobs"]["get"]["parameters"]
+    state = next(param for param in job_list if param["name"] == "state")
+    assert state["schema"]["enum"] == [str(s) for s in State]
+
+
+def test_the_document_is_built_fresh_on_every_call() -> None:
+    first = openapi_spec()
+    first["paths"].clear()
+    first["components"]["schemas"]["Job"]["properties"].clear()
+    second = openapi_spec()
+    assert second["paths"]
+    assert second["components"]["schemas"]["Job"]["properties"]
+    assert second == openapi_spec()
+
+
+def test_the_service_serves_the_document(start_service: Callable[..., RunningService]) -> None:
+    service = start_service(None)
     response = service.http.get("/openapi.json")
     assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
     assert response.json() == openapi_spec()
+
+
+def _conforms(spec: dict[str, Any], name: str, body: Any) -> None:
+    """``body`` is valid against ``components.schemas[name]`` (refs resolve in ``spec``)."""
+    schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    Draft202012Validator(schema, format_checker=FormatChecker()).validate(body)
+
+
+def test_real_answers_match_the_schemas(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    spec = openapi_spec()
+    service = start_service(start_sandbox())
+    submitted = service.submit(contacts_csv)
+    assert submitted.status_code == 202, submitted.text
+    _conforms(spec, "Job", submitted.json())
+    job_id = submitted.json()["id"]
+    done = service.wait_for(job_id, {"COMPLETED"})
+    _conforms(spec, "Job", done)
+    assert done["succeeded"] is True
+    listed = service.http.get("/jobs", params={"limit": 1}).json()
+    _conforms(spec, "JobList", listed)
+    assert listed["next_cursor"] == job_id
+    _conforms(spec, "FailedRecords", service.http.get(f"/jobs/{job_id}/errors").json())
+    _conforms(spec, "Objects", service.http.get("/objects").json())
+    terminal = service.http.post(f"/jobs/{job_id}/cancel")
+    assert terminal.status_code == 409
+    _conforms(spec, "Error", terminal.json())
+    unsigned = service.http.post(f"/callbacks/jobs/{job_id}", json={"status": "COMPLETED"})
+    assert unsigned.status_code == 401
+    _conforms(spec, "Error", unsigned.json())
+    for path, status in ((f"/callbacks/jobs/{job_id}", 200), ("/callbacks", 202)):
+        body = b'{"id": "no-such-upstream-job", "status": "COMPLETED"}'
+        headers = {
+            "Elements-Webhook-Signature": signatures.sign(SIGNATURE_KEY, body),
+            "Elements-Webhook-Id": f"openapi-{status}",
+        }
+        ack = service.http.post(path, content=body, headers=headers)
+        assert ack.status_code == status, ack.text
+        assert ack.json()["status"] == ("accepted" if status == 200 else "kept")
+        _conforms(spec, "CallbackAck", ack.json())
