@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from .errors import ApiError
+from .errors import ApiError, upstream_failure
 from .jobs import Job, State
 from .store import StoreError
 from .tracker import SubmitRequest
@@ -154,12 +154,7 @@ async def job_errors(request: Request) -> Response:
     try:
         errors = await state.upstream.errors(job.hub, job.upstream_id)
     except UpstreamError as exc:
-        raise ApiError(
-            f"the upstream could not list the failed records: {exc.message}",
-            code="upstream_unavailable",
-            status=502,
-            upstream_status=exc.status,
-        ) from exc
+        raise upstream_failure("the upstream could not list the failed records", exc) from exc
     return JSONResponse({"job": job.id, "count": len(errors), "errors": errors})
 
 
@@ -190,12 +185,7 @@ async def objects(request: Request) -> Response:
                 code="hub_not_found",
                 status=404,
             ) from exc
-        raise ApiError(
-            f"the upstream could not list objects: {exc.message}",
-            code="upstream_unavailable" if exc.status is None else "upstream_refused",
-            status=502,
-            upstream_status=exc.status,
-        ) from exc
+        raise upstream_failure("the upstream could not list objects", exc) from exc
     return JSONResponse({"hub": hub, "objects": names})
 
 

@@ -7,11 +7,14 @@ stable: clients may branch on them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
-__all__ = ["ApiError", "error_body", "error_response"]
+if TYPE_CHECKING:
+    from .upstream import UpstreamError
+
+__all__ = ["ApiError", "error_body", "error_response", "upstream_failure"]
 
 
 class ApiError(Exception):
@@ -52,3 +55,16 @@ def error_response(
     **extra: Any,
 ) -> JSONResponse:
     return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
+
+
+def upstream_failure(what: str, exc: UpstreamError, **extra: Any) -> ApiError:
+    """A 502 for an upstream failure: ``upstream_refused`` when it answered with an
+    error, ``upstream_unavailable`` when no answer came."""
+    return ApiError(
+        f"{what}: {exc.message}",
+        code="upstream_unavailable" if exc.status is None else "upstream_refused",
+        status=502,
+        upstream_status=exc.status,
+        upstream_request_id=exc.request_id,
+        **extra,
+    )

@@ -227,7 +227,7 @@ def _paths() -> dict[str, Schema]:
     }
     job_action_502 = {
         "cancel": _error("The upstream failed", "upstream_refused", "upstream_unavailable"),
-        "refresh": _error("The status poll failed", "upstream_unavailable"),
+        "refresh": _error("The status poll failed", "upstream_refused", "upstream_unavailable"),
     }
     paths: dict[str, Schema] = {
         "/jobs": {
@@ -292,7 +292,9 @@ def _paths() -> dict[str, Schema]:
                     "200": _json(_ref("FailedRecords"), "The failed records"),
                     "404": job_404,
                     "409": _error("Not submitted upstream yet", "not_submitted"),
-                    "502": _error("The upstream failed", "upstream_unavailable"),
+                    "502": _error(
+                        "The upstream failed", "upstream_refused", "upstream_unavailable"
+                    ),
                 },
                 params=[_job_id()],
                 secured=True,

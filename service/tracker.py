@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings
-from .errors import ApiError
+from .errors import ApiError, upstream_failure
 from .jobs import Job, Observation, Source, State, new_job_id
 from .store import Store
 from .upstream import UpstreamClient, UpstreamError, UpstreamUnavailable
@@ -179,14 +179,7 @@ class Tracker:
             Observation(Source.SUBMIT, state=State.SUBMIT_FAILED, detail=str(exc)),
         )
         assert applied is not None
-        raise ApiError(
-            f"the upstream refused the job: {exc.message}",
-            code="upstream_refused" if exc.status is not None else "upstream_unavailable",
-            status=502,
-            upstream_status=exc.status,
-            upstream_request_id=exc.request_id,
-            job=applied.job.to_json(),
-        )
+        raise upstream_failure("the upstream refused the job", exc, job=applied.job.to_json())
 
     async def apply_kept(self, job: Job) -> None:
         """Apply callbacks that arrived before the job was known (they raced the submit)."""
@@ -230,7 +223,7 @@ class Tracker:
         except UpstreamError as exc:
             await self._poll_failed(job, exc, now)
             if manual:
-                raise ApiError(str(exc), code="upstream_unavailable", status=502) from exc
+                raise upstream_failure("the status poll failed", exc) from exc
             return await self._reload(job)
         observation = Observation(
             Source.POLL,
@@ -305,12 +298,7 @@ class Tracker:
         try:
             answer = await self.upstream.cancel(job.hub, job.upstream_id)
         except UpstreamError as exc:
-            raise ApiError(
-                f"the upstream refused to cancel: {exc.message}",
-                code="upstream_refused" if exc.status is not None else "upstream_unavailable",
-                status=502,
-                upstream_status=exc.status,
-            ) from exc
+            raise upstream_failure("the upstream refused to cancel", exc) from exc
         now = time.time()
         applied = await self.store.apply(
             job.id,

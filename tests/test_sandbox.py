@@ -243,7 +243,11 @@ def test_redelivery_until_a_2xx(
     deliveries = receiver.wait_for(3)
     assert len(deliveries) == 3
     assert len({d.headers["elements-webhook-id"] for d in deliveries}) == 1
+    deadline = time.monotonic() + 5
+    while sandbox.sandbox.callbacks["delivered"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the sandbox counts once the 200 has come back
     assert sandbox.sandbox.callbacks["delivered"] == 1
+    assert sandbox.sandbox.callbacks["failed"] == 2
 
 
 def test_the_instance_wide_callback_url(
