@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -173,6 +176,18 @@ class RunningService:
     def state(self) -> Any:
         return self.server.app.state.bulkhook
 
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run SQL straight on the service's database, whichever kind it is."""
+        if self.settings.sqlite_path is not None:
+            with sqlite3.connect(self.settings.sqlite_path) as conn:
+                return conn.execute(sql).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            cursor = conn.execute(sql)  # type: ignore[arg-type]
+            rows = cursor.fetchall() if cursor.description else []
+        return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
+
     def submit(self, file: Path, *, headers: dict[str, str] | None = None, **fields: str) -> Any:
         fields.setdefault("object", "contact")
         with file.open("rb") as handle:
@@ -194,8 +209,51 @@ class RunningService:
         raise AssertionError(f"job {job_id} stayed {job.get('state')}: {job}")
 
 
+POSTGRES_URL = os.environ.get(
+    "BULKHOOK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_base() -> str | None:
+    """The PostgreSQL to test against; CI insists on it, elsewhere it may be absent."""
+    import psycopg
+
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI but {POSTGRES_URL} failed: {exc}")
+        return None
+    return POSTGRES_URL
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    joiner = "&" if "?" in url else "?"
+    return f"{url}{joiner}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'bulkhook.db'}"
+        return
+    base = request.getfixturevalue("postgres_base")
+    if base is None:
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL} (BULKHOOK_TEST_POSTGRES_URL)")
+    import psycopg
+
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]
+    yield _with_search_path(base, schema)
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")  # type: ignore[arg-type]
+
+
 @pytest.fixture
-def start_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
+def start_service(store_url: str) -> Iterator[Callable[..., RunningService]]:
     """Start the service against ``upstream`` (a RunningSandbox) or in embedded mode."""
     import httpx
 
@@ -207,7 +265,6 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
     def start(
         upstream: RunningSandbox | None = None,
         *,
-        database: Path | None = None,
         sandbox_options: Any = None,
         upstream_retry: Any = None,
         **overrides: Any,
@@ -220,7 +277,7 @@ def start_service(tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
             "oc_element_token": "element-token",
             "signature_keys": (SIGNATURE_KEY,),
             "public_url": server.url,
-            "database_url": f"sqlite:///{database or tmp_path / 'bulkhook.db'}",
+            "database_url": store_url,
             "callback_grace": 5.0,
             "poll_interval": 0.3,
             "poll_max_interval": 1.0,

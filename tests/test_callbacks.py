@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,9 +111,7 @@ def test_malformed_json_with_a_valid_signature_is_400_and_kept(running: Any) -> 
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "malformed_callback"
-    database = service.settings.sqlite_path
-    with sqlite3.connect(database) as conn:
-        kept = conn.execute("SELECT reason, body FROM kept_callbacks").fetchall()
+    kept = service.query("SELECT reason, body FROM kept_callbacks")
     assert kept == [("malformed", body)]
     assert snapshot(service, job["id"])["state"] == job["state"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,8 @@ def target(
 
 def observed(service: RunningService, job_id: str) -> tuple[Any, ...]:
     job = service.http.get(f"/jobs/{job_id}").json()
-    with sqlite3.connect(service.settings.sqlite_path) as conn:
-        deliveries = conn.execute("SELECT * FROM deliveries").fetchall()
-        kept = conn.execute("SELECT * FROM kept_callbacks").fetchall()
+    deliveries = service.query("SELECT * FROM deliveries ORDER BY webhook_id")
+    kept = service.query("SELECT * FROM kept_callbacks ORDER BY id")
     return job, deliveries, kept
 
 

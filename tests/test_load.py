@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,8 +56,7 @@ def test_a_thousand_concurrent_callbacks(
     outcomes = asyncio.run(storm(service.url, jobs))
     errors = [o for o in outcomes if o != 200]
     assert errors == [], f"{len(errors)} failed: {sorted(set(map(str, errors)))}"
-    with sqlite3.connect(service.settings.sqlite_path) as conn:
-        stored = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
-        events = conn.execute("SELECT COUNT(*) FROM events WHERE source = 'callback'").fetchone()[0]
+    [(stored,)] = service.query("SELECT COUNT(*) FROM deliveries")
+    [(events,)] = service.query("SELECT COUNT(*) FROM events WHERE source = 'callback'")
     assert stored == CONNECTIONS
     assert events == CONNECTIONS

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.jobs import Job, Observation, Source, State, new_job_id
-from service.store import Delivery, Store, open_store
+from service.store import Delivery, Store, StoreError, open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -35,13 +35,9 @@ def make_job(**changes: object) -> Job:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "bulkhook.db"
-
-
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[Store]:
-    opened = open_store(f"sqlite:///{db_path}")
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """The same tests run on SQLite and on PostgreSQL (see store_url in conftest)."""
+    opened = open_store(store_url)
     await opened.open()
     yield opened
     await opened.close()
@@ -137,26 +133,38 @@ async def test_concurrent_deliveries_are_each_applied_once(store: Store) -> None
         assert fetched is not None and len(fetched.events) == 11
 
 
-async def test_state_survives_reopening_the_file(db_path: Path) -> None:
-    first = open_store(f"sqlite:///{db_path}")
+async def test_state_survives_reopening_the_store(store_url: str) -> None:
+    first = open_store(store_url)
     await first.open()
     job, _ = await first.create_job(make_job())
     await first.apply(job.id, Observation(Source.CALLBACK, status="COMPLETED"))
     await first.close()
-    second = open_store(f"sqlite:///{db_path}")
+    second = open_store(store_url)
     await second.open()  # migrations run again and change nothing
     try:
         fetched = await second.get_job(job.id)
         assert fetched is not None and fetched.state == State.COMPLETED
+        assert len(await second.list_jobs()) == 1
     finally:
         await second.close()
-    versions = sqlite3.connect(db_path).execute("SELECT version FROM schema_migrations").fetchall()
-    assert versions == [(1,)]
 
 
-async def test_the_file_is_in_wal_mode(store: Store, db_path: Path) -> None:
-    mode = sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
+async def test_sqlite_is_in_wal_mode_with_one_migration(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "bulkhook.db"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+
+
+async def test_an_unreachable_store_is_a_store_error() -> None:
+    from service.store.postgres import PostgresStore
+
+    store = PostgresStore("postgresql://nobody@127.0.0.1:1/none", open_timeout=1)
+    with pytest.raises(StoreError, match="cannot open the PostgreSQL store"):
+        await store.open()
 
 
 async def test_kept_callbacks_wait_for_their_job(store: Store) -> None:

@@ -142,19 +142,15 @@ def test_failed_records_are_counted_and_listed_across_pages(
 
 
 def test_a_restart_resumes_polling_of_jobs_in_flight(
-    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path, tmp_path: Path
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
 ) -> None:
     upstream = start_sandbox(drop_callbacks=1.0, job_seconds=0.5)
-    database = tmp_path / "shared.db"
-    first = start_service(upstream, database=database, callback_grace=60)
+    first = start_service(upstream, callback_grace=60)
     ids = [first.submit(contacts_csv).json()["id"] for _ in range(3)]
     first.server.stop()
     # Due times are in the store: make them due now, as if the grace had passed.
-    import sqlite3
-
-    with sqlite3.connect(database) as conn:
-        conn.execute("UPDATE jobs SET next_poll_at = ?", (time.time(),))
-    second = start_service(upstream, database=database, callback_grace=60)
+    first.query(f"UPDATE jobs SET next_poll_at = {time.time()}")
+    second = start_service(upstream, callback_grace=60)  # the same database
     for job_id in ids:
         final = second.wait_for(job_id, DONE)
         assert (final["state"], final["last_source"]) == ("COMPLETED", "poll")

@@ -11,4 +11,8 @@ def open_store(database_url: str) -> Store:
         from .sqlite import SQLiteStore
 
         return SQLiteStore(database_url.removeprefix("sqlite:///"))
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(database_url)
     raise StoreError(f"unsupported database URL scheme: {database_url.split(':', 1)[0]}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
 
-from ..jobs import TERMINAL, Event, Job, Observation, Source, State, decide
+from ..jobs import Event, Job, Observation, State
 from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
+from .plan import plan_apply
 from .writer import SQLiteThreads, connect
 
 __all__ = ["SQLiteStore"]
@@ -110,21 +110,6 @@ def _add_event(
         "INSERT INTO events (job_id, at, source, state, detail) VALUES (?, ?, ?, ?, ?)",
         (job_id, at, source, state, detail),
     )
-
-
-def _describe(observation: Observation) -> str:
-    parts = []
-    if observation.raw_status or observation.status:
-        parts.append(f"upstream says {observation.raw_status or observation.status}")
-    if observation.records_count is not None:
-        failed = observation.records_failed_count
-        parts.append(
-            f"{observation.records_count} records"
-            + (f", {failed} failed" if failed is not None else "")
-        )
-    if observation.detail:
-        parts.append(observation.detail)
-    return "; ".join(parts)
 
 
 class SQLiteStore(Store):
@@ -243,50 +228,16 @@ class SQLiteStore(Store):
                 ).rowcount
                 if not inserted:
                     return Applied(job, None, duplicate=True)
-            decision = decide(job.state, observation)
-            changes: dict[str, Any] = {"updated_at": observation.at}
-            if decision.changed:
-                changes["state"] = str(decision.state)
-            if decision.accepted or decision.changed:
-                changes["last_source"] = str(observation.source)
-                if observation.raw_status or observation.status:
-                    changes["upstream_status"] = observation.raw_status or observation.status
-                if observation.records_count is not None:
-                    changes["records_count"] = observation.records_count
-                if observation.records_failed_count is not None:
-                    changes["records_failed_count"] = observation.records_failed_count
-            if upstream_id is not None and job.upstream_id is None:
-                changes["upstream_id"] = upstream_id
-            if observation.source == Source.POLL:
-                changes["poll_count"] = job.poll_count + 1
-                changes["not_found_count"] = 0
-            elif observation.source == Source.CALLBACK:
-                changes["poll_count"] = 0
-            if decision.state in TERMINAL:
-                changes["next_poll_at"] = None
-            elif not isinstance(next_poll_at, _Keep):
-                changes["next_poll_at"] = next_poll_at
-            if "next_poll_at" in changes or observation.source == Source.POLL:
-                changes["lease_owner"] = None
-                changes["lease_until"] = None
-            assignments = ", ".join(f"{name} = ?" for name in changes)
+            plan = plan_apply(job, observation, upstream_id=upstream_id, next_poll_at=next_poll_at)
+            assignments = ", ".join(f"{name} = ?" for name in plan.changes)
             updated = conn.execute(
                 f"UPDATE jobs SET {assignments}, version = version + 1 "
                 "WHERE id = ? AND version = ?",
-                (*changes.values(), job_id, job.version),
+                (*plan.changes.values(), job_id, job.version),
             ).rowcount
             if not updated:
                 raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
-            detail = _describe(observation)
-            note = decision.note if not decision.changed else ""
-            _add_event(
-                conn,
-                job_id,
-                observation.at,
-                str(observation.source),
-                str(decision.state),
-                "; ".join(part for part in (detail, note) if part),
-            )
+            _add_event(conn, job_id, observation.at, *plan.event)
             if kept_id is not None:
                 conn.execute(
                     "UPDATE kept_callbacks SET applied_at = ? WHERE id = ?",
@@ -294,7 +245,7 @@ class SQLiteStore(Store):
                 )
             fresh = _job(conn, job_id)
             assert fresh is not None
-            return Applied(fresh, decision)
+            return Applied(fresh, plan.decision)
 
         return await self._threads.write(op)
 

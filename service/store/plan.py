@@ -1,0 +1,73 @@
+"""What applying an observation changes in a job row: pure, shared by every store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..jobs import TERMINAL, Decision, Job, Observation, Source, decide
+from .base import _Keep
+
+__all__ = ["Plan", "plan_apply"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    decision: Decision
+    # Column -> new value; the store adds ``version = version + 1`` and the CAS guard.
+    changes: dict[str, Any]
+    # The timeline entry: (source, state, detail).
+    event: tuple[str, str, str]
+
+
+def _describe(observation: Observation) -> str:
+    parts = []
+    if observation.raw_status or observation.status:
+        parts.append(f"upstream says {observation.raw_status or observation.status}")
+    if observation.records_count is not None:
+        failed = observation.records_failed_count
+        parts.append(
+            f"{observation.records_count} records"
+            + (f", {failed} failed" if failed is not None else "")
+        )
+    if observation.detail:
+        parts.append(observation.detail)
+    return "; ".join(parts)
+
+
+def plan_apply(
+    job: Job,
+    observation: Observation,
+    *,
+    upstream_id: str | None,
+    next_poll_at: float | _Keep | None,
+) -> Plan:
+    decision = decide(job.state, observation)
+    changes: dict[str, Any] = {"updated_at": observation.at}
+    if decision.changed:
+        changes["state"] = str(decision.state)
+    if decision.accepted or decision.changed:
+        changes["last_source"] = str(observation.source)
+        if observation.raw_status or observation.status:
+            changes["upstream_status"] = observation.raw_status or observation.status
+        if observation.records_count is not None:
+            changes["records_count"] = observation.records_count
+        if observation.records_failed_count is not None:
+            changes["records_failed_count"] = observation.records_failed_count
+    if upstream_id is not None and job.upstream_id is None:
+        changes["upstream_id"] = upstream_id
+    if observation.source == Source.POLL:
+        changes["poll_count"] = job.poll_count + 1
+        changes["not_found_count"] = 0
+    elif observation.source == Source.CALLBACK:
+        changes["poll_count"] = 0
+    if decision.state in TERMINAL:
+        changes["next_poll_at"] = None
+    elif not isinstance(next_poll_at, _Keep):
+        changes["next_poll_at"] = next_poll_at
+    if "next_poll_at" in changes or observation.source == Source.POLL:
+        changes["lease_owner"] = None
+        changes["lease_until"] = None
+    note = decision.note if not decision.changed else ""
+    detail = "; ".join(part for part in (_describe(observation), note) if part)
+    return Plan(decision, changes, (str(observation.source), str(decision.state), detail))

@@ -1,0 +1,376 @@
+"""The shared store for several replicas: PostgreSQL through psycopg 3 and a pool.
+
+Delivery dedupe is a primary key, state changes are compare-and-set on a version
+column inside a transaction that holds the row, and due jobs are claimed with
+``FOR UPDATE SKIP LOCKED`` leases that expire, so a dead replica's jobs are taken over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from ..jobs import Event, Job, Observation, State
+from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
+from .plan import plan_apply
+
+__all__ = ["PostgresStore"]
+
+_TERMINAL_SQL = "('SUBMIT_FAILED', 'COMPLETED', 'ERROR', 'ABORTED', 'CANCELLED', 'TIMED_OUT')"
+# Any constant serialises concurrent migrations of replicas starting together.
+_MIGRATION_LOCK = 0x62756C6B
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        upstream_id TEXT,
+        hub TEXT NOT NULL,
+        object TEXT NOT NULL,
+        path TEXT NOT NULL,
+        filename TEXT,
+        rows BIGINT,
+        state TEXT NOT NULL,
+        upstream_status TEXT,
+        records_count BIGINT,
+        records_failed_count BIGINT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        last_source TEXT NOT NULL,
+        version BIGINT NOT NULL DEFAULT 0,
+        idempotency_key TEXT UNIQUE,
+        next_poll_at DOUBLE PRECISION,
+        poll_count INTEGER NOT NULL DEFAULT 0,
+        not_found_count INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until DOUBLE PRECISION
+    );
+    CREATE INDEX jobs_state_id ON jobs (state, id);
+    CREATE INDEX jobs_due ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL;
+    CREATE INDEX jobs_upstream_id ON jobs (upstream_id) WHERE upstream_id IS NOT NULL;
+    CREATE TABLE events (
+        seq BIGSERIAL PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at DOUBLE PRECISION NOT NULL,
+        source TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id, seq);
+    CREATE TABLE deliveries (
+        webhook_id TEXT PRIMARY KEY,
+        job_id TEXT,
+        received_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE kept_callbacks (
+        id BIGSERIAL PRIMARY KEY,
+        webhook_id TEXT NOT NULL,
+        job_ref TEXT,
+        received_at DOUBLE PRECISION NOT NULL,
+        reason TEXT NOT NULL,
+        body BYTEA NOT NULL,
+        applied_at DOUBLE PRECISION
+    );
+    CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
+    """,
+)
+
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+
+async def _events(conn: Conn, job_id: str) -> tuple[Event, ...]:
+    cursor = await conn.execute(
+        "SELECT at, source, state, detail FROM events WHERE job_id = %s ORDER BY seq", (job_id,)
+    )
+    return tuple(Event(**row) for row in await cursor.fetchall())
+
+
+async def _job(
+    conn: Conn, job_id: str, *, with_events: bool = True, lock: bool = False
+) -> Job | None:
+    sql = "SELECT * FROM jobs WHERE id = %s" + (" FOR UPDATE" if lock else "")
+    row = await (await conn.execute(sql, (job_id,))).fetchone()
+    if row is None:
+        return None
+    return Job.from_row(row, await _events(conn, job_id) if with_events else ())
+
+
+async def _add_event(
+    conn: Conn, job_id: str, at: float, source: str, state: str, detail: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO events (job_id, at, source, state, detail) VALUES (%s, %s, %s, %s, %s)",
+        (job_id, at, source, state, detail),
+    )
+
+
+class PostgresStore(Store):
+    def __init__(
+        self, url: str, *, min_size: int = 2, max_size: int = 20, open_timeout: float = 15.0
+    ) -> None:
+        self.url = url
+        self._open_timeout = open_timeout
+        self._pool = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"row_factory": dict_row, "autocommit": True},
+        )
+
+    async def open(self) -> None:
+        try:
+            await self._pool.open(wait=True, timeout=self._open_timeout)
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, at DOUBLE PRECISION)"
+                )
+                cursor = await conn.execute("SELECT version FROM schema_migrations")
+                done = {row["version"] for row in await cursor.fetchall()}
+                for version, script in enumerate(MIGRATIONS, start=1):
+                    if version not in done:
+                        await conn.execute(script)  # type: ignore[arg-type]
+                        await conn.execute(
+                            "INSERT INTO schema_migrations VALUES (%s, extract(epoch from now()))",
+                            (version,),
+                        )
+        except (psycopg.Error, TimeoutError) as exc:
+            await self._pool.close()
+            raise StoreError(f"cannot open the PostgreSQL store: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        try:
+            async with self._pool.connection(timeout=5) as conn:
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def create_job(
+        self, job: Job, *, idempotency_key: str | None = None, detail: str = ""
+    ) -> tuple[Job, bool]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                """INSERT INTO jobs (id, hub, object, path, filename, rows, state, created_at,
+                       updated_at, last_source, idempotency_key, next_poll_at)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (idempotency_key) DO NOTHING RETURNING id""",
+                (
+                    job.id,
+                    job.hub,
+                    job.object,
+                    job.path,
+                    job.filename,
+                    job.rows,
+                    str(job.state),
+                    job.created_at,
+                    job.updated_at,
+                    job.last_source,
+                    idempotency_key,
+                    job.next_poll_at,
+                ),
+            )
+            if await cursor.fetchone() is None:
+                row = await (
+                    await conn.execute(
+                        "SELECT id FROM jobs WHERE idempotency_key = %s", (idempotency_key,)
+                    )
+                ).fetchone()
+                assert row is not None
+                existing = await _job(conn, row["id"])
+                assert existing is not None
+                return existing, False
+            await _add_event(conn, job.id, job.created_at, job.last_source, str(job.state), detail)
+            created = await _job(conn, job.id)
+            assert created is not None
+            return created, True
+
+    async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None:
+        async with self._pool.connection() as conn:
+            return await _job(conn, job_id, with_events=with_events)
+
+    async def find_by_upstream_id(self, upstream_id: str) -> Job | None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT * FROM jobs WHERE upstream_id = %s ORDER BY id DESC LIMIT 1",
+                    (upstream_id,),
+                )
+            ).fetchone()
+            return Job.from_row(row) if row else None
+
+    async def list_jobs(
+        self, *, state: State | None = None, limit: int = 50, before: str | None = None
+    ) -> list[Job]:
+        clauses, params = [], []
+        if state is not None:
+            clauses.append("state = %s")
+            params.append(str(state))
+        if before is not None:
+            clauses.append("id < %s")
+            params.append(before)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT %s",  # type: ignore[arg-type]
+                (*params, limit),
+            )
+            return [Job.from_row(row) for row in await cursor.fetchall()]
+
+    async def apply(
+        self,
+        job_id: str,
+        observation: Observation,
+        *,
+        delivery: Delivery | None = None,
+        upstream_id: str | None = None,
+        next_poll_at: float | _Keep | None = KEEP,
+        kept_id: int | None = None,
+    ) -> Applied | None:
+        async with self._pool.connection() as conn, conn.transaction():
+            job = await _job(conn, job_id, with_events=False, lock=True)
+            if job is None:
+                return None
+            if delivery is not None:
+                cursor = await conn.execute(
+                    "INSERT INTO deliveries VALUES (%s, %s, %s) "
+                    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id",
+                    (delivery.webhook_id, job_id, delivery.received_at),
+                )
+                if await cursor.fetchone() is None:
+                    return Applied(job, None, duplicate=True)
+            plan = plan_apply(job, observation, upstream_id=upstream_id, next_poll_at=next_poll_at)
+            if "upstream_id" in plan.changes:
+                # Pairs with keep_callback: a callback racing this submit is either kept
+                # before (and applied by the submitter) or sees the job (and applies).
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (plan.changes["upstream_id"],)
+                )
+            assignments = ", ".join(f"{name} = %s" for name in plan.changes)
+            cursor = await conn.execute(
+                f"UPDATE jobs SET {assignments}, version = version + 1 "  # type: ignore[arg-type]
+                "WHERE id = %s AND version = %s",
+                (*plan.changes.values(), job_id, job.version),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
+            await _add_event(conn, job_id, observation.at, *plan.event)
+            if kept_id is not None:
+                await conn.execute(
+                    "UPDATE kept_callbacks SET applied_at = %s WHERE id = %s",
+                    (observation.at, kept_id),
+                )
+            fresh = await _job(conn, job_id)
+            assert fresh is not None
+            return Applied(fresh, plan.decision)
+
+    async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
+        ref = delivery.job_ref
+        async with self._pool.connection() as conn, conn.transaction():
+            if reason == "unknown_job" and ref is not None:
+                # Serialised with apply() recording this upstream id.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (ref,))
+                known = await (
+                    await conn.execute(
+                        "SELECT 1 FROM jobs WHERE id = %s OR upstream_id = %s", (ref, ref)
+                    )
+                ).fetchone()
+                if known is not None:
+                    return "known"
+            cursor = await conn.execute(
+                "INSERT INTO deliveries VALUES (%s, NULL, %s) "
+                "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id",
+                (delivery.webhook_id, delivery.received_at),
+            )
+            if await cursor.fetchone() is None:
+                return "duplicate"
+            await conn.execute(
+                """INSERT INTO kept_callbacks (webhook_id, job_ref, received_at, reason, body)
+                   VALUES (%s, %s, %s, %s, %s)""",
+                (delivery.webhook_id, ref, delivery.received_at, reason, body),
+            )
+            return "kept"
+
+    async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
+        refs = [ref for ref in refs if ref]
+        if not refs:
+            return []
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT id, webhook_id, job_ref, received_at, reason, body FROM kept_callbacks "
+                "WHERE applied_at IS NULL AND job_ref = ANY(%s) ORDER BY id",
+                (refs,),
+            )
+            return [
+                KeptCallback(**{**row, "body": bytes(row["body"])})
+                for row in await cursor.fetchall()
+            ]
+
+    async def claim_due(self, now: float, limit: int, owner: str, lease: float) -> list[Job]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                """WITH due AS (
+                       SELECT id FROM jobs
+                       WHERE next_poll_at <= %s AND (lease_until IS NULL OR lease_until < %s)
+                       ORDER BY next_poll_at LIMIT %s
+                       FOR UPDATE SKIP LOCKED)
+                   UPDATE jobs SET lease_owner = %s, lease_until = %s
+                   FROM due WHERE jobs.id = due.id
+                   RETURNING jobs.*""",
+                (now, now, limit, owner, now + lease),
+            )
+            rows = await cursor.fetchall()
+        jobs = [Job.from_row(row) for row in rows]
+        return sorted(jobs, key=lambda job: job.next_poll_at or 0.0)
+
+    async def reschedule(
+        self,
+        job_id: str,
+        next_poll_at: float | None,
+        *,
+        detail: str | None = None,
+        not_found: bool = False,
+    ) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                f"""UPDATE jobs SET next_poll_at = %s, lease_owner = NULL, lease_until = NULL,
+                        not_found_count = CASE WHEN %s THEN not_found_count + 1 ELSE 0 END
+                    WHERE id = %s AND state NOT IN {_TERMINAL_SQL}
+                    RETURNING state""",  # type: ignore[arg-type]
+                (next_poll_at, not_found, job_id),
+            )
+            row = await cursor.fetchone()
+            if detail and row is not None:
+                await conn.execute(
+                    "INSERT INTO events (job_id, at, source, state, detail) "
+                    "VALUES (%s, extract(epoch from clock_timestamp()), 'poll', %s, %s)",
+                    (job_id, row["state"], detail),
+                )
+
+    async def next_due_at(self) -> float | None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT MIN(next_poll_at) AS due FROM jobs WHERE next_poll_at IS NOT NULL"
+                )
+            ).fetchone()
+            return row["due"] if row else None
+
+    async def release_leases(self, owner: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s",
+                (owner,),
+            )
+
+    async def count_by_state(self) -> dict[str, int]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            return {row["state"]: row["n"] for row in await cursor.fetchall()}
