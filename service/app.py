@@ -110,7 +110,7 @@ def create_app(
             base_url, credentials, retry=upstream_retry, on_call=metrics.upstream_call
         )
         tracker = Tracker(settings, store, upstream, public_url)
-        poller = Poller(store, tracker, metrics, settings.poll_rate)
+        poller = Poller(store, tracker, metrics, settings.poll_rate, settings.poll_lease)
         tracker.wake = poller.wake
         app.state.bulkhook = AppState(
             settings=settings,

@@ -52,6 +52,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "poll_interval": ("BULKHOOK_POLL_INTERVAL", "seconds"),
         "poll_max_interval": ("BULKHOOK_POLL_MAX_INTERVAL", "seconds"),
         "poll_rate": ("BULKHOOK_POLL_RATE", "rate"),
+        "poll_lease": ("BULKHOOK_POLL_LEASE", "seconds"),
         "job_timeout": ("BULKHOOK_JOB_TIMEOUT", "seconds"),
         "max_callback_bytes": ("BULKHOOK_MAX_CALLBACK_BYTES", "bytes"),
         "max_upload_bytes": ("BULKHOOK_MAX_UPLOAD_BYTES", "bytes"),
@@ -197,6 +198,9 @@ class Settings:
     poll_interval: float = 15.0
     poll_max_interval: float = 300.0
     poll_rate: float = 10.0
+    # How long a replica's claim on a due job lasts; a dead replica's jobs are taken
+    # over once it expires. Longer than one status poll can take (with its retries).
+    poll_lease: float = 120.0
     job_timeout: float = 259200.0
     max_callback_bytes: int = 1048576
     max_upload_bytes: int = 2147483648

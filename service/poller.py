@@ -45,12 +45,14 @@ class RateLimiter:
 
 
 class Poller:
-    def __init__(self, store: Store, tracker: Tracker, metrics: Metrics, rate: float) -> None:
+    def __init__(
+        self, store: Store, tracker: Tracker, metrics: Metrics, rate: float, lease: float = 120.0
+    ) -> None:
         self.store = store
         self.tracker = tracker
         self.metrics = metrics
         self.owner = f"poller-{secrets.token_hex(4)}"
-        self.lease = 120.0
+        self.lease = lease
         self._limiter = RateLimiter(rate)
         self._concurrency = asyncio.Semaphore(max(1, min(32, int(rate * 2))))
         self._wake = asyncio.Event()

@@ -31,6 +31,13 @@ SUBMIT_DEADLINE = 3600.0
 NOT_FOUND_LIMIT = 3
 
 
+def _why(job: Job, manual: bool) -> str:
+    """Which poll this was: each scheduled due time is polled once, by one replica."""
+    if manual or job.next_poll_at is None:
+        return "refresh requested"
+    return f"poll due {job.next_poll_at:.3f}"
+
+
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
@@ -231,6 +238,7 @@ class Tracker:
             raw_status=status.raw_status,
             records_count=status.records_count,
             records_failed_count=status.records_failed_count,
+            detail=_why(job, manual),
         )
         applied = await self.store.apply(
             job.id, observation, next_poll_at=self.next_poll(job, now, job.poll_count + 1)

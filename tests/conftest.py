@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -233,23 +234,36 @@ def _with_search_path(url: str, schema: str) -> str:
     return f"{url}{joiner}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each kind: a SQLite file, or a PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'bulkhook.db'}"
-        return
-    base = request.getfixturevalue("postgres_base")
-    if base is None:
-        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL} (BULKHOOK_TEST_POSTGRES_URL)")
+@contextlib.contextmanager
+def _fresh_schema(base: str) -> Iterator[str]:
     import psycopg
 
     schema = f"t_{secrets.token_hex(6)}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")  # type: ignore[arg-type]
-    yield _with_search_path(base, schema)
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")  # type: ignore[arg-type]
+    try:
+        yield _with_search_path(base, schema)
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def postgres_url(postgres_base: str | None) -> Iterator[str]:
+    """A fresh, empty PostgreSQL schema (skipped without PostgreSQL, except in CI)."""
+    if postgres_base is None:
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_URL} (BULKHOOK_TEST_POSTGRES_URL)")
+    with _fresh_schema(postgres_base) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'bulkhook.db'}"
+    else:
+        yield request.getfixturevalue("postgres_url")
 
 
 @pytest.fixture
