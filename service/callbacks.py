@@ -142,7 +142,11 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
     verdict = signatures.verify(given[0] if given else None, body, state.signature_keys)
     if not verdict.ok:
         metrics.callbacks.labels("bad_signature").inc()
-        log.warning("callback refused: %s", verdict.verdict.value)
+        log.warning(
+            "callback refused: %s",
+            verdict.verdict.value,
+            extra={"job_id": job_id, "outcome": "bad_signature"},
+        )
         raise ApiError(
             f"signature check failed: {verdict.reason}", code="bad_signature", status=401
         )
@@ -194,5 +198,11 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
     metrics.callback_latency.observe(time.perf_counter() - started)
     if nudge and not applied.duplicate:
         state.poller.wake()
-    log.info("callback %s for job %s: %s", webhook_id, job.id, applied.job.state)
+    log.info(
+        "callback %s: job %s is %s",
+        outcome,
+        job.id,
+        applied.job.state,
+        extra={"job_id": job.id, "webhook_id": webhook_id, "outcome": outcome},
+    )
     return JSONResponse({"status": outcome, "job": applied.job.id, "state": str(applied.job.state)})

@@ -56,6 +56,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "job_timeout": ("BULKHOOK_JOB_TIMEOUT", "seconds"),
         "max_callback_bytes": ("BULKHOOK_MAX_CALLBACK_BYTES", "bytes"),
         "max_upload_bytes": ("BULKHOOK_MAX_UPLOAD_BYTES", "bytes"),
+        "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
     }
 )
 _WANTED: Mapping[str, str] = MappingProxyType(
@@ -64,6 +65,7 @@ _WANTED: Mapping[str, str] = MappingProxyType(
         "rate": "a positive number of polls per second",
         "bytes": "a positive whole number of bytes",
         "bool": "one of 1/true/yes/0/false/no",
+        "log_format": "json or text",
     }
 )
 
@@ -98,6 +100,8 @@ def _parse(var: str, kind: str, raw: str) -> Any:
         return int(raw)
     elif kind == "bool" and raw.lower() in _TRUE | _FALSE:
         return raw.lower() in _TRUE
+    elif kind == "log_format" and raw.lower() in ("json", "text"):
+        return raw.lower()
     raise ConfigError(f"{var} must be {_WANTED[kind]}, got {_show(raw)}")
 
 
@@ -159,6 +163,8 @@ def _check(var: str, kind: str, value: Any) -> Any:
         return _check_database(var, value)
     if kind == "bool" and isinstance(value, bool):
         return value
+    if kind == "log_format" and value in ("json", "text"):
+        return value
     if kind == "bytes" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     # seconds / rate: a zero, negative, NaN or infinite interval would stall or spin.
@@ -204,6 +210,8 @@ class Settings:
     job_timeout: float = 259200.0
     max_callback_bytes: int = 1048576
     max_upload_bytes: int = 2147483648
+    # Structured JSON lines for log collectors, or plain text for a terminal.
+    log_format: str = "json"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -120,7 +120,7 @@ class Poller:
             try:
                 await self.tracker.poll(job)
             except Exception:
-                log.exception("poll of job %s failed", job.id)
+                log.exception("poll of job %s failed", job.id, extra={"job_id": job.id})
                 await self.store.reschedule(
                     job.id, time.time() + self.tracker.settings.poll_interval
                 )

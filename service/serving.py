@@ -9,6 +9,7 @@ import uvicorn
 
 from .app import create_app
 from .config import Settings
+from .logs import log_config
 from .sandbox import API_PREFIX
 from .servers import bind_socket
 
@@ -65,6 +66,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
         print(line, flush=True)
     config = uvicorn.Config(
         create_app(settings),
+        log_config=log_config(settings.log_format),
         log_level="info",
         proxy_headers=True,
         timeout_graceful_shutdown=30,

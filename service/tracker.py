@@ -275,7 +275,12 @@ class Tracker:
                 job.id, self.backoff(job, now, None), detail=str(exc), not_found=True
             )
             return
-        log.info("status poll failed for job %s: %s", job.id, exc)
+        log.info(
+            "status poll failed for job %s: %s",
+            job.id,
+            exc,
+            extra={"job_id": job.id, "upstream_id": job.upstream_id},
+        )
         if now >= job.created_at + self.settings.job_timeout:
             await self.store.apply(
                 job.id,
