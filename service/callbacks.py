@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 
 from . import signatures
 from .errors import ApiError
-from .jobs import Job, Observation, Source
+from .jobs import Observation, Source
 from .statuses import normalize_status
 from .store import Delivery
 
@@ -110,17 +110,18 @@ def _refs(data: Mapping[str, Any]) -> tuple[str | None, str | None]:
     return payload, upstream
 
 
-async def _find_job(
+async def _find_job_id(
     state: AppState, job_id: str | None, payload_id: str | None, upstream_id: str | None
-) -> Job | None:
+) -> str | None:
+    """The per-job URL names the job; the instance-wide one needs a lookup."""
     if job_id is not None:
-        return await state.store.get_job(job_id, with_events=False)
-    job = None
-    if payload_id is not None:
-        job = await state.store.get_job(payload_id, with_events=False)
-    if job is None and upstream_id is not None:
+        return job_id
+    if payload_id is not None and await state.store.get_job(payload_id, with_events=False):
+        return payload_id
+    if upstream_id is not None:
         job = await state.store.find_by_upstream_id(upstream_id)
-    return job
+        return job.id if job else None
+    return None
 
 
 async def receive_callback(request: Request, state: AppState, job_id: str | None) -> Response:
@@ -168,9 +169,20 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
         f"delivery {webhook_id}",
     )
     payload_id, upstream_id = _refs(data)
+    nudge = observation.target() is None
+    applied = None
     for _ in range(2):
-        job = await _find_job(state, job_id, payload_id, upstream_id)
-        if job is not None:
+        # One write does it all for a known job: dedupe, decide, record.
+        target = await _find_job_id(state, job_id, payload_id, upstream_id)
+        if target is not None:
+            applied = await state.store.apply(
+                target,
+                observation,
+                delivery=Delivery(webhook_id, now, target),
+                upstream_id=upstream_id,
+                next_poll_at=now if nudge else now + state.settings.callback_grace,
+            )
+        if applied is not None:
             break
         ref = job_id or payload_id or upstream_id
         kept = await state.store.keep_callback(
@@ -181,18 +193,9 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
         metrics.callbacks.labels("unknown_job" if kept == "kept" else "duplicate").inc()
         metrics.callback_latency.observe(time.perf_counter() - started)
         return JSONResponse({"status": kept}, status_code=202)
-    if job is None:
+    if applied is None:
         raise ApiError("the job could not be found", code="not_found", status=404)
-    nudge = observation.target() is None
-    applied = await state.store.apply(
-        job.id,
-        observation,
-        delivery=Delivery(webhook_id, now, job.id),
-        upstream_id=upstream_id if job.upstream_id is None else None,
-        next_poll_at=now if nudge else now + state.settings.callback_grace,
-    )
-    if applied is None:  # deleted between the lookup and the write; cannot happen today
-        raise ApiError("unknown job", code="not_found", status=404)
+    job = applied.job
     outcome = "duplicate" if applied.duplicate else "accepted"
     metrics.callbacks.labels(outcome).inc()
     metrics.callback_latency.observe(time.perf_counter() - started)

@@ -77,7 +77,9 @@ async def test_apply_moves_forward_and_records_the_timeline(store: Store) -> Non
     )
     assert (final.records_count, final.records_failed_count) == (10, 2)
     assert final.next_poll_at is None  # terminal: nothing left to poll
-    assert [e.state for e in final.events] == ["SUBMITTING", "CREATED", "COMPLETED"]
+    timeline = await store.get_job(job.id)
+    assert timeline is not None
+    assert [e.state for e in timeline.events] == ["SUBMITTING", "CREATED", "COMPLETED"]
 
 
 async def test_a_repeated_delivery_changes_nothing(store: Store) -> None:
@@ -100,7 +102,8 @@ async def test_stale_news_is_recorded_and_ignored(store: Store) -> None:
     late = await store.apply(job.id, Observation(Source.POLL, status="RUNNING"))
     assert late is not None and late.job.state == State.COMPLETED
     assert late.job.last_source == "callback"
-    assert "ignored" in late.job.events[-1].detail
+    fetched = await store.get_job(job.id)
+    assert fetched is not None and "ignored" in fetched.events[-1].detail
 
 
 async def test_apply_to_an_unknown_job_is_none(store: Store) -> None:

@@ -98,6 +98,9 @@ class Store(abc.ABC):
     ) -> Applied | None:
         """Decide and record ``observation`` atomically; None when the job is unknown.
 
+        The job returned carries no timeline (``get_job`` reads it): the timeline grows
+        with every callback, and the hot path must not read it back.
+
         With ``delivery`` already recorded, nothing changes and ``duplicate`` is True.
         A terminal outcome clears the poll schedule whatever ``next_poll_at`` says.
         ``kept_id`` marks a kept callback as applied in the same transaction.

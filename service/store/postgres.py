@@ -267,7 +267,7 @@ class PostgresStore(Store):
                     "UPDATE kept_callbacks SET applied_at = %s WHERE id = %s",
                     (observation.at, kept_id),
                 )
-            fresh = await _job(conn, job_id)
+            fresh = await _job(conn, job_id, with_events=False)
             assert fresh is not None
             return Applied(fresh, plan.decision)
 

@@ -243,7 +243,7 @@ class SQLiteStore(Store):
                     "UPDATE kept_callbacks SET applied_at = ? WHERE id = ?",
                     (observation.at, kept_id),
                 )
-            fresh = _job(conn, job_id)
+            fresh = _job(conn, job_id, with_events=False)
             assert fresh is not None
             return Applied(fresh, plan.decision)
 
