@@ -68,6 +68,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
         create_app(settings),
         log_config=log_config(settings.log_format),
         log_level="info",
+        # One line per request would cost more than the callback itself; callbacks
+        # log their own line with the job and webhook ids instead.
+        access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=30,
     )
