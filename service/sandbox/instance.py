@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import random
 import secrets
 import time
@@ -134,6 +135,19 @@ class Sandbox:
         """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``."""
         if operation is not None and operation not in OPERATIONS:
             raise ValueError(f"unknown operation {operation!r}")
+        # Checked here, not when the fault fires: a bad spec must be refused up front
+        # instead of breaking the response of some later, unrelated call.
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+        if retry_after is not None and (
+            isinstance(retry_after, bool)
+            or not isinstance(retry_after, int | float)
+            or not math.isfinite(retry_after)
+            or retry_after < 0
+        ):
+            raise ValueError(f"retry_after must be a non-negative number, got {retry_after!r}")
+        if times < 1:
+            raise ValueError(f"times must be at least 1, got {times!r}")
         self._faults.append(Fault(operation, status, retry_after, after_processing, times))
 
     def take_fault(self, operation: str) -> Fault | None:
