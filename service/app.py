@@ -13,11 +13,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from . import api
 from .callbacks import receive_callback
 from .config import Settings
+from .dashboard import Dashboard
 from .errors import ApiError, error_response
 from .metrics import Metrics
 from .openapi import openapi_spec
@@ -77,11 +78,13 @@ def create_app(
     """
     public_url = (settings.public_url or "http://127.0.0.1:8000").rstrip("/")
     keys = settings.signature_keys
-    routes: list[Route | Mount] = [
+    dashboard = Dashboard()
+    routes: list[BaseRoute] = [
         *api.routes,
         Route("/callbacks/jobs/{job_id}", _job_callback, methods=["POST"]),
         Route("/callbacks", _instance_callback, methods=["POST"]),
         Route("/openapi.json", _openapi, methods=["GET"]),
+        *dashboard.routes(),
     ]
     embedded: Sandbox | None = None
     credentials = settings.credentials()
@@ -127,6 +130,7 @@ def create_app(
         try:
             yield
         finally:
+            dashboard.streams.close()
             await poller.stop()
             if embedded is not None:
                 await embedded.aclose()

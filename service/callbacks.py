@@ -15,14 +15,16 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from . import signatures
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .jobs import Observation, Source
 from .statuses import normalize_status
 from .store import Delivery
+from .store.base import Rejection
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -124,32 +126,65 @@ async def _find_job_id(
     return None
 
 
+def _refused(
+    request: Request, state: AppState, job_id: str | None, reason: str, error: ApiError
+) -> Response:
+    """The refusal, counted; it is noted for the dashboard only after it was sent.
+
+    Noting it after answering keeps the refusal as prompt as ever (and best effort:
+    it is answered even when the store is down). Only what identifies the delivery is
+    kept, truncated: never the body, which is neither trusted nor parsed.
+    """
+    state.metrics.callbacks.labels(reason).inc()
+    webhook_id = (request.headers.get(_WEBHOOK_ID) or "").strip()[:200] or None
+    rejection = Rejection(
+        time.time(), reason, error.message[:300], job_id[:200] if job_id else None, webhook_id
+    )
+
+    async def note() -> None:
+        try:
+            await state.store.record_rejection(rejection)
+        except Exception as exc:
+            log.warning("could not note a refused callback: %r", exc, extra={"outcome": reason})
+
+    response = error_response(error.status, error.code, error.message, headers=error.headers)
+    response.background = BackgroundTask(note)
+    return response
+
+
 async def receive_callback(request: Request, state: AppState, job_id: str | None) -> Response:
     started = time.perf_counter()
     metrics = state.metrics
     try:
         body = await read_limited(request, state.settings.max_callback_bytes)
-    except ApiError:
-        metrics.callbacks.labels("too_large").inc()
-        raise
+    except ApiError as exc:
+        return _refused(request, state, job_id, "too_large", exc)
     given = request.headers.getlist(signatures.HEADER)
     if len(given) > 1:
-        metrics.callbacks.labels("bad_signature").inc()
-        raise ApiError(
-            f"the {signatures.HEADER} header was given {len(given)} times",
-            code="bad_signature",
-            status=401,
+        return _refused(
+            request,
+            state,
+            job_id,
+            "bad_signature",
+            ApiError(
+                f"the {signatures.HEADER} header was given {len(given)} times",
+                code="bad_signature",
+                status=401,
+            ),
         )
     verdict = signatures.verify(given[0] if given else None, body, state.signature_keys)
     if not verdict.ok:
-        metrics.callbacks.labels("bad_signature").inc()
         log.warning(
             "callback refused: %s",
             verdict.verdict.value,
             extra={"job_id": job_id, "outcome": "bad_signature"},
         )
-        raise ApiError(
-            f"signature check failed: {verdict.reason}", code="bad_signature", status=401
+        return _refused(
+            request,
+            state,
+            job_id,
+            "bad_signature",
+            ApiError(f"signature check failed: {verdict.reason}", code="bad_signature", status=401),
         )
     webhook_id = request.headers.get(_WEBHOOK_ID) or f"sha256:{hashlib.sha256(body).hexdigest()}"
     webhook_id = webhook_id.strip()[:200]

@@ -3,7 +3,8 @@
 Everything here mirrors what ``api.py``, ``callbacks.py``, ``uploads.py`` and
 ``tracker.py`` actually answer: the JSON shapes of ``Job.to_json``/``Event.to_json``,
 and every error ``code`` a route can raise, listed in its response's description.
-The embedded sandbox (mounted at ``/sandbox``) is not part of this API.
+The embedded sandbox (mounted at ``/sandbox``) is not part of this API; the
+dashboard's JSON, CSV and event-stream routes are, from ``openapi_dashboard.py``.
 """
 
 from __future__ import annotations
@@ -367,6 +368,8 @@ def _paths() -> dict[str, Schema]:
 
 def openapi_spec() -> dict[str, Any]:
     """The whole document; a new dict on every call, safe to mutate."""
+    from .openapi_dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -375,11 +378,15 @@ def openapi_spec() -> dict[str, Any]:
             "description": "Submit SAP Open Connectors bulk jobs, receive their verified "
             "callbacks, and follow every job to a terminal state. Every error is "
             '`{"error": {"code", "message", ...}}`; `code` is stable. The job and object '
-            "routes need a bearer token when BULKHOOK_API_TOKENS is set.",
+            "routes need a bearer token when BULKHOOK_API_TOKENS is set (the dashboard's "
+            "routes also take its login cookie).",
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **dashboard_paths()},
         "components": {
-            "schemas": _schemas(),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {**_schemas(), **dashboard_schemas()},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "dashboardCookie": dict(COOKIE_SCHEME),
+            },
         },
     }

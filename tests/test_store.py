@@ -152,14 +152,14 @@ async def test_state_survives_reopening_the_store(store_url: str) -> None:
         await second.close()
 
 
-async def test_sqlite_is_in_wal_mode_with_one_migration(tmp_path: Path) -> None:
+async def test_sqlite_is_in_wal_mode_with_every_migration(tmp_path: Path) -> None:
     path = tmp_path / "state" / "bulkhook.db"
     store = open_store(f"sqlite:///{path}")
     await store.open()
     await store.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
 
 
 async def test_an_unreachable_store_is_a_store_error() -> None:

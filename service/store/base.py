@@ -1,9 +1,9 @@
 """The one store interface: every durable fact about jobs goes through it.
 
-Implementations: ``sqlite.py`` (embedded default). Every method is a coroutine that
-never blocks the event loop; ``apply`` is the only way a job's state changes, and it
-records the delivery, decides, compares-and-sets the row and appends to the timeline
-in one transaction.
+Implementations: ``sqlite.py`` (embedded default) and ``postgres.py``; ``activity.py``
+holds their dashboard reads. Every method is a coroutine that never blocks the event
+loop; ``apply`` is the only way a job's state changes, and it records the delivery,
+decides, compares-and-sets the row and appends to the timeline in one transaction.
 """
 
 from __future__ import annotations
@@ -13,7 +13,20 @@ from dataclasses import dataclass
 
 from ..jobs import Decision, Job, Observation, State
 
-__all__ = ["KEEP", "Applied", "Delivery", "KeptCallback", "Store", "StoreError"]
+__all__ = [
+    "KEEP",
+    "Applied",
+    "CallbackRecord",
+    "Delivery",
+    "KeptCallback",
+    "Rejection",
+    "Store",
+    "StoreError",
+]
+
+# Rejected deliveries kept for the dashboard: the newest ones only, so a flood of forged
+# callbacks cannot grow the database without bound (the metrics count every one).
+REJECTIONS_KEPT = 10_000
 
 
 class _Keep:
@@ -56,6 +69,36 @@ class KeptCallback:
     body: bytes
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """A callback refused before it could change anything (bad signature, too large).
+
+    Never its body: an unverified body is attacker-controlled and is not even parsed.
+    ``job_ref`` is the job id in the per-job URL, ``webhook_id`` the header, both as sent.
+    """
+
+    received_at: float
+    reason: str
+    detail: str
+    job_ref: str | None = None
+    webhook_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CallbackRecord:
+    """One delivery as the dashboard lists it: accepted, kept or rejected; no body.
+
+    ``outcome`` is ``accepted``, a kept reason (``unknown_job``, ``malformed``) or a
+    rejection reason (``bad_signature``, ``too_large``).
+    """
+
+    received_at: float
+    outcome: str
+    webhook_id: str | None
+    job_ref: str | None
+    detail: str
+
+
 class Store(abc.ABC):
     @abc.abstractmethod
     async def open(self) -> None: ...
@@ -81,9 +124,26 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_jobs(
-        self, *, state: State | None = None, limit: int = 50, before: str | None = None
+        self,
+        *,
+        state: State | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        search: str | None = None,
     ) -> list[Job]:
-        """Newest first; ``before`` is the id of the last job of the previous page."""
+        """Newest first; ``before`` is the id of the last job of the previous page.
+
+        ``search`` keeps the jobs whose id starts with it or whose upstream id is it.
+        """
+
+    @abc.abstractmethod
+    async def jobs_changed_since(self, after: float, after_id: str, limit: int) -> list[Job]:
+        """Jobs ordered by (``updated_at``, ``id``) after that pair, for live views.
+
+        Every replica's changes are in the store, so a dashboard polling this sees them
+        all; callers re-read a few seconds back because ``updated_at`` is the
+        observation's time, which can precede its commit.
+        """
 
     @abc.abstractmethod
     async def apply(
@@ -145,3 +205,20 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def count_by_state(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def record_rejection(self, rejection: Rejection) -> None:
+        """Note a refused callback for the dashboard (the newest REJECTIONS_KEPT stay)."""
+
+    @abc.abstractmethod
+    async def recent_callbacks(self, limit: int = 50) -> list[CallbackRecord]:
+        """The newest deliveries of every outcome, newest first."""
+
+    @abc.abstractmethod
+    async def rejections_for(self, job_ref: str, limit: int = 100) -> list[CallbackRecord]:
+        """Callbacks refused at ``job_ref``'s own URL, oldest first (for its timeline:
+        the ones accepted are in the timeline already)."""
+
+    @abc.abstractmethod
+    async def callback_counts(self, since: float) -> dict[str, int]:
+        """Deliveries received since ``since``, by outcome (as in CallbackRecord)."""

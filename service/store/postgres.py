@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from ..jobs import Event, Job, Observation, State
+from .activity import PostgresActivity, like_prefix
 from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
 from .plan import plan_apply
 
@@ -76,6 +77,23 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
     """,
+    # 2: the dashboard: refused callbacks (never their bodies) and the indexes its
+    # live views and callbacks panel read by.
+    """
+    CREATE TABLE rejected_callbacks (
+        id BIGSERIAL PRIMARY KEY,
+        received_at DOUBLE PRECISION NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        job_ref TEXT,
+        webhook_id TEXT
+    );
+    CREATE INDEX rejected_at ON rejected_callbacks (received_at);
+    CREATE INDEX rejected_job ON rejected_callbacks (job_ref) WHERE job_ref IS NOT NULL;
+    CREATE INDEX deliveries_at ON deliveries (received_at);
+    CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
+    CREATE INDEX jobs_updated ON jobs (updated_at, id);
+    """,
 )
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -107,7 +125,7 @@ async def _add_event(
     )
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresActivity, Store):
     def __init__(
         self, url: str, *, min_size: int = 2, max_size: int = 20, open_timeout: float = 15.0
     ) -> None:
@@ -207,15 +225,24 @@ class PostgresStore(Store):
             return Job.from_row(row) if row else None
 
     async def list_jobs(
-        self, *, state: State | None = None, limit: int = 50, before: str | None = None
+        self,
+        *,
+        state: State | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        search: str | None = None,
     ) -> list[Job]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[str] = []
         if state is not None:
             clauses.append("state = %s")
             params.append(str(state))
         if before is not None:
             clauses.append("id < %s")
             params.append(before)
+        if search:
+            clauses.append("(id LIKE %s ESCAPE '\\' OR upstream_id = %s)")
+            params.extend((like_prefix(search.lower()), search))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         async with self._pool.connection() as conn:
             cursor = await conn.execute(

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..jobs import Event, Job, Observation, State
+from .activity import SQLiteActivity, like_prefix
 from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
 from .plan import plan_apply
 from .writer import SQLiteThreads, connect
@@ -66,6 +67,23 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
     """,
+    # 2: the dashboard: refused callbacks (never their bodies) and the indexes its
+    # live views and callbacks panel read by.
+    """
+    CREATE TABLE rejected_callbacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        job_ref TEXT,
+        webhook_id TEXT
+    );
+    CREATE INDEX rejected_at ON rejected_callbacks (received_at);
+    CREATE INDEX rejected_job ON rejected_callbacks (job_ref) WHERE job_ref IS NOT NULL;
+    CREATE INDEX deliveries_at ON deliveries (received_at);
+    CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
+    CREATE INDEX jobs_updated ON jobs (updated_at, id);
+    """,
 )
 
 
@@ -112,7 +130,7 @@ def _add_event(
     )
 
 
-class SQLiteStore(Store):
+class SQLiteStore(SQLiteActivity, Store):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._threads = SQLiteThreads(self.path)
@@ -190,15 +208,24 @@ class SQLiteStore(Store):
         return await self._threads.read(op)
 
     async def list_jobs(
-        self, *, state: State | None = None, limit: int = 50, before: str | None = None
+        self,
+        *,
+        state: State | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        search: str | None = None,
     ) -> list[Job]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[str] = []
         if state is not None:
             clauses.append("state = ?")
             params.append(str(state))
         if before is not None:
             clauses.append("id < ?")
             params.append(before)
+        if search:
+            clauses.append("(id LIKE ? ESCAPE '\\' OR upstream_id = ?)")
+            params.extend((like_prefix(search.lower()), search))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?"
 

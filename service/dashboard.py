@@ -1,0 +1,379 @@
+"""The operator dashboard (issue 7): which jobs are stuck, why one failed, and whether
+callbacks arrive or are refused, without reading logs or writing curl commands.
+
+Pages are rendered on the server from the store (so every replica shows the same
+truth) with a little vanilla JavaScript from ``static/``; live updates come from
+``live.py``. With ``BULKHOOK_API_TOKENS`` set, nothing but the login form is shown
+without a token: a bearer header, or the HttpOnly cookie the login form sets.
+"""
+
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+import json
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from . import api, live
+from .callbacks import read_limited
+from .errors import ApiError, upstream_failure
+from .jobs import Job, State
+from .upstream import UpstreamError
+from .views import callbacks_view, job_view, timeline_view
+
+if TYPE_CHECKING:
+    from .state import AppState
+
+__all__ = ["COOKIE", "Dashboard"]
+
+COOKIE = "bulkhook_token"
+HERE = Path(__file__).resolve().parent
+PAGE = 50
+# Failed records shown on the job page; the CSV has them all.
+_SHOWN = 200
+_SEARCH = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+_CURSOR = re.compile(r"[A-Za-z0-9]{1,64}")
+# No inline script or style anywhere, so the policy can forbid them.
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    # same-origin, not no-referrer: with no-referrer, browsers send "Origin: null" with
+    # the login form, and the same-origin check could not tell it from a foreign one.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _state(request: Request) -> AppState:
+    return request.app.state.bulkhook  # type: ignore[no-any-return]
+
+
+def _matches(tokens: tuple[str, ...], given: str) -> bool:
+    """Constant time over every configured token, like the job API's bearer check."""
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(given.encode(), token.encode())
+    return matched
+
+
+def credential(request: Request) -> str | None:
+    """The valid token this request carries ("" when the API is open), else None."""
+    tokens = _state(request).settings.api_tokens
+    if not tokens:
+        return ""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and _matches(tokens, given.strip()):
+        return given.strip()
+    cookie = request.cookies.get(COOKIE, "")
+    return cookie if cookie and _matches(tokens, cookie) else None
+
+
+def _require(request: Request) -> AppState:
+    """For the JSON, CSV and event-stream routes: a 401 error without a token."""
+    if credential(request) is None:
+        raise ApiError(
+            "a valid bearer token or dashboard login is required",
+            code="unauthorized",
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return _state(request)
+
+
+def _same_origin(request: Request) -> None:
+    """Refuse cross-site POSTs (besides the SameSite=Strict cookie): browsers always
+    send Origin with one, and it must name this host."""
+    origin = request.headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+        raise ApiError("cross-origin requests are refused", code="cross_origin", status=403)
+
+
+def _older(state: State | None, search: str, last_id: str) -> str:
+    """The query string of the next page: the same filters, before the last job."""
+    params = {"state": str(state or ""), "q": search, "before": last_id}
+    return urlencode({key: value for key, value in params.items() if value})
+
+
+def _local_path(value: str | None) -> str:
+    """Where to go after logging in: a path on this site, never another one."""
+    if not value or not value.startswith("/") or value.startswith("//"):
+        return "/"
+    if "\\" in value or not value.isprintable():  # browsers drop tabs: "/\t/x" is "//x"
+        return "/"
+    return value
+
+
+class Dashboard:
+    """The dashboard's routes and templates, and the live streams it must end."""
+
+    def __init__(self) -> None:
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
+        )
+        self.templates = Jinja2Templates(env=env)
+        self.streams = live.Streams()
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.index, methods=["GET"]),
+            Route("/ui/login", self.login_form, methods=["GET"]),
+            Route("/ui/login", self.login, methods=["POST"]),
+            Route("/ui/logout", self.logout, methods=["POST"]),
+            Route("/ui/jobs/{job_id}", self.job_page, methods=["GET"]),
+            Route("/ui/jobs/{job_id}/failed", self.failed_fragment, methods=["GET"]),
+            Route("/ui/jobs/{job_id}/failed.csv", self.failed_csv, methods=["GET"]),
+            Route("/ui/jobs/{job_id}/cancel", self.cancel, methods=["POST"]),
+            Route("/ui/jobs/{job_id}/refresh", self.refresh, methods=["POST"]),
+            Route("/ui/callbacks", self.callbacks, methods=["GET"]),
+            Route("/ui/stream", self.stream, methods=["GET"]),
+            Mount("/ui/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+
+    # -- rendering ----------------------------------------------------------------
+
+    def _page(
+        self, request: Request, name: str, context: dict[str, Any], status: int = 200
+    ) -> Response:
+        context = {"auth": bool(_state(request).settings.api_tokens), **context}
+        return self.templates.TemplateResponse(
+            request, name, context, status_code=status, headers=_HEADERS
+        )
+
+    def _login_page(self, request: Request, target: str, error: str = "") -> Response:
+        context = {"next": _local_path(target), "error": error, "title": "Log in"}
+        return self._page(request, "login.html", context, status=401)
+
+    def render(self, name: str, **context: Any) -> str:
+        return self.templates.get_template(name).render(**context)
+
+    async def panel(self, state: AppState) -> dict[str, Any]:
+        now = time.time()
+        recent = await state.store.recent_callbacks(20)
+        counts = await state.store.callback_counts(now - 86400)
+        return callbacks_view(recent, counts, state.metrics, now)
+
+    # -- pages --------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        if credential(request) is None:
+            return self._login_page(request, str(request.url.path))
+        state = _state(request)
+        params = request.query_params
+        chosen = (params.get("state") or "").upper()
+        state_filter = State(chosen) if chosen in State.__members__ else None
+        search = (params.get("q") or "").strip()[:100]
+        before = params.get("before") or None
+        if before is not None and not _CURSOR.fullmatch(before):
+            before = None
+        problem, jobs = "", []
+        if search and not _SEARCH.fullmatch(search):
+            problem = "Search by a job id (or its start) or an upstream job id."
+        else:
+            jobs = await state.store.list_jobs(
+                state=state_filter, limit=PAGE, before=before, search=search or None
+            )
+        now = time.time()
+        context = {
+            "title": "Jobs",
+            "jobs": [job_view(job, now) for job in jobs],
+            "states": [str(s) for s in State],
+            "chosen": str(state_filter or ""),
+            "search": search,
+            "problem": problem,
+            "older": _older(state_filter, search, jobs[-1].id) if len(jobs) == PAGE else None,
+            "paged": before is not None,
+            "since": f"{now:.3f}",
+            "panel": await self.panel(state),
+        }
+        return self._page(request, "index.html", context)
+
+    async def job_page(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if credential(request) is None:
+            return self._login_page(request, f"/ui/jobs/{job_id}")
+        job = await _state(request).store.get_job(job_id)
+        if job is None:
+            context = {"title": "No such job", "job_id": job_id[:100]}
+            return self._page(request, "missing.html", context, status=404)
+        detail = await self.detail(_state(request), job)
+        return self._page(request, "job.html", {"title": f"Job {job.id}", **detail})
+
+    async def detail(self, state: AppState, job: Job) -> dict[str, Any]:
+        """What the job page and its live updates render: the job and its timeline."""
+        rejected = await state.store.rejections_for(job.id)
+        return {"job": job_view(job, time.time()), "timeline": timeline_view(job, rejected)}
+
+    # -- login --------------------------------------------------------------------
+
+    async def login_form(self, request: Request) -> Response:
+        target = _local_path(request.query_params.get("next"))
+        if credential(request) is not None:
+            return RedirectResponse(target, status_code=303)
+        return self._login_page(request, target)
+
+    async def login(self, request: Request) -> Response:
+        _same_origin(request)
+        form = parse_qs((await read_limited(request, 8192)).decode("utf-8", "replace"))
+        given = (form.get("token") or [""])[0].strip()
+        target = _local_path((form.get("next") or ["/"])[0])
+        tokens = _state(request).settings.api_tokens
+        if not tokens:
+            return RedirectResponse(target, status_code=303)
+        if not given or not _matches(tokens, given):
+            return self._login_page(request, target, error="That token is not valid.")
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            COOKIE,
+            given,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        _same_origin(request)
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    # -- failed records -----------------------------------------------------------
+
+    async def _failed_records(self, request: Request) -> tuple[Job, list[Any]]:
+        state = _require(request)
+        job = await state.store.get_job(request.path_params["job_id"], with_events=False)
+        if job is None:
+            job_id = request.path_params["job_id"][:100]
+            raise ApiError(f"no job {job_id!r}", code="job_not_found", status=404)
+        if job.upstream_id is None:
+            raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
+        try:
+            return job, await state.upstream.errors(job.hub, job.upstream_id)
+        except UpstreamError as exc:
+            what = "the upstream could not list the failed records"
+            raise upstream_failure(what, exc) from exc
+
+    async def failed_fragment(self, request: Request) -> Response:
+        """The failed records as an HTML table, loaded by the job page on demand."""
+        try:
+            job, records = await self._failed_records(request)
+        except ApiError as exc:
+            html = self.render("_failed.html", error=exc.message, records=[], columns=[])
+            return HTMLResponse(html, status_code=exc.status, headers=_HEADERS)
+        columns, rows = failed_table(records)
+        html = self.render(
+            "_failed.html", error="", columns=columns, rows=rows[:_SHOWN], total=len(rows), job=job
+        )
+        return HTMLResponse(html, headers=_HEADERS)
+
+    async def failed_csv(self, request: Request) -> Response:
+        job, records = await self._failed_records(request)
+        columns, rows = failed_table(records)
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return Response(
+            out.getvalue(),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="bulkhook-{job.id}-failed.csv"',
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    # -- actions, callbacks, live -------------------------------------------------
+
+    async def _delegate(self, request: Request, handler: Any) -> Response:
+        """Run the job API's own handler, carrying the dashboard's token as a bearer
+        header: the same checks, answers and error codes as ``POST /jobs/{id}/...``."""
+        token = credential(request)
+        if token is None:
+            _require(request)
+        _same_origin(request)
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"authorization"]
+        if token:
+            headers.append((b"authorization", f"Bearer {token}".encode()))
+        scope = {**request.scope, "headers": headers}
+        return await handler(Request(scope, request.receive))  # type: ignore[no-any-return]
+
+    async def cancel(self, request: Request) -> Response:
+        return await self._delegate(request, api.cancel_job)
+
+    async def refresh(self, request: Request) -> Response:
+        return await self._delegate(request, api.refresh_job)
+
+    async def callbacks(self, request: Request) -> Response:
+        panel = await self.panel(_require(request))
+        return JSONResponse(panel["json"])
+
+    async def stream(self, request: Request) -> Response:
+        state = _require(request)
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            raise ApiError(
+                "this is an event stream: send Accept: text/event-stream",
+                code="not_acceptable",
+                status=406,
+            )
+        job_id = request.query_params.get("job")
+        if job_id:
+            events = live.one_job(state, job_id, self.streams, self)
+        else:
+            since = live.resume_point(
+                request.headers.get("last-event-id") or request.query_params.get("since")
+            )
+            events = live.all_jobs(state, since, self.streams, self)
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+def failed_table(records: list[Any]) -> tuple[list[str], list[list[str]]]:
+    """Failed records as CSV columns and rows: the upstream's fields (``lineNumber``,
+    ``errorMessage``, ...) first, then the record's own columns, in first-seen order."""
+    columns: list[str] = []
+    flat: list[dict[str, str]] = []
+    for item in records:
+        entry = item if isinstance(item, dict) else {"errorMessage": item}
+        row: dict[str, str] = {}
+        record = entry.get("record")
+        for key, value in entry.items():
+            if key != "record" or not isinstance(record, dict):
+                row[str(key)] = _cell(value)
+        if isinstance(record, dict):
+            for key, value in record.items():
+                row.setdefault(str(key), _cell(value))
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+        flat.append(row)
+    return columns, [[row.get(column, "") for column in columns] for row in flat]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)

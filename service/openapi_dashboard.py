@@ -1,0 +1,124 @@
+"""The dashboard's machine-facing routes in ``/openapi.json``: its JSON, CSV and
+event-stream answers (``dashboard.py``). Its HTML pages, login form and static files
+are for browsers and are not described.
+
+Every one of them takes the job API's bearer token or the dashboard's login cookie.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .openapi import Schema, _error, _job_id, _json, _object, _op, _param, _ref
+
+__all__ = ["COOKIE_SCHEME", "dashboard_paths", "dashboard_schemas"]
+
+COOKIE_SCHEME = {
+    "type": "apiKey",
+    "in": "cookie",
+    "name": "bulkhook_token",
+    "description": "set by the dashboard's login form (HttpOnly, SameSite=Strict)",
+}
+_OUTCOMES = ("accepted", "duplicate", "unknown_job", "malformed", "bad_signature", "too_large")
+
+
+def _secured(operation: Schema) -> Schema:
+    operation["security"] = [{"bearer": []}, {"dashboardCookie": []}]
+    return operation
+
+
+def dashboard_schemas() -> dict[str, Schema]:
+    counts = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
+    return {
+        "CallbackDelivery": _object(
+            {
+                "received_at": {"type": "string", "format": "date-time"},
+                "outcome": {"type": "string", "enum": list(_OUTCOMES)},
+                "job": {"type": ["string", "null"], "description": "the job (or reference)"},
+                "webhook_id": {"type": ["string", "null"]},
+                "detail": {"type": "string"},
+            }
+        ),
+        "CallbackActivity": _object(
+            {
+                "counts_24h": {**counts, "description": "every replica, from the store"},
+                "replica_counts": {
+                    **counts,
+                    "description": "this process since it started (duplicates only here)",
+                },
+                "recent": {"type": "array", "items": _ref("CallbackDelivery")},
+            }
+        ),
+    }
+
+
+def _action(action: str, summary: str) -> Schema:
+    conflict = {
+        "cancel": _error("Not possible now", "job_terminal", "not_submitted"),
+        "refresh": _error("Not submitted upstream yet", "not_submitted"),
+    }[action]
+    return _secured(
+        _op(
+            f"dashboard{action.title()}Job",
+            f"{summary} (the dashboard's button: as POST /jobs/{{job_id}}/{action})",
+            {
+                "200": _json(_ref("Job"), "The job afterwards"),
+                "403": _error("A cross-origin request", "cross_origin"),
+                "404": _error("No such job", "job_not_found"),
+                "409": conflict,
+                "502": _error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+            },
+            params=[_job_id()],
+            secured=True,
+        )
+    )
+
+
+def dashboard_paths() -> dict[str, Any]:
+    stream = _op(
+        "dashboardStream",
+        "Live changes as Server-Sent Events: `job` events (every job, or only `job`) and "
+        "`callbacks` events; the stream ends now and then, and EventSource resumes it "
+        "from `Last-Event-ID`",
+        {
+            "200": {
+                "description": "An event stream (`text/event-stream`)",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            "406": _error("The request does not accept text/event-stream", "not_acceptable"),
+        },
+        params=[
+            _param("job", "query", {"type": "string"}, "follow this job only"),
+            _param("since", "query", {"type": "number"}, "send jobs changed after (epoch s)"),
+            _param("Last-Event-ID", "header", {"type": "string"}, "resume point"),
+        ],
+        secured=True,
+    )
+    failed_csv = _op(
+        "dashboardFailedRecordsCsv",
+        "The job's failed records as CSV: the upstream's fields, then the record's columns",
+        {
+            "200": {
+                "description": "CSV, as an attachment",
+                "content": {"text/csv": {"schema": {"type": "string"}}},
+            },
+            "404": _error("No such job", "job_not_found"),
+            "409": _error("Not submitted upstream yet", "not_submitted"),
+            "502": _error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+        },
+        params=[_job_id()],
+        secured=True,
+    )
+    callbacks = _op(
+        "dashboardCallbacks",
+        "Recent callback deliveries, refused ones included (never a body), and counts",
+        {"200": _json(_ref("CallbackActivity"), "The callbacks panel's data")},
+        secured=True,
+    )
+    return {
+        "/ui/stream": {"get": _secured(stream)},
+        "/ui/callbacks": {"get": _secured(callbacks)},
+        "/ui/jobs/{job_id}/failed.csv": {"get": _secured(failed_csv)},
+        "/ui/jobs/{job_id}/cancel": {"post": _action("cancel", "Cancel upstream")},
+        "/ui/jobs/{job_id}/refresh": {"post": _action("refresh", "Poll the status now")},
+    }

@@ -1,0 +1,236 @@
+"""The dashboard in a real headless Chromium (Debian's chromium and chromium-driver).
+
+Each test saves screenshots to test-artifacts/. Without Chromium these tests skip,
+saying why, except in CI (``CI`` set), where they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.signatures import sign
+
+from .conftest import RunningSandbox, RunningService, write_csv
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+TOKEN = "browser-test-token"
+OPTIONS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1000",
+)
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"the browser tests need Chromium in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def downloads(tmp_path: Path) -> Path:
+    path = tmp_path / "downloads"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def browser(downloads: Path) -> Iterator[Any]:
+    """A fresh headless Chromium with its own profile; quit before the servers stop."""
+    for binary in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(binary, os.X_OK):
+            _unavailable(f"{binary} is missing (apt-get install chromium chromium-driver)")
+    os.environ.setdefault("SE_AVOID_STATS", "true")
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as exc:  # pragma: no cover - selenium is in the test extra
+        _unavailable(f"selenium is not installed: {exc}")
+        raise
+    profile = tempfile.mkdtemp(prefix="bulkhook-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for option in OPTIONS:
+        options.add_argument(option)
+    options.add_argument(f"--user-data-dir={profile}")
+    options.add_experimental_option(
+        "prefs",
+        {"download.default_directory": str(downloads), "download.prompt_for_download": False},
+    )
+    try:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except WebDriverException as exc:
+        shutil.rmtree(profile, ignore_errors=True)
+        _unavailable(f"Chromium did not start: {exc.msg}")
+        raise
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_until(condition: Callable[[], Any], what: str, within: float = 20.0) -> Any:
+    deadline = time.monotonic() + within
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # the element is not there yet, or was just replaced
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last!r})")
+
+
+def text_of(driver: Any, selector: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+
+
+def screenshot(driver: Any, name: str) -> None:
+    driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+
+
+def no_console_errors(driver: Any) -> None:
+    """No script error and no failed load, except the login form's deliberate 401s."""
+    errors = [
+        entry
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and "401 (Unauthorized)" not in entry["message"]
+    ]
+    assert not errors, errors
+
+
+@pytest.fixture
+def bad_csv(tmp_path: Path) -> Path:
+    return write_csv(
+        tmp_path / "contacts-bad.csv",
+        [
+            ["FirstName", "LastName", "Email"],
+            ["Ada", "Lovelace", "ada@example.com"],
+            ["Bad", "Address", "not-an-email"],
+            ["Grace", "Hopper", "grace@example.com"],
+        ],
+    )
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_a_job_completes_live_and_its_page_shows_the_callback_and_failed_records(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    browser: Any,
+    bad_csv: Path,
+    downloads: Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    service = start_service(start_sandbox(job_seconds=3.0))
+    browser.get(service.url + "/")
+    wait_until(lambda: text_of(browser, "#live") == "live", "the live indicator")
+    browser.execute_script("window.notReloaded = true")
+
+    job = service.submit(bad_csv).json()
+    row = f"#job-{job['id']}"
+    wait_until(lambda: text_of(browser, f"{row} .badge") in {"CREATED", "RUNNING"}, "the new row")
+    screenshot(browser, "dashboard-running")
+    wait_until(lambda: text_of(browser, f"{row} .badge") == "COMPLETED", "COMPLETED", 20)
+    assert browser.execute_script("return window.notReloaded") is True  # no reload
+    assert text_of(browser, f"{row} td.failed") == "1"
+    assert text_of(browser, f"{row} .source") == "callback"
+    wait_until(lambda: "accepted" in text_of(browser, "#callbacks tbody"), "the callbacks panel")
+    screenshot(browser, "dashboard-completed")
+
+    # A forged callback shows up in the callbacks panel, live, refused and bodiless.
+    body = json.dumps({"status": "ERROR", "note": "forged"}).encode()
+    refused = httpx.post(
+        f"{service.url}/callbacks/jobs/{job['id']}",
+        content=body,
+        headers={"Elements-Webhook-Signature": sign("wrong-key", body)},
+    )
+    assert refused.status_code == 401
+    wait_until(lambda: "bad signature" in text_of(browser, "#callbacks tbody"), "the refusal")
+    assert "forged" not in text_of(browser, "#callbacks")
+    screenshot(browser, "dashboard-callbacks")
+
+    browser.find_element(By.CSS_SELECTOR, f"{row} a").click()
+    wait_until(lambda: job["id"] in browser.current_url, "the job page")
+    timeline = wait_until(lambda: text_of(browser, "table.timeline"), "the timeline")
+    assert "callback" in timeline and "verified" in timeline
+    assert "refused: bad signature" in timeline
+    assert "upstream says COMPLETED" in timeline
+    wait_until(lambda: "not-an-email" in text_of(browser, "#failed-body"), "the failed records")
+    screenshot(browser, "job-page")
+
+    browser.find_element(By.ID, "csv").click()
+    csv_file = downloads / f"bulkhook-{job['id']}-failed.csv"
+    wait_until(csv_file.exists, "the CSV download")
+    lines = wait_until(lambda: csv_file.read_text().splitlines(), "the CSV's content")
+    assert lines[0] == "lineNumber,errorMessage,FirstName,LastName,Email"
+    assert lines[1:] == ["3,Email is not a valid email address,Bad,Address,not-an-email"]
+    no_console_errors(browser)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_with_tokens_the_dashboard_refuses_until_you_log_in(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    browser: Any,
+    contacts_csv: Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    service = start_service(start_sandbox(), api_tokens=(TOKEN,))
+    job = service.submit(contacts_csv, headers={"Authorization": f"Bearer {TOKEN}"}).json()
+    browser.get(f"{service.url}/ui/jobs/{job['id']}")
+    wait_until(lambda: browser.find_element(By.NAME, "token"), "the login form")
+    assert "Timeline" not in browser.page_source
+    assert browser.find_elements(By.ID, "jobs") == []
+    screenshot(browser, "login")
+
+    browser.find_element(By.NAME, "token").send_keys("not-the-token")
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    wait_until(lambda: "not valid" in text_of(browser, ".problem"), "the refusal")
+    assert "not-the-token" not in browser.page_source
+
+    browser.find_element(By.NAME, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    wait_until(lambda: "Timeline" in browser.page_source, "the job page after logging in")
+    assert TOKEN not in browser.page_source
+    [cookie] = browser.get_cookies()
+    assert cookie["name"] == "bulkhook_token"
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert browser.execute_script("return document.cookie") == ""  # out of scripts' reach
+    wait_until(lambda: text_of(browser, "#live") == "live", "the live stream with the cookie")
+
+    browser.get(service.url + "/")
+    wait_until(lambda: text_of(browser, f"#job-{job['id']} .badge") == "COMPLETED", "the job")
+    screenshot(browser, "dashboard-logged-in")
+    browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    wait_until(lambda: browser.find_elements(By.NAME, "token"), "the login form again")
+    no_console_errors(browser)

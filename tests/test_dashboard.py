@@ -1,0 +1,435 @@
+"""The operator dashboard over real HTTP: pages, filters, failed records, the login,
+the callbacks panel and the live event stream (on SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service import live
+from service.signatures import sign
+
+from .conftest import RunningSandbox, RunningService, write_csv
+from .test_operations import serve
+
+TOKEN = "dashboard-test-token"
+SSE = {"Accept": "text/event-stream"}
+
+
+@pytest.fixture
+def bad_csv(tmp_path: Path) -> Path:
+    """Three contacts; the second has an invalid email, the third none: two fail."""
+    return write_csv(
+        tmp_path / "contacts-bad.csv",
+        [
+            ["FirstName", "LastName", "Email"],
+            ["Ada", "Lovelace", "ada@example.com"],
+            ["Bad", "Address", "not-an-email"],
+            ["No", "Address", ""],
+        ],
+    )
+
+
+def completed(service: RunningService, csv: Path, **headers: str) -> dict[str, Any]:
+    submitted = service.submit(csv, headers=headers)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        job = service.http.get(f"/jobs/{job_id}", headers=headers).json()
+        if job["state"] == "COMPLETED":
+            return job  # type: ignore[no-any-return]
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not complete")
+
+
+def events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event name, data) for each Server-Sent Event, as they arrive."""
+    name, data = "message", ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = line.removeprefix("data: ")
+        elif not line and data:
+            yield name, json.loads(data)
+            name, data = "message", ""
+
+
+def forged(service: RunningService, job_id: str, marker: str) -> httpx.Response:
+    body = json.dumps({"status": "ERROR", "marker": marker}).encode()
+    return service.http.post(
+        f"/callbacks/jobs/{job_id}",
+        content=body,
+        headers={
+            "Elements-Webhook-Signature": sign("not-the-instance-key", body),
+            "Elements-Webhook-Id": f"forged-{marker}",
+        },
+    )
+
+
+def test_pages_render_the_jobs_table_and_the_job_page(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    bad_csv: Path,
+) -> None:
+    service = start_service(start_sandbox())
+    job = completed(service, bad_csv)
+    page = service.http.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    html = page.text
+    assert f'id="job-{job["id"]}"' in html
+    assert '<span class="badge partial">COMPLETED</span>' in html  # 2 of 3 failed
+    assert '<td class="num failed">2</td>' in html
+    assert '<td class="source">callback</td>' in html
+    assert 'data-outcome="accepted"' in html  # the callbacks panel
+    detail = service.http.get(f"/ui/jobs/{job['id']}")
+    assert detail.status_code == 200
+    for needle in ("received contacts-bad.csv (3 rows)", "verified", "Timeline"):
+        assert needle in detail.text, needle
+    assert detail.text.count('class="event callback"') == 1
+    assert 'data-action="cancel" class="danger" disabled' in detail.text  # terminal
+    missing = service.http.get("/ui/jobs/nope")
+    assert missing.status_code == 404
+    assert "No such job" in missing.text
+    static = service.http.get("/ui/static/dashboard.js")
+    assert static.status_code == 200
+    assert "EventSource" in static.text
+
+
+def test_the_table_filters_by_state_and_searches_by_id(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    service = start_service(start_sandbox(job_seconds=60, drop_callbacks=1.0), callback_grace=60)
+    first = service.submit(contacts_csv).json()
+    second = service.submit(contacts_csv).json()
+    cancelled = service.http.post(f"/jobs/{first['id']}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    state = cancelled.json()["state"]
+
+    def rows(**params: str) -> set[str]:
+        page = service.http.get("/", params=params)
+        assert page.status_code == 200
+        return {job_id for job_id in (first["id"], second["id"]) if f"job-{job_id}" in page.text}
+
+    assert rows() == {first["id"], second["id"]}
+    assert rows(state=state) == {first["id"]}
+    assert rows(state="created") == {second["id"]}
+    assert rows(state="COMPLETED") == set()
+    assert rows(q=second["id"]) == {second["id"]}
+    assert rows(q=first["upstream_id"]) == {first["id"]}
+    a, b = first["id"], second["id"]
+    common = next(a[:n] for n in range(len(a), 0, -1) if b.startswith(a[:n]))
+    assert rows(q=common) == {first["id"], second["id"]}
+    assert rows(q="%") == set()  # not a wildcard: a bad search, explained
+    assert "Search by a job id" in service.http.get("/", params={"q": "%"}).text
+    assert rows(q="0_") == set()  # "_" matches itself only
+
+
+def test_failed_records_download_as_csv(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    bad_csv: Path,
+) -> None:
+    service = start_service(start_sandbox())
+    job = completed(service, bad_csv)
+    download = service.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    assert download.status_code == 200
+    assert download.headers["content-type"].startswith("text/csv")
+    disposition = download.headers["content-disposition"]
+    assert disposition == f'attachment; filename="bulkhook-{job["id"]}-failed.csv"'
+    lines = download.text.splitlines()
+    assert lines[0] == "lineNumber,errorMessage,FirstName,LastName,Email"
+    assert lines[1].startswith("3,") and lines[1].endswith(",Bad,Address,not-an-email")
+    assert lines[2].startswith("4,") and lines[2].endswith(",No,Address,")
+    assert len(lines) == 3
+    fragment = service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert "2 failed records" in fragment.text
+    assert "not-an-email" in fragment.text
+    missing = service.http.get("/ui/jobs/nope/failed.csv")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "job_not_found"
+
+
+def test_the_dashboard_asks_for_a_token_and_keeps_it_in_an_httponly_cookie(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    bad_csv: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    service = start_service(start_sandbox(), api_tokens=("another-token", TOKEN))
+    job = completed(service, bad_csv, Authorization=f"Bearer {TOKEN}")
+    anonymous = httpx.Client(base_url=service.url, timeout=10)
+    for path in ("/", f"/ui/jobs/{job['id']}"):
+        refused = anonymous.get(path)
+        assert refused.status_code == 401
+        assert 'action="/ui/login"' in refused.text
+        assert job["id"] not in refused.text.replace(f'value="/ui/jobs/{job["id"]}"', "")
+    for path in ("/ui/callbacks", "/ui/stream", f"/ui/jobs/{job['id']}/failed.csv"):
+        refused = anonymous.get(path, headers=SSE)
+        assert refused.status_code == 401, path
+        assert refused.json()["error"]["code"] == "unauthorized"
+    assert anonymous.post(f"/ui/jobs/{job['id']}/refresh").status_code == 401
+
+    wrong = anonymous.post("/ui/login", data={"token": TOKEN + "x", "next": "/"})
+    assert wrong.status_code == 401
+    assert "That token is not valid." in wrong.text
+    assert TOKEN not in wrong.text
+    assert "set-cookie" not in wrong.headers
+    cross_site = anonymous.post(
+        "/ui/login", data={"token": TOKEN}, headers={"Origin": "http://evil.example"}
+    )
+    assert cross_site.status_code == 403
+    login = anonymous.post("/ui/login", data={"token": TOKEN, "next": "//evil.example/x"})
+    assert login.status_code == 303
+    assert login.headers["location"] == "/"  # never another site
+    cookie = login.headers["set-cookie"]
+    assert cookie.startswith(f"bulkhook_token={TOKEN};")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+
+    # The cookie opens the dashboard's pages and its JSON, CSV and stream routes...
+    page = anonymous.get("/")
+    assert page.status_code == 200
+    assert f"job-{job['id']}" in page.text
+    assert TOKEN not in page.text
+    assert anonymous.get(f"/ui/jobs/{job['id']}").status_code == 200
+    assert anonymous.get("/ui/callbacks").status_code == 200
+    assert anonymous.get(f"/ui/jobs/{job['id']}/failed.csv").status_code == 200
+    refreshed = anonymous.post(f"/ui/jobs/{job['id']}/refresh")
+    assert refreshed.status_code == 200, refreshed.text
+    assert refreshed.json()["state"] == "COMPLETED"
+    # ... but not the job API, which takes bearer tokens only.
+    assert anonymous.get("/jobs").status_code == 401
+    # A bearer token works on the dashboard's data routes too.
+    bearer = service.http.get("/ui/callbacks", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert bearer.status_code == 200
+
+    logout = anonymous.post("/ui/logout")
+    assert logout.status_code == 303
+    assert "bulkhook_token=" in logout.headers["set-cookie"]
+    assert anonymous.get("/").status_code == 401
+    anonymous.close()
+    # Never logged by the service (the test's own HTTP client logs headers at DEBUG).
+    served = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
+    assert served
+    assert not [r for r in served if TOKEN in r.getMessage()]
+
+
+def test_refused_callbacks_show_in_the_panel_and_the_timeline_without_bodies(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    service = start_service(start_sandbox(), max_callback_bytes=1024)
+    job = completed(service, contacts_csv)
+    assert forged(service, job["id"], "SECRET-BODY-1").status_code == 401
+    too_large = service.http.post(
+        f"/callbacks/jobs/{job['id']}", content=b"x" * 2048, headers={"Elements-Webhook-Id": "big"}
+    )
+    assert too_large.status_code == 413
+    panel: dict[str, Any] = {}
+    deadline = time.monotonic() + 5  # refusals are noted just after they are answered
+    while time.monotonic() < deadline and len(panel.get("recent", [])) < 3:
+        panel = service.http.get("/ui/callbacks").json()
+    assert panel["counts_24h"]["accepted"] == 1
+    assert panel["counts_24h"]["bad_signature"] == 1
+    assert panel["counts_24h"]["too_large"] == 1
+    assert panel["replica_counts"]["bad_signature"] == 1
+    outcomes = [(d["outcome"], d["job"], d["webhook_id"]) for d in panel["recent"]]
+    assert outcomes[:2] == [
+        ("too_large", job["id"], "big"),
+        ("bad_signature", job["id"], "forged-SECRET-BODY-1"),
+    ]
+    assert outcomes[2][0] == "accepted"
+    everything = json.dumps(panel) + service.http.get("/").text
+    page = service.http.get(f"/ui/jobs/{job['id']}").text
+    assert "refused: bad signature" in page and "refused: too large" in page
+    assert '"marker"' not in everything + page  # never a body
+    stored = service.query("SELECT * FROM rejected_callbacks")
+    assert len(stored) == 2
+    assert "marker" not in repr(stored)
+    # The job itself did not change.
+    assert service.http.get(f"/jobs/{job['id']}").json()["events"] == job["events"]
+
+
+def test_the_event_stream_sends_a_job_changing_state(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    service = start_service(start_sandbox(job_seconds=1.0))
+    refused = service.http.get("/ui/stream")
+    assert refused.status_code == 406
+    assert refused.json()["error"]["code"] == "not_acceptable"
+    seen: list[tuple[str, dict[str, Any]]] = []
+    job_id: list[str] = []
+
+    def submit_soon() -> None:
+        time.sleep(0.5)
+        job_id.append(service.submit(contacts_csv).json()["id"])
+
+    threading.Thread(target=submit_soon, daemon=True).start()
+    with service.http.stream("GET", "/ui/stream", params={"since": time.time()}, headers=SSE) as s:
+        assert s.headers["content-type"].startswith("text/event-stream")
+        for name, data in events(s):
+            seen.append((name, data))
+            if name == "job" and data["job"]["state"] == "COMPLETED":
+                break
+    states = [data["job"]["state"] for name, data in seen if name == "job"]
+    assert states[-1] == "COMPLETED"
+    assert states[0] in {"SUBMITTING", "CREATED", "RUNNING"}
+    last = next(data for name, data in reversed(seen) if name == "job")
+    assert last["job"]["id"] == job_id[0]
+    assert f'id="job-{job_id[0]}"' in last["row"]
+    assert '<span class="badge ok">COMPLETED</span>' in last["row"]
+    assert any(name == "callbacks" for name, _ in seen)
+
+
+def test_one_replica_streams_what_another_changed(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    """Served from the store: a job submitted and completed through one replica shows
+    up live on another replica's dashboard, whose process never saw it."""
+    upstream = start_sandbox(job_seconds=1.0)
+    submitter = start_service(upstream)
+    watcher = start_service(upstream)
+    job_id = submitter.submit(contacts_csv).json()["id"]
+    with watcher.http.stream("GET", "/ui/stream", params={"job": job_id}, headers=SSE) as s:
+        details = []
+        for name, data in events(s):
+            assert name == "job"
+            details.append(data)
+            if data["job"]["state"] == "COMPLETED":
+                break
+    assert details[-1]["terminal"] is True
+    assert "verified" in details[-1]["detail"]
+    assert len(details) >= 2  # the state it had, then the change
+
+
+def test_a_stream_resumes_from_the_last_event_id(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streams end by themselves (so no tab delays a shutdown); the browser reconnects
+    with Last-Event-ID and is sent what changed meanwhile."""
+    monkeypatch.setattr(live, "MAX_STREAM", 1.0)
+    service = start_service(start_sandbox())
+    started = time.monotonic()
+    with service.http.stream("GET", "/ui/stream", headers=SSE) as s:
+        first = [name for name, _ in events(s)]
+    assert first == ["callbacks"]  # the panel as it is; then the stream ended by itself
+    assert time.monotonic() - started < 5
+    mark = f"{time.time():.6f}"
+    job = completed(service, contacts_csv)
+    with service.http.stream("GET", "/ui/stream", headers={**SSE, "Last-Event-ID": mark}) as s:
+        sent = [data["job"] for name, data in events(s) if name == "job"]
+    assert [(j["id"], j["state"]) for j in sent] == [(job["id"], "COMPLETED")]
+
+
+def test_the_cancel_and_refresh_buttons_answer_like_the_job_api(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    service = start_service(start_sandbox(job_seconds=60, drop_callbacks=1.0), callback_grace=60)
+    job = service.submit(contacts_csv).json()
+    refreshed = service.http.post(f"/ui/jobs/{job['id']}/refresh")
+    assert refreshed.status_code == 200
+    assert "refresh requested" in refreshed.json()["events"][-1]["detail"]
+    foreign = service.http.post(
+        f"/ui/jobs/{job['id']}/cancel", headers={"Origin": "http://evil.example"}
+    )
+    assert foreign.status_code == 403
+    assert foreign.json()["error"]["code"] == "cross_origin"
+    cancelled = service.http.post(f"/ui/jobs/{job['id']}/cancel", headers={"Origin": service.url})
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["state"] in {"CANCELLATION_PENDING", "CANCELLED"}
+    missing = service.http.post("/ui/jobs/nope/cancel")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "job_not_found"
+
+
+def test_an_open_stream_does_not_hold_up_stopping(
+    start_service: Callable[..., RunningService],
+) -> None:
+    """A client that goes ends its stream at once (the server stops without waiting)."""
+    service = start_service(None)
+    client = httpx.Client(base_url=service.url, timeout=10)
+    with client.stream("GET", "/ui/stream", headers=SSE) as s:
+        next(s.iter_lines())
+    client.close()
+    time.sleep(live.TICK * 2)
+    started = time.monotonic()
+    service.server.stop()
+    assert time.monotonic() - started < 3
+
+
+def test_sigterm_ends_open_streams_and_the_service_stops(tmp_path: Path) -> None:
+    process, url = serve(tmp_path)
+    try:
+        with httpx.stream("GET", f"{url}/ui/stream", headers=SSE, timeout=10) as s:
+            lines = s.iter_lines()
+            assert next(lines) == "retry: 1000"
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            for _ in lines:  # the stream ends instead of running on
+                pass
+        assert time.monotonic() - started < live.MAX_STREAM / 2
+        # uvicorn re-raises SIGTERM once it has shut down cleanly.
+        assert process.wait(timeout=10) in (0, -signal.SIGTERM)
+        assert time.monotonic() - started < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def test_a_database_from_before_the_dashboard_gains_its_tables(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 2 (refused callbacks, the change feed's index) upgrades a database
+    that already holds jobs, on both stores."""
+    from service.store import open_store, postgres, sqlite
+    from service.store.base import Rejection
+
+    from .test_store import make_job
+
+    module: Any = sqlite if store_url.startswith("sqlite") else postgres
+
+    async def scenario() -> None:
+        monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+        old = open_store(store_url)
+        await old.open()
+        job, _ = await old.create_job(make_job())
+        await old.close()
+        monkeypatch.undo()
+        store = open_store(store_url)
+        await store.open()
+        try:
+            assert await store.get_job(job.id) is not None
+            await store.record_rejection(Rejection(time.time(), "too_large", "over 1 MiB"))
+            assert [r.outcome for r in await store.recent_callbacks()] == ["too_large"]
+            assert [j.id for j in await store.jobs_changed_since(0.0, "", 10)] == [job.id]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
