@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from . import api
+from . import api, apidocs
 from .callbacks import receive_callback
 from .config import Settings
 from .dashboard import Dashboard
@@ -85,6 +85,7 @@ def create_app(
         Route("/callbacks", _instance_callback, methods=["POST"]),
         Route("/openapi.json", _openapi, methods=["GET"]),
         *dashboard.routes(),
+        *apidocs.routes(),
     ]
     embedded: Sandbox | None = None
     credentials = settings.credentials()

@@ -134,8 +134,24 @@ def _jobs(args: argparse.Namespace) -> int:
         return 0
     if not page["jobs"]:
         print("no jobs")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("job", "state", "object", "hub", "records", "failed", "via", "updated")
     for job in page["jobs"]:
-        print_job(job, as_json=False)
+        failed = job.get("records_failed_count")
+        table.add_row(
+            job["id"],
+            job["state"],
+            job["object"],
+            job["hub"],
+            "" if job.get("records_count") is None else str(job["records_count"]),
+            "" if failed is None else (f"[red]{failed}[/red]" if failed else "0"),
+            job["last_source"],
+            job["updated_at"],
+        )
+    Console(width=max(120, Console().width)).print(table)
     return 0
 
 

@@ -234,3 +234,21 @@ def test_with_tokens_the_dashboard_refuses_until_you_log_in(
     browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
     wait_until(lambda: browser.find_elements(By.NAME, "token"), "the login form again")
     no_console_errors(browser)
+
+
+def test_the_api_docs_render_offline(
+    start_service: Callable[..., RunningService], browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    service = start_service(None)
+    browser.get(service.url + "/docs")
+    operations = wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"),
+        "Swagger UI to list the operations",
+    )
+    paths = {element.text.replace("\u200b", "") for element in operations}
+    assert {"/jobs", "/callbacks/jobs/{job_id}", "/objects"} <= paths
+    screenshot(browser, "api-docs")
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert [e for e in errors if "favicon.ico" not in e["message"]] == []

@@ -177,3 +177,56 @@ def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
     assert "by a verified callback" in result.stdout
     assert "by polling" in result.stdout
     assert "demo succeeded" in result.stdout
+
+
+def test_jobs_prints_a_table(service: RunningService, contacts_csv: Path) -> None:
+    job = service.submit(contacts_csv).json()
+    service.wait_for(job["id"], {"COMPLETED"})
+    result = bulkhook("jobs", "--url", service.url)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if "┃" in line)
+    rows = [line for line in lines if "│" in line]
+    assert "state" in header and "records" in header and "via" in header
+    assert any(job["id"] in row and "COMPLETED" in row and "callback" in row for row in rows)
+
+
+def test_the_upload_progress_bar_is_drawn_on_a_terminal(
+    service: RunningService, contacts_csv: Path
+) -> None:
+    import pty
+
+    primary, secondary = pty.openpty()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "submit",
+            str(contacts_csv),
+            "--object",
+            "contact",
+            "--url",
+            service.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        env={**environment, "COLUMNS": "100", "TERM": "xterm"},
+    )
+    os.close(secondary)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    stdout, _ = process.communicate(timeout=60)
+    os.close(primary)
+    assert process.returncode == 0
+    assert b"uploading" in drawn
+    assert b"100%" in drawn or b"1.0" in drawn or b"kB" in drawn or b"KiB" in drawn
+    assert b"CREATED" in stdout  # the job line still goes to stdout

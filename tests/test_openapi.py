@@ -30,6 +30,7 @@ _HTML_ONLY = {
     ("/ui/logout", "POST"),
     ("/ui/jobs/{job_id}", "GET"),
     ("/ui/jobs/{job_id}/failed", "GET"),
+    ("/docs", "GET"),
 }
 
 
@@ -55,7 +56,7 @@ def test_every_route_the_app_serves_is_described(tmp_path: Path) -> None:
     served: set[tuple[str, str]] = set()
     for route in app.routes:
         if isinstance(route, Mount):
-            assert route.path in {"/sandbox", "/ui/static"}, f"unexpected mount {route.path}"
+            assert route.path in {"/sandbox", "/ui/static", "/docs/static"}, route.path
             continue
         assert isinstance(route, Route)
         served |= {(route.path, method) for method in route.methods or () if method != "HEAD"}
@@ -166,3 +167,15 @@ def test_real_answers_match_the_schemas(
         assert ack.status_code == status, ack.text
         assert ack.json()["status"] == ("accepted" if status == 200 else "kept")
         _conforms(spec, "CallbackAck", ack.json())
+
+
+def test_docs_render_the_description_from_local_assets(start_service) -> None:  # type: ignore[no-untyped-def]
+    service = start_service(None)
+    page = service.http.get("/docs")
+    assert page.status_code == 200
+    assert "/openapi.json" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing remote
+    for asset in ("/docs/static/swagger-ui-bundle.js", "/docs/static/swagger-ui.css"):
+        response = service.http.get(asset)
+        assert response.status_code == 200
+        assert len(response.content) > 10_000
