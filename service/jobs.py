@@ -8,6 +8,7 @@ would move a job backwards is recorded and ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import secrets
 import time
@@ -207,27 +208,13 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], events: tuple[Event, ...] = ()) -> Job:
-        return cls(
-            id=row["id"],
-            hub=row["hub"],
-            object=row["object"],
-            path=row["path"],
-            state=State(row["state"]),
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            last_source=row["last_source"],
-            upstream_id=row["upstream_id"],
-            upstream_status=row["upstream_status"],
-            records_count=row["records_count"],
-            records_failed_count=row["records_failed_count"],
-            filename=row["filename"],
-            rows=row["rows"],
-            version=row["version"],
-            next_poll_at=row["next_poll_at"],
-            poll_count=row["poll_count"],
-            not_found_count=row["not_found_count"],
-            events=events,
-        )
+        """A job from a store row (a mapping with a column per field)."""
+        columns = {name: row[name] for name in _COLUMNS}
+        return cls(**columns, state=State(row["state"]), events=events)
+
+
+# The fields stored as columns of the same name (state and events need converting).
+_COLUMNS = tuple(f.name for f in dataclasses.fields(Job) if f.name not in ("state", "events"))
 
 
 def _succeeded(job: Job) -> bool | None:
