@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -29,10 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
+from service.jobs import TERMINAL  # noqa: E402
 from service.signatures import sign  # noqa: E402
 
 KEY = "bench-signature-key"
 CONTACTS = ROOT / "service" / "samples" / "contacts.csv"
+# Callbacks are spread over this many jobs, as a real endpoint's would be.
+CALLBACK_JOBS = 200
 
 
 def free_port() -> int:
@@ -88,8 +92,8 @@ def bulkhook(*args: str) -> list[str]:
 # -- 1. callback ingestion -------------------------------------------------------------
 
 
-def wrk(url: str, body: bytes, connections: int, seconds: int) -> dict[str, float]:
-    env = {**os.environ, "BENCH_BODY": body.decode(), "BENCH_SIGNATURE": sign(KEY, body)}
+def wrk(base: str, targets: Path, connections: int, seconds: int) -> dict[str, float]:
+    env = {**os.environ, "BENCH_TARGETS": str(targets)}
     out = subprocess.run(
         [
             "wrk",
@@ -99,7 +103,7 @@ def wrk(url: str, body: bytes, connections: int, seconds: int) -> dict[str, floa
             "--latency",
             "-s",
             str(BENCH / "callback.lua"),
-            url,
+            base,
         ],
         capture_output=True,
         text=True,
@@ -118,6 +122,22 @@ def wrk(url: str, body: bytes, connections: int, seconds: int) -> dict[str, floa
         "p99": latencies["99"],
         "errors": int(errors.group(1)) if errors else 0,
     }
+
+
+def callback_targets(service: str, work: Path, jobs: int) -> Path:
+    """Submit ``jobs`` jobs and write one signed RUNNING callback per job for wrk."""
+    lines = []
+    with httpx.Client(base_url=service, timeout=60) as client:
+        for _ in range(jobs):
+            with CONTACTS.open("rb") as handle:
+                response = client.post("/jobs", data={"object": "contact"}, files={"file": handle})
+            job = response.json()
+            assert response.status_code == 202, response.text
+            body = json.dumps({"id": job["upstream_id"], "status": "RUNNING", "recordsCount": 10})
+            lines.append(f"/callbacks/jobs/{job['id']}\t{sign(KEY, body.encode())}\t{body}\n")
+    targets = work / "callbacks.tsv"
+    targets.write_text("".join(lines))
+    return targets
 
 
 def bench_callbacks(
@@ -139,26 +159,17 @@ def bench_callbacks(
     ]
     env = service_env(work, service_port, **({"database": database} if database else {}))
     with process(bare, work), process(bulkhook("serve", "--port", str(service_port)), work, env):
-        wait_for(
-            f"http://127.0.0.1:{bare_port}/callbacks/jobs/x".replace("/callbacks/jobs/x", "/docs")
-        )
-        wait_for(f"http://127.0.0.1:{service_port}/healthz")
-        service = f"http://127.0.0.1:{service_port}"
-        with CONTACTS.open("rb") as handle:
-            job = httpx.post(
-                f"{service}/jobs", data={"object": "contact"}, files={"file": handle}, timeout=60
-            ).json()
-        body = json.dumps(
-            {"id": job["upstream_id"], "status": "RUNNING", "recordsCount": 10}
-        ).encode()
-        bare_url = f"http://127.0.0.1:{bare_port}/callbacks/jobs/{job['id']}"
-        service_url = f"{service}/callbacks/jobs/{job['id']}"
-        wrk(bare_url, body, 64, 2)  # warm up both
-        wrk(service_url, body, 64, 2)
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        service_url = f"http://127.0.0.1:{service_port}"
+        wait_for(f"{bare_url}/docs")
+        wait_for(f"{service_url}/healthz")
+        targets = callback_targets(service_url, work, CALLBACK_JOBS)
+        wrk(bare_url, targets, 64, 2)  # warm up both
+        wrk(service_url, targets, 64, 2)
         ratios, bare_runs, service_runs = [], [], []
         for _ in range(repeats):
-            b = wrk(bare_url, body, 64, seconds)
-            s = wrk(service_url, body, 64, seconds)
+            b = wrk(bare_url, targets, 64, seconds)
+            s = wrk(service_url, targets, 64, seconds)
             bare_runs.append(b)
             service_runs.append(s)
             ratios.append(s["rps"] / b["rps"])
@@ -166,7 +177,7 @@ def bench_callbacks(
         # p99 at about half the bare endpoint's capacity: fewest connections reaching it.
         at_half = None
         for connections in (1, 2, 4, 8, 16):
-            at_half = wrk(service_url, body, connections, seconds)
+            at_half = wrk(service_url, targets, connections, seconds)
             if at_half["rps"] >= half:
                 break
     return {
@@ -209,12 +220,14 @@ def fill_sqlite(path: Path, jobs: int) -> str:
             now - jobs + n,
             now - jobs + n,
             "poll",
+            # Jobs still running are due for a poll in the next hour, except 100 due now.
+            None if states[n % 10] in TERMINAL else now + (n % 3600 if n > 10_000 else -1),
         )
         for n in range(jobs)
     )
     conn.execute("BEGIN")
     conn.executemany(
-        "INSERT INTO jobs (id, upstream_id, hub, object, path, filename, rows, state, upstream_status, records_count, records_failed_count, created_at, updated_at, last_source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "INSERT INTO jobs (id, upstream_id, hub, object, path, filename, rows, state, upstream_status, records_count, records_failed_count, created_at, updated_at, last_source, next_poll_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         rows,
     )
     sample = f"{int((now - jobs + jobs // 2) * 1000):012x}{jobs // 2:012x}"
@@ -225,6 +238,21 @@ def fill_sqlite(path: Path, jobs: int) -> str:
     conn.execute("COMMIT")
     conn.close()
     return sample
+
+
+def claim_due_ms(database: Path) -> tuple[float, int]:
+    """The poller's claim query on the full store: (median ms, due jobs it found)."""
+    from service.store.sqlite import CLAIM_DUE
+
+    conn = sqlite3.connect(database)
+    times, found = [], 0
+    for _ in range(200):
+        now = time.time()
+        started = time.perf_counter()
+        found = len(conn.execute(CLAIM_DUE, (now, now, 100)).fetchall())
+        times.append((time.perf_counter() - started) * 1000)
+    conn.close()
+    return round(statistics.median(times), 3), found
 
 
 def timed_gets(url: str, count: int) -> list[float]:
@@ -244,6 +272,7 @@ def bench_store(work: Path, jobs: int) -> dict[str, object]:
     started = time.monotonic()
     sample = fill_sqlite(database, jobs)
     filled = time.monotonic() - started
+    claim = claim_due_ms(database)
     port = free_port()
     env = service_env(work, port, database=f"sqlite:///{database}")
     with process(bulkhook("serve", "--port", str(port)), work, env):
@@ -258,6 +287,8 @@ def bench_store(work: Path, jobs: int) -> dict[str, object]:
         "healthz_median_ms": round(health, 2),
         "list_running_100_median_ms": round(listing, 2),
         "get_job_median_ms": round(one, 2),
+        "poller_claim_query_median_ms": claim[0],
+        "poller_claim_query_due_jobs": claim[1],
         "list_ratio_to_healthz": round(listing / health, 1),
         "get_ratio_to_healthz": round(one / health, 1),
     }
@@ -330,12 +361,25 @@ def bench_upload(work: Path, size: int) -> dict[str, object]:
             f"file=@{upload}",
             f"http://127.0.0.1:{service_port}/jobs",
         ]
+        stats = f"http://127.0.0.1:{sandbox_port}/_sandbox/stats"
+
+        def quiet_sandbox() -> None:
+            # The sandbox reads each uploaded file once more to run its job; start the
+            # next upload only when it is done, so every upload meets the same machine.
+            while True:
+                running = httpx.get(stats, timeout=30).json()["jobs_by_status"]
+                if not set(running) - {"COMPLETED", "ERROR", "ABORTED", "CANCELLED"}:
+                    return
+                time.sleep(0.5)
+
         direct, through = [], []
-        for _ in range(2):
+        for _ in range(3):
+            quiet_sandbox()
             started = time.monotonic()
             code = subprocess.run(direct_cmd, capture_output=True, text=True, check=True).stdout
             direct.append(time.monotonic() - started)
             assert code == "200", code
+            quiet_sandbox()
             started = time.monotonic()
             code = subprocess.run(service_cmd, capture_output=True, text=True, check=True).stdout
             through.append(time.monotonic() - started)
@@ -351,15 +395,131 @@ def bench_upload(work: Path, size: int) -> dict[str, object]:
     }
 
 
+# -- 4. poller at scale -----------------------------------------------------------------
+
+
+def metric(text: str, name: str, label: str) -> float:
+    found = re.search(rf'^{name}{{[^}}]*"{label}"}} ([\d.e+]+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def submit_all(service: str, jobs: int, concurrency: int = 16) -> None:
+    import asyncio
+
+    payload = CONTACTS.read_bytes()
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=service, timeout=120) as client:
+
+        async def one() -> None:
+            async with sem:
+                response = await client.post(
+                    "/jobs", data={"object": "contact"}, files={"file": ("c.csv", payload)}
+                )
+                assert response.status_code == 202, response.text
+
+        await asyncio.gather(*(one() for _ in range(jobs)))
+
+
+def bench_poller(work: Path, jobs: int, rate: int) -> dict[str, object]:
+    """Every callback dropped: each job must finish by polling, within the rate budget."""
+    sandbox_port, service_port = free_port(), free_port()
+    sandbox = bulkhook(
+        "sandbox",
+        "--port",
+        str(sandbox_port),
+        "--job-seconds",
+        "2",
+        "--drop-callbacks",
+        "1",
+        "--signature-key",
+        KEY,
+    )
+    database = work / "poller.db"
+    env = service_env(
+        work,
+        service_port,
+        database=f"sqlite:///{database}",
+        OC_BASE_URL=f"http://127.0.0.1:{sandbox_port}/elements/api-v2",
+        OC_USER_SECRET="u",
+        BULKHOOK_CALLBACK_GRACE="1",
+        BULKHOOK_POLL_INTERVAL="1",
+        BULKHOOK_POLL_MAX_INTERVAL="4",
+        BULKHOOK_POLL_RATE=str(rate),
+    )
+    sandbox_stats = f"http://127.0.0.1:{sandbox_port}/_sandbox/stats"
+    service = f"http://127.0.0.1:{service_port}"
+    with (
+        process(sandbox, work),
+        process(bulkhook("serve", "--port", str(service_port)), work, env) as proc,
+    ):
+        wait_for(sandbox_stats)
+        wait_for(f"{service}/healthz")
+        started = time.monotonic()
+        submitter = subprocess.Popen(  # its own process: its CPU is not the service's
+            [sys.executable, __file__, "--submit", service, str(jobs)], cwd=work
+        )
+        samples: list[tuple[float, int]] = []
+        converged_after = None
+        deadline = started + 600
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            calls = httpx.get(sandbox_stats).json()["calls"].get("status", 0)
+            samples.append((time.monotonic(), calls))
+            if submitter.poll() is None:
+                continue
+            done = metric(httpx.get(f"{service}/metrics").text, "bulkhook_jobs", "COMPLETED")
+            if done >= jobs:
+                converged_after = time.monotonic() - started
+                break
+        submitter.wait(60)
+        # Nothing due any more: what does the service cost while it waits?
+        time.sleep(2)
+        before = cpu_seconds(proc.pid)
+        time.sleep(10)
+        idle_cpu = (cpu_seconds(proc.pid) - before) / 10
+        states = httpx.get(f"{service}/metrics").text
+    rates = [(c2 - c1) / (t2 - t1) for (t1, c1), (t2, c2) in itertools.pairwise(samples)]
+    from service.store.sqlite import CLAIM_DUE
+
+    conn = sqlite3.connect(database)
+    plan = conn.execute(f"EXPLAIN QUERY PLAN {CLAIM_DUE}", (time.time(), time.time(), 100))
+    plan_text = "; ".join(row[-1] for row in plan)
+    conn.close()
+    return {
+        "jobs": jobs,
+        "poll_rate_budget": rate,
+        "status_calls": samples[-1][1] if samples else 0,
+        "status_calls_per_s_max": round(max(rates), 1) if rates else None,
+        "status_calls_per_s_median": round(statistics.median(rates), 1) if rates else None,
+        "completed": int(metric(states, "bulkhook_jobs", "COMPLETED")),
+        "converged_seconds": round(converged_after, 1) if converged_after else None,
+        "idle_cpu_percent": round(idle_cpu * 100, 2),
+        "claim_query_plan": plan_text,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
-    parser.add_argument("--only", choices=["callbacks", "store", "upload"], action="append")
+    parser.add_argument(
+        "--only", choices=["callbacks", "poller", "store", "upload"], action="append"
+    )
+    parser.add_argument("--submit", nargs=2, metavar=("URL", "JOBS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.submit:  # the poller benchmark's submitter, run as a process of its own
+        import asyncio
+
+        asyncio.run(submit_all(args.submit[0], int(args.submit[1])))
+        return 0
     if not shutil.which("wrk") or not shutil.which("curl"):
         print("bench needs wrk and curl (Debian packages wrk, curl)", file=sys.stderr)
         return 2
-    only = set(args.only or ["callbacks", "store", "upload"])
+    only = set(args.only or ["callbacks", "poller", "store", "upload"])
     print(f"cores: {os.cpu_count()}; python {sys.version.split()[0]}")
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="bulkhook-bench-") as tmp:
@@ -373,6 +533,10 @@ def main() -> int:
                 results["callbacks (PostgreSQL)"] = bench_callbacks(
                     work, 2, 5 if args.quick else 10, pg
                 )
+        if "poller" in only:
+            results["poller"] = bench_poller(
+                work, 1_000 if args.quick else 10_000, 100 if args.quick else 200
+            )
         if "store" in only:
             results["store"] = bench_store(work, 100_000 if args.quick else 1_000_000)
         if "upload" in only:

@@ -16,10 +16,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from . import api, apidocs
-from .callbacks import receive_callback
 from .config import Settings
 from .dashboard import Dashboard
 from .errors import ApiError, error_response
+from .ingress import CallbackEndpoint, Service
 from .metrics import Metrics
 from .openapi import openapi_spec
 from .poller import Poller
@@ -52,15 +52,6 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal_error", "an unexpected error occurred")
 
 
-async def _job_callback(request: Request) -> Response:
-    state = request.app.state.bulkhook
-    return await receive_callback(request, state, request.path_params["job_id"])
-
-
-async def _instance_callback(request: Request) -> Response:
-    return await receive_callback(request, request.app.state.bulkhook, None)
-
-
 async def _openapi(request: Request) -> Response:
     return JSONResponse(openapi_spec())
 
@@ -70,7 +61,7 @@ def create_app(
     *,
     sandbox: SandboxOptions | None = None,
     upstream_retry: RetryPolicy | None = None,
-) -> Starlette:
+) -> Service:
     """An independent app.
 
     ``sandbox`` tunes the embedded upstream (used only without OC_BASE_URL);
@@ -79,10 +70,11 @@ def create_app(
     public_url = (settings.public_url or "http://127.0.0.1:8000").rstrip("/")
     keys = settings.signature_keys
     dashboard = Dashboard()
+    callbacks = CallbackEndpoint()
     routes: list[BaseRoute] = [
         *api.routes,
-        Route("/callbacks/jobs/{job_id}", _job_callback, methods=["POST"]),
-        Route("/callbacks", _instance_callback, methods=["POST"]),
+        Route("/callbacks/jobs/{job_id}", callbacks, methods=["POST"]),
+        Route("/callbacks", callbacks, methods=["POST"]),
         Route("/openapi.json", _openapi, methods=["GET"]),
         *dashboard.routes(),
         *apidocs.routes(),
@@ -138,7 +130,8 @@ def create_app(
             await upstream.aclose()
             await store.close()
 
-    return Starlette(
+    return Service(
+        callbacks=callbacks,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={

@@ -1,26 +1,26 @@
 """Receiving job-completion callbacks (DESIGN §3 "Receiving a callback").
 
-Order matters: read at most the size limit, verify the signature over the raw bytes,
-and only then parse. The answer is sent only after the store committed the delivery,
-the observation and the timeline entry in one transaction.
+Order matters: the body was read up to the size limit (``ingress.py``), the signature
+is verified over those raw bytes, and only then is the body parsed. The answer is
+given only after the store committed the delivery, the observation and the timeline
+entry in one transaction.
+
+Nothing here knows about HTTP framing: ``receive`` takes the headers that matter and
+the raw body, and returns the ``Answer`` to send.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from starlette.background import BackgroundTask
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-
 from . import signatures
-from .errors import ApiError, error_response
+from .errors import ApiError, error_body
 from .jobs import Observation, Source
 from .statuses import normalize_status
 from .store import Delivery
@@ -29,34 +29,36 @@ from .store.base import Rejection
 if TYPE_CHECKING:
     from .state import AppState
 
-__all__ = ["observation_from_body", "read_limited", "receive_callback"]
+__all__ = ["Answer", "CallbackHeaders", "observation_from_body", "receive", "refuse"]
 
 log = logging.getLogger("bulkhook.callbacks")
-_WEBHOOK_ID = "elements-webhook-id"
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        raise ApiError(f"the body is larger than {limit} bytes", code="too_large", status=413)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(f"the body is larger than {limit} bytes", code="too_large", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+@dataclass(frozen=True, slots=True)
+class CallbackHeaders:
+    """The request headers a callback is judged by, as sent."""
+
+    signatures: tuple[str, ...] = ()
+    webhook_id: str | None = None
 
 
-def _as_dict(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    payload: dict[str, Any]
+    headers: Mapping[str, str] | None = None
+    # Work that must not delay the answer: run once it has been sent.
+    after: Callable[[], Awaitable[None]] | None = None
 
 
-def _first(data: Mapping[str, Any], *names: str) -> Any:
-    message = _as_dict(data.get("message"))
-    for source in (data, message):
+def _fields(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The body's top level, and the ``message`` object event-style bodies nest under."""
+    message = data.get("message")
+    return data, message if isinstance(message, dict) else {}
+
+
+def _first(fields: tuple[dict[str, Any], dict[str, Any]], *names: str) -> Any:
+    for source in fields:
         for name in names:
             value = source.get(name)
             if value is not None and value != "":
@@ -81,34 +83,39 @@ def _text(value: Any) -> str | None:
     return text[:200] or None
 
 
-def parse_body(body: bytes) -> Mapping[str, Any] | None:
+def _parse(body: bytes) -> dict[str, Any] | None:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
-    return data if isinstance(data, Mapping) else None
+    return data if isinstance(data, dict) else None
 
 
-def observation_from_body(body: bytes, at: float) -> Observation | None:
-    """What a verified callback body says; None when it is not a JSON object."""
-    data = parse_body(body)
-    if data is None:
-        return None
-    raw_status = _text(_first(data, "status", "jobStatus"))
+def _observation(data: dict[str, Any], at: float, detail: str = "") -> Observation:
+    fields = _fields(data)
+    raw_status = _text(_first(fields, "status", "jobStatus"))
     return Observation(
         Source.CALLBACK,
         status=normalize_status(raw_status),
         raw_status=raw_status,
-        records_count=_count(_first(data, "recordsCount")),
-        records_failed_count=_count(_first(data, "recordsFailedCount")),
+        records_count=_count(_first(fields, "recordsCount")),
+        records_failed_count=_count(_first(fields, "recordsFailedCount")),
         at=at,
+        detail=detail,
     )
 
 
-def _refs(data: Mapping[str, Any]) -> tuple[str | None, str | None]:
+def observation_from_body(body: bytes, at: float) -> Observation | None:
+    """What a verified callback body says; None when it is not a JSON object."""
+    data = _parse(body)
+    return None if data is None else _observation(data, at)
+
+
+def _refs(data: dict[str, Any]) -> tuple[str | None, str | None]:
     """(our job id from callback-payload, the upstream job id) named by a body."""
-    payload = _text(_first(data, "callback-payload", "callbackPayload"))
-    upstream = _text(_first(data, "id", "jobId"))
+    fields = _fields(data)
+    payload = _text(_first(fields, "callback-payload", "callbackPayload"))
+    upstream = _text(_first(fields, "id", "jobId"))
     return payload, upstream
 
 
@@ -126,9 +133,13 @@ async def _find_job_id(
     return None
 
 
-def _refused(
-    request: Request, state: AppState, job_id: str | None, reason: str, error: ApiError
-) -> Response:
+def refuse(
+    state: AppState,
+    job_id: str | None,
+    webhook_id: str | None,
+    reason: str,
+    error: ApiError,
+) -> Answer:
     """The refusal, counted; it is noted for the dashboard only after it was sent.
 
     Noting it after answering keeps the refusal as prompt as ever (and best effort:
@@ -136,9 +147,12 @@ def _refused(
     kept, truncated: never the body, which is neither trusted nor parsed.
     """
     state.metrics.callbacks.labels(reason).inc()
-    webhook_id = (request.headers.get(_WEBHOOK_ID) or "").strip()[:200] or None
     rejection = Rejection(
-        time.time(), reason, error.message[:300], job_id[:200] if job_id else None, webhook_id
+        time.time(),
+        reason,
+        error.message[:300],
+        job_id[:200] if job_id else None,
+        (webhook_id or "").strip()[:200] or None,
     )
 
     async def note() -> None:
@@ -147,31 +161,24 @@ def _refused(
         except Exception as exc:
             log.warning("could not note a refused callback: %r", exc, extra={"outcome": reason})
 
-    response = error_response(error.status, error.code, error.message, headers=error.headers)
-    response.background = BackgroundTask(note)
-    return response
+    payload = error_body(error.code, error.message, **error.extra)
+    return Answer(error.status, payload, error.headers, after=note)
 
 
-async def receive_callback(request: Request, state: AppState, job_id: str | None) -> Response:
+async def receive(
+    state: AppState, job_id: str | None, headers: CallbackHeaders, body: bytes
+) -> Answer:
+    """Verify, then record and apply one delivery; raises ApiError for a 4xx."""
     started = time.perf_counter()
     metrics = state.metrics
-    try:
-        body = await read_limited(request, state.settings.max_callback_bytes)
-    except ApiError as exc:
-        return _refused(request, state, job_id, "too_large", exc)
-    given = request.headers.getlist(signatures.HEADER)
+    given = headers.signatures
     if len(given) > 1:
-        return _refused(
-            request,
-            state,
-            job_id,
-            "bad_signature",
-            ApiError(
-                f"the {signatures.HEADER} header was given {len(given)} times",
-                code="bad_signature",
-                status=401,
-            ),
+        error = ApiError(
+            f"the {signatures.HEADER} header was given {len(given)} times",
+            code="bad_signature",
+            status=401,
         )
+        return refuse(state, job_id, headers.webhook_id, "bad_signature", error)
     verdict = signatures.verify(given[0] if given else None, body, state.signature_keys)
     if not verdict.ok:
         log.warning(
@@ -179,29 +186,24 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
             verdict.verdict.value,
             extra={"job_id": job_id, "outcome": "bad_signature"},
         )
-        return _refused(
-            request,
-            state,
-            job_id,
-            "bad_signature",
-            ApiError(f"signature check failed: {verdict.reason}", code="bad_signature", status=401),
+        error = ApiError(
+            f"signature check failed: {verdict.reason}", code="bad_signature", status=401
         )
-    webhook_id = request.headers.get(_WEBHOOK_ID) or f"sha256:{hashlib.sha256(body).hexdigest()}"
+        return refuse(state, job_id, headers.webhook_id, "bad_signature", error)
+    webhook_id = headers.webhook_id or f"sha256:{hashlib.sha256(body).hexdigest()}"
     webhook_id = webhook_id.strip()[:200]
     now = time.time()
-    data = parse_body(body)
+    data = _parse(body)
     if data is None:
         await state.store.keep_callback(
             Delivery(webhook_id, now, job_id), reason="malformed", body=body
         )
         metrics.callbacks.labels("malformed").inc()
         raise ApiError("the callback body is not a JSON object", code="malformed_callback")
-    observation = observation_from_body(body, now)
-    assert observation is not None
-    observation = dataclasses.replace(
-        observation,
-        detail=f"signature verified ({verdict.algorithm}, key {verdict.key_index}); "
-        f"delivery {webhook_id}",
+    observation = _observation(
+        data,
+        now,
+        f"signature verified ({verdict.algorithm}, key {verdict.key_index}); delivery {webhook_id}",
     )
     payload_id, upstream_id = _refs(data)
     nudge = observation.target() is None
@@ -227,7 +229,7 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
             continue
         metrics.callbacks.labels("unknown_job" if kept == "kept" else "duplicate").inc()
         metrics.callback_latency.observe(time.perf_counter() - started)
-        return JSONResponse({"status": kept}, status_code=202)
+        return Answer(202, {"status": kept})
     if applied is None:
         raise ApiError("the job could not be found", code="not_found", status=404)
     job = applied.job
@@ -240,7 +242,7 @@ async def receive_callback(request: Request, state: AppState, job_id: str | None
         "callback %s: job %s is %s",
         outcome,
         job.id,
-        applied.job.state,
+        job.state,
         extra={"job_id": job.id, "webhook_id": webhook_id, "outcome": outcome},
     )
-    return JSONResponse({"status": outcome, "job": applied.job.id, "state": str(applied.job.state)})
+    return Answer(200, {"status": outcome, "job": job.id, "state": str(job.state)})

@@ -206,11 +206,28 @@ class Job:
             body["events"] = [event.to_json() for event in self.events]
         return body
 
+    def evolve(self, **changes: Any) -> Job:
+        """A copy with ``changes`` (field names, values already of the field's type).
+
+        ``dataclasses.replace`` re-runs every check of ``__init__``; this copies the
+        fields as they are, which matters on the callback path.
+        """
+        job = object.__new__(Job)
+        job.__dict__.update(self.__dict__, **changes)
+        return job
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any], events: tuple[Event, ...] = ()) -> Job:
-        """A job from a store row (a mapping with a column per field)."""
-        columns = {name: row[name] for name in _COLUMNS}
-        return cls(**columns, state=State(row["state"]), events=events)
+        """A job from a store row (a mapping with a column per field).
+
+        Every field is set straight from its column, as ``evolve`` does: rows are read
+        by the thousand (lists, the dashboard) and once per callback.
+        """
+        job = object.__new__(cls)
+        job.__dict__.update(
+            {name: row[name] for name in _COLUMNS}, state=State(row["state"]), events=events
+        )
+        return job
 
 
 # The fields stored as columns of the same name (state and events need converting).

@@ -3,6 +3,11 @@
 Due times live in the store, so a restart resumes where it left off. The loop sleeps
 until the next due time (or until woken by a callback that carried no status), claims
 due jobs with a lease, and polls them with bounded concurrency under a global rate.
+
+It claims no more than about two seconds of the rate's worth of jobs at a time: a
+backlog of 10,000 due jobs is worked through in slices, each polled long before its
+lease runs out (so no job is claimed twice), and between slices the loop sleeps until
+its own polls drain rather than asking the store again and again.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 
@@ -55,6 +61,8 @@ class Poller:
         self.lease = lease
         self._limiter = RateLimiter(rate)
         self._concurrency = asyncio.Semaphore(max(1, min(32, int(rate * 2))))
+        # Jobs claimed but not yet polled, at most: about two seconds of the rate.
+        self._backlog = max(1, min(_BATCH, math.ceil(rate * 2)))
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -81,37 +89,55 @@ class Poller:
 
     async def _run(self) -> None:
         while True:
+            # Cleared before the tick: a wake-up while it runs is not lost.
+            self._wake.clear()
             try:
-                claimed = await self.tick()
-                delay = await self._sleep_time(claimed)
+                delay = await self._sleep_time(await self.tick())
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("poller tick failed; retrying")
                 delay = 1.0
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
     async def tick(self) -> int:
-        """Claim the jobs due now and start polling them; returns how many."""
+        """Claim the jobs due now (as many as the backlog has room for) and start polling
+        them; returns how many."""
+        room = self._backlog - len(self._inflight)
+        if room <= 0:
+            return 0
         now = time.time()
-        jobs = await self.store.claim_due(now, _BATCH, self.owner, self.lease)
+        jobs = await self.store.claim_due(now, room, self.owner, self.lease)
         for job in jobs:
             if job.next_poll_at is not None:
                 self.metrics.poll_lag.observe(max(0.0, now - job.next_poll_at))
             task = asyncio.get_running_loop().create_task(self._poll(job))
             self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            task.add_done_callback(self._done)
         return len(jobs)
 
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if len(self._inflight) <= self._backlog // 2:
+            self._wake.set()  # room for the next slice
+
     async def _sleep_time(self, claimed: int) -> float:
-        if claimed >= _BATCH:
-            return 0.0
+        """How long to sleep before the next tick, unless woken sooner."""
+        if len(self._inflight) >= self._backlog:
+            return _MAX_SLEEP  # full: woken as our polls drain
+        if claimed and len(self._inflight) > self._backlog // 2:
+            return _MAX_SLEEP  # plenty queued: woken as they drain
+        if claimed:
+            return 0.0  # there may be more due right now
         due = await self.store.next_due_at()
         if due is None:
             return _MAX_SLEEP
-        return min(_MAX_SLEEP, max(0.0, due - time.time()))
+        wait = due - time.time()
+        # Due already but not claimable: leased, by our own polls in flight (they wake
+        # us) or by another replica (its lease ends; look again now and then).
+        return _MAX_SLEEP if wait <= 0 else min(_MAX_SLEEP, wait)
 
     async def _poll(self, job: Job) -> None:
         async with self._concurrency:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..jobs import TERMINAL, Decision, Job, Observation, Source, decide
+from ..jobs import TERMINAL, Decision, Job, Observation, Source, State, decide
 from .base import _Keep
 
 __all__ = ["Plan", "plan_apply"]
@@ -18,6 +19,16 @@ class Plan:
     changes: dict[str, Any]
     # The timeline entry: (source, state, detail).
     event: tuple[str, str, str]
+
+    def applied_to(self, job: Job) -> Job:
+        """The row as the store holds it after this plan (saves reading it back)."""
+        fields = {name: value for name, value in self.changes.items() if name in _JOB_FIELDS}
+        if "state" in fields:
+            fields["state"] = State(fields["state"])
+        return job.evolve(**fields, version=job.version + 1)
+
+
+_JOB_FIELDS = frozenset(field.name for field in dataclasses.fields(Job))
 
 
 def _describe(observation: Observation) -> str:

@@ -294,9 +294,7 @@ class PostgresStore(PostgresActivity, Store):
                     "UPDATE kept_callbacks SET applied_at = %s WHERE id = %s",
                     (observation.at, kept_id),
                 )
-            fresh = await _job(conn, job_id, with_events=False)
-            assert fresh is not None
-            return Applied(fresh, plan.decision)
+            return Applied(plan.applied_to(job), plan.decision)
 
     async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
         ref = delivery.job_ref
