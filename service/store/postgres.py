@@ -98,6 +98,17 @@ MIGRATIONS: tuple[str, ...] = (
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
+_LOCK_JOB = "SELECT * FROM jobs WHERE id = %s FOR UPDATE"
+# The delivery is recorded (or found recorded already) in the same statement that locks
+# the job: ``fresh`` is false for a repeat.
+_LOCK_JOB_AND_DEDUPE = """
+    WITH delivered AS (
+        INSERT INTO deliveries VALUES (%s, %s, %s)
+        ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id
+    )
+    SELECT jobs.*, EXISTS (SELECT 1 FROM delivered) AS fresh
+    FROM jobs WHERE id = %s FOR UPDATE"""
+
 
 async def _events(conn: Conn, job_id: str) -> tuple[Event, ...]:
     cursor = await conn.execute(
@@ -261,18 +272,21 @@ class PostgresStore(PostgresActivity, Store):
         next_poll_at: float | _Keep | None = KEEP,
         kept_id: int | None = None,
     ) -> Applied | None:
+        # Three round trips: BEGIN with the locked read (and the delivery's dedupe),
+        # the compare-and-set with its timeline entry, COMMIT.
         async with self._pool.connection() as conn, conn.transaction():
-            job = await _job(conn, job_id, with_events=False, lock=True)
-            if job is None:
-                return None
-            if delivery is not None:
-                cursor = await conn.execute(
-                    "INSERT INTO deliveries VALUES (%s, %s, %s) "
-                    "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id",
-                    (delivery.webhook_id, job_id, delivery.received_at),
-                )
-                if await cursor.fetchone() is None:
-                    return Applied(job, None, duplicate=True)
+            if delivery is None:
+                row = await (await conn.execute(_LOCK_JOB, (job_id,))).fetchone()
+                fresh = True
+            else:
+                values = (delivery.webhook_id, job_id, delivery.received_at, job_id)
+                row = await (await conn.execute(_LOCK_JOB_AND_DEDUPE, values)).fetchone()
+                fresh = bool(row and row.pop("fresh"))
+            if row is None:
+                raise psycopg.Rollback()  # no such job: the delivery is not recorded
+            job = Job.from_row(row)
+            if not fresh:
+                return Applied(job, None, duplicate=True)
             plan = plan_apply(job, observation, upstream_id=upstream_id, next_poll_at=next_poll_at)
             if "upstream_id" in plan.changes:
                 # Pairs with keep_callback: a callback racing this submit is either kept
@@ -282,19 +296,21 @@ class PostgresStore(PostgresActivity, Store):
                 )
             assignments = ", ".join(f"{name} = %s" for name in plan.changes)
             cursor = await conn.execute(
-                f"UPDATE jobs SET {assignments}, version = version + 1 "  # type: ignore[arg-type]
-                "WHERE id = %s AND version = %s",
-                (*plan.changes.values(), job_id, job.version),
+                f"WITH updated AS (UPDATE jobs SET {assignments}, version = version + 1 "  # type: ignore[arg-type]
+                "WHERE id = %s AND version = %s RETURNING id) "
+                "INSERT INTO events (job_id, at, source, state, detail) "
+                "SELECT id, %s, %s, %s, %s FROM updated",
+                (*plan.changes.values(), job_id, job.version, observation.at, *plan.event),
             )
             if cursor.rowcount != 1:
                 raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
-            await _add_event(conn, job_id, observation.at, *plan.event)
             if kept_id is not None:
                 await conn.execute(
                     "UPDATE kept_callbacks SET applied_at = %s WHERE id = %s",
                     (observation.at, kept_id),
                 )
             return Applied(plan.applied_to(job), plan.decision)
+        return None
 
     async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
         ref = delivery.job_ref
