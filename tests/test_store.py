@@ -162,6 +162,56 @@ async def test_sqlite_is_in_wal_mode_with_every_migration(tmp_path: Path) -> Non
         assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
 
 
+async def test_a_job_changed_outside_the_store_is_decided_on_its_real_row(
+    tmp_path: Path,
+) -> None:
+    """The SQLite store remembers the rows it wrote; another writer's change still wins."""
+    path = tmp_path / "bulkhook.db"
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        job, _ = await store.create_job(make_job())
+        running = Observation(Source.CALLBACK, status="RUNNING", at=time.time())
+        applied = await store.apply(job.id, running, delivery=Delivery("d1", time.time()))
+        assert applied is not None and applied.job.state == State.RUNNING
+        with sqlite3.connect(path) as conn:  # as another process would
+            conn.execute(
+                "UPDATE jobs SET state = 'CANCELLED', version = version + 1 WHERE id = ?",
+                (job.id,),
+            )
+        completed = Observation(Source.CALLBACK, status="COMPLETED", at=time.time())
+        applied = await store.apply(job.id, completed, delivery=Delivery("d2", time.time()))
+        assert applied is not None and applied.job.state == State.CANCELLED
+        fetched = await store.get_job(job.id)
+        assert fetched is not None and fetched.state == State.CANCELLED
+        assert fetched.version == applied.job.version
+    finally:
+        await store.close()
+
+
+async def test_a_failed_write_rolls_back_alone(tmp_path: Path) -> None:
+    """One write of a group-commit round fails; the others in the round still commit."""
+    store = open_store(f"sqlite:///{tmp_path / 'bulkhook.db'}")
+    await store.open()
+    try:
+        first = make_job()
+        results = await asyncio.gather(
+            store.create_job(first),
+            store.create_job(make_job(id=first.id)),  # the same id: refused
+            store.create_job(make_job()),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], sqlite3.IntegrityError)
+        assert not isinstance(results[0], BaseException)
+        assert not isinstance(results[2], BaseException)
+        assert len(await store.list_jobs()) == 2
+        running = Observation(Source.CALLBACK, status="RUNNING", at=time.time())
+        applied = await store.apply(first.id, running)
+        assert applied is not None and applied.job.state == State.RUNNING
+    finally:
+        await store.close()
+
+
 async def test_an_unreachable_store_is_a_store_error() -> None:
     from service.store.postgres import PostgresStore
 

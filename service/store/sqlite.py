@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from ..jobs import Event, Job, Observation, State
@@ -13,6 +14,8 @@ from .plan import plan_apply
 from .writer import SQLiteThreads, connect
 
 __all__ = ["SQLiteStore"]
+
+_RECENT_JOBS = 4096
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -140,7 +143,12 @@ def _add_event(
 class SQLiteStore(SQLiteActivity, Store):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._threads = SQLiteThreads(self.path)
+        # The rows of recently written jobs, as this store's writes left them: a callback
+        # for a job in flight (written at its submission) needs no read before deciding.
+        # Only writes touch it, on the event loop; a rolled-back round clears it, and
+        # the compare-and-set on ``version`` catches a writer from outside.
+        self._recent: OrderedDict[str, Job] = OrderedDict()
+        self._threads = SQLiteThreads(self.path, on_rollback=self._recent.clear)
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +260,7 @@ class SQLiteStore(SQLiteActivity, Store):
         kept_id: int | None = None,
     ) -> Applied | None:
         def op(conn: sqlite3.Connection) -> Applied | None:
-            job = _job(conn, job_id, with_events=False)
+            job = self._recent.get(job_id) or _job(conn, job_id, with_events=False)
             if job is None:
                 return None
             if delivery is not None:
@@ -262,24 +270,40 @@ class SQLiteStore(SQLiteActivity, Store):
                 ).rowcount
                 if not inserted:
                     return Applied(job, None, duplicate=True)
-            plan = plan_apply(job, observation, upstream_id=upstream_id, next_poll_at=next_poll_at)
-            assignments = ", ".join(f"{name} = ?" for name in plan.changes)
-            updated = conn.execute(
-                f"UPDATE jobs SET {assignments}, version = version + 1 "
-                "WHERE id = ? AND version = ?",
-                (*plan.changes.values(), job_id, job.version),
-            ).rowcount
-            if not updated:
-                raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
+            for attempt in range(2):
+                plan = plan_apply(
+                    job, observation, upstream_id=upstream_id, next_poll_at=next_poll_at
+                )
+                assignments = ", ".join(f"{name} = ?" for name in plan.changes)
+                updated = conn.execute(
+                    f"UPDATE jobs SET {assignments}, version = version + 1 "
+                    "WHERE id = ? AND version = ?",
+                    (*plan.changes.values(), job_id, job.version),
+                ).rowcount
+                if updated:
+                    break
+                # Changed by a writer outside this store: decide again on the real row.
+                self._recent.pop(job_id, None)
+                job = _job(conn, job_id, with_events=False)
+                if job is None or attempt:
+                    raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
             _add_event(conn, job_id, observation.at, *plan.event)
             if kept_id is not None:
                 conn.execute(
                     "UPDATE kept_callbacks SET applied_at = ? WHERE id = ?",
                     (observation.at, kept_id),
                 )
-            return Applied(plan.applied_to(job), plan.decision)
+            fresh = plan.applied_to(job)
+            self._remember(fresh)
+            return Applied(fresh, plan.decision)
 
         return await self._threads.write(op)
+
+    def _remember(self, job: Job) -> None:
+        self._recent[job.id] = job
+        self._recent.move_to_end(job.id)
+        if len(self._recent) > _RECENT_JOBS:
+            self._recent.popitem(last=False)
 
     async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
         def op(conn: sqlite3.Connection) -> str:
@@ -341,6 +365,7 @@ class SQLiteStore(SQLiteActivity, Store):
         not_found: bool = False,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            self._recent.pop(job_id, None)
             conn.execute(
                 """UPDATE jobs SET next_poll_at = ?, lease_owner = NULL, lease_until = NULL,
                        not_found_count = CASE WHEN ? THEN not_found_count + 1 ELSE 0 END

@@ -46,8 +46,12 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 class SQLiteThreads:
-    def __init__(self, path: str, readers: int = 2) -> None:
+    def __init__(
+        self, path: str, readers: int = 2, on_rollback: Callable[[], None] | None = None
+    ) -> None:
         self._path = path
+        # Told whenever writes that already ran are undone (caches built on them go).
+        self._on_rollback = on_rollback or (lambda: None)
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
@@ -117,11 +121,12 @@ class SQLiteThreads:
         assert self._loop is not None
         try:
             await _begin(conn)
-            outcomes = _run_all(conn, batch)
+            outcomes = _run_all(conn, batch, self._on_rollback)
             await self._loop.run_in_executor(self._committer, conn.execute, "COMMIT")
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._on_rollback()
             outcomes = [(False, exc)] * len(batch)
         return outcomes
 
@@ -162,6 +167,7 @@ async def _begin(conn: sqlite3.Connection) -> None:
 def _run_all(
     conn: sqlite3.Connection,
     batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    on_rollback: Callable[[], None],
 ) -> list[tuple[bool, Any]]:
     """Every write of a round, in order, inside the open transaction.
 
@@ -178,6 +184,7 @@ def _run_all(
     except Exception:
         conn.execute("ROLLBACK TO round")
         conn.execute("RELEASE round")
+        on_rollback()
     outcomes = []
     for fn, _future in batch:
         conn.execute("SAVEPOINT op")
@@ -187,5 +194,6 @@ def _run_all(
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
+            on_rollback()
             outcomes.append((False, exc))
     return outcomes
