@@ -520,7 +520,15 @@ def main() -> int:
         print("bench needs wrk and curl (Debian packages wrk, curl)", file=sys.stderr)
         return 2
     only = set(args.only or ["callbacks", "poller", "store", "upload"])
-    print(f"cores: {os.cpu_count()}; python {sys.version.split()[0]}")
+    import importlib.util
+
+    import uvicorn
+
+    parser_name = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    print(
+        f"cores: {os.cpu_count()}; python {sys.version.split()[0]}; "
+        f"uvicorn {uvicorn.__version__} ({parser_name}, one worker)"
+    )
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="bulkhook-bench-") as tmp:
         work = Path(tmp)
