@@ -93,7 +93,7 @@ class CallbackEndpoint:
         for name, value in scope["headers"]:
             if name == _SIGNATURE:
                 given.append(value.decode("latin-1"))
-            elif name == _WEBHOOK_ID:
+            elif name == _WEBHOOK_ID and webhook_id is None:
                 webhook_id = value.decode("latin-1")
             elif name == _CONTENT_LENGTH and value.strip().isdigit():
                 declared = int(value)

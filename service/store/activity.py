@@ -15,7 +15,7 @@ from .base import REJECTIONS_KEPT, CallbackRecord, Rejection
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
-    from .writer import SQLiteThreads
+    from .writer import SQLiteConnections
 
 __all__ = ["PostgresActivity", "SQLiteActivity", "like_prefix"]
 
@@ -101,14 +101,14 @@ def _q(sql: str) -> str:
 
 
 class SQLiteActivity:
-    _threads: SQLiteThreads
+    _sql: SQLiteConnections
 
     async def jobs_changed_since(self, after: float, after_id: str, limit: int) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(_q(_CHANGED_SINCE), (after, after, after_id, limit))
             return [Job.from_row(row) for row in rows]
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
     async def record_rejection(self, rejection: Rejection) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -116,7 +116,7 @@ class SQLiteActivity:
             if newest > REJECTIONS_KEPT:
                 conn.execute(_q(_PRUNE_REJECTIONS), (newest - REJECTIONS_KEPT,))
 
-        await self._threads.write(op)
+        await self._sql.write(op)
 
     async def recent_callbacks(self, limit: int = 50) -> list[CallbackRecord]:
         def op(conn: sqlite3.Connection) -> list[CallbackRecord]:
@@ -124,14 +124,14 @@ class SQLiteActivity:
             records += [_rejection(r) for r in conn.execute(_q(_RECENT_REJECTIONS), (limit,))]
             return _newest_first(records, limit)
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
     async def rejections_for(self, job_ref: str, limit: int = 100) -> list[CallbackRecord]:
         def op(conn: sqlite3.Connection) -> list[CallbackRecord]:
             rows = conn.execute(_q(_REJECTIONS_FOR), (job_ref, limit))
             return [_rejection(row) for row in rows][::-1]
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
     async def callback_counts(self, since: float) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
@@ -140,7 +140,7 @@ class SQLiteActivity:
             _add_counts(counts, conn.execute(_q(_COUNT_REJECTIONS), (since,)))
             return counts
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
 
 class PostgresActivity:

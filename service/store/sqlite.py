@@ -11,7 +11,7 @@ from ..jobs import Event, Job, Observation, State
 from .activity import SQLiteActivity, like_prefix
 from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
 from .plan import plan_apply
-from .writer import SQLiteThreads, connect
+from .writer import SQLiteConnections, connect
 
 __all__ = ["SQLiteStore"]
 
@@ -148,7 +148,7 @@ class SQLiteStore(SQLiteActivity, Store):
         # Only writes touch it, on the event loop; a rolled-back round clears it, and
         # the compare-and-set on ``version`` catches a writer from outside.
         self._recent: OrderedDict[str, Job] = OrderedDict()
-        self._threads = SQLiteThreads(self.path, on_rollback=self._recent.clear)
+        self._sql = SQLiteConnections(self.path, on_rollback=self._recent.clear)
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -160,14 +160,14 @@ class SQLiteStore(SQLiteActivity, Store):
                 conn.close()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from exc
-        self._threads.start()
+        self._sql.start()
 
     async def close(self) -> None:
-        await self._threads.stop()
+        await self._sql.stop()
 
     async def ping(self) -> None:
         try:
-            await self._threads.read(lambda conn: conn.execute("SELECT 1").fetchone())
+            await self._sql.read(lambda conn: conn.execute("SELECT 1").fetchone())
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from exc
 
@@ -207,10 +207,10 @@ class SQLiteStore(SQLiteActivity, Store):
             assert created is not None
             return created, True
 
-        return await self._threads.write(op)
+        return await self._sql.write(op)
 
     async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None:
-        return await self._threads.read(lambda conn: _job(conn, job_id, with_events))
+        return await self._sql.read(lambda conn: _job(conn, job_id, with_events))
 
     async def find_by_upstream_id(self, upstream_id: str) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
@@ -220,7 +220,7 @@ class SQLiteStore(SQLiteActivity, Store):
             ).fetchone()
             return _job(conn, row["id"], False) if row else None
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
     async def list_jobs(
         self,
@@ -247,7 +247,7 @@ class SQLiteStore(SQLiteActivity, Store):
         def op(conn: sqlite3.Connection) -> list[Job]:
             return [Job.from_row(row) for row in conn.execute(sql, (*params, limit))]
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
     async def apply(
         self,
@@ -297,7 +297,7 @@ class SQLiteStore(SQLiteActivity, Store):
             self._remember(fresh)
             return Applied(fresh, plan.decision)
 
-        return await self._threads.write(op)
+        return await self._sql.write(op)
 
     def _remember(self, job: Job) -> None:
         self._recent[job.id] = job
@@ -327,7 +327,7 @@ class SQLiteStore(SQLiteActivity, Store):
             )
             return "kept"
 
-        return await self._threads.write(op)
+        return await self._sql.write(op)
 
     async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
         refs = [ref for ref in refs if ref]
@@ -342,7 +342,7 @@ class SQLiteStore(SQLiteActivity, Store):
         def op(conn: sqlite3.Connection) -> list[KeptCallback]:
             return [KeptCallback(*row) for row in conn.execute(sql, refs)]
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
     async def claim_due(self, now: float, limit: int, owner: str, lease: float) -> list[Job]:
         def op(conn: sqlite3.Connection) -> list[Job]:
@@ -354,7 +354,7 @@ class SQLiteStore(SQLiteActivity, Store):
             )
             return [job for job_id in ids if (job := _job(conn, job_id, False)) is not None]
 
-        return await self._threads.write(op)
+        return await self._sql.write(op)
 
     async def reschedule(
         self,
@@ -378,7 +378,7 @@ class SQLiteStore(SQLiteActivity, Store):
                 if row is not None:
                     _add_event(conn, job_id, time.time(), "poll", row["state"], detail)
 
-        await self._threads.write(op)
+        await self._sql.write(op)
 
     async def next_due_at(self) -> float | None:
         def op(conn: sqlite3.Connection) -> float | None:
@@ -387,7 +387,7 @@ class SQLiteStore(SQLiteActivity, Store):
             ).fetchone()
             return row[0]
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)
 
     async def release_leases(self, owner: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -396,11 +396,11 @@ class SQLiteStore(SQLiteActivity, Store):
                 (owner,),
             )
 
-        await self._threads.write(op)
+        await self._sql.write(op)
 
     async def count_by_state(self) -> dict[str, int]:
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
             return {row[0]: row[1] for row in rows}
 
-        return await self._threads.read(op)
+        return await self._sql.read(op)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["SQLiteThreads", "connect"]
+__all__ = ["SQLiteConnections", "connect"]
 
 T = TypeVar("T")
 _MAX_BATCH = 256
@@ -45,7 +45,9 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteThreads:
+class SQLiteConnections:
+    """The write connection (group-committed from the event loop) and the readers."""
+
     def __init__(
         self, path: str, readers: int = 2, on_rollback: Callable[[], None] | None = None
     ) -> None:
