@@ -534,7 +534,7 @@ def main() -> int:
         work = Path(tmp)
         if "callbacks" in only:
             results["callbacks (SQLite)"] = bench_callbacks(
-                work, 2 if args.quick else 3, 5 if args.quick else 10
+                work, 2 if args.quick else 5, 5 if args.quick else 8
             )
             pg = os.environ.get("BULKHOOK_BENCH_POSTGRES_URL")
             if pg:
