@@ -34,6 +34,7 @@ from starlette.templating import Jinja2Templates
 
 from . import api, live
 from .errors import ApiError, upstream_failure
+from .ingress import read_body
 from .jobs import Job, State
 from .upstream import UpstreamError
 from .views import callbacks_view, job_view, timeline_view
@@ -111,18 +112,6 @@ def _older(state: State | None, search: str, last_id: str) -> str:
     """The query string of the next page: the same filters, before the last job."""
     params = {"state": str(state or ""), "q": search, "before": last_id}
     return urlencode({key: value for key, value in params.items() if value})
-
-
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) as soon as it passes ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(f"the body is larger than {limit} bytes", code="too_large", status=413)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _local_path(value: str | None) -> str:
@@ -244,7 +233,7 @@ class Dashboard:
 
     async def login(self, request: Request) -> Response:
         _same_origin(request)
-        form = parse_qs((await _read_limited(request, 8192)).decode("utf-8", "replace"))
+        form = parse_qs((await read_body(request.receive, 8192)).decode("utf-8", "replace"))
         given = (form.get("token") or [""])[0].strip()
         target = _local_path((form.get("next") or ["/"])[0])
         tokens = _state(request).settings.api_tokens

@@ -26,7 +26,7 @@ from . import callbacks
 from .callbacks import Answer, CallbackHeaders
 from .errors import ApiError, error_body
 
-__all__ = ["CallbackEndpoint", "Service"]
+__all__ = ["CallbackEndpoint", "Service", "read_body"]
 
 log = logging.getLogger("bulkhook")
 
@@ -57,8 +57,8 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(f"the body is larger than {limit} bytes", code="too_large", status=413)
 
 
-async def _read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
-    """The raw body, refusing (413) as soon as it passes ``limit`` bytes."""
+async def read_body(receive: Receive, limit: int, declared: int | None = None) -> bytes:
+    """The raw body, refusing (413) as soon as it passes ``limit`` bytes (or declares to)."""
     if declared is not None and declared > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
@@ -100,7 +100,7 @@ class CallbackEndpoint:
         headers = CallbackHeaders(tuple(given), webhook_id)
         try:
             try:
-                body = await _read_body(receive, declared, state.settings.max_callback_bytes)
+                body = await read_body(receive, state.settings.max_callback_bytes, declared)
             except ApiError as exc:
                 answer = callbacks.refuse(state, job_id, webhook_id, "too_large", exc)
             else:
