@@ -318,6 +318,7 @@ def peak_rss_mib(pid: int) -> float:
 def bench_upload(work: Path, size: int) -> dict[str, object]:
     upload = work / "big.csv"
     make_csv(upload, size)
+    os.sync()  # a fresh 1 GiB of dirty pages would be written back during the uploads
     sandbox_port, service_port = free_port(), free_port()
     sandbox = bulkhook(
         "sandbox", "--port", str(sandbox_port), "--job-seconds", "1", "--signature-key", KEY

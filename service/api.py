@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -12,9 +13,10 @@ from starlette.routing import Route
 
 from .errors import ApiError, upstream_failure
 from .jobs import Job, State
+from .relay import RELAY_MIN_BYTES, Relay
 from .store import StoreError
 from .tracker import SubmitRequest
-from .uploads import receive_upload
+from .uploads import FileStart, receive_upload
 from .upstream import UpstreamError
 
 if TYPE_CHECKING:
@@ -85,33 +87,68 @@ def _job_response(job: Job, status: int = 200, **headers: str) -> JSONResponse:
     return JSONResponse(job.to_json(), status_code=status, headers=headers or None)
 
 
+def _submit_request(
+    state: AppState, fields: dict[str, str], filename: str, rows: int, key: str | None
+) -> SubmitRequest:
+    object_name = _name(fields.get("object"), "object", required=True)
+    hub = _name(fields.get("hub"), "hub") or state.settings.oc_hub
+    path = (fields.get("path") or "").strip() or f"/{filename}"
+    if not path.startswith("/"):
+        path = f"/{path}"
+    return SubmitRequest(
+        hub=hub,
+        object=str(object_name),
+        path=path,
+        filename=filename,
+        rows=rows,
+        metadata=_metadata(fields.get("metadata")),
+        idempotency_key=key,
+    )
+
+
 async def submit_job(request: Request) -> Response:
     state = _authorize(request)
     key = request.headers.get("idempotency-key")
     if key is not None and not (0 < len(key.strip()) <= _MAX_FIELD):
         raise ApiError("Idempotency-Key must be 1 to 200 characters", code="bad_idempotency_key")
-    upload = await receive_upload(request, max_bytes=state.settings.max_upload_bytes)
+    key = key.strip() if key else None
+    relay: Relay | None = None
+
+    async def on_file(start: FileStart) -> None:
+        # A large file whose fields came first and whose size is known goes upstream
+        # while it arrives; anything else is spooled whole and sent afterwards.
+        nonlocal relay
+        if start.size is None or start.size < RELAY_MIN_BYTES:
+            return
+        try:
+            early = _submit_request(state, start.fields, start.filename, 0, key)
+        except ApiError:
+            return  # reported once the whole body is in, in its usual order
+        relay = state.tracker.relay(early, start.spool, start.size)
+
     try:
-        fields = upload.fields
-        object_name = _name(fields.get("object"), "object", required=True)
-        hub = _name(fields.get("hub"), "hub") or state.settings.oc_hub
-        path = (fields.get("path") or "").strip() or f"/{upload.filename}"
-        if not path.startswith("/"):
-            path = f"/{path}"
-        submit = SubmitRequest(
-            hub=hub,
-            object=str(object_name),
-            path=path,
-            filename=upload.filename,
-            rows=upload.summary.rows,
-            metadata=_metadata(fields.get("metadata")),
-            idempotency_key=key.strip() if key else None,
+        upload = await receive_upload(
+            request, max_bytes=state.settings.max_upload_bytes, on_file=on_file
         )
     except BaseException:
+        if relay is not None:
+            await relay.abandon()
+        raise
+    try:
+        submit = _submit_request(state, upload.fields, upload.filename, upload.summary.rows, key)
+        if relay is not None and (
+            upload.summary.size != relay.size or replace(relay.request, rows=submit.rows) != submit
+        ):
+            # Not what was relayed (fields after the file, an unusual ending): send anew.
+            await relay.abandon()
+            relay = None
+    except BaseException:
+        if relay is not None:
+            await relay.abandon()
         upload.path.unlink(missing_ok=True)
         raise
-    # From here the tracker owns the temporary file and removes it.
-    job, created = await state.tracker.submit(submit, upload.path)
+    # From here the tracker owns the temporary file (and the relay) and removes it.
+    job, created = await state.tracker.submit(submit, upload.path, relay)
     if not created:
         return _job_response(
             job, 200, **{"Location": f"/jobs/{job.id}", "Idempotent-Replayed": "true"}

@@ -3,20 +3,31 @@
 The length is known up front (so no chunked encoding is needed), the file is read in
 chunks (never whole), and the body can be produced again for a retry. Both the
 upstream client (async) and the CLI (sync, with a progress bar) send uploads this way.
+The file can also be a ``FileStream``: bytes of a known length that are still
+arriving (an upload relayed upstream while it is received).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import anyio
 
-__all__ = ["CHUNK", "MultipartFile"]
+__all__ = ["CHUNK", "FileStream", "MultipartFile"]
 
 CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileStream:
+    """A file's ``size`` and a way to produce its bytes, from the start, each call."""
+
+    size: int
+    chunks: Callable[[], AsyncIterator[bytes | bytearray | memoryview]]
 
 
 def _part_head(boundary: str, disposition: str, content_type: str | None) -> str:
@@ -29,7 +40,7 @@ def _part_head(boundary: str, disposition: str, content_type: str | None) -> str
 class MultipartFile:
     def __init__(
         self,
-        file: Path,
+        file: Path | FileStream,
         *,
         file_field: str = "file",
         filename: str | None = None,
@@ -38,8 +49,14 @@ class MultipartFile:
     ) -> None:
         """``fields`` go before the file; ``trailing_fields`` (value, content type) after."""
         self.file = file
+        if isinstance(file, FileStream):
+            self.file_size = file.size
+            name = filename or "upload.csv"
+        else:
+            self.file_size = file.stat().st_size
+            name = filename or file.name
         self.boundary = secrets.token_hex(16)
-        name = quote(filename or file.name, safe=" !#$&'()+,-.;=@[]^_`{}~")
+        name = quote(name, safe=" !#$&'()+,-.;=@[]^_`{}~")
         head = "".join(
             _part_head(self.boundary, f'name="{key}"', None) + f"{value}\r\n"
             for key, value in (fields or {}).items()
@@ -51,7 +68,6 @@ class MultipartFile:
         )
         self.head = head.encode()
         self.tail = (tail + f"--{self.boundary}--\r\n").encode()
-        self.file_size = file.stat().st_size
         self.length = len(self.head) + self.file_size + len(self.tail)
 
     @property
@@ -65,6 +81,8 @@ class MultipartFile:
         return self.iter()
 
     def iter(self, progress: Callable[[int], None] | None = None) -> Iterator[bytes]:
+        if isinstance(self.file, FileStream):
+            raise TypeError("a FileStream is read asynchronously: use aiter()")
         yield self.head
         with self.file.open("rb") as source:
             while chunk := source.read(CHUNK):
@@ -73,11 +91,21 @@ class MultipartFile:
                 yield chunk
         yield self.tail
 
-    async def aiter(self, progress: Callable[[int], None] | None = None) -> AsyncIterator[bytes]:
+    async def aiter(
+        self, progress: Callable[[int], None] | None = None
+    ) -> AsyncIterator[bytes | bytearray | memoryview]:
         yield self.head
+        async for chunk in self._file_chunks():
+            if progress is not None:
+                progress(len(chunk))
+            yield chunk
+        yield self.tail
+
+    async def _file_chunks(self) -> AsyncIterator[bytes | bytearray | memoryview]:
+        if isinstance(self.file, FileStream):
+            async for chunk in self.file.chunks():
+                yield chunk
+            return
         async with await anyio.open_file(self.file, "rb") as source:
             while chunk := await source.read(CHUNK):
-                if progress is not None:
-                    progress(len(chunk))
                 yield chunk
-        yield self.tail

@@ -18,6 +18,8 @@ from typing import Any
 from .config import Settings
 from .errors import ApiError, upstream_failure
 from .jobs import Job, Observation, Source, State, new_job_id
+from .relay import Relay
+from .spool import Spool
 from .store import Store
 from .upstream import UpstreamClient, UpstreamError, UpstreamUnavailable
 
@@ -91,11 +93,32 @@ class Tracker:
 
     # -- submission ---------------------------------------------------------------
 
-    async def submit(self, request: SubmitRequest, file: Path) -> tuple[Job, bool]:
-        """Record the job, then upload ``file`` (which this call removes when done)."""
+    def _metadata(self, job_id: str, request: SubmitRequest) -> dict[str, Any]:
+        metadata = dict(request.metadata)
+        metadata["callback-payload"] = job_id
+        return metadata
+
+    def relay(self, request: SubmitRequest, spool: Spool, size: int) -> Relay:
+        """Start sending an upload that is still arriving (``submit`` lets it end)."""
+        job_id = new_job_id()
+        return Relay(
+            self.upstream,
+            job_id=job_id,
+            request=request,
+            spool=spool,
+            size=size,
+            callback_url=self.callback_url(job_id),
+            metadata=self._metadata(job_id, request),
+        )
+
+    async def submit(
+        self, request: SubmitRequest, file: Path, relay: Relay | None = None
+    ) -> tuple[Job, bool]:
+        """Record the job, then upload ``file`` (which this call removes when done),
+        letting ``relay`` end if the upload is already on its way."""
         now = time.time()
         job = Job(
-            id=new_job_id(),
+            id=relay.job_id if relay is not None else new_job_id(),
             hub=request.hub,
             object=request.object,
             path=request.path,
@@ -114,36 +137,44 @@ class Tracker:
                 detail=f"received {request.filename} ({request.rows} rows)",
             )
         except BaseException:
+            if relay is not None:
+                await relay.abandon()
             _remove(file)
             raise
         if not created:
+            if relay is not None:
+                await relay.abandon()
             _remove(file)
             return job, False
         # Shielded: a client that stops waiting never stops (or cancels) the upload.
-        task = asyncio.ensure_future(self._upload(job, request, file))
+        task = asyncio.ensure_future(self._upload(job, request, file, relay))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(task), True
 
-    async def _upload(self, job: Job, request: SubmitRequest, file: Path) -> Job:
+    async def _upload(
+        self, job: Job, request: SubmitRequest, file: Path, relay: Relay | None
+    ) -> Job:
         try:
-            return await self._send(job, request, file)
+            return await self._send(job, request, file, relay)
         finally:
-            _remove(file)
+            # Freeing a large file's blocks takes a while: off the loop and the answer.
+            removal = asyncio.get_running_loop().run_in_executor(None, _remove, file)
+            removal.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    async def _send(self, job: Job, request: SubmitRequest, file: Path) -> Job:
-        metadata = dict(request.metadata)
-        metadata["callback-payload"] = job.id
+    async def _send(self, job: Job, request: SubmitRequest, file: Path, relay: Relay | None) -> Job:
         try:
-            submission = await self.upstream.submit(
-                job.hub,
-                job.object,
-                file,
-                path=job.path,
-                filename=request.filename,
-                callback_url=self.callback_url(job.id),
-                metadata=metadata,
-            )
+            submission = await relay.finish() if relay is not None else None
+            if submission is None:
+                submission = await self.upstream.submit(
+                    job.hub,
+                    job.object,
+                    file,
+                    path=job.path,
+                    filename=request.filename,
+                    callback_url=self.callback_url(job.id),
+                    metadata=self._metadata(job.id, request),
+                )
         except UpstreamError as exc:
             return await self._submit_failed(job, exc)
         applied = await self.store.apply(

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .multipart import MultipartFile
+from .multipart import FileStream, MultipartFile
 from .statuses import normalize_status
 
 __all__ = [
@@ -244,7 +244,7 @@ class UpstreamClient:
         self,
         hub: str,
         object_name: str,
-        file: Path,
+        file: Path | FileStream,
         *,
         path: str | None = None,
         filename: str | None = None,
@@ -252,7 +252,7 @@ class UpstreamClient:
         metadata: Mapping[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Submission:
-        filename = filename or file.name
+        filename = filename or (file.name if isinstance(file, Path) else "upload.csv")
         trailing = {"metaData": (json.dumps(metadata), "application/json")} if metadata else {}
         upload = MultipartFile(file, filename=filename, trailing_fields=trailing)
         headers = upload.headers

@@ -116,6 +116,10 @@ class Sandbox:
         # (wall time, job id) of every answered status call, for rate and dedupe checks.
         self.status_log: list[tuple[float, str]] = []
         self.callbacks: Counter[str] = Counter()
+        # Upload bodies: bytes received so far (counting uploads still arriving), and
+        # how many ended before they were whole (the client went away: no job).
+        self.upload_bytes = 0
+        self.uploads_cut = 0
         self.callback_log: list[dict[str, Any]] = []
         from .routes import build_app
 
@@ -298,6 +302,8 @@ class Sandbox:
             "calls": dict(self.calls),
             "status_calls": dict(self.status_calls),
             "callbacks": dict(self.callbacks),
+            "upload_bytes": self.upload_bytes,
+            "uploads_cut": self.uploads_cut,
         }
 
     async def aclose(self) -> None:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import Message
 
 if TYPE_CHECKING:
     from .instance import Fault, Sandbox
@@ -145,7 +146,18 @@ def build_app(sandbox: Sandbox) -> Starlette:
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             return _error(415, "Expected multipart/form-data with a 'file' part")
-        form = await request.form(max_files=1, max_fields=10)
+        receive = request.receive
+
+        async def counted() -> Message:
+            message = await receive()
+            sandbox.upload_bytes += len(message.get("body", b""))
+            return message
+
+        try:
+            form = await Request(request.scope, counted).form(max_files=1, max_fields=10)
+        except ClientDisconnect:
+            sandbox.uploads_cut += 1
+            return _error(400, "The upload ended before its body was complete")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             await form.close()

@@ -1,0 +1,133 @@
+"""An upload's temporary file: written while the upload arrives, readable while it grows.
+
+Writes run in a worker thread, so disk and parsing overlap. ``follow`` reads the file
+as it is written, so an upload can go on to the upstream before all of it has arrived,
+and can be read again from the start for a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections import deque
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["Bytes", "Spool", "SpoolError"]
+
+Bytes = bytes | bytearray | memoryview
+
+_READ = 1 << 20
+# The last batches written stay in memory this long, so a reader that keeps up with
+# the writer (an upload relayed as it arrives) never reads them back from disk.
+_RECENT_BYTES = 8 << 20
+
+
+class SpoolError(Exception):
+    """The file cannot be followed to the size expected: discarded, or another size."""
+
+
+class Spool:
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self._out: BinaryIO = tempfile.NamedTemporaryFile(  # noqa: SIM115 - see close/discard
+            prefix="bulkhook-upload-", suffix=".csv", dir=directory, delete=False
+        )
+        self.path = Path(self._out.name)
+        self.size = 0  # bytes written and flushed: what a reader sees
+        self.sealed = False  # every byte is written
+        self.discarded = False
+        self._writing: asyncio.Future[None] | None = None
+        self._changed = asyncio.Event()
+        self._recent: deque[tuple[int, bytearray]] = deque()  # (offset, batch)
+        self._recent_bytes = 0
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _write(self, data: bytearray) -> None:
+        self._out.write(data)
+        self._out.flush()
+
+    def _written(self, data: bytearray, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._recent.append((self.size, data))
+            self._recent_bytes += len(data)
+            while self._recent_bytes - len(self._recent[0][1]) >= _RECENT_BYTES:
+                self._recent_bytes -= len(self._recent.popleft()[1])
+            self.size += len(data)
+            self._notify()
+
+    def _remembered(self, offset: int) -> Bytes | None:
+        """The bytes from ``offset`` to the end of the batch holding it, if in memory."""
+        for start, batch in self._recent:
+            if start <= offset < start + len(batch):
+                return batch if start == offset else memoryview(batch)[offset - start :]
+        return None
+
+    async def write(self, data: bytearray) -> None:
+        """Hand ``data`` to the writer thread once the previous batch is on disk."""
+        await self._settle()
+        if data:
+            loop = asyncio.get_running_loop()
+            self._writing = loop.run_in_executor(None, self._write, data)
+            self._writing.add_done_callback(partial(self._written, data))
+
+    async def _settle(self) -> None:
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            await writing
+
+    async def close(self) -> None:
+        await self._settle()
+        self._out.close()
+        self.sealed = True
+        self._notify()
+
+    async def discard(self) -> None:
+        """Remove the file; an error of the write in flight no longer matters."""
+        try:
+            with contextlib.suppress(Exception):
+                await self._settle()
+        finally:
+            self._out.close()  # if cancelled while settling: waits for the write thread
+            os.unlink(self.path)
+            self.discarded = True
+            self._notify()
+
+    async def follow(self, expected: int) -> AsyncIterator[Bytes]:
+        """The file's bytes from the start, as they are written, until it is sealed.
+
+        Raises ``SpoolError`` as soon as the file is discarded or certain not to be
+        ``expected`` bytes long, so a reader never passes on a wrong length.
+        """
+        if self.discarded:
+            raise SpoolError("the upload was discarded")
+        loop = asyncio.get_running_loop()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            offset = 0
+            while True:
+                if self.discarded:
+                    raise SpoolError("the upload was discarded")
+                if self.size > expected or (self.sealed and self.size != expected):
+                    raise SpoolError(f"the file is {self.size} bytes, not {expected}")
+                if offset < self.size:
+                    chunk = self._remembered(offset)
+                    if chunk is None:
+                        length = min(_READ, self.size - offset)
+                        chunk = await loop.run_in_executor(None, os.pread, fd, length, offset)
+                        if len(chunk) != length:
+                            raise SpoolError("the file changed while it was read")
+                    offset += len(chunk)
+                    yield chunk
+                elif self.sealed:
+                    return
+                else:
+                    await self._changed.wait()
+        finally:
+            os.close(fd)
