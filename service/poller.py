@@ -18,6 +18,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 
 from .jobs import Job
 from .metrics import Metrics
@@ -33,21 +34,41 @@ _BATCH = 100
 _MAX_SLEEP = 5.0
 
 
+_WINDOW = 1.05
+
+
 class RateLimiter:
-    """At most ``rate`` acquisitions per second, spaced evenly (no bursts)."""
+    """At most ``rate`` acquisitions in any one second, spaced evenly (no bursts).
+
+    Spacing alone is not enough: a sleep that wakes late (the loop was busy) would let
+    the calls it held back go out together, and a second could hold more than ``rate``.
+    So the times of the last ``rate`` acquisitions are kept, and a call goes out only
+    once the one ``rate`` calls before it is ``_WINDOW`` old: a little over a second,
+    so calls held up on their way (in either event loop) cannot crowd into one second
+    at the upstream.
+    """
 
     def __init__(self, rate: float) -> None:
         self._interval = 1.0 / rate
+        self._recent: deque[float] = deque(maxlen=max(1, math.floor(rate)))
         self._next = 0.0
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
+        # A slot on an even grid, reserved at once, so a late wake-up does not push
+        # every later call back; then the one-second window, on the actual times.
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self._interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
         async with self._lock:
-            now = time.monotonic()
-            wait = self._next - now
-            self._next = max(now, self._next) + self._interval
-        if wait > 0:
-            await asyncio.sleep(wait)
+            while len(self._recent) == self._recent.maxlen:
+                wait = self._recent[0] + _WINDOW - time.monotonic()
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            self._recent.append(time.monotonic())
 
 
 class Poller:

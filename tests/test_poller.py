@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from service.poller import RateLimiter
 from service.upstream import RetryPolicy
 
 from .conftest import RunningSandbox, RunningService
@@ -109,6 +111,31 @@ def test_polls_stay_within_the_rate_budget(
     spans = [b - a for a, b in zip(times, times[10:], strict=False)]
     assert len(times) >= 15
     assert min(spans) >= 1.8
+    # As the upstream counts them (give or take one call's network jitter at a second's edge).
+    assert upstream.sandbox.stats()["status_calls_busiest_second"] <= 6
+
+
+def test_a_late_wakeup_never_lets_held_back_polls_burst_past_the_budget() -> None:
+    async def run() -> list[float]:
+        limiter = RateLimiter(20)
+        times: list[float] = []
+
+        async def caller() -> None:
+            for _ in range(10):
+                await limiter.acquire()
+                times.append(time.monotonic())
+
+        async def stall() -> None:
+            await asyncio.sleep(0.3)
+            time.sleep(0.25)  # noqa: ASYNC251 - the loop is busy elsewhere: sleeps wake late
+
+        await asyncio.gather(stall(), *(caller() for _ in range(4)))
+        return sorted(times)
+
+    times = asyncio.run(run())
+    assert len(times) == 40
+    # At most 20 in any second: any 21 consecutive acquisitions span a second or more.
+    assert min(b - a for a, b in zip(times, times[20:], strict=False)) >= 1.0
 
 
 def test_a_callback_within_the_grace_period_costs_no_polls(

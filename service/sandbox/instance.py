@@ -302,6 +302,11 @@ class Sandbox:
             "calls": dict(self.calls),
             "status_calls": dict(self.status_calls),
             "callbacks": dict(self.callbacks),
+            # The most status calls answered within one second of the clock: what an
+            # upstream enforcing a per-second budget would count.
+            "status_calls_busiest_second": max(
+                Counter(int(at) for at, _ in self.status_log).values(), default=0
+            ),
             "upload_bytes": self.upload_bytes,
             "uploads_cut": self.uploads_cut,
         }
