@@ -78,13 +78,12 @@ class Relay:
         """
         if not self._gate.done():
             self._gate.set_result(None)
-
         try:
             return await self._task
-        except UpstreamError:
+        except UpstreamError as exc:
             if self._ended:
                 raise
-            failure: BaseException | None = self._task.exception()
+            failure: Exception = exc
         except Exception as exc:
             if self._ended:
                 raise UpstreamUnavailable(

@@ -44,6 +44,13 @@ def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def _metadata(job_id: str, request: SubmitRequest) -> dict[str, Any]:
+    """The caller's metaData, with the job's own id for its notification to name."""
+    metadata = dict(request.metadata)
+    metadata["callback-payload"] = job_id
+    return metadata
+
+
 @dataclass(frozen=True)
 class SubmitRequest:
     hub: str
@@ -93,11 +100,6 @@ class Tracker:
 
     # -- submission ---------------------------------------------------------------
 
-    def _metadata(self, job_id: str, request: SubmitRequest) -> dict[str, Any]:
-        metadata = dict(request.metadata)
-        metadata["callback-payload"] = job_id
-        return metadata
-
     def relay(self, request: SubmitRequest, spool: Spool, size: int) -> Relay:
         """Start sending an upload that is still arriving (``submit`` lets it end)."""
         job_id = new_job_id()
@@ -108,7 +110,7 @@ class Tracker:
             spool=spool,
             size=size,
             callback_url=self.callback_url(job_id),
-            metadata=self._metadata(job_id, request),
+            metadata=_metadata(job_id, request),
         )
 
     async def submit(
@@ -173,7 +175,7 @@ class Tracker:
                     path=job.path,
                     filename=request.filename,
                     callback_url=self.callback_url(job.id),
-                    metadata=self._metadata(job.id, request),
+                    metadata=_metadata(job.id, request),
                 )
         except UpstreamError as exc:
             return await self._submit_failed(job, exc)
