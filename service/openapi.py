@@ -202,7 +202,13 @@ def _paths() -> dict[str, Schema]:
     location = {"Location": "`/jobs/{id}`"}
     upload = _object(
         {
-            "file": {"type": "string", "format": "binary", "contentMediaType": "text/csv"},
+            "file": {
+                "type": "string",
+                "format": "binary",
+                "contentMediaType": "text/csv",
+                "description": "send it after the other fields: a large file then goes on "
+                "to the upstream while it arrives",
+            },
             "object": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^/]+$"},
             "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
             "path": {"type": "string", "description": "default `/<filename>`"},
