@@ -4,10 +4,10 @@
 without reading past the limit, and must answer every bad file with a 4xx. The
 multipart body is parsed as it arrives (python-multipart's streaming parser, not
 ``request.form()``, which spools without limits); the file part goes to a ``Spool``
-through ``CsvInspector``, which checks encoding and counts records at C speed per
-chunk. When the file's first bytes arrive, ``on_file`` hears what is known by then
-(the fields sent before it, and the file's size when the body ends as usual), so the
-caller can start sending it on while the rest arrives.
+in 1 MiB batches, each read first by ``CsvInspector``, which checks encoding and
+counts records at C speed. When the file's first bytes arrive, ``on_file`` hears
+what is known by then (the fields sent before it, and the file's size when the body
+ends as usual), so the caller can start sending it on while the rest arrives.
 """
 
 from __future__ import annotations
