@@ -22,6 +22,8 @@ class JsonFormatter(logging.Formatter):
         super().__init__()
         self._second = -1
         self._stamp = ""
+        # One encoder for every line: json.dumps with an argument builds a new one each call.
+        self._encode = json.JSONEncoder(default=str).encode
 
     def _timestamp(self, created: float) -> str:
         second = int(created)
@@ -43,7 +45,7 @@ class JsonFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return self._encode(entry)
 
 
 def lighten_records() -> None:

@@ -84,7 +84,8 @@ class _Receiver:
         (far fewer calls than network chunks); it is also brought up to date before any
         other problem is reported, so a bad file is reported first, as it came first."""
         if self._checked < len(self.pending):
-            self.inspector.feed(memoryview(self.pending)[self._checked :])
+            fresh = self.pending if not self._checked else memoryview(self.pending)[self._checked :]
+            self.inspector.feed(fresh)
             self._checked = len(self.pending)
 
     def take(self) -> bytearray:

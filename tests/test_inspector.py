@@ -205,6 +205,21 @@ def test_large_chunks_are_scanned_in_windows_with_the_same_result() -> None:
             assert inspect([data]) == expected
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"Email\na@b.co\n\nc@d.co\n", id="lf"),
+        pytest.param(b"Email\r\na@b.co\r\n\r\nc@d.co\r\n", id="crlf"),
+        pytest.param(b"Email\na@b.co\n\r\r\nc@d.co\n", id="two-carriage-returns"),
+        pytest.param(b"Email\na@b.co\r\rx\nc@d.co\r\r\n", id="carriage-returns-in-a-row"),
+        pytest.param(b"Email\n\r\na@b.co\n\n\n\nc@d.co\n\r", id="many"),
+    ],
+)
+def test_a_line_of_nothing_but_carriage_returns_is_blank_not_a_row(data: bytes) -> None:
+    assert inspect([data]).rows == 2
+    assert inspect(split_every(data, 1)).rows == 2
+
+
 def test_a_bytearray_or_memoryview_is_fine() -> None:
     data = b"Email\na@b.co\n"
     assert inspect([bytearray(data)]) == inspect([memoryview(data)]) == inspect([data])
