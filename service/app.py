@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .openapi import openapi_spec
 from .poller import Poller
 from .sandbox import API_PREFIX, Sandbox, SandboxOptions
+from .signatures import Keyring
 from .state import AppState
 from .store import open_store
 from .tracker import Tracker
@@ -111,7 +112,7 @@ def create_app(
         app.state.bulkhook = AppState(
             settings=settings,
             public_url=public_url,
-            signature_keys=keys,
+            keyring=Keyring(keys),
             metrics=metrics,
             store=store,
             upstream=upstream,

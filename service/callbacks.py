@@ -146,7 +146,7 @@ def refuse(
     it is answered even when the store is down). Only what identifies the delivery is
     kept, truncated: never the body, which is neither trusted nor parsed.
     """
-    state.metrics.callbacks.labels(reason).inc()
+    state.metrics.callback(reason)
     rejection = Rejection(
         time.time(),
         reason,
@@ -179,7 +179,7 @@ async def receive(
             status=401,
         )
         return refuse(state, job_id, headers.webhook_id, "bad_signature", error)
-    verdict = signatures.verify(given[0] if given else None, body, state.signature_keys)
+    verdict = state.keyring.verify(given[0] if given else None, body)
     if not verdict.ok:
         log.warning(
             "callback refused: %s",
@@ -198,7 +198,7 @@ async def receive(
         await state.store.keep_callback(
             Delivery(webhook_id, now, job_id), reason="malformed", body=body
         )
-        metrics.callbacks.labels("malformed").inc()
+        metrics.callback("malformed")
         raise ApiError("the callback body is not a JSON object", code="malformed_callback")
     observation = _observation(
         data,
@@ -227,14 +227,14 @@ async def receive(
         )
         if kept == "known":
             continue
-        metrics.callbacks.labels("unknown_job" if kept == "kept" else "duplicate").inc()
+        metrics.callback("unknown_job" if kept == "kept" else "duplicate")
         metrics.callback_latency.observe(time.perf_counter() - started)
         return Answer(202, {"status": kept})
     if applied is None:
         raise ApiError("the job could not be found", code="not_found", status=404)
     job = applied.job
     outcome = "duplicate" if applied.duplicate else "accepted"
-    metrics.callbacks.labels(outcome).inc()
+    metrics.callback(outcome)
     metrics.callback_latency.observe(time.perf_counter() - started)
     if nudge and not applied.duplicate:
         state.poller.wake()

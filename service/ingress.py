@@ -37,11 +37,13 @@ _CONTENT_LENGTH = b"content-length"
 _JSON = (b"content-type", b"application/json")
 
 
+# As Starlette's JSONResponse renders, so both paths answer byte for byte alike; one
+# encoder for every answer (json.dumps with arguments builds a new one per call).
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def _render(payload: Mapping[str, Any]) -> bytes:
-    # As Starlette's JSONResponse renders, so both paths answer byte for byte alike.
-    return json.dumps(
-        payload, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-    ).encode("utf-8")
+    return _ENCODE(payload).encode("utf-8")
 
 
 async def _send(send: Send, answer: Answer) -> None:

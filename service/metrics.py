@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -37,6 +39,16 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
+
+        # One child per outcome, kept: ``labels()`` takes a lock and builds a key per call.
+        self._outcomes: dict[str, Any] = {}
+
+    def callback(self, outcome: str) -> None:
+        """Count one callback delivery by its outcome (the hot path's one counter)."""
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.callbacks.labels(outcome)
+        child.inc()
 
     def upstream_call(self, operation: str, status: int | None) -> None:
         self.upstream_calls.labels(operation, str(status) if status else "none").inc()

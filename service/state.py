@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from .config import Settings
 from .metrics import Metrics
+from .signatures import Keyring
 from .store import Store
 from .upstream import UpstreamClient
 
@@ -22,7 +23,7 @@ __all__ = ["AppState"]
 class AppState:
     settings: Settings
     public_url: str
-    signature_keys: tuple[str, ...]
+    keyring: Keyring
     metrics: Metrics
     store: Store
     upstream: UpstreamClient

@@ -73,7 +73,8 @@ def test_unsigned_or_forged_bytes_are_refused_and_change_nothing(
     _, service, job = target
     before = snapshot(service, job["id"])
     headers = {"Elements-Webhook-Id": "fuzz"}
-    if header.isascii() and header.isprintable():
+    # What an HTTP client can send at all: printable ASCII, no whitespace around it.
+    if header.isascii() and header.isprintable() and header == header.strip():
         headers["Elements-Webhook-Signature"] = header
     for url in (f"/callbacks/jobs/{job['id']}", "/callbacks"):
         response = service.http.post(url, content=body, headers=headers)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.signatures import Verdict, sign, verify
+from service.signatures import Keyring, Verdict, sign, verify
 
 KEY = "instance-signature-key"
 BODY = b'{"id":"1234","status":"COMPLETED","recordsCount":10,"recordsFailedCount":1}'
@@ -181,3 +181,18 @@ def test_no_header_string_raises(header: str, body: bytes) -> None:
     result = verify(header, body, [KEY])
     assert isinstance(result.verdict, Verdict)
     assert result.reason
+
+
+def test_a_keyring_gives_the_same_verdicts_however_often_it_is_used() -> None:
+    keyring = Keyring(["current-key", "previous-key"])
+    forged = sign("someone-else", BODY)
+    for _ in range(3):
+        assert keyring.verify(sign("previous-key", BODY), BODY).key_index == 1
+        assert keyring.verify(forged, BODY).verdict is Verdict.MISMATCH
+        assert keyring.verify(sign("current-key", BODY, "sha1"), BODY).key_index == 0
+        assert keyring.verify(sign("current-key", BODY), BODY + b" ").verdict is Verdict.MISMATCH
+
+
+def test_a_keyring_does_not_show_its_keys() -> None:
+    keyring = Keyring(["very-secret-key"])
+    assert "very-secret-key" not in repr(keyring)
