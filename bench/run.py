@@ -141,7 +141,7 @@ def callback_targets(service: str, work: Path, jobs: int) -> Path:
 
 
 def bench_callbacks(
-    work: Path, repeats: int, seconds: int, database: str | None = None
+    work: Path, repeats: int, seconds: int, latency_seconds: int, database: str | None = None
 ) -> dict[str, object]:
     bare_port, service_port = free_port(), free_port()
     bare = [
@@ -167,9 +167,13 @@ def bench_callbacks(
         wrk(bare_url, targets, 64, 2)  # warm up both
         wrk(service_url, targets, 64, 2)
         ratios, bare_runs, service_runs = [], [], []
-        for _ in range(repeats):
-            b = wrk(bare_url, targets, 64, seconds)
-            s = wrk(service_url, targets, 64, seconds)
+        for repeat in range(repeats):
+            if repeat % 2:  # alternate which goes first, so a drift favours neither
+                s = wrk(service_url, targets, 64, seconds)
+                b = wrk(bare_url, targets, 64, seconds)
+            else:
+                b = wrk(bare_url, targets, 64, seconds)
+                s = wrk(service_url, targets, 64, seconds)
             bare_runs.append(b)
             service_runs.append(s)
             ratios.append(s["rps"] / b["rps"])
@@ -177,7 +181,7 @@ def bench_callbacks(
         # p99 at about half the bare endpoint's capacity: fewest connections reaching it.
         at_half = None
         for connections in (1, 2, 4, 8, 16):
-            at_half = wrk(service_url, targets, connections, seconds)
+            at_half = wrk(service_url, targets, connections, latency_seconds)
             if at_half["rps"] >= half:
                 break
     return {
@@ -544,13 +548,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bulkhook-bench-") as tmp:
         work = Path(tmp)
         if "callbacks" in only:
+            # Many short pairs: the bare and service runs of a pair are seconds apart,
+            # so a shared machine's speed (seen to drift by 15 % within a minute) is
+            # the same for both.
             results["callbacks (SQLite)"] = bench_callbacks(
-                work, 2 if args.quick else 5, 5 if args.quick else 8
+                work, 4 if args.quick else 15, 2 if args.quick else 3, 4 if args.quick else 8
             )
             pg = os.environ.get("BULKHOOK_BENCH_POSTGRES_URL")
             if pg:
                 results["callbacks (PostgreSQL)"] = bench_callbacks(
-                    work, 2, 5 if args.quick else 10, pg
+                    work, 4 if args.quick else 9, 2 if args.quick else 3, 4 if args.quick else 8, pg
                 )
         if "poller" in only:
             results["poller"] = bench_poller(
