@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -39,9 +37,8 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
-
         # One child per outcome, kept: ``labels()`` takes a lock and builds a key per call.
-        self._outcomes: dict[str, Any] = {}
+        self._outcomes: dict[str, Counter] = {}
 
     def callback(self, outcome: str) -> None:
         """Count one callback delivery by its outcome (the hot path's one counter)."""
