@@ -168,12 +168,10 @@ def bench_callbacks(
         wrk(service_url, targets, 64, 2)
         ratios, bare_runs, service_runs = [], [], []
         for repeat in range(repeats):
-            if repeat % 2:  # alternate which goes first, so a drift favours neither
-                s = wrk(service_url, targets, 64, seconds)
-                b = wrk(bare_url, targets, 64, seconds)
-            else:
-                b = wrk(bare_url, targets, 64, seconds)
-                s = wrk(service_url, targets, 64, seconds)
+            # Alternate which goes first, so a drift in the machine's speed favours neither.
+            order = (service_url, bare_url) if repeat % 2 else (bare_url, service_url)
+            runs = {url: wrk(url, targets, 64, seconds) for url in order}
+            b, s = runs[bare_url], runs[service_url]
             bare_runs.append(b)
             service_runs.append(s)
             ratios.append(s["rps"] / b["rps"])
@@ -551,13 +549,18 @@ def main() -> int:
             # Many short pairs: the bare and service runs of a pair are seconds apart,
             # so a shared machine's speed (seen to drift by 15 % within a minute) is
             # the same for both.
+            pairs = (
+                dict(seconds=2, latency_seconds=4)
+                if args.quick
+                else dict(seconds=3, latency_seconds=8)
+            )
             results["callbacks (SQLite)"] = bench_callbacks(
-                work, 4 if args.quick else 15, 2 if args.quick else 3, 4 if args.quick else 8
+                work, repeats=4 if args.quick else 15, **pairs
             )
             pg = os.environ.get("BULKHOOK_BENCH_POSTGRES_URL")
             if pg:
                 results["callbacks (PostgreSQL)"] = bench_callbacks(
-                    work, 4 if args.quick else 9, 2 if args.quick else 3, 4 if args.quick else 8, pg
+                    work, repeats=4 if args.quick else 9, database=pg, **pairs
                 )
         if "poller" in only:
             results["poller"] = bench_poller(
