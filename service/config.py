@@ -33,6 +33,10 @@ _POSTGRES = ("postgresql://", "postgres://")
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
 _SHOW_MAX = 40
+# Kinds whose value is one word of a few, any case.
+_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"log_format": ("json", "text"), "log_level": ("debug", "info", "warning", "error")}
+)
 
 # Field -> (environment variable, kind). The kind picks both the parser for the raw
 # string and the check in __post_init__, so the two cannot drift apart.
@@ -57,6 +61,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "max_callback_bytes": ("BULKHOOK_MAX_CALLBACK_BYTES", "bytes"),
         "max_upload_bytes": ("BULKHOOK_MAX_UPLOAD_BYTES", "bytes"),
         "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
+        "log_level": ("BULKHOOK_LOG_LEVEL", "log_level"),
     }
 )
 _WANTED: Mapping[str, str] = MappingProxyType(
@@ -66,6 +71,7 @@ _WANTED: Mapping[str, str] = MappingProxyType(
         "bytes": "a positive whole number of bytes",
         "bool": "one of 1/true/yes/0/false/no",
         "log_format": "json or text",
+        "log_level": "one of debug/info/warning/error",
     }
 )
 
@@ -100,7 +106,7 @@ def _parse(var: str, kind: str, raw: str) -> Any:
         return int(raw)
     elif kind == "bool" and raw.lower() in _TRUE | _FALSE:
         return raw.lower() in _TRUE
-    elif kind == "log_format" and raw.lower() in ("json", "text"):
+    elif raw.lower() in _CHOICES.get(kind, ()):
         return raw.lower()
     raise ConfigError(f"{var} must be {_WANTED[kind]}, got {_show(raw)}")
 
@@ -163,7 +169,7 @@ def _check(var: str, kind: str, value: Any) -> Any:
         return _check_database(var, value)
     if kind == "bool" and isinstance(value, bool):
         return value
-    if kind == "log_format" and value in ("json", "text"):
+    if value in _CHOICES.get(kind, ()):
         return value
     if kind == "bytes" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
@@ -212,6 +218,8 @@ class Settings:
     max_upload_bytes: int = 2147483648
     # Structured JSON lines for log collectors, or plain text for a terminal.
     log_format: str = "json"
+    # debug also logs every accepted or duplicate callback delivery.
+    log_level: str = "info"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

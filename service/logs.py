@@ -56,8 +56,8 @@ def lighten_records() -> None:
     """Stop collecting what no log line shows: caller, thread and process details.
 
     The logging HOWTO's "Optimization" section names these switches. They are process
-    wide, so only ``bulkhook serve`` (which owns its process) turns them off; a busy
-    callback endpoint logs a line per delivery and this halves what a line costs.
+    wide, so only ``bulkhook serve`` (which owns its process) turns them off; at debug
+    level a busy callback endpoint logs a line per delivery and this halves its cost.
     """
     logging.logThreads = False
     logging.logProcesses = False
@@ -65,7 +65,7 @@ def lighten_records() -> None:
     logging._srcfile = None  # type: ignore[attr-defined]
 
 
-def log_config(fmt: str) -> dict[str, Any]:
+def log_config(fmt: str, level: str = "info") -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for uvicorn and the service's own loggers."""
     formatter = (
         {"()": f"{__name__}.JsonFormatter"}
@@ -73,7 +73,7 @@ def log_config(fmt: str) -> dict[str, Any]:
         else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
     )
     handler = {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}
-    logger = {"handlers": ["main"], "level": "INFO", "propagate": False}
+    logger = {"handlers": ["main"], "level": level.upper(), "propagate": False}
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -82,7 +82,7 @@ def log_config(fmt: str) -> dict[str, Any]:
         "loggers": {
             "bulkhook": logger,
             "uvicorn": logger,
-            "uvicorn.error": {"level": "INFO"},
+            "uvicorn.error": {"level": level.upper()},
             "uvicorn.access": logger,
         },
     }

@@ -69,8 +69,8 @@ def serve(settings: Settings, host: str, port: int) -> int:
     lighten_records()
     config = uvicorn.Config(
         create_app(settings),
-        log_config=log_config(settings.log_format),
-        log_level="info",
+        log_config=log_config(settings.log_format, settings.log_level),
+        log_level=settings.log_level,
         # One line per request would cost more than the callback itself; callbacks
         # log their own line with the job and webhook ids instead.
         access_log=False,

@@ -27,6 +27,8 @@ FULL_ENV = {
     "BULKHOOK_JOB_TIMEOUT": "3600",
     "BULKHOOK_MAX_CALLBACK_BYTES": "4096",
     "BULKHOOK_MAX_UPLOAD_BYTES": "1000000",
+    "BULKHOOK_LOG_FORMAT": "TEXT",
+    "BULKHOOK_LOG_LEVEL": "Debug",
 }
 
 
@@ -52,6 +54,8 @@ def test_defaults_with_empty_environment(tmp_path: Path) -> None:
     assert settings.job_timeout == 259200.0
     assert settings.max_callback_bytes == 1024 * 1024
     assert settings.max_upload_bytes == 2 * 1024**3
+    assert settings.log_format == "json"
+    assert settings.log_level == "info"
     assert settings.credentials().header() is None
 
 
@@ -75,6 +79,8 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert settings.job_timeout == 3600.0
     assert settings.max_callback_bytes == 4096
     assert settings.max_upload_bytes == 1_000_000
+    assert settings.log_format == "text"
+    assert settings.log_level == "debug"
     assert isinstance(settings.callback_grace, float)
     assert isinstance(settings.max_upload_bytes, int)
 
@@ -168,6 +174,9 @@ def test_boolean_spellings(raw: str, expected: bool, tmp_path: Path) -> None:
         ("BULKHOOK_MAX_UPLOAD_BYTES", "2GB"),
         ("BULKHOOK_MAX_UPLOAD_BYTES", "1e9"),
         ("BULKHOOK_ALLOW_OPEN_API", "maybe"),
+        ("BULKHOOK_LOG_FORMAT", "xml"),
+        ("BULKHOOK_LOG_LEVEL", "verbose"),
+        ("BULKHOOK_LOG_LEVEL", "10"),
     ],
 )
 def test_bad_value_names_the_variable(var: str, raw: str, tmp_path: Path) -> None:

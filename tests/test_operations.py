@@ -51,8 +51,9 @@ def serve(cwd: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
     raise AssertionError("the service did not start")
 
 
-def test_logs_are_json_lines_with_job_and_webhook_ids(tmp_path: Path, contacts_csv: Path) -> None:
-    process, url = serve(tmp_path)
+def run_one_job(tmp_path: Path, contacts_csv: Path, **env: str) -> tuple[dict, list[dict]]:
+    """Serve, complete one job by its callback, send one forged callback; the log lines."""
+    process, url = serve(tmp_path, **env)
     try:
         with contacts_csv.open("rb") as handle:
             job = httpx.post(
@@ -62,13 +63,32 @@ def test_logs_are_json_lines_with_job_and_webhook_ids(tmp_path: Path, contacts_c
         while httpx.get(f"{url}/jobs/{job['id']}").json()["state"] != "COMPLETED":
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        forged = httpx.post(f"{url}/callbacks/jobs/{job['id']}", content=b"{}")
+        assert forged.status_code == 401
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=15)
-    entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
+    return job, [json.loads(line) for line in stderr.splitlines() if line.strip()]
+
+
+def test_logs_are_json_lines_and_a_refused_callback_is_a_warning(
+    tmp_path: Path, contacts_csv: Path
+) -> None:
+    job, entries = run_one_job(tmp_path, contacts_csv)
     assert {"ts", "level", "logger", "message"} <= set(entries[0])
+    refused = [e for e in entries if e.get("outcome") == "bad_signature"]
+    assert [(e["level"], e["job_id"]) for e in refused] == [("warning", job["id"])]
+    # An accepted delivery is kept in the job's timeline, not logged at the default level.
+    assert not [e for e in entries if e.get("outcome") == "accepted"]
+
+
+def test_at_debug_level_each_accepted_callback_is_logged_with_its_ids(
+    tmp_path: Path, contacts_csv: Path
+) -> None:
+    job, entries = run_one_job(tmp_path, contacts_csv, BULKHOOK_LOG_LEVEL="debug")
     accepted = [e for e in entries if e.get("outcome") == "accepted"]
     assert len(accepted) == 1
+    assert accepted[0]["level"] == "debug"
     assert accepted[0]["job_id"] == job["id"]
     assert accepted[0]["webhook_id"]
 
