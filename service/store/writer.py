@@ -8,13 +8,16 @@ and nothing is acknowledged before it is durable.
 
 Where each step runs is the point of this module. The statements of a write are a
 handful of indexed lookups on cached pages: they run on the event loop, between other
-work, in microseconds. The commit — its fsync and checkpoint — runs on a thread of
+work, in microseconds. The commit (its fsync) runs on a thread of
 its own, and waiting for the write lock (held only by another process, if any) is an
 ``asyncio.sleep``, never a block. Running the statements on a separate writer thread
 instead costs far more than it saves: every statement releases and re-takes the GIL,
 and with the event loop busy each re-take waits out a GIL switch interval, so a writer
 thread crawls exactly when load is high (measured: 27 times slower).
 Reads use their own connections on reader threads (WAL lets them run beside writes).
+
+Checkpoints (copying the log's pages into the database file) run on a thread of their
+own, not inside a COMMIT: see ``Checkpointer``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["SQLiteConnections", "connect"]
+__all__ = ["Checkpointer", "SQLiteConnections", "connect"]
 
 T = TypeVar("T")
 _MAX_BATCH = 256
 _LOCK_WAIT = 30.0  # seconds, as the busy timeout of every other connection
+# The log's length (in pages) past which it is made to start over: SQLite's own default.
+RESTART_FRAMES = 1000
+# The longest a commit waits for the pass that lets the log start over.
+_RESTART_WAIT = 0.1
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -63,6 +70,7 @@ class SQLiteConnections:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._rounds: asyncio.Task[None] | None = None
+        self._checkpointer: Checkpointer | None = None
 
     def start(self) -> None:
         """Open the write connection; writes are run from the calling event loop."""
@@ -70,6 +78,8 @@ class SQLiteConnections:
         self._conn = connect(self._path)
         # Never wait for a lock inside SQLite on the event loop: ``_begin`` retries.
         self._conn.execute("PRAGMA busy_timeout=0")
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._checkpointer = Checkpointer(self._path)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -124,7 +134,7 @@ class SQLiteConnections:
         try:
             await _begin(conn)
             outcomes = _run_all(conn, batch, self._on_rollback)
-            await self._loop.run_in_executor(self._committer, conn.execute, "COMMIT")
+            await self._loop.run_in_executor(self._committer, self._commit, conn)
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -132,11 +142,19 @@ class SQLiteConnections:
             outcomes = [(False, exc)] * len(batch)
         return outcomes
 
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        conn.execute("COMMIT")
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
+
     async def stop(self) -> None:
         """Finish the writes already asked for, then close every connection."""
         while self._rounds is not None:
             await asyncio.shield(self._rounds)
         self._committer.shutdown(wait=True)
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -199,3 +217,68 @@ def _run_all(
             on_rollback()
             outcomes.append((False, exc))
     return outcomes
+
+
+class Checkpointer:
+    """Copies the log's pages into the database file on its own thread, after commits.
+
+    Left to SQLite, the COMMIT that takes the log past 1,000 pages runs the checkpoint
+    itself, and every caller of that round waits while the pages are copied and the
+    file synced: measured, commits' p99 was 13-15 ms that way and 2-5 ms with the
+    copying here. One thing a checkpoint beside the writer cannot do alone is let the
+    log start over from its beginning: SQLite does that only when a transaction begins
+    with every page already copied, which back-to-back rounds never allow. So once the
+    log is past ``RESTART_FRAMES`` pages, a commit waits for one pass that starts
+    after it (the copy of a round or two), and the next transaction restarts the log.
+    """
+
+    def __init__(self, path: str, restart_frames: int = RESTART_FRAMES) -> None:
+        self._path = path
+        self._restart_frames = restart_frames
+        self._changed = threading.Condition()
+        self._asked = 0  # commits told about so far
+        self._covered = 0  # commits the last finished pass started after
+        self._frames = 0  # the log's length in pages, as the last pass found it
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self) -> None:
+        """Told by the committing thread after each COMMIT."""
+        with self._changed:
+            self._asked += 1
+            ticket = self._asked
+            self._changed.notify_all()
+            if self._frames < self._restart_frames:
+                return
+            if self._changed.wait_for(
+                lambda: self._covered >= ticket or self._stopping, timeout=_RESTART_WAIT
+            ):
+                self._frames = 0  # the next transaction starts the log over
+
+    def _run(self) -> None:
+        conn = connect(self._path)
+        try:
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._asked > self._covered or self._stopping)
+                    if self._stopping:
+                        return
+                    ticket = self._asked
+                try:
+                    busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:
+                    busy, frames = 1, 0  # tried again after the next commit
+                with self._changed:
+                    self._covered = ticket
+                    if not busy:
+                        self._frames = frames
+                    self._changed.notify_all()
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join()
