@@ -3,41 +3,73 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from service.store.writer import RESTART_FRAMES, SQLiteConnections
+from service.store import writer
+from service.store.writer import RESTART_FRAMES, SQLiteConnections, connect
 
 pytestmark = pytest.mark.anyio
 
 ROW = "x" * 500  # eight rows fill a page
 
 
-async def test_the_log_starts_over_while_writes_never_stop(tmp_path: Path) -> None:
-    path = str(tmp_path / "db.sqlite")
-    sql = SQLiteConnections(path)
-    sql.start()
+def insert(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO t VALUES (?)", (ROW,))
+
+
+async def write_without_pause(sql: SQLiteConnections, log: Path, rows: int) -> int:
+    """Write ``rows`` rows, a new write each turn of the loop as requests arriving:
+    one is always waiting when a round ends, so rounds follow each other without a
+    gap. Returns the largest size the log file reached."""
     largest = 0
+    await sql.write(lambda conn: conn.execute("CREATE TABLE t (x TEXT)"))
+    writes = []
+    for _ in range(rows):
+        writes.append(asyncio.ensure_future(sql.write(insert)))
+        await asyncio.sleep(0)
+        largest = max(largest, os.stat(log).st_size)
+    await asyncio.gather(*writes)
+    return largest
 
-    def insert(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO t VALUES (?)", (ROW,))
 
+async def test_the_log_starts_over_while_writes_never_stop(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    sql = SQLiteConnections(str(path))
+    sql.start()
     try:
-        await sql.write(lambda conn: conn.execute("CREATE TABLE t (x TEXT)"))
-
-        writes = []
-        for _ in range(16_000):
-            # A new write each turn of the loop, as requests arriving: there is always
-            # one waiting when a round ends, so rounds follow each other without a gap.
-            writes.append(asyncio.ensure_future(sql.write(insert)))
-            await asyncio.sleep(0)
-            largest = max(largest, (tmp_path / "db.sqlite-wal").stat().st_size)
-        await asyncio.gather(*writes)
+        largest = await write_without_pause(sql, tmp_path / "db.sqlite-wal", 16_000)
     finally:
         await sql.stop()
     # 16,000 rows make about 2,000 pages, twice what the log may hold before it starts over.
     assert largest <= 2 * RESTART_FRAMES * 4096 * 1.1  # the log's pages, plus headers
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (16_000,)
+
+
+async def test_without_its_checkpointer_the_store_checkpoints_in_commits_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    opened = []
+
+    def connect_once(path: str) -> sqlite3.Connection:
+        if opened:
+            raise sqlite3.OperationalError("unable to open database file")
+        opened.append(path)
+        return connect(path)
+
+    monkeypatch.setattr(writer, "connect", connect_once)  # the checkpointer's fails
+    path = tmp_path / "db.sqlite"
+    sql = SQLiteConnections(str(path))
+    sql.start()
+    try:
+        largest = await write_without_pause(sql, tmp_path / "db.sqlite-wal", 16_000)
+    finally:
+        await sql.stop()
+    assert "the SQLite checkpointer stopped" in caplog.text
+    assert largest <= 2 * RESTART_FRAMES * 4096 * 1.1
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (16_000,)

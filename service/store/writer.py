@@ -23,6 +23,7 @@ own, not inside a COMMIT: see ``Checkpointer``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -31,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 __all__ = ["Checkpointer", "SQLiteConnections", "connect"]
+
+log = logging.getLogger("bulkhook.store")
 
 T = TypeVar("T")
 _MAX_BATCH = 256
@@ -144,8 +147,10 @@ class SQLiteConnections:
 
     def _commit(self, conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
-        if self._checkpointer is not None:
-            self._checkpointer.committed()
+        if self._checkpointer is not None and not self._checkpointer.committed():
+            # Its thread is gone: SQLite checkpoints inside commits again, as by default.
+            conn.execute(f"PRAGMA wal_autocheckpoint={RESTART_FRAMES}")
+            self._checkpointer = None
 
     async def stop(self) -> None:
         """Finish the writes already asked for, then close every connection."""
@@ -240,23 +245,37 @@ class Checkpointer:
         self._covered = 0  # commits the last finished pass started after
         self._frames = 0  # the log's length in pages, as the last pass found it
         self._stopping = False
+        self._alive = True
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
 
-    def committed(self) -> None:
-        """Told by the committing thread after each COMMIT."""
+    def committed(self) -> bool:
+        """Told by the committing thread after each COMMIT; False once the thread is gone."""
         with self._changed:
+            if not self._alive:
+                return False
             self._asked += 1
             ticket = self._asked
             self._changed.notify_all()
             if self._frames < self._restart_frames:
-                return
+                return True
             if self._changed.wait_for(
-                lambda: self._covered >= ticket or self._stopping, timeout=_RESTART_WAIT
+                lambda: self._covered >= ticket or not self._alive, timeout=_RESTART_WAIT
             ):
                 self._frames = 0  # the next transaction starts the log over
+            return self._alive
 
     def _run(self) -> None:
+        try:
+            self._checkpoint_after_commits()
+        except Exception:
+            log.exception("the SQLite checkpointer stopped; commits checkpoint instead")
+        finally:
+            with self._changed:
+                self._alive = False
+                self._changed.notify_all()
+
+    def _checkpoint_after_commits(self) -> None:
         conn = connect(self._path)
         try:
             while True:
