@@ -32,8 +32,9 @@ log = logging.getLogger("bulkhook.poller")
 _BATCH = 100
 # Another replica may have made a job due sooner: look again at least this often.
 _MAX_SLEEP = 5.0
-# The rate limiter's "second": a little longer, as headroom for calls held up on the way.
-_WINDOW = 1.05
+# The rate limiter's "second": longer, as headroom for calls held up on the way. At
+# 1.05 s the sandbox once counted 204 calls in one of its seconds against 200.
+_WINDOW = 1.1
 
 
 class RateLimiter:

@@ -72,7 +72,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
         log_config=log_config(settings.log_format, settings.log_level),
         log_level=settings.log_level,
         # One line per request would cost more than the callback itself; callbacks
-        # log their own line with the job and webhook ids instead.
+        # log their own line (at debug) with the job and webhook ids instead.
         access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=30,

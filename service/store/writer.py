@@ -8,8 +8,8 @@ and nothing is acknowledged before it is durable.
 
 Where each step runs is the point of this module. The statements of a write are a
 handful of indexed lookups on cached pages: they run on the event loop, between other
-work, in microseconds. The commit (its fsync) runs on a thread of
-its own, and waiting for the write lock (held only by another process, if any) is an
+work, in microseconds. The commit (its fsync) runs on a thread of its own, and
+waiting for the write lock (held only by another process, if any) is an
 ``asyncio.sleep``, never a block. Running the statements on a separate writer thread
 instead costs far more than it saves: every statement releases and re-takes the GIL,
 and with the event loop busy each re-take waits out a GIL switch interval, so a writer
