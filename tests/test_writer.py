@@ -21,33 +21,36 @@ def insert(conn: sqlite3.Connection) -> None:
     conn.execute("INSERT INTO t VALUES (?)", (ROW,))
 
 
-async def write_without_pause(sql: SQLiteConnections, log: Path, rows: int) -> int:
-    """Write ``rows`` rows, a new write each turn of the loop as requests arriving:
-    one is always waiting when a round ends, so rounds follow each other without a
-    gap. Returns the largest size the log file reached."""
-    largest = 0
-    await sql.write(lambda conn: conn.execute("CREATE TABLE t (x TEXT)"))
-    writes = []
-    for _ in range(rows):
-        writes.append(asyncio.ensure_future(sql.write(insert)))
-        await asyncio.sleep(0)
-        largest = max(largest, os.stat(log).st_size)
-    await asyncio.gather(*writes)
-    return largest
-
-
-async def test_the_log_starts_over_while_writes_never_stop(tmp_path: Path) -> None:
+async def fill_without_pause(tmp_path: Path, rows: int) -> int:
+    """Write ``rows`` rows through a fresh store, a new write each turn of the loop as
+    requests arriving: one is always waiting when a round ends, so rounds follow each
+    other without a gap. Returns the largest size the log file reached."""
     path = tmp_path / "db.sqlite"
     sql = SQLiteConnections(str(path))
     sql.start()
+    largest = 0
     try:
-        largest = await write_without_pause(sql, tmp_path / "db.sqlite-wal", 16_000)
+        await sql.write(lambda conn: conn.execute("CREATE TABLE t (x TEXT)"))
+        writes = []
+        for _ in range(rows):
+            writes.append(asyncio.ensure_future(sql.write(insert)))
+            await asyncio.sleep(0)
+            largest = max(largest, os.stat(f"{path}-wal").st_size)
+        await asyncio.gather(*writes)
     finally:
         await sql.stop()
-    # 16,000 rows make about 2,000 pages, twice what the log may hold before it starts over.
-    assert largest <= 2 * RESTART_FRAMES * 4096 * 1.1  # the log's pages, plus headers
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (16_000,)
+        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (rows,)
+    return largest
+
+
+# 16,000 rows make about 2,000 pages, twice what the log may hold before it starts over;
+# the file holds the log's pages plus a header per page.
+MOST = 2 * RESTART_FRAMES * 4096 * 1.1
+
+
+async def test_the_log_starts_over_while_writes_never_stop(tmp_path: Path) -> None:
+    assert await fill_without_pause(tmp_path, 16_000) <= MOST
 
 
 async def test_without_its_checkpointer_the_store_checkpoints_in_commits_again(
@@ -62,14 +65,5 @@ async def test_without_its_checkpointer_the_store_checkpoints_in_commits_again(
         return connect(path)
 
     monkeypatch.setattr(writer, "connect", connect_once)  # the checkpointer's fails
-    path = tmp_path / "db.sqlite"
-    sql = SQLiteConnections(str(path))
-    sql.start()
-    try:
-        largest = await write_without_pause(sql, tmp_path / "db.sqlite-wal", 16_000)
-    finally:
-        await sql.stop()
+    assert await fill_without_pause(tmp_path, 16_000) <= MOST
     assert "the SQLite checkpointer stopped" in caplog.text
-    assert largest <= 2 * RESTART_FRAMES * 4096 * 1.1
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (16_000,)
