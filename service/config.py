@@ -70,8 +70,7 @@ _WANTED: Mapping[str, str] = MappingProxyType(
         "rate": "a positive number of polls per second",
         "bytes": "a positive whole number of bytes",
         "bool": "one of 1/true/yes/0/false/no",
-        "log_format": "json or text",
-        "log_level": "one of debug/info/warning/error",
+        **{kind: f"one of {'/'.join(words)}" for kind, words in _CHOICES.items()},
     }
 )
 
