@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,54 @@ async def test_without_its_checkpointer_the_store_checkpoints_in_commits_again(
     monkeypatch.setattr(writer, "connect", connect_once)  # the checkpointer's fails
     assert await fill_without_pause(tmp_path, 16_000) <= MOST
     assert "the SQLite checkpointer stopped" in caplog.text
+
+
+# A round that changes 100 rows, each on a page of its own that existed before the
+# round (400 KiB): far more than SQLite keeps of a statement journal in memory (64 KiB)
+# before it spills the rest to a temporary file.
+_ONE_BIG_ROUND = textwrap.dedent(
+    """
+    import asyncio, sys
+    from service.store.writer import SQLiteConnections
+
+    def fill(conn):
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, x TEXT)")
+        conn.executemany("INSERT INTO t VALUES (?, ?)", ((i, "x" * 500) for i in range(800)))
+
+    def change(row):
+        return lambda conn: conn.execute("UPDATE t SET x = 'y' WHERE id = ?", (row,))
+
+    async def main(path):
+        sql = SQLiteConnections(path)
+        sql.start()
+        try:
+            await sql.write(fill)
+            await asyncio.gather(*(sql.write(change(row)) for row in range(0, 800, 8)))
+        finally:
+            await sql.stop()
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+def test_a_round_writes_no_temporary_file(tmp_path: Path) -> None:
+    """A round is undone by rolling its transaction back, not by a savepoint, whose
+    statement journal would be written to a temporary file round after round."""
+    temporary = tmp_path / "sqlite-tmp"
+    temporary.mkdir()
+    before = temporary.stat().st_mtime_ns
+    env = {**os.environ, "SQLITE_TMPDIR": str(temporary)}
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, "-c", _ONE_BIG_ROUND, str(tmp_path / "db.sqlite")],
+        env=env,
+        cwd=root,
+        check=True,
+        timeout=60,
+    )
+    # SQLite removes its temporary files as soon as it opens them; the folder's
+    # modification time still shows that one was made.
+    assert temporary.stat().st_mtime_ns == before
+    with sqlite3.connect(tmp_path / "db.sqlite") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM t WHERE x = 'y'").fetchone() == (100,)

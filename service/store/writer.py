@@ -1,7 +1,7 @@
 """One SQLite write connection driven from the event loop, and a pool of readers.
 
 Writes are group-committed: every write waiting when a round starts runs inside one
-transaction (a write that fails is undone alone, see ``_run_all``), the transaction
+transaction (a write that fails is undone alone, see ``_run_apart``), the transaction
 commits once, and only then are the callers' futures resolved. Concurrent callback
 deliveries therefore share one fsync while each caller still learns its own outcome,
 and nothing is acknowledged before it is durable.
@@ -136,7 +136,14 @@ class SQLiteConnections:
         assert self._loop is not None
         try:
             await _begin(conn)
-            outcomes = _run_all(conn, batch, self._on_rollback)
+            outcomes = _run_together(conn, batch)
+            if outcomes is None:
+                # One write failed: undo the round and run it again, each write alone.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._on_rollback()
+                await _begin(conn)
+                outcomes = _run_apart(conn, batch, self._on_rollback)
             await self._loop.run_in_executor(self._committer, self._commit, conn)
         except Exception as exc:
             if conn.in_transaction:
@@ -189,28 +196,33 @@ async def _begin(conn: sqlite3.Connection) -> None:
         delay = min(delay * 2, 0.1)
 
 
-def _run_all(
+def _run_together(
+    conn: sqlite3.Connection,
+    batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+) -> list[tuple[bool, Any]] | None:
+    """Every write of a round, back to back in the open transaction; None if one raised.
+
+    Writes almost never fail, so the round runs without a savepoint: a savepoint
+    around it would make SQLite copy every page the round changes into a statement
+    journal, which spills to a temporary file past 64 KiB (measured: a file created,
+    written and deleted per round). Undoing a failed round is a ROLLBACK instead.
+    """
+    try:
+        return [(True, fn(conn)) for fn, _future in batch]
+    except Exception:
+        return None
+
+
+def _run_apart(
     conn: sqlite3.Connection,
     batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
     on_rollback: Callable[[], None],
 ) -> list[tuple[bool, Any]]:
-    """Every write of a round, in order, inside the open transaction.
-
-    Writes almost never fail, so they first run back to back; only when one raises is
-    the round undone and run again with a savepoint around each write, so that the
+    """The round again after a failure, a savepoint around each write, so that the
     failure is that caller's alone. Writes are functions of the database only, which
     makes running them again after the rollback safe.
     """
-    conn.execute("SAVEPOINT round")
-    try:
-        outcomes: list[tuple[bool, Any]] = [(True, fn(conn)) for fn, _future in batch]
-        conn.execute("RELEASE round")
-        return outcomes
-    except Exception:
-        conn.execute("ROLLBACK TO round")
-        conn.execute("RELEASE round")
-        on_rollback()
-    outcomes = []
+    outcomes: list[tuple[bool, Any]] = []
     for fn, _future in batch:
         conn.execute("SAVEPOINT op")
         try:
