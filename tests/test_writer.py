@@ -8,12 +8,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from service.store import writer
-from service.store.writer import RESTART_FRAMES, SQLiteConnections, connect
+from service.store.writer import PASS_INTERVAL, RESTART_FRAMES, SQLiteConnections, connect
 
 pytestmark = pytest.mark.anyio
 
@@ -70,6 +71,31 @@ async def test_without_its_checkpointer_the_store_checkpoints_in_commits_again(
     monkeypatch.setattr(writer, "connect", connect_once)  # the checkpointer's fails
     assert await fill_without_pause(tmp_path, 16_000) <= MOST
     assert "the SQLite checkpointer stopped" in caplog.text
+
+
+async def test_checkpoints_are_spaced_out_however_often_rounds_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    passes: list[str] = []
+
+    def counting(path: str) -> sqlite3.Connection:
+        conn = connect(path)
+        conn.set_trace_callback(passes.append)
+        return conn
+
+    monkeypatch.setattr(writer, "connect", counting)
+    sql = SQLiteConnections(str(tmp_path / "db.sqlite"))
+    sql.start()
+    started = time.monotonic()
+    try:
+        await sql.write(lambda conn: conn.execute("CREATE TABLE t (x TEXT)"))
+        for _ in range(300):  # one round each, every one committed before the next
+            await sql.write(insert)
+    finally:
+        await sql.stop()
+    elapsed = time.monotonic() - started
+    checkpoints = [sql for sql in passes if "wal_checkpoint" in sql]
+    assert 1 <= len(checkpoints) <= elapsed / PASS_INTERVAL + 2
 
 
 # A round that changes 100 rows, each on a page of its own that existed before the

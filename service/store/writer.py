@@ -42,6 +42,8 @@ _LOCK_WAIT = 30.0  # seconds, as the busy timeout of every other connection
 RESTART_FRAMES = 1000
 # The longest a commit waits for the pass that lets the log start over.
 _RESTART_WAIT = 0.1
+# The shortest time between two passes of the checkpointer, unless a commit waits.
+PASS_INTERVAL = 0.05
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -247,14 +249,23 @@ class Checkpointer:
     with every page already copied, which back-to-back rounds never allow. So once the
     log is past ``RESTART_FRAMES`` pages, a commit waits for one pass that starts
     after it (the copy of a round or two), and the next transaction restarts the log.
+
+    Passes are at least ``PASS_INTERVAL`` apart unless a commit waits for one. A pass
+    after every commit copied the same busy pages (the jobs' rows, the tops of the
+    indexes) again and again, synced the database file each time, and let the log
+    start over at nearly every transaction, which costs the commit an extra sync.
     """
 
-    def __init__(self, path: str, restart_frames: int = RESTART_FRAMES) -> None:
+    def __init__(
+        self, path: str, restart_frames: int = RESTART_FRAMES, interval: float = PASS_INTERVAL
+    ) -> None:
         self._path = path
         self._restart_frames = restart_frames
+        self._interval = interval
         self._changed = threading.Condition()
         self._asked = 0  # commits told about so far
         self._covered = 0  # commits the last finished pass started after
+        self._waiting = 0  # commits waiting for a pass
         self._frames = 0  # the log's length in pages, as the last pass found it
         self._stopping = False
         self._alive = True
@@ -268,13 +279,19 @@ class Checkpointer:
                 return False
             self._asked += 1
             ticket = self._asked
-            self._changed.notify_all()
+            if ticket == self._covered + 1:
+                self._changed.notify_all()  # the checkpointer sleeps until a commit
             if self._frames < self._restart_frames:
                 return True
-            if self._changed.wait_for(
-                lambda: self._covered >= ticket or not self._alive, timeout=_RESTART_WAIT
-            ):
-                self._frames = 0  # the next transaction starts the log over
+            self._waiting += 1
+            self._changed.notify_all()
+            try:
+                if self._changed.wait_for(
+                    lambda: self._covered >= ticket or not self._alive, timeout=_RESTART_WAIT
+                ):
+                    self._frames = 0  # the next transaction starts the log over
+            finally:
+                self._waiting -= 1
             return self._alive
 
     def _run(self) -> None:
@@ -289,13 +306,19 @@ class Checkpointer:
 
     def _checkpoint_after_commits(self) -> None:
         conn = connect(self._path)
+        last = -self._interval
         try:
             while True:
                 with self._changed:
                     self._changed.wait_for(lambda: self._asked > self._covered or self._stopping)
+                    self._changed.wait_for(
+                        lambda: self._waiting > 0 or self._stopping,
+                        timeout=max(0.0, last + self._interval - time.monotonic()),
+                    )
                     if self._stopping:
                         return
                     ticket = self._asked
+                last = time.monotonic()
                 try:
                     busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error:
