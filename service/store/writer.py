@@ -23,7 +23,9 @@ own, not inside a COMMIT: see ``Checkpointer``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -69,7 +71,7 @@ class SQLiteConnections:
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._readers = ThreadPoolExecutor(readers, thread_name_prefix="sqlite-reader")
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
+        self._committer: Committer | None = None
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -84,6 +86,7 @@ class SQLiteConnections:
         # Never wait for a lock inside SQLite on the event loop: ``_begin`` retries.
         self._conn.execute("PRAGMA busy_timeout=0")
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._committer = Committer(self._loop)
         self._checkpointer = Checkpointer(self._path)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -135,7 +138,7 @@ class SQLiteConnections:
         conn: sqlite3.Connection,
         batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
     ) -> list[tuple[bool, Any]]:
-        assert self._loop is not None
+        assert self._committer is not None
         try:
             await _begin(conn)
             outcomes = _run_together(conn, batch)
@@ -146,7 +149,7 @@ class SQLiteConnections:
                 self._on_rollback()
                 await _begin(conn)
                 outcomes = _run_apart(conn, batch, self._on_rollback)
-            await self._loop.run_in_executor(self._committer, self._commit, conn)
+            await self._committer.run(lambda: self._commit(conn))
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -165,7 +168,9 @@ class SQLiteConnections:
         """Finish the writes already asked for, then close every connection."""
         while self._rounds is not None:
             await asyncio.shield(self._rounds)
-        self._committer.shutdown(wait=True)
+        if self._committer is not None:
+            self._committer.stop()
+            self._committer = None
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None
@@ -236,6 +241,53 @@ def _run_apart(
             on_rollback()
             outcomes.append((False, exc))
     return outcomes
+
+
+class Committer:
+    """The thread that runs each round's COMMIT (its fsync) off the event loop.
+
+    A thread of its own fed by a queue, rather than an executor: the hop there and
+    back is paid once per round, and an executor's futures, chained to the loop's,
+    cost several times what the commit of a small round does on the event loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._asked: queue.SimpleQueue[tuple[Callable[[], None], asyncio.Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._serve, name="sqlite-commit", daemon=True)
+        self._thread.start()
+
+    def run(self, commit: Callable[[], None]) -> asyncio.Future[None]:
+        """Run ``commit`` on the thread; the future is settled on the loop."""
+        future = self._loop.create_future()
+        self._asked.put((commit, future))
+        return future
+
+    def _serve(self) -> None:
+        while (asked := self._asked.get()) is not None:
+            commit, future = asked
+            error: BaseException | None = None
+            try:
+                commit()
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                self._loop.call_soon_threadsafe(_settle, future, error)
+
+    def stop(self) -> None:
+        self._asked.put(None)
+        self._thread.join()
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return  # its waiter was cancelled; the commit stands
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class Checkpointer:
