@@ -15,7 +15,10 @@ from .logs import lighten_records, log_config
 from .sandbox import API_PREFIX
 from .servers import bind_socket
 
-__all__ = ["describe", "serve"]
+__all__ = ["YOUNG_THRESHOLD", "describe", "serve"]
+
+# Allocations (less deallocations) between two young-generation collections when serving.
+YOUNG_THRESHOLD = 10_000
 
 
 def _loopback_url(host: str, port: int) -> str:
@@ -90,3 +93,8 @@ class _Server(uvicorn.Server):
         # and stalled the event loop for about 20 ms.
         gc.collect()
         gc.freeze()
+        # Requests in flight hold a few hundred young objects (coroutines, futures,
+        # buffers) that all die with their request: at the default threshold of 700 a
+        # young collection walked them every ~35 callbacks, 2 % of the event loop's
+        # time under load. Past this one, few requests ever trigger a collection.
+        gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])

@@ -1,4 +1,4 @@
-"""``bulkhook serve``: what start-up built is kept out of the garbage collector's way."""
+"""``bulkhook serve``: the garbage collector is kept out of the way of requests."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import uvicorn
 from service.app import create_app
 from service.config import Settings
 from service.servers import bind_socket
-from service.serving import _Server
+from service.serving import YOUNG_THRESHOLD, _Server
 
 
-def test_what_start_up_built_is_frozen_out_of_the_collector(tmp_path: Path) -> None:
+def test_start_up_is_frozen_out_of_the_collector_and_young_collections_are_rare(tmp_path: Path) -> None:
     # Left in, every full collection under load walked the store, the clients and the
     # sandbox, stalling the event loop for ~20 ms at a time.
     app = create_app(Settings(database_url=f"sqlite:///{tmp_path}/bulkhook.db"))
@@ -35,9 +35,14 @@ def test_what_start_up_built_is_frozen_out_of_the_collector(tmp_path: Path) -> N
             server.should_exit = True
             await task
 
+    thresholds = gc.get_threshold()
     try:
         start_up_tracked, later_tracked = asyncio.run(started_and_tracked())
+        young = gc.get_threshold()[0]
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
     assert not start_up_tracked
     assert later_tracked
+    # Young collections run every YOUNG_THRESHOLD allocations, not every 700.
+    assert young == YOUNG_THRESHOLD > thresholds[0]
