@@ -14,7 +14,7 @@ from service.servers import bind_socket
 from service.serving import YOUNG_THRESHOLD, _Server
 
 
-def test_start_up_is_frozen_out_of_the_collector_and_young_collections_are_rare(tmp_path: Path) -> None:
+def test_start_up_is_frozen_and_young_collections_are_rare(tmp_path: Path) -> None:
     # Left in, every full collection under load walked the store, the clients and the
     # sandbox, stalling the event loop for ~20 ms at a time.
     app = create_app(Settings(database_url=f"sqlite:///{tmp_path}/bulkhook.db"))
