@@ -247,8 +247,8 @@ class Committer:
     """The thread that runs each round's COMMIT (its fsync) off the event loop.
 
     A thread of its own fed by a queue, rather than an executor: the hop there and
-    back is paid once per round, and an executor's futures, chained to the loop's,
-    cost several times what the commit of a small round does on the event loop.
+    back is paid once per round, and an executor's future chained to one on the loop
+    cost ~110,000 more instructions per round of four writes (callgrind).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -358,7 +358,7 @@ class Checkpointer:
 
     def _checkpoint_after_commits(self) -> None:
         conn = connect(self._path)
-        last = -self._interval
+        last = time.monotonic() - self._interval  # the first pass need not wait
         try:
             while True:
                 with self._changed:
