@@ -94,7 +94,7 @@ async def test_checkpoints_are_spaced_out_however_often_rounds_commit(
     finally:
         await sql.stop()
     elapsed = time.monotonic() - started
-    checkpoints = [sql for sql in passes if "wal_checkpoint" in sql]
+    checkpoints = [statement for statement in passes if "wal_checkpoint" in statement]
     assert 1 <= len(checkpoints) <= elapsed / PASS_INTERVAL + 2
 
 
