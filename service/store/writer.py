@@ -38,6 +38,8 @@ __all__ = ["Checkpointer", "SQLiteConnections", "connect"]
 log = logging.getLogger("bulkhook.store")
 
 T = TypeVar("T")
+# A write waiting for its round: the function to run, and its caller's future.
+_Write = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
 _MAX_BATCH = 256
 _LOCK_WAIT = 30.0  # seconds, as the busy timeout of every other connection
 # The log's length (in pages) past which it is made to start over: SQLite's own default.
@@ -75,7 +77,7 @@ class SQLiteConnections:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._pending: list[_Write] = []
         self._rounds: asyncio.Task[None] | None = None
         self._checkpointer: Checkpointer | None = None
 
@@ -136,7 +138,7 @@ class SQLiteConnections:
     async def _run_batch(
         self,
         conn: sqlite3.Connection,
-        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        batch: list[_Write],
     ) -> list[tuple[bool, Any]]:
         assert self._committer is not None
         try:
@@ -205,7 +207,7 @@ async def _begin(conn: sqlite3.Connection) -> None:
 
 def _run_together(
     conn: sqlite3.Connection,
-    batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    batch: list[_Write],
 ) -> list[tuple[bool, Any]] | None:
     """Every write of a round, back to back in the open transaction; None if one raised.
 
@@ -222,7 +224,7 @@ def _run_together(
 
 def _run_apart(
     conn: sqlite3.Connection,
-    batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+    batch: list[_Write],
     on_rollback: Callable[[], None],
 ) -> list[tuple[bool, Any]]:
     """The round again after a failure, a savepoint around each write, so that the
