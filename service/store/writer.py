@@ -33,13 +33,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from .rounds import Outcome, Rounds
+
 __all__ = ["Checkpointer", "SQLiteConnections", "connect"]
 
 log = logging.getLogger("bulkhook.store")
 
 T = TypeVar("T")
-# A write waiting for its round: the function to run, and its caller's future.
-_Write = tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]
+# A write waiting for its round.
+_Write = Callable[[sqlite3.Connection], Any]
 _MAX_BATCH = 256
 _LOCK_WAIT = 30.0  # seconds, as the busy timeout of every other connection
 # The log's length (in pages) past which it is made to start over: SQLite's own default.
@@ -77,8 +79,7 @@ class SQLiteConnections:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[_Write] = []
-        self._rounds: asyncio.Task[None] | None = None
+        self._rounds: Rounds[_Write] = Rounds(self._run_batch, _MAX_BATCH)
         self._checkpointer: Checkpointer | None = None
 
     def start(self) -> None:
@@ -99,11 +100,7 @@ class SQLiteConnections:
             # A caller on another loop (a test's, say) hands the write to the owner.
             handed = asyncio.run_coroutine_threadsafe(self.write(fn), self._loop)
             return await asyncio.wrap_future(handed)
-        future: asyncio.Future[T] = loop.create_future()
-        self._pending.append((fn, future))
-        if self._rounds is None:
-            self._rounds = loop.create_task(self._run_rounds())
-        return await future
+        return await self._rounds.submit(fn)  # type: ignore[no-any-return]
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -117,30 +114,9 @@ class SQLiteConnections:
                 self._reader_conns.append(conn)
         return fn(conn)
 
-    async def _run_rounds(self) -> None:
-        """Commit rounds until nothing waits; writes arriving meanwhile join the next."""
-        assert self._conn is not None and self._loop is not None
-        try:
-            while self._pending:
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
-                outcomes = await self._run_batch(self._conn, batch)
-                for (_fn, future), (ok, value) in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue  # its caller gave up waiting; the write stands
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
-        finally:
-            self._rounds = None
-
-    async def _run_batch(
-        self,
-        conn: sqlite3.Connection,
-        batch: list[_Write],
-    ) -> list[tuple[bool, Any]]:
-        assert self._committer is not None
+    async def _run_batch(self, batch: list[_Write]) -> list[Outcome]:
+        conn, committer = self._conn, self._committer
+        assert conn is not None and committer is not None
         try:
             await _begin(conn)
             outcomes = _run_together(conn, batch)
@@ -151,7 +127,7 @@ class SQLiteConnections:
                 self._on_rollback()
                 await _begin(conn)
                 outcomes = _run_apart(conn, batch, self._on_rollback)
-            await self._committer.run(lambda: self._commit(conn))
+            await committer.run(lambda: self._commit(conn))
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -168,8 +144,7 @@ class SQLiteConnections:
 
     async def stop(self) -> None:
         """Finish the writes already asked for, then close every connection."""
-        while self._rounds is not None:
-            await asyncio.shield(self._rounds)
+        await self._rounds.drain()
         if self._committer is not None:
             self._committer.stop()
             self._committer = None
@@ -208,7 +183,7 @@ async def _begin(conn: sqlite3.Connection) -> None:
 def _run_together(
     conn: sqlite3.Connection,
     batch: list[_Write],
-) -> list[tuple[bool, Any]] | None:
+) -> list[Outcome] | None:
     """Every write of a round, back to back in the open transaction; None if one raised.
 
     Writes almost never fail, so the round runs without a savepoint: a savepoint
@@ -217,7 +192,7 @@ def _run_together(
     written and deleted per round). Undoing a failed round is a ROLLBACK instead.
     """
     try:
-        return [(True, fn(conn)) for fn, _future in batch]
+        return [(True, fn(conn)) for fn in batch]
     except Exception:
         return None
 
@@ -226,13 +201,13 @@ def _run_apart(
     conn: sqlite3.Connection,
     batch: list[_Write],
     on_rollback: Callable[[], None],
-) -> list[tuple[bool, Any]]:
+) -> list[Outcome]:
     """The round again after a failure, a savepoint around each write, so that the
     failure is that caller's alone. Writes are functions of the database only, which
     makes running them again after the rollback safe.
     """
-    outcomes: list[tuple[bool, Any]] = []
-    for fn, _future in batch:
+    outcomes: list[Outcome] = []
+    for fn in batch:
         conn.execute("SAVEPOINT op")
         try:
             outcomes.append((True, fn(conn)))

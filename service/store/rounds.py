@@ -1,0 +1,65 @@
+"""Concurrent calls on one event loop, grouped into rounds that run one at a time.
+
+This is how both stores group-commit: a call waits in line; when no round is running,
+every call waiting (up to ``max_batch``) becomes the next round, which runs them in one
+transaction. Calls arriving meanwhile wait for the round after. Under load the rounds
+grow by themselves, so one commit (and, for PostgreSQL, one pair of round trips)
+serves many callers; with one caller, a round is that call alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Outcome", "Rounds"]
+
+Item = TypeVar("Item")
+# One call's result: (True, value) or (False, the exception to raise in its caller).
+Outcome = tuple[bool, Any]
+
+
+class Rounds(Generic[Item]):
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Awaitable[list[Outcome]]],
+        max_batch: int = 256,
+    ) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._pending: list[tuple[Item, asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: Item) -> Any:
+        """Run ``item`` in the next round; its outcome once the round has committed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((item, future))
+        if self._task is None:
+            self._task = loop.create_task(self._run_rounds())
+        return await future
+
+    async def drain(self) -> None:
+        """Wait until every call already made has its outcome."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run_rounds(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                try:
+                    outcomes = await self._run([item for item, _future in batch])
+                except Exception as exc:  # the round's own failure is every caller's
+                    outcomes = [(False, exc)] * len(batch)
+                for (_item, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue  # its caller gave up waiting; the write stands
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+        finally:
+            self._task = None
