@@ -3,6 +3,7 @@
 Delivery dedupe is a primary key, state changes are compare-and-set on a version
 column inside a transaction that holds the row, and due jobs are claimed with
 ``FOR UPDATE SKIP LOCKED`` leases that expire, so a dead replica's jobs are taken over.
+Concurrent applies share one transaction and commit (``postgres_apply.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from psycopg_pool import AsyncConnectionPool
 from ..jobs import Event, Job, Observation, State
 from .activity import PostgresActivity, like_prefix
 from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
-from .plan import plan_apply
+from .postgres_apply import ApplyCall, apply_one, apply_round
+from .rounds import Outcome, Rounds
 
 __all__ = ["PostgresStore"]
 
@@ -98,17 +100,6 @@ MIGRATIONS: tuple[str, ...] = (
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
-_LOCK_JOB = "SELECT * FROM jobs WHERE id = %s FOR UPDATE"
-# The delivery is recorded (or found recorded already) in the same statement that locks
-# the job: ``fresh`` is false for a repeat.
-_LOCK_JOB_AND_DEDUPE = """
-    WITH delivered AS (
-        INSERT INTO deliveries VALUES (%s, %s, %s)
-        ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id
-    )
-    SELECT jobs.*, EXISTS (SELECT 1 FROM delivered) AS fresh
-    FROM jobs WHERE id = %s FOR UPDATE"""
-
 
 async def _events(conn: Conn, job_id: str) -> tuple[Event, ...]:
     cursor = await conn.execute(
@@ -149,6 +140,7 @@ class PostgresStore(PostgresActivity, Store):
             open=False,
             kwargs={"row_factory": dict_row, "autocommit": True},
         )
+        self._applies: Rounds[ApplyCall] = Rounds(self._apply_round)
 
     async def open(self) -> None:
         try:
@@ -173,6 +165,7 @@ class PostgresStore(PostgresActivity, Store):
             raise StoreError(f"cannot open the PostgreSQL store: {exc}") from exc
 
     async def close(self) -> None:
+        await self._applies.drain()
         await self._pool.close()
 
     async def ping(self) -> None:
@@ -272,45 +265,23 @@ class PostgresStore(PostgresActivity, Store):
         next_poll_at: float | _Keep | None = KEEP,
         kept_id: int | None = None,
     ) -> Applied | None:
-        # Three round trips: BEGIN with the locked read (and the delivery's dedupe),
-        # the compare-and-set with its timeline entry, COMMIT.
-        async with self._pool.connection() as conn, conn.transaction():
-            if delivery is None:
-                row = await (await conn.execute(_LOCK_JOB, (job_id,))).fetchone()
-                fresh = True
-            else:
-                values = (delivery.webhook_id, job_id, delivery.received_at, job_id)
-                row = await (await conn.execute(_LOCK_JOB_AND_DEDUPE, values)).fetchone()
-                fresh = bool(row and row.pop("fresh"))
-            if row is None:
-                raise psycopg.Rollback()  # no such job: the delivery is not recorded
-            job = Job.from_row(row)
-            if not fresh:
-                return Applied(job, None, duplicate=True)
-            plan = plan_apply(job, observation, upstream_id=upstream_id, next_poll_at=next_poll_at)
-            if "upstream_id" in plan.changes:
-                # Pairs with keep_callback: a callback racing this submit is either kept
-                # before (and applied by the submitter) or sees the job (and applies).
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext(%s))", (plan.changes["upstream_id"],)
-                )
-            assignments = ", ".join(f"{name} = %s" for name in plan.changes)
-            cursor = await conn.execute(
-                f"WITH updated AS (UPDATE jobs SET {assignments}, version = version + 1 "  # type: ignore[arg-type]
-                "WHERE id = %s AND version = %s RETURNING id) "
-                "INSERT INTO events (job_id, at, source, state, detail) "
-                "SELECT id, %s, %s, %s, %s FROM updated",
-                (*plan.changes.values(), job_id, job.version, observation.at, *plan.event),
-            )
-            if cursor.rowcount != 1:
-                raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
-            if kept_id is not None:
-                await conn.execute(
-                    "UPDATE kept_callbacks SET applied_at = %s WHERE id = %s",
-                    (observation.at, kept_id),
-                )
-            return Applied(plan.applied_to(job), plan.decision)
-        return None
+        call = ApplyCall(job_id, observation, delivery, upstream_id, next_poll_at, kept_id)
+        return await self._applies.submit(call)  # type: ignore[no-any-return]
+
+    async def _apply_round(self, calls: list[ApplyCall]) -> list[Outcome]:
+        async with self._pool.connection() as conn:
+            try:
+                return await apply_round(conn, calls)
+            except Exception:
+                if conn.broken:
+                    raise  # the database is gone: every call of the round fails alike
+            outcomes: list[Outcome] = []
+            for call in calls:
+                try:
+                    outcomes.append((True, await apply_one(conn, call)))
+                except Exception as exc:
+                    outcomes.append((False, exc))
+            return outcomes
 
     async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
         ref = delivery.job_ref
