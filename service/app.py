@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from . import api, apidocs
 from .config import Settings
 from .dashboard import Dashboard
-from .errors import ApiError, error_response
+from .errors import ApiError, error_response, unexpected
 from .ingress import CallbackEndpoint, Service
 from .metrics import Metrics
 from .openapi import openapi_spec
@@ -50,7 +50,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s: %r", request.method, request.url.path, exc)
-    return error_response(500, "internal_error", "an unexpected error occurred")
+    return await _api_error(request, unexpected(exc))
 
 
 async def _openapi(request: Request) -> Response:

@@ -11,10 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
+from .store import unavailable
+
 if TYPE_CHECKING:
     from .upstream import UpstreamError
 
-__all__ = ["ApiError", "error_body", "error_response", "upstream_failure"]
+__all__ = ["ApiError", "error_body", "error_response", "unexpected", "upstream_failure"]
+
+# Seconds a client is asked to wait before retrying while the store is unavailable.
+STORE_RETRY_AFTER = 5
 
 
 class ApiError(Exception):
@@ -68,3 +73,21 @@ def upstream_failure(what: str, exc: UpstreamError, **extra: Any) -> ApiError:
         upstream_request_id=exc.request_id,
         **extra,
     )
+
+
+def unexpected(exc: Exception) -> ApiError:
+    """The answer to an exception no code path expected.
+
+    ``503 store_unavailable`` (with ``Retry-After``) when the store cannot be reached or
+    written just now: the request was fine and a retry will work once the store is
+    back (Open Connectors redelivers a callback by itself). Anything else is a bug:
+    ``500 internal_error``, its details in the log only.
+    """
+    if unavailable(exc):
+        return ApiError(
+            "the store is unavailable just now; try again shortly",
+            code="store_unavailable",
+            status=503,
+            headers={"Retry-After": str(STORE_RETRY_AFTER)},
+        )
+    return ApiError("an unexpected error occurred", code="internal_error", status=500)

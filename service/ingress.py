@@ -8,8 +8,8 @@ writes the answer; everything else goes through Starlette as usual. The same end
 is also mounted as a Starlette route, so other methods on those paths get the usual
 405 and the OpenAPI description stays the single list of routes.
 
-Errors keep the one JSON shape: ``ApiError`` becomes its 4xx, anything unexpected a
-500 ``internal_error``.
+Errors keep the one JSON shape: ``ApiError`` becomes its 4xx, anything unexpected what
+``errors.unexpected`` says (503 while the store is unavailable, else 500).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import callbacks
 from .callbacks import Answer, CallbackHeaders
-from .errors import ApiError, error_body
+from .errors import ApiError, error_body, unexpected
 
 __all__ = ["CallbackEndpoint", "Service", "read_body"]
 
@@ -53,6 +53,10 @@ async def _send(send: Send, answer: Answer) -> None:
         headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _answer(exc: ApiError) -> Answer:
+    return Answer(exc.status, error_body(exc.code, exc.message, **exc.extra), exc.headers)
 
 
 def _too_large(limit: int) -> ApiError:
@@ -108,12 +112,12 @@ class CallbackEndpoint:
             else:
                 answer = await callbacks.receive(state, job_id, headers, body)
         except ApiError as exc:
-            answer = Answer(exc.status, error_body(exc.code, exc.message, **exc.extra), exc.headers)
+            answer = _answer(exc)
         except ConnectionAbortedError:
             return
         except Exception as exc:
             log.error("unexpected error on POST %s: %r", scope["path"], exc)
-            answer = Answer(500, error_body("internal_error", "an unexpected error occurred"))
+            answer = _answer(unexpected(exc))
         await _send(send, answer)
         if answer.after is not None:
             await answer.after()

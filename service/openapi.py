@@ -191,6 +191,11 @@ def _callback(op_id: str, summary: str, params: list[Schema]) -> Schema:
             "401": _error("The signature is missing or does not hold", "bad_signature"),
             "404": _error("The job vanished while the callback was applied (a race)", "not_found"),
             "413": _error("The body is over BULKHOOK_MAX_CALLBACK_BYTES", "too_large"),
+            "503": _error(
+                "The store is unavailable just now: nothing was recorded; redeliver later",
+                "store_unavailable",
+                **{"Retry-After": "seconds to wait"},
+            ),
         },
         params=[*params, *headers],
         body={"required": True, "content": {JSON: {"schema": {}}}},

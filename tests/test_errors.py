@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
 
-from service.errors import ApiError, error_body, error_response
+import psycopg
+import pytest
+
+from service.errors import ApiError, error_body, error_response, unexpected
+from service.store import StoreError
 
 from .conftest import RunningService
 
@@ -30,6 +36,39 @@ def test_api_error_defaults_and_overrides() -> None:
     assert (plain.status, plain.code, plain.message) == (400, "bad_request", "bad")
     custom = ApiError("gone", code="job_not_found", status=404, job="x")
     assert (custom.status, custom.code, custom.extra) == (404, "job_not_found", {"job": "x"})
+
+
+def _sqlite_error(tmp_path: Path, sql: str, *, read_only: bool = False) -> sqlite3.Error:
+    path = tmp_path / "x.db"
+    sqlite3.connect(path).execute("CREATE TABLE IF NOT EXISTS t (x)").connection.commit()
+    conn = sqlite3.connect(f"file:{path}?mode=ro" if read_only else path, uri=read_only)
+    with pytest.raises(sqlite3.Error) as caught:
+        conn.execute(sql)
+    conn.close()
+    return caught.value
+
+
+def test_an_unavailable_store_is_a_503_to_retry_and_anything_else_a_500(
+    tmp_path: Path,
+) -> None:
+    outages = [
+        StoreError("cannot open the store"),
+        _sqlite_error(tmp_path, "INSERT INTO t VALUES (1)", read_only=True),
+        psycopg.OperationalError("connection refused"),
+    ]
+    for exc in outages:
+        error = unexpected(exc)
+        assert (error.status, error.code) == (503, "store_unavailable"), exc
+        assert error.headers is not None and int(error.headers["Retry-After"]) > 0
+    bugs = [
+        _sqlite_error(tmp_path, "SELECT nope FROM t"),
+        psycopg.ProgrammingError("syntax error"),
+        KeyError("x"),
+    ]
+    for exc in bugs:
+        error = unexpected(exc)
+        assert (error.status, error.code) == (500, "internal_error"), exc
+        assert str(exc) not in error.message  # the details go to the log only
 
 
 def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.signatures import sign
+
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
 
 
@@ -178,6 +180,43 @@ def test_readiness_fails_while_the_store_is_unreachable(
     while service.http.get("/readyz", timeout=30).status_code != 200:
         assert time.monotonic() < deadline, "did not recover"
         time.sleep(0.2)
+
+
+def test_a_callback_during_a_store_outage_is_refused_and_its_redelivery_lands(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    postgres_url: str,
+    contacts_csv: Path,
+) -> None:
+    """503 with Retry-After, nothing recorded; once the store is back, the retry applies."""
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    proxy.start()
+    url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    service = start_service(start_sandbox(drop_callbacks=1.0, job_seconds=30), database_url=url)
+    job = service.submit(contacts_csv).json()
+    body = json.dumps({"id": job["upstream_id"], "status": "COMPLETED"}).encode()
+    headers = {
+        "Elements-Webhook-Id": "w-outage",
+        "Elements-Webhook-Signature": sign(SIGNATURE_KEY, body),
+    }
+    proxy.cut()
+    refused = service.http.post(f"/callbacks/jobs/{job['id']}", content=body, headers=headers)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "store_unavailable"
+    assert int(refused.headers["Retry-After"]) > 0
+    proxy.start()
+    deadline = time.monotonic() + 20
+    while True:
+        again = service.http.post(
+            f"/callbacks/jobs/{job['id']}", content=body, headers=headers, timeout=30
+        )
+        if again.status_code != 503:
+            break
+        assert time.monotonic() < deadline, "the store did not come back"
+        time.sleep(0.2)
+    assert again.status_code == 200
+    assert again.json()["status"] == "accepted"  # not a repeat: the refused one left no trace
+    assert service.wait_for(job["id"], {"COMPLETED"})["state"] == "COMPLETED"
 
 
 @pytest.fixture
