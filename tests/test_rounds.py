@@ -84,3 +84,13 @@ async def test_rounds_are_capped_and_a_caller_giving_up_leaves_the_rest() -> Non
     assert recorder.rounds == [[0, 1, 2], [3, 4, 5], [6]]
     assert calls[1].cancelled()
     assert [call.result() for i, call in enumerate(calls) if i != 1] == [0, 4, 6, 8, 10, 12]
+
+
+async def test_a_caller_calling_again_at_once_gets_a_round() -> None:
+    """A call made as soon as the one before returned, as the round ends, still runs."""
+    recorder = Recorder()
+    rounds: Rounds[int] = Rounds(recorder.run)
+    async with asyncio.timeout(5):
+        for n in range(50):
+            assert await rounds.submit(n) == n * 2
+    assert len(recorder.rounds) == 50

@@ -62,4 +62,6 @@ class Rounds(Generic[Item]):
                     else:
                         future.set_exception(value)
         finally:
+            # At once, not in a done callback: a caller woken by this round may call
+            # again before such a callback would run, and must then start a round.
             self._task = None
