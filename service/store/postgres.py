@@ -8,8 +8,6 @@ Concurrent applies share one transaction and commit (``postgres_apply.py``).
 
 from __future__ import annotations
 
-from typing import Any
-
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -17,7 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..jobs import Event, Job, Observation, State
 from .activity import PostgresActivity, like_prefix
 from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
-from .postgres_apply import ApplyCall, apply_one, apply_round
+from .postgres_apply import ApplyCall, Conn, apply_one, apply_round
 from .rounds import Outcome, Rounds
 
 __all__ = ["PostgresStore"]
@@ -97,8 +95,6 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_updated ON jobs (updated_at, id);
     """,
 )
-
-Conn = psycopg.AsyncConnection[dict[str, Any]]
 
 
 async def _events(conn: Conn, job_id: str) -> tuple[Event, ...]:

@@ -23,7 +23,7 @@ from .base import Applied, Delivery, StoreError, _Keep
 from .plan import Plan, plan_apply
 from .rounds import Outcome
 
-__all__ = ["ApplyCall", "apply_one", "apply_round"]
+__all__ = ["ApplyCall", "Conn", "apply_one", "apply_round"]
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
