@@ -13,11 +13,22 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Outcome", "Rounds"]
+__all__ = ["Outcome", "Rounds", "settle"]
 
 Item = TypeVar("Item")
 # One call's result: (True, value) or (False, the exception to raise in its caller).
 Outcome = tuple[bool, Any]
+
+
+def settle(future: asyncio.Future[Any], outcome: Outcome) -> None:
+    """Hand a caller its outcome, unless it gave up waiting (the write stands)."""
+    if future.done():
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 class Rounds(Generic[Item]):
@@ -54,13 +65,8 @@ class Rounds(Generic[Item]):
                     outcomes = await self._run([item for item, _future in batch])
                 except Exception as exc:  # the round's own failure is every caller's
                     outcomes = [(False, exc)] * len(batch)
-                for (_item, future), (ok, value) in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue  # its caller gave up waiting; the write stands
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+                for (_item, future), outcome in zip(batch, outcomes, strict=True):
+                    settle(future, outcome)
         finally:
             # At once, not in a done callback: a caller woken by this round may call
             # again before such a callback would run, and must then start a round.

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from .rounds import Outcome, Rounds
+from .rounds import Outcome, Rounds, settle
 
 __all__ = ["Checkpointer", "SQLiteConnections", "connect"]
 
@@ -122,18 +122,20 @@ class SQLiteConnections:
             outcomes = _run_together(conn, batch)
             if outcomes is None:
                 # One write failed: undo the round and run it again, each write alone.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                self._on_rollback()
+                self._undo(conn)
                 await _begin(conn)
                 outcomes = _run_apart(conn, batch, self._on_rollback)
             await committer.run(lambda: self._commit(conn))
         except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._on_rollback()
+            self._undo(conn)
             outcomes = [(False, exc)] * len(batch)
         return outcomes
+
+    def _undo(self, conn: sqlite3.Connection) -> None:
+        """Roll back what the round wrote, and drop what was cached from it."""
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        self._on_rollback()
 
     def _commit(self, conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")
@@ -251,20 +253,11 @@ class Committer:
             except BaseException as exc:
                 error = exc
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                self._loop.call_soon_threadsafe(_settle, future, error)
+                self._loop.call_soon_threadsafe(settle, future, (error is None, error))
 
     def stop(self) -> None:
         self._asked.put(None)
         self._thread.join()
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return  # its waiter was cancelled; the commit stands
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class Checkpointer:
