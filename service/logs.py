@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "lighten_records", "log_config"]
+__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "Repeats", "lighten_records", "log_config", "short"]
 
 CONTEXT_FIELDS = ("job_id", "webhook_id", "upstream_id", "outcome")
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -50,6 +52,74 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line += f', "error": {_string(self.formatException(record.exc_info))}'
         return line + "}"
+
+
+def short(value: str | None, limit: int = 64) -> str | None:
+    """An id as a log line may carry it: at most ``limit`` characters, marked when cut.
+
+    Ids in refused requests are the sender's to choose; a 15 KB path id must not make
+    15 KB of log per request.
+    """
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}…(+{len(value) - limit})"
+
+
+class Repeats:
+    """Logs the first line of each kind per ``window`` seconds and counts the rest.
+
+    A flood of refused requests (forged callbacks, wrong tokens) would otherwise write
+    a line each and could fill a disk. The count of the lines held back is logged with
+    the next line of that kind after the window, or by ``flush``. At most ``kinds``
+    kinds are tracked; past that the oldest is flushed and forgotten.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        window: float = 10.0,
+        kinds: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._window = window
+        self._kinds = kinds
+        self._clock = clock
+        # kind -> [window start, lines held back since]
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()
+
+    def warning(self, kind: str, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Log ``msg`` at WARNING unless a line of ``kind`` was logged within the window."""
+        now = self._clock()
+        entry = self._seen.get(kind)
+        if entry is not None and now - entry[0] < self._window:
+            entry[1] += 1
+            return
+        if entry is not None:
+            self._summary(kind, entry)
+            self._seen.move_to_end(kind)
+        self._seen[kind] = [now, 0]
+        if len(self._seen) > self._kinds:
+            oldest, held = self._seen.popitem(last=False)
+            self._summary(oldest, held)
+        self._logger.warning(msg, *args, **kwargs)
+
+    def flush(self) -> None:
+        """Log the count of every kind's held-back lines (at shutdown, or periodically)."""
+        for kind, entry in self._seen.items():
+            self._summary(kind, entry)
+            entry[1] = 0
+
+    def _summary(self, kind: str, entry: list[float]) -> None:
+        if entry[1]:
+            self._logger.warning(
+                "%d more like the last %s line, not logged (one per %g s)",
+                int(entry[1]),
+                kind,
+                self._window,
+                extra={"outcome": "repeated"},
+            )
 
 
 def lighten_records() -> None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from service.logs import JsonFormatter
+from service.logs import JsonFormatter, Repeats, short
 
 
 def record(msg: str, *args: object, exc: bool = False, **extra: object) -> logging.LogRecord:
@@ -50,3 +50,40 @@ def test_the_timestamp_is_utc_with_milliseconds() -> None:
     entry = record("hello")
     entry.created = 1_700_000_000.25
     assert json.loads(JsonFormatter().format(entry))["ts"] == "2023-11-14T22:13:20.250Z"
+
+
+def test_repeated_lines_are_counted_not_written() -> None:
+    """A flood of one kind of line writes one line per window and a count of the rest."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    logger = logging.getLogger("bulkhook.test.repeats")
+    logger.addHandler(Keep())
+    logger.propagate = False
+    now = [0.0]
+    repeats = Repeats(logger, window=10.0, kinds=2, clock=lambda: now[0])
+    for n in range(10_000):
+        repeats.warning("bad_signature", "callback refused %d", n)
+    assert records == ["callback refused 0"]
+    now[0] = 10.5
+    repeats.warning("bad_signature", "callback refused again")
+    repeats.warning("too_large", "too large")
+    repeats.warning("too_large", "too large")
+    repeats.warning("third", "a third kind pushes the oldest out")
+    repeats.flush()
+    assert records[1:] == [
+        "9999 more like the last bad_signature line, not logged (one per 10 s)",
+        "callback refused again",
+        "too large",
+        "a third kind pushes the oldest out",
+        "1 more like the last too_large line, not logged (one per 10 s)",
+    ]
+
+
+def test_ids_in_log_lines_are_cut_short() -> None:
+    assert short("a" * 15_000) == "a" * 64 + "…(+14936)"
+    assert short("01abc") == "01abc"
+    assert short(None) is None
