@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -12,6 +11,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from .errors import ApiError, upstream_failure
+from .guard import bearer
 from .jobs import Job, State
 from .relay import RELAY_MIN_BYTES, Relay
 from .store import StoreError
@@ -33,17 +33,13 @@ def _state(request: Request) -> AppState:
 
 
 def _authorize(request: Request) -> AppState:
-    """Bearer-token check for the job API; constant time over every configured token."""
+    """Bearer-token check for the job API (``guard.Tokens``: constant time over every
+    configured token; a client that keeps guessing gets 429 instead)."""
     state = _state(request)
-    tokens = state.settings.api_tokens
-    if not tokens:
+    if not state.tokens.required:
         return state
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(given.strip().encode(), token.encode())
-    if scheme.lower() != "bearer" or not matched:
+    given = bearer(request.headers.get("authorization", ""))
+    if not state.tokens.check(given, request.scope, "api"):
         raise ApiError(
             "a valid bearer token is required",
             code="unauthorized",

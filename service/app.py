@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -19,11 +20,13 @@ from . import api, apidocs
 from .config import Settings
 from .dashboard import Dashboard
 from .errors import ApiError, error_response, unexpected
+from .guard import RequestGuard, ServedHosts, Tokens
 from .ingress import CallbackEndpoint, Service
+from .logs import Repeats
 from .metrics import Metrics
 from .openapi import openapi_spec
 from .poller import Poller
-from .sandbox import API_PREFIX, Sandbox, SandboxOptions
+from .sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
 from .signatures import Keyring
 from .state import AppState
 from .store import open_store
@@ -81,6 +84,9 @@ def create_app(
         *apidocs.routes(),
     ]
     embedded: Sandbox | None = None
+    control: str | None = None
+    # Refused tokens, hosts and cross-site requests: one line per kind and window.
+    repeats = Repeats(log)
     credentials = settings.credentials()
     if settings.embedded:
         options = sandbox or SandboxOptions()
@@ -93,6 +99,7 @@ def create_app(
         )
         keys = keys or (key,)
         routes.append(Mount("/sandbox", app=embedded.app))
+        control = f"/sandbox{CONTROL_PREFIX}"
         base_url = f"{public_url}/sandbox{API_PREFIX}"
     else:
         assert settings.oc_base_url is not None
@@ -118,6 +125,7 @@ def create_app(
             upstream=upstream,
             tracker=tracker,
             poller=poller,
+            tokens=Tokens(settings.api_tokens, metrics, repeats),
             sandbox=embedded,
         )
         poller.start()
@@ -130,11 +138,14 @@ def create_app(
                 await embedded.aclose()
             await upstream.aclose()
             await store.close()
+            repeats.flush()
 
+    guard = Middleware(RequestGuard, hosts=ServedHosts(settings), repeats=repeats, control=control)
     return Service(
         callbacks=callbacks,
         routes=routes,
         lifespan=lifespan,
+        middleware=[guard],
         exception_handlers={
             ApiError: _api_error,
             HTTPException: _http_error,

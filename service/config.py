@@ -52,6 +52,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "database_url": ("BULKHOOK_DATABASE_URL", "database"),
         "api_tokens": ("BULKHOOK_API_TOKENS", "secrets"),
         "allow_open_api": ("BULKHOOK_ALLOW_OPEN_API", "bool"),
+        "allowed_hosts": ("BULKHOOK_ALLOWED_HOSTS", "hosts"),
         "callback_grace": ("BULKHOOK_CALLBACK_GRACE", "seconds"),
         "poll_interval": ("BULKHOOK_POLL_INTERVAL", "seconds"),
         "poll_max_interval": ("BULKHOOK_POLL_MAX_INTERVAL", "seconds"),
@@ -94,7 +95,7 @@ def _show(value: object) -> str:
 
 def _parse(var: str, kind: str, raw: str) -> Any:
     """Turn an environment string into the field's type; range checks come later."""
-    if kind == "secrets":
+    if kind in ("secrets", "hosts"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if kind not in _WANTED:
         return raw
@@ -135,6 +136,24 @@ def _check_url(var: str, value: object) -> str:
     return str(value).rstrip("/")  # callback URLs are built by appending "/callbacks/..."
 
 
+# A DNS name, or one with "*." in front for any name under it; no port, no scheme.
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
+def _check_host(var: str, value: object) -> str:
+    """One served host: a name, ``*.name``, an IP address, or ``*`` for any host."""
+    name = value.strip().lower().rstrip(".") if isinstance(value, str) else ""
+    if name == "*" or _HOST_NAME.fullmatch(name):
+        return name
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(name.removeprefix("[").removesuffix("]")))
+    raise ConfigError(
+        f"{var} must list host names (like api.example.com or *.example.com) or IP"
+        f" addresses, without scheme or port, got {_show(value)}"
+    )
+
+
 def _check_database(var: str, value: object) -> str:
     if isinstance(value, str) and value.startswith(_SQLITE):
         if value.removeprefix(_SQLITE) in ("", ":memory:"):
@@ -160,6 +179,10 @@ def _check(var: str, kind: str, value: Any) -> Any:
         if isinstance(value, str) or not isinstance(value, tuple | list):
             raise ConfigError(f"{var} must be a sequence of strings (value not shown)")
         return tuple(_check_secret(var, item) for item in value)
+    if kind == "hosts":
+        if isinstance(value, str) or not isinstance(value, tuple | list):
+            raise ConfigError(f"{var} must be a sequence of host names, got {_show(value)}")
+        return tuple(_check_host(var, item) for item in value)
     if kind == "hub":
         if not isinstance(value, str) or not value.strip() or "/" in value:
             raise ConfigError(f"{var} must be a non-empty hub name without '/', got {_show(value)}")
@@ -205,6 +228,8 @@ class Settings:
     database_url: str = "sqlite:///./bulkhook.db"
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     allow_open_api: bool = False
+    # Hosts served besides loopback, the bound address and BULKHOOK_PUBLIC_URL's host.
+    allowed_hosts: tuple[str, ...] = ()
     callback_grace: float = 60.0
     poll_interval: float = 15.0
     poll_max_interval: float = 300.0
@@ -219,9 +244,14 @@ class Settings:
     log_format: str = "json"
     # debug also logs every accepted or duplicate callback delivery.
     log_level: str = "info"
+    # Where ``bulkhook serve`` listens: not read from the environment but set by the
+    # command, so the Host check serves that address. None: in-process (tests, the demo).
+    bind_host: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
+            if f.name not in _VARS:
+                continue
             var, kind = _VARS[f.name]
             object.__setattr__(self, f.name, _check(var, kind, getattr(self, f.name)))
         if self.poll_interval > self.poll_max_interval:

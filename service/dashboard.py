@@ -10,14 +10,13 @@ without a token: a bearer header, or the HttpOnly cookie the login form sets.
 from __future__ import annotations
 
 import csv
-import hmac
 import io
 import json
 import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode
 
 import jinja2
 from starlette.requests import Request
@@ -34,6 +33,7 @@ from starlette.templating import Jinja2Templates
 
 from . import api, live
 from .errors import ApiError, upstream_failure
+from .guard import bearer
 from .ingress import read_body
 from .jobs import Job, State
 from .upstream import UpstreamError
@@ -58,7 +58,7 @@ _HEADERS = {
     "base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     # same-origin, not no-referrer: with no-referrer, browsers send "Origin: null" with
-    # the login form, and the same-origin check could not tell it from a foreign one.
+    # the login form, and the cross-site check could not tell it from a foreign one.
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
@@ -68,44 +68,33 @@ def _state(request: Request) -> AppState:
     return request.app.state.bulkhook  # type: ignore[no-any-return]
 
 
-def _matches(tokens: tuple[str, ...], given: str) -> bool:
-    """Constant time over every configured token, like the job API's bearer check."""
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(given.encode(), token.encode())
-    return matched
-
-
 def credential(request: Request) -> str | None:
-    """The valid token this request carries ("" when the API is open), else None."""
-    tokens = _state(request).settings.api_tokens
-    if not tokens:
+    """The valid token this request carries ("" when the API is open), else None: a
+    bearer header, or the login cookie. Checked by ``guard.Tokens``, like the job API's."""
+    tokens = _state(request).tokens
+    if not tokens.required:
         return ""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and _matches(tokens, given.strip()):
-        return given.strip()
+    given = bearer(request.headers.get("authorization", ""))
+    if given and tokens.check(given, request.scope, "dashboard"):
+        return given
     cookie = request.cookies.get(COOKIE, "")
-    return cookie if cookie and _matches(tokens, cookie) else None
+    return cookie if cookie and tokens.check(cookie, request.scope, "dashboard") else None
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(
+        "a valid bearer token or dashboard login is required",
+        code="unauthorized",
+        status=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def _require(request: Request) -> AppState:
     """For the JSON, CSV and event-stream routes: a 401 error without a token."""
     if credential(request) is None:
-        raise ApiError(
-            "a valid bearer token or dashboard login is required",
-            code="unauthorized",
-            status=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise _unauthorized()
     return _state(request)
-
-
-def _same_origin(request: Request) -> None:
-    """Refuse cross-site POSTs (besides the SameSite=Strict cookie): browsers always
-    send Origin with one, and it must name this host."""
-    origin = request.headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
-        raise ApiError("cross-origin requests are refused", code="cross_origin", status=403)
 
 
 def _older(state: State | None, search: str, last_id: str) -> str:
@@ -232,14 +221,21 @@ class Dashboard:
         return self._login_page(request, target)
 
     async def login(self, request: Request) -> Response:
-        _same_origin(request)
+        # Cross-site form posts never get here: ``guard.RequestGuard`` refuses them.
         form = parse_qs((await read_body(request.receive, 8192)).decode("utf-8", "replace"))
         given = (form.get("token") or [""])[0].strip()
         target = _local_path((form.get("next") or ["/"])[0])
-        tokens = _state(request).settings.api_tokens
-        if not tokens:
+        tokens = _state(request).tokens
+        if not tokens.required:
             return RedirectResponse(target, status_code=303)
-        if not given or not _matches(tokens, given):
+        try:
+            valid = tokens.check(given, request.scope, "dashboard")
+        except ApiError as exc:
+            page = self._login_page(request, target, error="Too many wrong tokens: wait a minute.")
+            page.status_code = exc.status
+            page.headers.update(exc.headers or {})
+            return page
+        if not valid:
             return self._login_page(request, target, error="That token is not valid.")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
@@ -253,7 +249,6 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        _same_origin(request)
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response
@@ -311,8 +306,7 @@ class Dashboard:
         header: the same checks, answers and error codes as ``POST /jobs/{id}/...``."""
         token = credential(request)
         if token is None:
-            _require(request)
-        _same_origin(request)
+            raise _unauthorized()
         headers = [(k, v) for k, v in request.scope["headers"] if k != b"authorization"]
         if token:
             headers.append((b"authorization", f"Bearer {token}".encode()))

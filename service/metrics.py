@@ -37,6 +37,13 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
+        self.auth_failures = Counter(
+            "bulkhook_auth_failures",
+            "Refused token attempts by where (api, dashboard, sandbox) and outcome"
+            " (wrong: a token that matched none; throttled: refused unchecked, too many wrong).",
+            ["where", "outcome"],
+            registry=self.registry,
+        )
         # One child per outcome, kept: ``labels()`` takes a lock and builds a key per call.
         self._outcomes: dict[str, Counter] = {}
 

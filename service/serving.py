@@ -67,6 +67,9 @@ def serve(settings: Settings, host: str, port: int) -> int:
     url = _loopback_url(host, port)
     if settings.public_url is None:
         settings = dataclasses.replace(settings, public_url=url)
+    # The Host check answers for the address it listens on (every IP address when
+    # that is 0.0.0.0 or ::).
+    settings = dataclasses.replace(settings, bind_host=host)
     for line in describe(settings, url):
         print(line, flush=True)
     lighten_records()

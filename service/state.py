@@ -12,6 +12,7 @@ from .store import Store
 from .upstream import UpstreamClient
 
 if TYPE_CHECKING:
+    from .guard import Tokens
     from .poller import Poller
     from .sandbox import Sandbox
     from .tracker import Tracker
@@ -29,4 +30,5 @@ class AppState:
     upstream: UpstreamClient
     tracker: Tracker
     poller: Poller
+    tokens: Tokens
     sandbox: Sandbox | None = None

@@ -128,7 +128,7 @@ def test_an_oversize_upload_is_413_and_nothing_reaches_the_upstream(
     boundary = "b0undary"
     with connect(service) as sock:
         head = (
-            b"POST /jobs HTTP/1.1\r\nHost: x\r\n"
+            b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
         )
         first = (

@@ -274,7 +274,7 @@ def test_sigterm_drains_requests_stops_polling_and_releases_leases(
     )
     sock = socket.create_connection(("127.0.0.1", port), 10)
     sock.sendall(
-        "POST /jobs HTTP/1.1\r\nHost: x\r\n"
+        "POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload[:100]

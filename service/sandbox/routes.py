@@ -1,7 +1,8 @@
 """The sandbox's HTTP surface: DESIGN §2 under ``/elements/api-v2``, plus introspection.
 
 ``/_sandbox/stats`` and ``/_sandbox/faults`` are not part of Open Connectors; they let
-tests in other processes count calls and script faults.
+tests in other processes count calls and script faults. Every such control route lives
+under ``CONTROL_PREFIX``, which is what the embedding service guards with its tokens.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from starlette.types import Message
 if TYPE_CHECKING:
     from .instance import Fault, Sandbox
 
-__all__ = ["build_app"]
+__all__ = ["API_PREFIX", "CONTROL_PREFIX", "build_app"]
 
 API_PREFIX = "/elements/api-v2"
+CONTROL_PREFIX = "/_sandbox"
 _AUTH_PART = re.compile(r"^(User|Organization|Element) \S+$")
 _MAX_PAGE = 500
 _DEFAULT_PAGE = 200
@@ -259,8 +261,8 @@ def build_app(sandbox: Sandbox) -> Starlette:
         lifespan=lifespan,
         routes=[
             Route("/", root, methods=["GET"]),
-            Route("/_sandbox/stats", stats, methods=["GET"]),
-            Route("/_sandbox/faults", faults, methods=["POST"]),
+            Route(CONTROL_PREFIX + "/stats", stats, methods=["GET"]),
+            Route(CONTROL_PREFIX + "/faults", faults, methods=["POST"]),
             Mount(API_PREFIX, routes=api),
         ],
     )
