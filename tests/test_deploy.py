@@ -22,6 +22,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.config import Settings
+from service.guard import ServedHosts
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -656,3 +659,60 @@ def test_the_secret_and_env_file_carry_what_a_deployment_needs() -> None:
     assert needed <= defined["bulkhook.env.example"]
     kubernetes = defined["kubernetes/configmap.yaml"] | defined["kubernetes/secret.example.yaml"]
     assert needed | {"BULKHOOK_DATABASE_URL"} <= kubernetes
+
+
+# --- The Host check ------------------------------------------------------------------
+
+
+def _served(bind: str, env: dict[str, str]) -> ServedHosts:
+    """What a deployment's service answers for: its bind address and its host settings
+    (only those: the examples' placeholders are not settings a service would start with)."""
+    wanted = {
+        k: v for k, v in env.items() if k in ("BULKHOOK_PUBLIC_URL", "BULKHOOK_ALLOWED_HOSTS")
+    }
+    return ServedHosts(Settings.from_env(wanted, env_file=None).replace(bind_host=bind))
+
+
+def test_every_deployment_serves_the_hosts_its_clients_use_and_no_other() -> None:
+    (container,) = _manifest("Deployment")["spec"]["template"]["spec"]["containers"]
+    kubernetes = _served(
+        container["args"][container["args"].index("--host") + 1], _manifest("ConfigMap")["data"]
+    )
+    # In-cluster clients by the Service's names, kubectl port-forward, Prometheus by pod IP.
+    for host in [
+        "bulkhook",
+        "bulkhook.bulkhook.svc",
+        "bulkhook.bulkhook.svc.cluster.local:80",
+        "localhost:8080",
+        "10.244.3.17:8000",
+        "bulkhook.example.com",
+    ]:
+        assert kubernetes.serves(host), host
+
+    env_file = _env_assignments((DEPLOY / "bulkhook.env.example").read_text(encoding="utf-8"))
+    (cmd,) = _instruction("CMD")
+    compose = _served(json.loads(cmd)[json.loads(cmd).index("--host") + 1], env_file)
+    argv = shlex.split(_unit()["Service"]["ExecStart"])
+    systemd = _served(argv[argv.index("--host") + 1], env_file)
+    # The internal listener on the host's loopback (nginx passes the client's Host), and
+    # the image's own health check.
+    for served in (compose, systemd):
+        for host in ["127.0.0.1:8080", "localhost:8080", "127.0.0.1:8000"]:
+            assert served.serves(host), host
+
+    for served in (kubernetes, compose, systemd):
+        assert not served.serves("evil.example")
+        assert not served.serves("bulkhook.example.com.evil.example")
+
+
+def test_nginx_passes_the_clients_host_with_its_port() -> None:
+    root = parse_nginx((DEPLOY / "nginx.conf").read_text(encoding="utf-8"))
+    (http,) = root.find("http")
+    hosts = [d.args for d in http.walk() if d.name == "proxy_set_header" and d.args[0] == "Host"]
+    assert hosts == [["Host", "$client_host"]]  # once, at the http level, so every server has it
+    (mapped,) = [d for d in http.find("map") if d.args == ["$http_host", "$client_host"]]
+    # The Host as sent; nginx's own host only when the request carried none.
+    assert {d.name: d.args for d in mapped.block or []} == {
+        "": ["$host"],
+        "default": ["$http_host"],
+    }
