@@ -377,6 +377,36 @@ def _paths() -> dict[str, Schema]:
     return paths
 
 
+def _guarded(paths: dict[str, Any]) -> dict[str, Any]:
+    """The answers ``guard.RequestGuard`` and ``guard.Tokens`` give on every route they
+    cover: all but the callbacks and the probes, which answer under any Host."""
+    for path, item in paths.items():
+        if path.startswith("/callbacks") or path in ("/healthz", "/readyz"):
+            continue
+        for method, operation in item.items():
+            responses = operation["responses"]
+            responses.setdefault(
+                "421",
+                _error(
+                    "The Host header names a host this service does not serve", "host_not_allowed"
+                ),
+            )
+            if method in ("post", "put", "patch", "delete"):
+                responses.setdefault(
+                    "403", _error("A browser marked the request cross-site", "cross_origin")
+                )
+            if "security" in operation:
+                responses.setdefault(
+                    "429",
+                    _error(
+                        "Too many wrong tokens from this client lately; not checked",
+                        "too_many_attempts",
+                        **{"Retry-After": "seconds until tokens are checked again"},
+                    ),
+                )
+    return paths
+
+
 def openapi_spec() -> dict[str, Any]:
     """The whole document; a new dict on every call, safe to mutate."""
     from .openapi_dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
@@ -390,9 +420,11 @@ def openapi_spec() -> dict[str, Any]:
             "callbacks, and follow every job to a terminal state. Every error is "
             '`{"error": {"code", "message", ...}}`; `code` is stable. The job and object '
             "routes need a bearer token when BULKHOOK_API_TOKENS is set (the dashboard's "
-            "routes also take its login cookie).",
+            "routes also take its login cookie). Every route but the callbacks and the "
+            "probes answers only for the hosts the service serves (421 `host_not_allowed`) "
+            "and refuses browsers' cross-site changes (403 `cross_origin`).",
         },
-        "paths": {**_paths(), **dashboard_paths()},
+        "paths": _guarded({**_paths(), **dashboard_paths()}),
         "components": {
             "schemas": {**_schemas(), **dashboard_schemas()},
             "securitySchemes": {

@@ -26,6 +26,7 @@ from service.errors import ApiError
 from service.guard import ServedHosts, Tokens, cross_site, split_host
 from service.logs import Repeats
 from service.metrics import Metrics
+from service.openapi import openapi_spec
 from service.signatures import sign
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
@@ -522,3 +523,15 @@ def test_allowed_hosts_are_read_from_the_environment(
 def test_an_allowed_host_that_is_not_a_host_stops_start_up(raw: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="BULKHOOK_ALLOWED_HOSTS"):
         Settings.from_env({"BULKHOOK_ALLOWED_HOSTS": raw}, env_file=tmp_path / "none")
+
+
+def test_the_api_description_lists_what_the_guard_answers() -> None:
+    paths = openapi_spec()["paths"]
+    assert "host_not_allowed" in paths["/jobs"]["get"]["responses"]["421"]["description"]
+    assert "cross_origin" in paths["/jobs"]["post"]["responses"]["403"]["description"]
+    assert "too_many_attempts" in paths["/jobs"]["post"]["responses"]["429"]["description"]
+    assert "Retry-After" in paths["/jobs/{job_id}"]["get"]["responses"]["429"]["headers"]
+    for open_path in ("/callbacks", "/callbacks/jobs/{job_id}", "/healthz", "/readyz"):
+        for operation in paths[open_path].values():
+            assert not {"421", "403", "429"} & operation["responses"].keys(), open_path
+    assert "429" not in paths["/metrics"]["get"]["responses"]  # no token, nothing to guess
