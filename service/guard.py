@@ -114,13 +114,14 @@ class ServedHosts:
         self._suffixes: list[str] = []
         self._any_address = False
         self._any_host = False
-        bound = split_host(settings.bind_host or "")
-        if bound is not None:
-            address = _address(bound[0])
+        # As given to --host: a name, or an address (IPv6 with or without brackets).
+        bound = (settings.bind_host or "").strip().removeprefix("[").removesuffix("]")
+        if bound:
+            address = _address(bound)
             if address is not None and address.is_unspecified:
                 self._any_address = True
             else:
-                self._names.add(str(address or bound[0]))
+                self._names.add(self._normal(bound.rstrip(".")))
         if settings.public_url:
             public = urlsplit(settings.public_url).hostname
             if public:

@@ -502,6 +502,25 @@ def test_any_host_or_origin_text_gets_an_answer_never_an_error(host: str, origin
 
 
 @pytest.mark.parametrize(
+    ("bind", "served", "refused"),
+    [
+        ("0.0.0.0", ["10.1.2.3:8000", "[fd00::1]"], ["evil.example"]),  # noqa: S104
+        ("::", ["10.1.2.3", "[fd00::1]:8000"], ["evil.example"]),
+        ("[::]", ["10.1.2.3"], ["evil.example"]),
+        ("192.0.2.7", ["192.0.2.7:8000"], ["192.0.2.8", "evil.example"]),
+        ("fd00::7", ["[fd00::7]:8000", "[FD00:0::7]"], ["[fd00::8]"]),
+        ("Bulkhook.LAN", ["bulkhook.lan:8000"], ["lan", "evil.example"]),
+    ],
+)
+def test_the_bound_address_is_served(bind: str, served: list[str], refused: list[str]) -> None:
+    hosts = ServedHosts(Settings(bind_host=bind))
+    for host in [*served, "localhost:8000", "127.0.0.1"]:
+        assert hosts.serves(host), (bind, host)
+    for host in refused:
+        assert not hosts.serves(host), (bind, host)
+
+
+@pytest.mark.parametrize(
     ("raw", "expected"),
     [
         ("api.example.com", ("api.example.com",)),
