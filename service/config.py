@@ -61,6 +61,11 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "job_timeout": ("BULKHOOK_JOB_TIMEOUT", "seconds"),
         "max_callback_bytes": ("BULKHOOK_MAX_CALLBACK_BYTES", "bytes"),
         "max_upload_bytes": ("BULKHOOK_MAX_UPLOAD_BYTES", "bytes"),
+        "header_timeout": ("BULKHOOK_HEADER_TIMEOUT", "seconds"),
+        "body_timeout": ("BULKHOOK_BODY_TIMEOUT", "seconds"),
+        "upload_min_rate": ("BULKHOOK_UPLOAD_MIN_RATE", "bytes"),
+        "upload_rate_window": ("BULKHOOK_UPLOAD_RATE_WINDOW", "seconds"),
+        "max_relays": ("BULKHOOK_MAX_RELAYS", "count"),
         "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
         "log_level": ("BULKHOOK_LOG_LEVEL", "log_level"),
     }
@@ -70,6 +75,7 @@ _WANTED: Mapping[str, str] = MappingProxyType(
         "seconds": "a positive number of seconds",
         "rate": "a positive number of polls per second",
         "bytes": "a positive whole number of bytes",
+        "count": "a positive whole number",
         "bool": "one of 1/true/yes/0/false/no",
         **{kind: f"one of {'/'.join(words)}" for kind, words in _CHOICES.items()},
     }
@@ -102,7 +108,7 @@ def _parse(var: str, kind: str, raw: str) -> Any:
     if kind in ("seconds", "rate"):
         with contextlib.suppress(ValueError):
             return float(raw)
-    elif kind == "bytes" and raw.isascii() and raw.isdigit():
+    elif kind in ("bytes", "count") and raw.isascii() and raw.isdigit():
         return int(raw)
     elif kind == "bool" and raw.lower() in _TRUE | _FALSE:
         return raw.lower() in _TRUE
@@ -193,7 +199,8 @@ def _check(var: str, kind: str, value: Any) -> Any:
         return value
     if value in _CHOICES.get(kind, ()):
         return value
-    if kind == "bytes" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if kind in ("bytes", "count") and whole and value > 0:
         return value
     # seconds / rate: a zero, negative, NaN or infinite interval would stall or spin.
     number = isinstance(value, int | float) and not isinstance(value, bool)
@@ -240,6 +247,17 @@ class Settings:
     job_timeout: float = 259200.0
     max_callback_bytes: int = 1048576
     max_upload_bytes: int = 2147483648
+    # A connection whose request headers are not complete this long after it opened
+    # (or after its last response) is closed: it holds a socket and serves no one.
+    header_timeout: float = 10.0
+    # The longest gap between two reads of an upload's body, and the least bytes per
+    # second it must bring in each window of upload_rate_window seconds (the first
+    # window is its grace): slower uploads are cut with 408 upload_too_slow.
+    body_timeout: float = 60.0
+    upload_min_rate: int = 1024
+    upload_rate_window: float = 60.0
+    # Uploads relayed upstream while they arrive, at most; past it one is spooled whole.
+    max_relays: int = 8
     # Structured JSON lines for log collectors, or plain text for a terminal.
     log_format: str = "json"
     # debug also logs every accepted or duplicate callback delivery.
