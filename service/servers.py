@@ -1,20 +1,113 @@
-"""Run an ASGI app under a real uvicorn server on a loopback port, in a background thread.
+"""Run an ASGI app under a real uvicorn server on a loopback port, in a background thread;
+and the HTTP protocol every server of the project runs, with a deadline for headers.
 
-Tests and ``bulkhook demo`` use this to stand up real servers on ephemeral ports
-without a subprocess; each server has its own event loop.
+Tests and ``bulkhook demo`` use ``ServerThread`` to stand up real servers on ephemeral
+ports without a subprocess; each server has its own event loop.
+
+uvicorn times a connection out only while it idles after a response (keep-alive): a
+client that connects and sends nothing, or trickles a request's headers a byte at a
+time, holds its connection for ever. ``http_protocol`` adds a deadline: the headers of
+a connection's first request must be complete ``header_timeout`` seconds after it
+opened, those of each further request as long after the response before it; past it,
+the connection is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import socket
 import threading
 import time
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["ServerThread", "bind_socket"]
+__all__ = ["HEADER_TIMEOUT", "ServerThread", "bind_socket", "http_protocol", "implementations"]
+
+HEADER_TIMEOUT = 10.0
+
+
+if TYPE_CHECKING:
+    _Protocol = H11Protocol  # what the mixin below needs of either uvicorn protocol
+else:
+    _Protocol = object
+
+
+class _HeaderDeadline(_Protocol):
+    """The deadline, over either of uvicorn's HTTP/1.1 protocols.
+
+    It runs while no request is in hand: from ``connection_made``, and from each
+    response's end until the next request's headers are complete. What the deadline
+    costs a request is one timer armed and one cancelled, as uvicorn's keep-alive does.
+    """
+
+    header_timeout = HEADER_TIMEOUT
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and not self._awaiting_headers():
+            self._stop_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._awaiting_headers() and not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def _awaiting_headers(self) -> bool:
+        """No request whose headers are complete is being served on the connection
+        (both protocols start a request's cycle as soon as its headers are parsed)."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm_header_timer(self) -> None:
+        self._stop_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers() and not self.transport.is_closing():
+            self.transport.close()
+
+
+def implementations() -> tuple[str, ...]:
+    """The HTTP parsers uvicorn can run here, the one it prefers first."""
+    return ("httptools", "h11") if importlib.util.find_spec("httptools") else ("h11",)
+
+
+def http_protocol(
+    header_timeout: float = HEADER_TIMEOUT, implementation: str = "auto"
+) -> type[asyncio.Protocol]:
+    """uvicorn's protocol for ``implementation`` (``auto``: httptools if installed, as
+    uvicorn picks), with the header deadline; for ``uvicorn.Config(http=...)``."""
+    if implementation == "auto":
+        implementation = implementations()[0]
+    base: type[asyncio.Protocol]
+    if implementation == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = HttpToolsProtocol
+    elif implementation == "h11":
+        base = H11Protocol
+    else:
+        raise ValueError(f"unknown HTTP implementation {implementation!r}")
+    name = f"HeaderDeadline{base.__name__}"
+    return type(name, (_HeaderDeadline, base), {"header_timeout": header_timeout})
 
 
 class ServerThread:
@@ -28,13 +121,18 @@ class ServerThread:
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
+        header_timeout: float = HEADER_TIMEOUT,
         **uvicorn_options: Any,
     ) -> None:
         self._socket = bind_socket(host, port)
         self.host = host
         self.port = self._socket.getsockname()[1]
         self.app = app
-        self._options = {"log_level": log_level, **uvicorn_options}
+        self._options = {
+            "log_level": log_level,
+            "http": http_protocol(header_timeout),
+            **uvicorn_options,
+        }
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 

@@ -13,7 +13,7 @@ from .app import create_app
 from .config import Settings
 from .logs import lighten_records, log_config
 from .sandbox import API_PREFIX
-from .servers import bind_socket
+from .servers import bind_socket, http_protocol
 
 __all__ = ["YOUNG_THRESHOLD", "describe", "serve"]
 
@@ -82,6 +82,8 @@ def serve(settings: Settings, host: str, port: int) -> int:
         access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=30,
+        # uvicorn's own protocol has no deadline for a request's headers.
+        http=http_protocol(settings.header_timeout),
     )
     _Server(config).run(sockets=[sock])
     return 0
