@@ -194,7 +194,14 @@ def _error_from(operation: str, response: httpx.Response) -> UpstreamError:
 
 
 class UpstreamClient:
-    """One connection pool to one Open Connectors instance."""
+    """Two connection pools to one Open Connectors instance: one for submissions, one
+    for everything else.
+
+    A submission can hold its connection for as long as its upload takes to arrive (a
+    relay) or to send: with one pool, uploads could take every connection and leave
+    the status polls, cancels and discovery waiting. ``submit_connections`` bounds the
+    submissions' own pool; ``connections`` the other one.
+    """
 
     def __init__(
         self,
@@ -204,15 +211,22 @@ class UpstreamClient:
         retry: RetryPolicy | None = None,
         timeout: httpx.Timeout | float | None = None,
         on_call: Callable[[str, int | None], None] | None = None,
+        connections: int = 100,
+        submit_connections: int = 16,
     ) -> None:
         headers = {"Accept": "application/json", "User-Agent": "bulkhook"}
         auth = (credentials or Credentials()).header()
         if auth:
             headers["Authorization"] = auth
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=timeout if timeout is not None else httpx.Timeout(30.0, connect=5.0),
+        timeout = timeout if timeout is not None else httpx.Timeout(30.0, connect=5.0)
+        self._client, self._submits = (
+            httpx.AsyncClient(
+                base_url=base_url.rstrip("/"),
+                headers=headers,
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=min(size, 20)),
+            )
+            for size in (connections, submit_connections)
         )
         self._retry = retry or RetryPolicy()
         self._on_call = on_call
@@ -230,6 +244,7 @@ class UpstreamClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._submits.aclose()
 
     # -- calls --------------------------------------------------------------------
 
@@ -358,8 +373,9 @@ class UpstreamClient:
         idempotent: bool,
     ) -> tuple[httpx.Response | UpstreamError, bool]:
         """One try: the response, or the error and whether this call may be repeated."""
+        client = self._submits if operation == "submit" else self._client
         try:
-            response = await self._client.request(
+            response = await client.request(
                 method,
                 url,
                 params=params,
@@ -370,6 +386,12 @@ class UpstreamClient:
             self._count(operation, None)
             message = f"cannot connect: {exc}" if str(exc) else "cannot connect"
             return UpstreamUnavailable(operation, message, request_sent=False), True
+        except httpx.PoolTimeout:
+            # Every connection stayed busy: nothing of this request left the process.
+            # Not repeated: a pool that stayed full this long is not about to free up.
+            self._count(operation, None)
+            message = "no connection to the upstream came free in time; nothing was sent"
+            return UpstreamUnavailable(operation, message, request_sent=False), False
         except httpx.TransportError as exc:
             self._count(operation, None)
             what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
