@@ -5,13 +5,20 @@ without reading past the limit, and must answer every bad file with a 4xx. The
 multipart body is parsed as it arrives (python-multipart's streaming parser, not
 ``request.form()``, which spools without limits); the file part goes to a ``Spool``
 in 1 MiB batches, each read first by ``CsvInspector``, which checks encoding and
-counts records at C speed. When the file's first bytes arrive, ``on_file`` hears
+counts records at C speed. Once enough of the file has arrived, ``on_file`` hears
 what is known by then (the fields sent before it, and the file's size when the body
 ends as usual), so the caller can start sending it on while the rest arrives.
+
+A body that stops, or trickles, holds a connection, a task and a spool file (and a
+relay upstream) for as long as it lasts: like a proxy's body timeout, the read loop
+cuts an upload that sends nothing for ``body_timeout`` seconds, or fewer than
+``min_rate`` bytes a second over a window of ``rate_window`` seconds (the first window
+is its grace), with ``408 upload_too_slow``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +30,19 @@ from .errors import ApiError
 from .inspector import CsvInspector, CsvSummary, bad_upload
 from .spool import Spool
 
-__all__ = ["FileStart", "ReceivedUpload", "receive_upload"]
+__all__ = [
+    "BODY_TIMEOUT",
+    "MIN_RATE",
+    "RATE_WINDOW",
+    "FileStart",
+    "ReceivedUpload",
+    "receive_upload",
+]
+
+# As nginx's client_body_timeout; a slow link of 8 kbit/s still passes the rate.
+BODY_TIMEOUT = 60.0
+MIN_RATE = 1024
+RATE_WINDOW = 60.0
 
 _MAX_FIELDS = 16
 _MAX_FIELD_BYTES = 64 * 1024
@@ -69,6 +88,7 @@ class _Receiver:
         # Where the file's data starts in the body, once its first bytes were parsed
         # (-1: not known); ``chunk``/``offset``: the chunk being parsed and its offset.
         self.file_offset: int | None = None
+        self.file_bytes = 0  # how many of the file's bytes have been parsed
         self.fields_before_file: dict[str, str] = {}
         self.chunk = b""
         self.offset = 0
@@ -130,6 +150,7 @@ class _Receiver:
             if self.file_offset is None:
                 self.file_offset = self.offset + start if data is self.chunk else -1
                 self.fields_before_file = dict(self.fields)
+            self.file_bytes += end - start
             self.pending += memoryview(data)[start:end]
             return
         self._value += data[start:end]
@@ -166,6 +187,47 @@ def _malformed(message: str) -> ApiError:
     return bad_upload("malformed_multipart", f"the multipart body is malformed: {message}")
 
 
+class _Pace:
+    """When an upload that brings no more bytes is too slow: ``deadline`` on the loop's
+    clock. Windows are fixed, so each chunk costs a few comparisons."""
+
+    def __init__(self, now: float, gap: float, rate: int, window: float) -> None:
+        self.gap, self.rate, self.window = gap, rate, window
+        self.last = now
+        self.window_end = now + window
+        self.in_window = 0
+        self.quota = rate * window
+
+    def deadline(self) -> float:
+        short = self.window_end if self.in_window < self.quota else self.window_end + self.window
+        return min(self.last + self.gap, short)
+
+    def received(self, size: int, now: float) -> None:
+        while now >= self.window_end:
+            if self.in_window < self.quota:
+                raise self.too_slow(now)
+            self.window_end += self.window
+            self.in_window = 0
+        self.in_window += size
+        self.last = now
+
+    def too_slow(self, now: float) -> ApiError:
+        if now >= self.last + self.gap:
+            message = f"the upload sent nothing for {self.gap:g} s"
+        else:
+            message = (
+                f"the upload brought {self.in_window} bytes in {self.window:g} s, fewer than"
+                f" the least of {self.rate} bytes a second"
+            )
+        return ApiError(
+            message,
+            code="upload_too_slow",
+            status=408,
+            # The rest of the body is not read: the connection cannot serve another request.
+            headers={"Connection": "close"},
+        )
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(
         f"the upload is larger than the limit of {limit} bytes",
@@ -180,12 +242,17 @@ async def receive_upload(
     max_bytes: int,
     directory: str | Path | None = None,
     on_file: Callable[[FileStart], Awaitable[None]] | None = None,
+    announce_after: int = 1,
+    body_timeout: float = BODY_TIMEOUT,
+    min_rate: int = MIN_RATE,
+    rate_window: float = RATE_WINDOW,
 ) -> ReceivedUpload:
     """Stream a ``multipart/form-data`` body's ``file`` part to a temporary file,
     checking the CSV on the way; the caller owns (and deletes) ``ReceivedUpload.path``.
 
-    Every problem with the request is an ``ApiError`` (400, 413 or 415), and then no
-    temporary file is left behind.
+    ``on_file`` is called once ``announce_after`` bytes of the file have arrived (never
+    for a smaller file). Every problem with the request is an ``ApiError`` (400, 408,
+    413 or 415), and then no temporary file is left behind.
     """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
@@ -206,10 +273,22 @@ async def receive_upload(
     spool = Spool(directory)
     # A body ends with its closing delimiter and a line break (curl, browsers, httpx).
     closing = len(b"\r\n--" + boundary + b"--\r\n")
+    loop = asyncio.get_running_loop()
+    pace = _Pace(loop.time(), body_timeout, min_rate, rate_window)
+    chunks = request.stream()
     try:
         received = 0
         try:
-            async for chunk in request.stream():
+            while True:
+                try:
+                    async with asyncio.timeout_at(pace.deadline()):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    receiver.check()
+                    raise pace.too_slow(loop.time()) from None
+                pace.received(len(chunk), loop.time())
                 receiver.chunk, receiver.offset = chunk, received
                 received += len(chunk)
                 if received > max_bytes:
@@ -222,10 +301,10 @@ async def receive_upload(
                 except Exception as exc:  # python-multipart's errors, whatever their type
                     receiver.check()
                     raise _malformed(str(exc)) from exc
-                if on_file is not None and receiver.file_offset is not None:
-                    size = None
-                    if declared.isdigit() and receiver.file_offset >= 0:
-                        size = int(declared) - receiver.file_offset - closing
+                if on_file is not None and receiver.file_bytes >= max(1, announce_after):
+                    size, offset = None, receiver.file_offset
+                    if declared.isdigit() and offset is not None and offset >= 0:
+                        size = int(declared) - offset - closing
                     start = FileStart(
                         str(receiver.filename), receiver.fields_before_file, size, spool
                     )
