@@ -111,8 +111,9 @@ async def submit_job(request: Request) -> Response:
     relay: Relay | None = None
 
     async def on_file(start: FileStart) -> None:
-        # A large file whose fields came first and whose size is known goes upstream
-        # while it arrives; anything else is spooled whole and sent afterwards.
+        # A large file whose fields came first, whose size is known and whose first
+        # RELAY_MIN_BYTES are in goes upstream while the rest arrives, if a relay is
+        # free; anything else is spooled whole and sent afterwards.
         nonlocal relay
         if start.size is None or start.size < RELAY_MIN_BYTES:
             return
@@ -122,9 +123,16 @@ async def submit_job(request: Request) -> Response:
             return  # reported once the whole body is in, in its usual order
         relay = state.tracker.relay(early, start.spool, start.size)
 
+    settings = state.settings
     try:
         upload = await receive_upload(
-            request, max_bytes=state.settings.max_upload_bytes, on_file=on_file
+            request,
+            max_bytes=settings.max_upload_bytes,
+            on_file=on_file,
+            announce_after=RELAY_MIN_BYTES,
+            body_timeout=settings.body_timeout,
+            min_rate=settings.upload_min_rate,
+            rate_window=settings.upload_rate_window,
         )
     except BaseException:
         if relay is not None:

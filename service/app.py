@@ -30,7 +30,7 @@ from .sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
 from .signatures import Keyring
 from .state import AppState
 from .store import open_store
-from .tracker import Tracker
+from .tracker import SENDING_CONNECTIONS, Tracker
 from .upstream import Credentials, RetryPolicy, UpstreamClient
 
 __all__ = ["create_app"]
@@ -111,7 +111,11 @@ def create_app(
         store = open_store(settings.database_url)
         await store.open()
         upstream = UpstreamClient(
-            base_url, credentials, retry=upstream_retry, on_call=metrics.upstream_call
+            base_url,
+            credentials,
+            retry=upstream_retry,
+            on_call=metrics.upstream_call,
+            submit_connections=settings.max_relays + SENDING_CONNECTIONS,
         )
         tracker = Tracker(settings, store, upstream, public_url)
         poller = Poller(store, tracker, metrics, settings.poll_rate, settings.poll_lease)

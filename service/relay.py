@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .multipart import FileStream
@@ -27,7 +27,9 @@ __all__ = ["RELAY_MIN_BYTES", "Relay"]
 log = logging.getLogger("bulkhook.jobs")
 
 # Smaller uploads are spooled whole first: relaying them saves nothing measurable, and
-# a whole body in hand lets an upstream that answers early be heard.
+# a whole body in hand lets an upstream that answers early be heard. A relay starts
+# only once this much of the file has arrived, not when a Content-Length promises it:
+# a client that promises much and sends little never gets a connection upstream.
 RELAY_MIN_BYTES = 4 << 20
 
 
@@ -42,7 +44,9 @@ class Relay:
         size: int,
         callback_url: str,
         metadata: Mapping[str, Any],
+        on_done: Callable[[], None] | None = None,
     ) -> None:
+        """``on_done`` is called once the upstream request is over, however it ended."""
         self.job_id = job_id
         self.request = request
         self.size = size
@@ -62,6 +66,8 @@ class Relay:
                 metadata=metadata,
             )
         )
+        if on_done is not None:
+            self._task.add_done_callback(lambda _: on_done())
 
     async def _chunks(self) -> AsyncIterator[Bytes]:
         self._ended = False

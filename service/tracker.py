@@ -23,7 +23,7 @@ from .spool import Spool
 from .store import Store
 from .upstream import UpstreamClient, UpstreamError, UpstreamUnavailable
 
-__all__ = ["NOT_FOUND_LIMIT", "SUBMIT_DEADLINE", "SubmitRequest", "Tracker"]
+__all__ = ["NOT_FOUND_LIMIT", "SENDING_CONNECTIONS", "SUBMIT_DEADLINE", "SubmitRequest", "Tracker"]
 
 log = logging.getLogger("bulkhook.jobs")
 
@@ -31,6 +31,9 @@ log = logging.getLogger("bulkhook.jobs")
 SUBMIT_DEADLINE = 3600.0
 # Consecutive 404s from the status endpoint before a job is given up as lost upstream.
 NOT_FOUND_LIMIT = 3
+# Upstream connections for submissions beside the relays': uploads sent from their
+# spool always find one, however many relays are under way.
+SENDING_CONNECTIONS = 8
 
 
 def _why(job: Job, manual: bool) -> str:
@@ -75,6 +78,7 @@ class Tracker:
         self.upstream = upstream
         self.public_url = public_url.rstrip("/")
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.relays = 0  # relays whose upstream request is under way
         # Set by the app to the poller's wake(): called when a job becomes due sooner.
         self.wake: Callable[[], None] = lambda: None
 
@@ -100,8 +104,12 @@ class Tracker:
 
     # -- submission ---------------------------------------------------------------
 
-    def relay(self, request: SubmitRequest, spool: Spool, size: int) -> Relay:
-        """Start sending an upload that is still arriving (``submit`` lets it end)."""
+    def relay(self, request: SubmitRequest, spool: Spool, size: int) -> Relay | None:
+        """Start sending an upload that is still arriving (``submit`` lets it end);
+        ``None`` when ``max_relays`` are under way: that upload is sent once it is in."""
+        if self.relays >= self.settings.max_relays:
+            return None
+        self.relays += 1
         job_id = new_job_id()
         return Relay(
             self.upstream,
@@ -111,7 +119,11 @@ class Tracker:
             size=size,
             callback_url=self.callback_url(job_id),
             metadata=_metadata(job_id, request),
+            on_done=self._relay_done,
         )
+
+    def _relay_done(self) -> None:
+        self.relays -= 1
 
     async def submit(
         self, request: SubmitRequest, file: Path, relay: Relay | None = None
