@@ -229,3 +229,72 @@ def test_a_relay_cut_off_on_the_way_is_sent_again_as_one_job(
         eventually(lambda: upstream.sandbox.uploads_cut == 1)
     finally:
         proxy.close()
+
+
+def settled(read: Callable[[], int], quiet: float = 0.5) -> int:
+    """``read()`` once it has stopped changing for ``quiet`` seconds."""
+    value = read()
+    while True:
+        time.sleep(quiet)
+        if (now := read()) == value:
+            return value
+        value = now
+
+
+def test_past_the_most_relays_an_upload_is_spooled_whole_and_sent_after(
+    upstream: RunningSandbox, start_service: StartService
+) -> None:
+    service = start_service(upstream, max_relays=1)
+    release = threading.Event()
+    answers: dict[str, httpx.Response] = {}
+
+    def first() -> None:
+        answers["first"] = Upload().post(service, lambda: release.wait(30))
+
+    holder = threading.Thread(target=first)
+    holder.start()
+    try:
+        upstream_receiving(upstream)()  # the one relay is under way, and held
+        before = settled(lambda: upstream.sandbox.upload_bytes)
+        grew: list[int] = []
+
+        def no_relay() -> None:
+            time.sleep(1.5)
+            grew.append(upstream.sandbox.upload_bytes - before)
+
+        # The second upload's first 8 MiB are in the service, but none reach the upstream
+        # until its body has ended.
+        answers["second"] = Upload().post(service, no_relay)
+        assert grew == [0]
+    finally:
+        release.set()
+        holder.join(60)
+    for name in ("first", "second"):
+        assert answers[name].status_code == 202, answers[name].text
+        job = service.wait_for(answers[name].json()["id"], {"COMPLETED"})
+        assert job["records_count"] == ROWS
+    assert len(upstream.sandbox.jobs) == 2
+    assert upstream.sandbox.uploads_cut == 0
+    assert service.state.tracker.relays == 0
+
+
+def test_a_relayed_upload_that_stalls_is_cut_and_makes_no_job_upstream(
+    upstream: RunningSandbox, start_service: StartService
+) -> None:
+    service = start_service(upstream, body_timeout=1.0)
+    answer: httpx.Response | None = None
+
+    def stall() -> None:
+        upstream_receiving(upstream)()
+        time.sleep(3)
+
+    with contextlib.suppress(httpx.TransportError):  # closed while the client still sends
+        answer = Upload().post(service, stall)
+    if answer is not None:
+        assert answer.status_code == 408, answer.text
+        assert answer.json()["error"]["code"] == "upload_too_slow"
+    # The upstream had most of the file, but never its end: the relay was cut off.
+    eventually(lambda: upstream.sandbox.uploads_cut == 1)
+    assert upstream.sandbox.jobs == {}
+    assert service.http.get("/jobs").json()["jobs"] == []
+    eventually(lambda: service.state.tracker.relays == 0, within=5)
