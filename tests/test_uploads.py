@@ -481,3 +481,100 @@ def test_no_body_makes_receive_upload_fail_other_than_with_api_error(
             assert isinstance(upload, ReceivedUpload)
             assert list(Path(spool).iterdir()) == [upload.path]
             assert upload.summary.size == upload.path.stat().st_size
+
+
+# Pace (in process, real clock): an upload that stalls or trickles is cut with 408.
+
+SLOW_BODY = form(part("file", b"Email\r\n" + b"a@b.co\r\n" * 300, filename="slow.csv"))
+
+
+def paced_request(chunks: list[bytes], pauses: list[float]) -> Request:
+    """A request whose ``chunks`` arrive after ``pauses`` seconds each."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/upload",
+        "query_string": b"",
+        "headers": [(b"content-type", MULTIPART.encode())],
+    }
+    queue = list(zip(chunks, pauses, strict=True))
+
+    async def receive() -> dict[str, object]:
+        body, pause = queue.pop(0)
+        await asyncio.sleep(pause)
+        return {"type": "http.request", "body": body, "more_body": bool(queue)}
+
+    return Request(scope, receive)
+
+
+def pieces(body: bytes, size: int) -> list[bytes]:
+    return [body[at : at + size] for at in range(0, len(body), size)]
+
+
+async def receive_paced(
+    request: Request, spool: Path, **pace: float
+) -> tuple[ReceivedUpload | None, ApiError | None]:
+    try:
+        return await receive_upload(request, max_bytes=1 << 20, directory=spool, **pace), None  # type: ignore[arg-type]
+    except ApiError as exc:
+        return None, exc
+
+
+def test_an_upload_above_the_minimum_rate_arrives_whole(tmp_path: Path) -> None:
+    chunks = pieces(SLOW_BODY, 300)  # 6,000 bytes a second, over 0.4 s
+    request = paced_request(chunks, [0.05] * len(chunks))
+    pace = {"body_timeout": 1.0, "min_rate": 2000, "rate_window": 0.15}
+    upload, error = asyncio.run(receive_paced(request, tmp_path, **pace))
+    assert error is None and upload is not None
+    assert upload.summary.rows == 300
+    upload.path.unlink()
+
+
+def test_an_upload_below_the_minimum_rate_is_408_and_leaves_no_file(tmp_path: Path) -> None:
+    chunks = pieces(SLOW_BODY, 20)  # 400 bytes a second
+    request = paced_request(chunks, [0.05] * len(chunks))
+    pace = {"body_timeout": 1.0, "min_rate": 2000, "rate_window": 0.3}
+    started = time.monotonic()
+    upload, error = asyncio.run(receive_paced(request, tmp_path, **pace))
+    assert upload is None and error is not None
+    assert (error.status, error.code) == (408, "upload_too_slow")
+    assert "fewer than the least of 2000 bytes a second" in error.message
+    assert error.headers == {"Connection": "close"}
+    assert time.monotonic() - started < 1.0  # cut at the end of the first window
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_upload_that_pauses_past_the_body_timeout_is_408(tmp_path: Path) -> None:
+    chunks = pieces(SLOW_BODY, 1000)
+    request = paced_request(chunks, [0.0, 0.6, *[0.0] * (len(chunks) - 2)])
+    pace = {"body_timeout": 0.2, "min_rate": 1, "rate_window": 60.0}
+    upload, error = asyncio.run(receive_paced(request, tmp_path, **pace))
+    assert upload is None and error is not None
+    assert (error.status, error.code) == (408, "upload_too_slow")
+    assert error.message == "the upload sent nothing for 0.2 s"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("after", "announced"), [(1, True), (2407, True), (2408, False)])
+def test_on_file_is_called_once_enough_of_the_file_has_arrived(
+    tmp_path: Path, after: int, announced: bool
+) -> None:
+    # The file is 7 + 300 * 8 = 2,407 bytes; it arrives in pieces of 100.
+    seen: list[str] = []
+
+    async def run() -> None:
+        async def on_file(start: FileStart) -> None:
+            seen.append(start.filename)
+
+        chunks = pieces(SLOW_BODY, 100)
+        upload = await receive_upload(
+            paced_request(chunks, [0.0] * len(chunks)),
+            max_bytes=1 << 20,
+            directory=tmp_path,
+            on_file=on_file,
+            announce_after=after,
+        )
+        upload.path.unlink()
+
+    asyncio.run(run())
+    assert seen == (["slow.csv"] if announced else [])
