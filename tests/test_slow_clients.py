@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from service.app import create_app
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.errors import ApiError
 from service.jobs import State
 from service.multipart import FileStream
@@ -518,3 +518,41 @@ def test_bulkhook_serve_has_the_header_timeout(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(30)
+
+
+# -- settings -------------------------------------------------------------------------
+
+
+def test_the_limits_are_settings_and_nonsense_is_refused() -> None:
+    settings = Settings.from_env(
+        {
+            "BULKHOOK_HEADER_TIMEOUT": "2.5",
+            "BULKHOOK_BODY_TIMEOUT": "30",
+            "BULKHOOK_UPLOAD_MIN_RATE": "4096",
+            "BULKHOOK_UPLOAD_RATE_WINDOW": "20",
+            "BULKHOOK_MAX_RELAYS": "3",
+        },
+        env_file=None,
+    )
+    assert (settings.header_timeout, settings.body_timeout) == (2.5, 30.0)
+    assert (settings.upload_min_rate, settings.upload_rate_window, settings.max_relays) == (
+        4096,
+        20.0,
+        3,
+    )
+    defaults = Settings()
+    assert (defaults.header_timeout, defaults.body_timeout, defaults.upload_min_rate) == (
+        10.0,
+        60.0,
+        1024,
+    )
+    for var, bad in [
+        ("BULKHOOK_HEADER_TIMEOUT", "0"),
+        ("BULKHOOK_BODY_TIMEOUT", "-1"),
+        ("BULKHOOK_UPLOAD_MIN_RATE", "1.5"),
+        ("BULKHOOK_UPLOAD_RATE_WINDOW", "nan"),
+        ("BULKHOOK_MAX_RELAYS", "0"),
+        ("BULKHOOK_MAX_RELAYS", "many"),
+    ]:
+        with pytest.raises(ConfigError, match=var):
+            Settings.from_env({var: bad}, env_file=None)
