@@ -47,7 +47,7 @@ class _HeaderDeadline(_Protocol):
     header_timeout = HEADER_TIMEOUT
     _header_timer: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()
 

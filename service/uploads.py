@@ -308,7 +308,7 @@ async def receive_upload(
                     start = FileStart(
                         str(receiver.filename), receiver.fields_before_file, size, spool
                     )
-                    on_file, announce = None, on_file
+                    announce, on_file = on_file, None
                     await announce(start)
                 if len(receiver.pending) >= _WRITE_BATCH:
                     await spool.write(receiver.take())
