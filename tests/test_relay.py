@@ -248,8 +248,11 @@ def test_past_the_most_relays_an_upload_is_spooled_whole_and_sent_after(
     release = threading.Event()
     answers: dict[str, httpx.Response] = {}
 
+    def hold() -> None:
+        release.wait(30)
+
     def first() -> None:
-        answers["first"] = Upload().post(service, lambda: release.wait(30))
+        answers["first"] = Upload().post(service, hold)
 
     holder = threading.Thread(target=first)
     holder.start()

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -293,14 +294,10 @@ def test_150_slow_uploads_stall_nothing_and_leave_nothing_behind(
     eventually(lambda: len(spool_files()) == 150, within=10)  # every upload is in hand
     latencies: list[float] = []
     for index in range(10):
-        body = json.dumps(
-            {"id": job["upstream_id"], "status": "RUNNING", "callback-payload": job["id"]}
-        ).encode()
-        answer, took = timed(
-            lambda body=body, index=index: service.http.post(
-                f"/callbacks/jobs/{job['id']}", content=body, headers=signed(body, f"flood-{index}")
-            )
-        )
+        news = {"id": job["upstream_id"], "status": "RUNNING", "callback-payload": job["id"]}
+        body = json.dumps(news | {"recordsCount": index}).encode()
+        url, headers = f"/callbacks/jobs/{job['id']}", signed(body, f"flood-{index}")
+        answer, took = timed(partial(service.http.post, url, content=body, headers=headers))
         assert answer.status_code == 200, answer.text
         latencies.append(took)
         health, took = timed(lambda: service.http.get("/healthz"))
