@@ -7,6 +7,10 @@ they are held open, signed callbacks and ``GET /healthz`` are sent one after the
 other and timed. Once every slow client is gone: the service's sockets, its
 connections by TCP state, the spool files left, and its CPU over the next 10 s.
 
+With ``--leave-after N`` the slow clients hang up by themselves after N seconds,
+before the service cuts them: what is left after is then what clients that leave
+leave behind.
+
 Bounded: the rate window is shortened (``--window``, 20 s) so the flood ends by
 itself within about a minute; every wait has a deadline. Loopback only.
 """
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,6 +44,7 @@ from run import (
     wait_for,
 )
 
+from service.servers import implementations
 from service.signatures import sign
 
 BOUNDARY = "slow-bench-boundary"
@@ -62,11 +68,11 @@ def upload_head(port: int) -> bytes:
 class Flood:
     """The slow clients, and what became of each."""
 
-    def __init__(self, port: int, clients: int, deadline: float) -> None:
-        self.port, self.clients, self.deadline = port, clients, deadline
+    def __init__(self, port: int, clients: int, deadline: float, leave: float | None) -> None:
+        self.port, self.clients, self.deadline, self.leave = port, clients, deadline, leave
         self.open = 0
         self.outcomes: dict[str, int] = {}
-        self.cut_after: list[float] = []
+        self.ended_after: list[float] = []
 
     async def one(self, started: asyncio.Event) -> None:
         try:
@@ -79,6 +85,9 @@ class Flood:
         if self.open == self.clients:
             started.set()
         begun = time.monotonic()
+        until = self.deadline
+        if self.leave is not None:
+            until = min(until, asyncio.get_running_loop().time() + self.leave)
         writer.write(upload_head(self.port))
         row = b"someone@example.com,Some,One\r\n"
 
@@ -91,17 +100,17 @@ class Flood:
         trickling = asyncio.ensure_future(trickle())
         answer = b""
         try:
-            async with asyncio.timeout_at(self.deadline):
+            async with asyncio.timeout_at(until):
                 while chunk := await reader.read(65536):
                     answer += chunk
             status = answer[9:12].decode() if answer.startswith(b"HTTP/1.1 ") else ""
             self._outcome(f"answered {status}" if status else "closed without an answer")
         except TimeoutError:
-            self._outcome("still open at the deadline")
+            self._outcome("hung up" if until < self.deadline else "still open at the deadline")
         except OSError:
             self._outcome(f"closed with an answer {answer[9:12].decode()}" if answer else "reset")
         finally:
-            self.cut_after.append(time.monotonic() - begun)
+            self.ended_after.append(time.monotonic() - begun)
             self.open -= 1
             trickling.cancel()
             with contextlib.suppress(BaseException):
@@ -162,7 +171,9 @@ def held_sockets(pid: int, port: int) -> dict[str, dict[str, int]]:
     return counts
 
 
-async def run(clients: int, window: float, body_timeout: float) -> dict[str, object]:
+async def run(
+    clients: int, window: float, body_timeout: float, leave: float | None
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bulkhook-slow-") as tmp:
         work = Path(tmp)
         spool = work / "spool"
@@ -196,7 +207,7 @@ async def run(clients: int, window: float, body_timeout: float) -> dict[str, obj
 
                 bound = window + body_timeout + 60
                 deadline = time.monotonic() + bound
-                flood = Flood(port, clients, asyncio.get_running_loop().time() + bound)
+                flood = Flood(port, clients, asyncio.get_running_loop().time() + bound, leave)
                 started = asyncio.Event()
                 tasks = [asyncio.ensure_future(flood.one(started)) for _ in range(clients)]
                 await asyncio.wait_for(started.wait(), 60)
@@ -234,7 +245,7 @@ async def run(clients: int, window: float, body_timeout: float) -> dict[str, obj
             before_cpu = cpu_seconds(proc.pid)
             await asyncio.sleep(10)
             after["cpu_percent_next_10s"] = round((cpu_seconds(proc.pid) - before_cpu) * 10, 2)
-    cut = sorted(flood.cut_after)
+    cut = sorted(flood.ended_after)
     return {
         "slow_clients": clients,
         "held_open_at_once": held_open,
@@ -244,7 +255,7 @@ async def run(clients: int, window: float, body_timeout: float) -> dict[str, obj
             "non_2xx_or_failed": failures,
         },
         "slow_clients_ended": flood.outcomes,
-        "cut_after_s": {"min": round(cut[0], 1), "max": round(cut[-1], 1)} if cut else {},
+        "ended_after_s": {"min": round(cut[0], 1), "max": round(cut[-1], 1)} if cut else {},
         "after": after,
     }
 
@@ -254,8 +265,15 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--window", type=float, default=20.0, help="BULKHOOK_UPLOAD_RATE_WINDOW")
     parser.add_argument("--body-timeout", type=float, default=60.0, help="BULKHOOK_BODY_TIMEOUT")
+    parser.add_argument(
+        "--leave-after", type=float, help="the slow clients hang up after this many seconds"
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.clients, args.window, args.body_timeout))
+    print(
+        f"cores: {os.cpu_count()}; python {sys.version.split()[0]}; uvicorn"
+        f" {uvicorn.__version__} ({implementations()[0]}, one worker)"
+    )
+    result = asyncio.run(run(args.clients, args.window, args.body_timeout, args.leave_after))
     print(json.dumps(result, indent=2))
     return 0
 
