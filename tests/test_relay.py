@@ -284,12 +284,12 @@ def test_past_the_most_relays_an_upload_is_spooled_whole_and_sent_after(
 def test_a_relayed_upload_that_stalls_is_cut_and_makes_no_job_upstream(
     upstream: RunningSandbox, start_service: StartService
 ) -> None:
-    service = start_service(upstream, body_timeout=1.0)
+    service = start_service(upstream, body_timeout=3.0)
     answer: httpx.Response | None = None
 
     def stall() -> None:
         upstream_receiving(upstream)()
-        time.sleep(3)
+        time.sleep(6)
 
     with contextlib.suppress(httpx.TransportError):  # closed while the client still sends
         answer = Upload().post(service, stall)
