@@ -67,7 +67,10 @@ class _HeaderDeadline(_Protocol):
 
     def _awaiting_headers(self) -> bool:
         """No request whose headers are complete is being served on the connection
-        (both protocols start a request's cycle as soon as its headers are parsed)."""
+        (both protocols start a request's cycle as soon as its headers are parsed),
+        and the connection is still this protocol's (not upgraded to a WebSocket)."""
+        if self.transport.get_protocol() is not self:
+            return False
         return self.cycle is None or self.cycle.response_complete
 
     def _arm_header_timer(self) -> None:
