@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 _MAX_PAGES = 100_000
+# Records asked for in the first page of a paged read whose record size is not known yet.
+_FIRST_PAGE = 20
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,40 @@ class UpstreamClient:
 
     async def errors(self, hub: str, job_id: str | int, *, page_size: int = 200) -> list[Any]:
         return await self._all_pages("errors", _job_url(hub, job_id, "errors"), {}, page_size)
+
+    async def error_pages(
+        self, hub: str, job_id: str | int, *, page_bytes: int, page_size: int = 200
+    ) -> AsyncIterator[list[Any]]:
+        """The failed records page by page, each page about ``page_bytes`` of JSON.
+
+        A record can carry thousands of columns, so a page of a fixed number of records
+        can be megabytes whose parsing holds the event loop: the first page is small,
+        and each next page asks for as many records as fit ``page_bytes`` at the size
+        the records had so far (between 1 and ``page_size``).
+        """
+        url = _job_url(hub, job_id, "errors")
+        size = min(page_size, _FIRST_PAGE)
+        token: str | None = None
+        seen: set[str] = set()
+        for _ in range(_MAX_PAGES):
+            query = {"pageSize": str(size)}
+            if token:
+                query["nextPage"] = token
+            response = await self._call("errors", "GET", url, params=query)
+            page = _json(response, "errors")
+            if not isinstance(page, list):
+                raise UpstreamError("errors", "expected a JSON array")
+            if page:
+                yield page
+                per_record = max(1, len(response.content) // len(page))
+                size = max(1, min(page_size, page_bytes // per_record))
+            token = response.headers.get("elements-next-page-token") or None
+            if not token or not page:
+                return
+            if token in seen:
+                raise UpstreamError("errors", "the upstream repeated a page token")
+            seen.add(token)
+        raise UpstreamError("errors", f"more than {_MAX_PAGES} pages")
 
     async def jobs(self, hub: str, *, page_size: int = 200) -> list[JobStatus]:
         params = {"where": "job_direction='UPLOAD'"}
