@@ -9,9 +9,7 @@ without a token: a bearer header, or the HttpOnly cookie the login form sets.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -33,22 +31,28 @@ from starlette.templating import Jinja2Templates
 
 from . import api, live
 from .errors import ApiError, upstream_failure
+from .failed import FailedTable, csv_chunks
 from .guard import bearer
 from .ingress import read_body
 from .jobs import Job, State
 from .upstream import UpstreamError
+from .values import count, job_id_ok, safe_text
 from .views import callbacks_view, job_view, timeline_view
 
 if TYPE_CHECKING:
     from .state import AppState
 
-__all__ = ["COOKIE", "Dashboard"]
+__all__ = ["COOKIE", "Dashboard", "failed_table"]
 
 COOKIE = "bulkhook_token"
 HERE = Path(__file__).resolve().parent
 PAGE = 50
-# Failed records shown on the job page; the CSV has them all.
-_SHOWN = 200
+# Failed records shown per page of the job page's table, and the columns shown; the
+# CSV has them all.
+FAILED_PAGE = 100
+FAILED_COLUMNS = 50
+# JSON read per upstream page of failed records: parsing it takes a few milliseconds.
+_ERRORS_PAGE_BYTES = 512 * 1024
 _SEARCH = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _CURSOR = re.compile(r"[A-Za-z0-9]{1,64}")
 # No inline script or style anywhere, so the policy can forbid them.
@@ -200,9 +204,10 @@ class Dashboard:
         job_id = request.path_params["job_id"]
         if credential(request) is None:
             return self._login_page(request, f"/ui/jobs/{job_id}")
-        job = await _state(request).store.get_job(job_id)
+        # An id this service could never have made is not looked up.
+        job = await _state(request).store.get_job(job_id) if job_id_ok(job_id) else None
         if job is None:
-            context = {"title": "No such job", "job_id": job_id[:100]}
+            context = {"title": "No such job", "job_id": safe_text(job_id, 100)}
             return self._page(request, "missing.html", context, status=404)
         detail = await self.detail(_state(request), job)
         return self._page(request, "job.html", {"title": f"Job {job.id}", **detail})
@@ -255,42 +260,65 @@ class Dashboard:
 
     # -- failed records -----------------------------------------------------------
 
-    async def _failed_records(self, request: Request) -> tuple[Job, list[Any]]:
+    async def _failed_table(
+        self, request: Request, upto: int | None = None
+    ) -> tuple[Job, FailedTable, bool]:
+        """The job and its failed records, read from the upstream page by page: all of
+        them, or once more than ``upto`` are read. True when the table is complete."""
         state = _require(request)
-        job = await state.store.get_job(request.path_params["job_id"], with_events=False)
+        job_id = request.path_params["job_id"]
+        job = await state.store.get_job(job_id, with_events=False) if job_id_ok(job_id) else None
         if job is None:
-            job_id = request.path_params["job_id"][:100]
-            raise ApiError(f"no job {job_id!r}", code="job_not_found", status=404)
+            raise ApiError(f"no job {safe_text(job_id, 100)!r}", code="job_not_found", status=404)
         if job.upstream_id is None:
             raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
+        table = FailedTable()
+        pages = state.upstream.error_pages(job.hub, job.upstream_id, page_bytes=_ERRORS_PAGE_BYTES)
         try:
-            return job, await state.upstream.errors(job.hub, job.upstream_id)
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    table.add(page)
+                    if upto is not None and len(table) > upto:
+                        return job, table, False
         except UpstreamError as exc:
             what = "the upstream could not list the failed records"
             raise upstream_failure(what, exc) from exc
+        return job, table, True
 
     async def failed_fragment(self, request: Request) -> Response:
-        """The failed records as an HTML table, loaded by the job page on demand."""
+        """One page of the failed records as an HTML table (its first columns), loaded
+        by the job page on demand, with links to the pages before and after."""
         try:
-            job, records = await self._failed_records(request)
+            number = _page_number(request.query_params.get("page"))
+            start = (number - 1) * FAILED_PAGE
+            job, table, complete = await self._failed_table(request, upto=start + FAILED_PAGE)
         except ApiError as exc:
-            html = self.render("_failed.html", error=exc.message, records=[], columns=[])
+            html = self.render("_failed.html", error=exc.message, rows=[], columns=[])
             return HTMLResponse(html, status_code=exc.status, headers=_HEADERS)
-        columns, rows = failed_table(records)
+        width = min(len(table.columns), FAILED_COLUMNS)
+        rows = table.rows(start, start + FAILED_PAGE, width)
+        total = len(table) if complete else max(len(table), job.records_failed_count or 0)
         html = self.render(
-            "_failed.html", error="", columns=columns, rows=rows[:_SHOWN], total=len(rows), job=job
+            "_failed.html",
+            error="",
+            job=job,
+            columns=table.columns[:width],
+            all_columns=len(table.columns),
+            columns_final=complete,
+            rows=rows,
+            total=total,
+            first=start + 1,
+            page=number,
+            previous=number - 1 if number > 1 else None,
+            next=number + 1 if len(table) > start + FAILED_PAGE else None,
         )
         return HTMLResponse(html, headers=_HEADERS)
 
     async def failed_csv(self, request: Request) -> Response:
-        job, records = await self._failed_records(request)
-        columns, rows = failed_table(records)
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\r\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
-        return Response(
-            out.getvalue(),
+        """Every failed record and column, streamed in bounded chunks."""
+        job, table, _ = await self._failed_table(request)
+        return StreamingResponse(
+            csv_chunks(table),
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": f'attachment; filename="bulkhook-{job.id}-failed.csv"',
@@ -307,6 +335,8 @@ class Dashboard:
         token = credential(request)
         if token is None:
             raise _unauthorized()
+        if not job_id_ok(request.path_params["job_id"]):
+            raise ApiError("no such job", code="job_not_found", status=404)
         headers = [(k, v) for k, v in request.scope["headers"] if k != b"authorization"]
         if token:
             headers.append((b"authorization", f"Bearer {token}".encode()))
@@ -344,30 +374,17 @@ class Dashboard:
 
 
 def failed_table(records: list[Any]) -> tuple[list[str], list[list[str]]]:
-    """Failed records as CSV columns and rows: the upstream's fields (``lineNumber``,
-    ``errorMessage``, ...) first, then the record's own columns, in first-seen order."""
-    columns: list[str] = []
-    flat: list[dict[str, str]] = []
-    for item in records:
-        entry = item if isinstance(item, dict) else {"errorMessage": item}
-        row: dict[str, str] = {}
-        record = entry.get("record")
-        for key, value in entry.items():
-            if key != "record" or not isinstance(record, dict):
-                row[str(key)] = _cell(value)
-        if isinstance(record, dict):
-            for key, value in record.items():
-                row.setdefault(str(key), _cell(value))
-        for key in row:
-            if key not in columns:
-                columns.append(key)
-        flat.append(row)
-    return columns, [[row.get(column, "") for column in columns] for row in flat]
+    """Failed records as CSV columns and rows (see ``FailedTable``)."""
+    table = FailedTable()
+    table.add(records)
+    return table.columns, table.rows(0, len(table))
 
 
-def _cell(value: Any) -> str:
+def _page_number(value: str | None) -> int:
+    """The failed records' page: a whole number from 1, else a 400."""
     if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value)
+        return 1
+    number = count(value)
+    if number is None or number < 1:
+        raise ApiError("page must be a whole number from 1", code="bad_page", status=400)
+    return number

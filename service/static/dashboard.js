@@ -93,10 +93,10 @@
     const result = document.getElementById("action-result");
     let loaded = false;
 
-    async function loadFailed() {
+    async function loadFailed(url) {
       loaded = true;
       try {
-        const response = await fetch(base + "/failed", { credentials: "same-origin" });
+        const response = await fetch(url || base + "/failed", { credentials: "same-origin" });
         failed.innerHTML = await response.text();
       } catch (error) {
         loaded = false;
@@ -105,6 +105,14 @@
     }
 
     if (box.dataset.failed === "1") loadFailed();
+
+    // The failed records come a page at a time: their pager loads the next page here.
+    failed.addEventListener("click", (event) => {
+      const link = event.target.closest("a[data-fragment]");
+      if (!link) return;
+      event.preventDefault();
+      loadFailed(link.getAttribute("href"));
+    });
 
     subscribe("/ui/stream?job=" + encodeURIComponent(id), {
       job(data) {

@@ -1,0 +1,105 @@
+"""A job's failed records as a table: built page by page, shown a page at a time, and
+written as CSV in bounded chunks.
+
+The upstream's records can be wide (thousands of columns) and many, so every step is
+linear in the cells and none runs long without giving the event loop back: pages are
+flattened as they arrive, and the CSV is produced a bounded number of cells at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+__all__ = ["CSV_CHUNK_CELLS", "FailedTable", "csv_chunks", "neutralise"]
+
+# Cells written per CSV chunk (a few hundred rows of a usual width): each chunk takes
+# a few milliseconds, then the event loop serves other requests.
+CSV_CHUNK_CELLS = 20_000
+_CSV_CHUNK_ROWS = 500
+# What spreadsheet programs read as the start of a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(cell: str) -> str:
+    """A cell a spreadsheet shows as text: one starting like a formula gets a leading
+    ``'``, as OWASP advises; every other cell is written unchanged."""
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+class FailedTable:
+    """Failed records as columns and rows: the upstream's fields (``lineNumber``,
+    ``errorMessage``, ...) first, then the record's own columns, in first-seen order.
+
+    Each row holds its values by column position, so adding a record costs its own
+    cells: a column is found by a dict, never by searching the column list.
+    """
+
+    def __init__(self) -> None:
+        self.columns: list[str] = []
+        self._position: dict[str, int] = {}
+        self._rows: list[list[str]] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, records: Iterable[Any]) -> None:
+        for item in records:
+            entry = item if isinstance(item, dict) else {"errorMessage": item}
+            record = entry.get("record")
+            nested = isinstance(record, dict)
+            row: dict[str, str] = {}
+            for key, value in entry.items():
+                if key != "record" or not nested:
+                    row[str(key)] = _cell(value)
+            if nested:
+                for key, value in record.items():
+                    row.setdefault(str(key), _cell(value))
+            for key in row:
+                if key not in self._position:
+                    self._position[key] = len(self.columns)
+                    self.columns.append(key)
+            values = [""] * len(self.columns)
+            for key, value in row.items():
+                values[self._position[key]] = value
+            self._rows.append(values)
+
+    def row(self, index: int, width: int | None = None) -> list[str]:
+        """Row ``index`` with a value for each of the first ``width`` columns (all)."""
+        width = len(self.columns) if width is None else min(width, len(self.columns))
+        values = self._rows[index][:width]
+        return values + [""] * (width - len(values))
+
+    def rows(self, start: int, stop: int, width: int | None = None) -> list[list[str]]:
+        return [self.row(i, width) for i in range(start, min(stop, len(self._rows)))]
+
+
+async def csv_chunks(table: FailedTable) -> AsyncIterator[bytes]:
+    """The table as CSV (every column, cells neutralised), a bounded number of cells
+    per chunk, handing the event loop back between chunks."""
+    width = max(1, len(table.columns))
+    step = max(1, min(_CSV_CHUNK_ROWS, CSV_CHUNK_CELLS // width))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow([neutralise(column) for column in table.columns])
+    for start in range(0, len(table), step):
+        for row in table.rows(start, start + step):
+            writer.writerow([neutralise(value) for value in row])
+        yield out.getvalue().encode("utf-8", "replace")
+        out.seek(0)
+        out.truncate()
+        await asyncio.sleep(0)
+    if out.tell():
+        yield out.getvalue().encode("utf-8", "replace")
