@@ -30,6 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from . import api, live
+from .daycounts import DayCounts
 from .errors import ApiError, upstream_failure
 from .failed import FailedTable, csv_chunks
 from .guard import bearer
@@ -125,6 +126,7 @@ class Dashboard:
         )
         self.templates = Jinja2Templates(env=env)
         self.streams = live.Streams()
+        self.day_counts = DayCounts()
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -162,7 +164,7 @@ class Dashboard:
     async def panel(self, state: AppState) -> dict[str, Any]:
         now = time.time()
         recent = await state.store.recent_callbacks(20)
-        counts = await state.store.callback_counts(now - 86400)
+        counts = await self.day_counts.counts(state, state.store, now)
         return callbacks_view(recent, counts, state.metrics, now)
 
     # -- pages --------------------------------------------------------------------

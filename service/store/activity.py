@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 
     from .writer import SQLiteConnections
 
-__all__ = ["PostgresActivity", "SQLiteActivity", "like_prefix"]
+__all__ = [
+    "DELIVERIES_BY_MINUTE",
+    "REJECTIONS_BY_MINUTE",
+    "PostgresActivity",
+    "SQLiteActivity",
+    "like_prefix",
+]
 
 # Keyset paging over (updated_at, id): a burst of changes sharing one timestamp still
 # pages forward instead of re-reading its first page forever.
@@ -46,6 +52,20 @@ _COUNT_DELIVERIES = f"""SELECT {_OUTCOME} AS outcome, COUNT(*) AS n
 
 _COUNT_REJECTIONS = """SELECT reason AS outcome, COUNT(*) AS n FROM rejected_callbacks
     WHERE received_at >= %s GROUP BY reason"""
+
+# Counts per minute of receipt over a window of ``received_at``, served by the
+# deliveries_at and rejected_at indexes: the dashboard counts a window once it is
+# complete and keeps it, so it reads only the recent minutes again. ``{minute}`` is
+# the store's way of flooring a number.
+DELIVERIES_BY_MINUTE = f"""SELECT {{minute}} AS minute, {_OUTCOME} AS outcome, COUNT(*) AS n
+    FROM deliveries d LEFT JOIN kept_callbacks k ON k.webhook_id = d.webhook_id
+    WHERE d.received_at >= %s AND d.received_at < %s GROUP BY 1, 2"""
+
+REJECTIONS_BY_MINUTE = """SELECT {minute} AS minute, reason AS outcome, COUNT(*) AS n
+    FROM rejected_callbacks WHERE received_at >= %s AND received_at < %s GROUP BY 1, 2"""
+
+_SQLITE_MINUTE = "CAST({column} / 60 AS INTEGER)"
+_POSTGRES_MINUTE = "CAST(FLOOR({column} / 60) AS BIGINT)"
 
 _INSERT_REJECTION = """INSERT INTO rejected_callbacks
     (received_at, reason, detail, job_ref, webhook_id) VALUES (%s, %s, %s, %s, %s)"""
@@ -96,6 +116,16 @@ def _add_counts(counts: dict[str, int], rows: Any) -> None:
         counts[row["outcome"]] = counts.get(row["outcome"], 0) + row["n"]
 
 
+def _add_minutes(minutes: dict[int, dict[str, int]], rows: Any) -> None:
+    for row in rows:
+        counts = minutes.setdefault(int(row["minute"]), {})
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + row["n"]
+
+
+def _by_minute(sql: str, floor: str, column: str) -> str:
+    return sql.format(minute=floor.format(column=column))
+
+
 def _q(sql: str) -> str:
     return sql.replace("%s", "?")
 
@@ -142,6 +172,20 @@ class SQLiteActivity:
 
         return await self._sql.read(op)
 
+    async def callback_counts_by_minute(
+        self, since: float, until: float
+    ) -> dict[int, dict[str, int]]:
+        deliveries = _q(_by_minute(DELIVERIES_BY_MINUTE, _SQLITE_MINUTE, "d.received_at"))
+        rejections = _q(_by_minute(REJECTIONS_BY_MINUTE, _SQLITE_MINUTE, "received_at"))
+
+        def op(conn: sqlite3.Connection) -> dict[int, dict[str, int]]:
+            minutes: dict[int, dict[str, int]] = {}
+            _add_minutes(minutes, conn.execute(deliveries, (since, until)))
+            _add_minutes(minutes, conn.execute(rejections, (since, until)))
+            return minutes
+
+        return await self._sql.read(op)
+
 
 class PostgresActivity:
     _pool: AsyncConnectionPool[Any]
@@ -177,3 +221,13 @@ class PostgresActivity:
         _add_counts(counts, await self._rows(_COUNT_DELIVERIES, (since,)))
         _add_counts(counts, await self._rows(_COUNT_REJECTIONS, (since,)))
         return counts
+
+    async def callback_counts_by_minute(
+        self, since: float, until: float
+    ) -> dict[int, dict[str, int]]:
+        deliveries = _by_minute(DELIVERIES_BY_MINUTE, _POSTGRES_MINUTE, "d.received_at")
+        rejections = _by_minute(REJECTIONS_BY_MINUTE, _POSTGRES_MINUTE, "received_at")
+        minutes: dict[int, dict[str, int]] = {}
+        _add_minutes(minutes, await self._rows(deliveries, (since, until)))
+        _add_minutes(minutes, await self._rows(rejections, (since, until)))
+        return minutes

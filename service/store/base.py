@@ -222,3 +222,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def callback_counts(self, since: float) -> dict[str, int]:
         """Deliveries received since ``since``, by outcome (as in CallbackRecord)."""
+
+    @abc.abstractmethod
+    async def callback_counts_by_minute(
+        self, since: float, until: float
+    ) -> dict[int, dict[str, int]]:
+        """Deliveries received from ``since`` until before ``until``, by outcome, for
+        each minute of receipt (``received_at // 60``) that had any."""
