@@ -364,6 +364,8 @@ class Dashboard:
                 status=406,
             )
         job_id = request.query_params.get("job")
+        if job_id and not job_id_ok(job_id):
+            raise ApiError("no such job", code="job_not_found", status=404)
         if job_id:
             events = live.one_job(state, job_id, self.streams, self)
         else:

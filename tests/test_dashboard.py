@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +17,12 @@ import httpx
 import pytest
 
 from service import live
-from service.signatures import sign
 
 from .conftest import RunningSandbox, RunningService, write_csv
+from .sse import SSE, events, forged
 from .test_operations import serve
 
 TOKEN = "dashboard-test-token"
-SSE = {"Accept": "text/event-stream"}
 
 
 @pytest.fixture
@@ -51,31 +50,6 @@ def completed(service: RunningService, csv: Path, **headers: str) -> dict[str, A
             return job  # type: ignore[no-any-return]
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not complete")
-
-
-def events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event name, data) for each Server-Sent Event, as they arrive."""
-    name, data = "message", ""
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            data = line.removeprefix("data: ")
-        elif not line and data:
-            yield name, json.loads(data)
-            name, data = "message", ""
-
-
-def forged(service: RunningService, job_id: str, marker: str) -> httpx.Response:
-    body = json.dumps({"status": "ERROR", "marker": marker}).encode()
-    return service.http.post(
-        f"/callbacks/jobs/{job_id}",
-        content=body,
-        headers={
-            "Elements-Webhook-Signature": sign("not-the-instance-key", body),
-            "Elements-Webhook-Id": f"forged-{marker}",
-        },
-    )
 
 
 def test_pages_render_the_jobs_table_and_the_job_page(

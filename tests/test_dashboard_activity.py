@@ -4,13 +4,22 @@ live stream is served by one shared change feed."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+
+from service import live
 from service.store import activity
 
-from .conftest import RunningService
+from .conftest import RunningSandbox, RunningService
+from .sse import SSE, events, forged
 
 HOUR = 3600.0
 
@@ -144,3 +153,120 @@ def test_a_render_after_100000_deliveries_reads_only_the_recent_ones(
     else:
         plan = " ".join(str(row[0]) for row in service.query(f"EXPLAIN {sql}"))
         assert "deliveries_at" in plan and "Seq Scan on deliveries" not in plan, plan
+
+
+DASHBOARD_READS = {
+    "get_job",
+    "jobs_changed_since",
+    "timeline_changes",
+    "timeline_marks",
+    "recent_callbacks",
+    "rejections_for",
+    "callback_counts",
+    "callback_counts_by_minute",
+}
+
+
+class ReadCounter:
+    """The app's own store, with every read the dashboard makes counted."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.reads: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+        if name not in DASHBOARD_READS:
+            return method
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.reads[name] += 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+class Watcher:
+    """One open dashboard stream, read on its own thread: every event it is sent."""
+
+    def __init__(self, url: str, params: dict[str, Any]) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self._client = httpx.Client(base_url=url, timeout=30)
+        self._params = params
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            self._client.stream("GET", "/ui/stream", params=self._params, headers=SSE) as s,
+        ):
+            for name, data in events(s):
+                self.events.append((name, data))
+
+    def saw(self, check: Callable[[str, dict[str, Any]], bool]) -> bool:
+        return any(check(name, data) for name, data in list(self.events))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def wait_until(condition: Callable[[], bool], within: float = 20.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_fifty_open_streams_share_one_feed_and_all_see_a_callback_change(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(live, "MAX_STREAM", 60.0)
+    service = start_service(start_sandbox(job_seconds=6.0), callback_grace=60)
+    job = service.submit(contacts_csv).json()
+    store = ReadCounter(service.state.store)
+    service.state.store = store
+    since = time.time()
+    everyone = [Watcher(service.url, {"since": since}) for _ in range(25)]
+    one = [Watcher(service.url, {"job": job["id"]}) for _ in range(25)]
+    watchers = everyone + one
+    try:
+        assert wait_until(lambda: all(w.events for w in watchers)), "a stream sent nothing"
+        store.reads.clear()
+        window = 2.0
+        time.sleep(window)
+        reads = sum(store.reads.values())
+        ticks = window / live.TICK + 1
+        # A tick reads the changed jobs, the timelines and the newest delivery, and a
+        # changed job's detail once: not once per stream (that would be 50 a tick).
+        assert reads <= 8 * ticks, store.reads
+
+        def completed(name: str, data: dict[str, Any]) -> bool:
+            changed = data.get("job", {})
+            return (
+                name == "job"
+                and changed.get("id") == job["id"]
+                and (
+                    changed.get("state") == "COMPLETED" and changed.get("last_source") == "callback"
+                )
+            )
+
+        assert wait_until(lambda: all(w.saw(completed) for w in watchers)), [
+            [data.get("job", {}).get("state") for _, data in w.events] for w in watchers
+        ]
+        # A refusal adds to the job's timeline without changing the job: the job pages
+        # are sent it all the same.
+        assert forged(service, job["id"], "feed").status_code == 401
+
+        def refused(name: str, data: dict[str, Any]) -> bool:
+            return name == "job" and "refused: bad signature" in data.get("detail", "")
+
+        assert wait_until(lambda: all(w.saw(refused) for w in one))
+    finally:
+        for watcher in watchers:
+            watcher.close()

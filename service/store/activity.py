@@ -67,6 +67,17 @@ REJECTIONS_BY_MINUTE = """SELECT {minute} AS minute, reason AS outcome, COUNT(*)
 _SQLITE_MINUTE = "CAST({column} / 60 AS INTEGER)"
 _POSTGRES_MINUTE = "CAST(FLOOR({column} / 60) AS BIGINT)"
 
+# Where the timelines are: the newest event and refusal, and what came after a point.
+# Entries are added without a change to their job's row, so the live views follow
+# these too. Both are read by primary key.
+_TIMELINE_MARKS = """SELECT (SELECT COALESCE(MAX(seq), 0) FROM events) AS seq,
+    (SELECT COALESCE(MAX(id), 0) FROM rejected_callbacks) AS rejection"""
+
+_EVENTS_AFTER = "SELECT seq AS n, job_id AS ref FROM events WHERE seq > %s ORDER BY seq LIMIT %s"
+
+_REJECTIONS_AFTER = """SELECT id AS n, job_ref AS ref FROM rejected_callbacks
+    WHERE id > %s ORDER BY id LIMIT %s"""
+
 _INSERT_REJECTION = """INSERT INTO rejected_callbacks
     (received_at, reason, detail, job_ref, webhook_id) VALUES (%s, %s, %s, %s, %s)"""
 
@@ -120,6 +131,10 @@ def _add_minutes(minutes: dict[int, dict[str, int]], rows: Any) -> None:
     for row in rows:
         counts = minutes.setdefault(int(row["minute"]), {})
         counts[row["outcome"]] = counts.get(row["outcome"], 0) + row["n"]
+
+
+def _entries(rows: Any) -> list[tuple[int, str | None]]:
+    return [(int(row["n"]), row["ref"]) for row in rows]
 
 
 def _by_minute(sql: str, floor: str, column: str) -> str:
@@ -186,6 +201,25 @@ class SQLiteActivity:
 
         return await self._sql.read(op)
 
+    async def timeline_marks(self) -> tuple[int, int]:
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            row = conn.execute(_TIMELINE_MARKS).fetchone()
+            return int(row["seq"]), int(row["rejection"])
+
+        return await self._sql.read(op)
+
+    async def timeline_changes(
+        self, after_seq: int, after_rejection: int, limit: int
+    ) -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
+        def op(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
+            events = _entries(conn.execute(_q(_EVENTS_AFTER), (after_seq, limit)))
+            refused = _entries(conn.execute(_q(_REJECTIONS_AFTER), (after_rejection, limit)))
+            return events, refused
+
+        return await self._sql.read(op)
+
 
 class PostgresActivity:
     _pool: AsyncConnectionPool[Any]
@@ -231,3 +265,14 @@ class PostgresActivity:
         _add_minutes(minutes, await self._rows(deliveries, (since, until)))
         _add_minutes(minutes, await self._rows(rejections, (since, until)))
         return minutes
+
+    async def timeline_marks(self) -> tuple[int, int]:
+        [row] = await self._rows(_TIMELINE_MARKS, ())
+        return int(row["seq"]), int(row["rejection"])
+
+    async def timeline_changes(
+        self, after_seq: int, after_rejection: int, limit: int
+    ) -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
+        events = _entries(await self._rows(_EVENTS_AFTER, (after_seq, limit)))
+        refused = _entries(await self._rows(_REJECTIONS_AFTER, (after_rejection, limit)))
+        return events, refused

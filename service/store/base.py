@@ -229,3 +229,15 @@ class Store(abc.ABC):
     ) -> dict[int, dict[str, int]]:
         """Deliveries received from ``since`` until before ``until``, by outcome, for
         each minute of receipt (``received_at // 60``) that had any."""
+
+    @abc.abstractmethod
+    async def timeline_marks(self) -> tuple[int, int]:
+        """The newest timeline event's ``seq`` and refused callback's id (0: none)."""
+
+    @abc.abstractmethod
+    async def timeline_changes(
+        self, after_seq: int, after_rejection: int, limit: int
+    ) -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
+        """Timeline events after ``after_seq`` and refused callbacks after
+        ``after_rejection``, oldest first, at most ``limit`` of each, as
+        ``(seq or id, job id or the refused callback's job reference)``."""
