@@ -9,6 +9,7 @@ without a token: a bearer header, or the HttpOnly cookie the login form sets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -300,7 +301,10 @@ class Dashboard:
         width = min(len(table.columns), FAILED_COLUMNS)
         rows = table.rows(start, start + FAILED_PAGE, width)
         total = len(table) if complete else max(len(table), job.records_failed_count or 0)
-        html = self.render(
+        # Thousands of cells: rendered on a thread, which hands the interpreter back to
+        # the event loop every few milliseconds.
+        html = await asyncio.to_thread(
+            self.render,
             "_failed.html",
             error="",
             job=job,

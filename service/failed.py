@@ -19,7 +19,7 @@ __all__ = ["CSV_CHUNK_CELLS", "FailedTable", "csv_chunks", "neutralise"]
 
 # Cells written per CSV chunk (a few hundred rows of a usual width): each chunk takes
 # a few milliseconds, then the event loop serves other requests.
-CSV_CHUNK_CELLS = 20_000
+CSV_CHUNK_CELLS = 10_000
 _CSV_CHUNK_ROWS = 500
 # What spreadsheet programs read as the start of a formula (OWASP, "CSV Injection").
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -50,7 +50,9 @@ class FailedTable:
     def __init__(self) -> None:
         self.columns: list[str] = []
         self._position: dict[str, int] = {}
-        self._rows: list[list[str]] = []
+        # Tuples of strings: the collector stops tracking them, so a full collection
+        # does not walk a huge table's every cell.
+        self._rows: list[tuple[str, ...]] = []
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -63,23 +65,34 @@ class FailedTable:
             row: dict[str, str] = {}
             for key, value in entry.items():
                 if key != "record" or not nested:
-                    row[str(key)] = _cell(value)
+                    row[str(key)] = value if type(value) is str else _cell(value)
             if nested:
                 for key, value in record.items():
-                    row.setdefault(str(key), _cell(value))
-            for key in row:
-                if key not in self._position:
-                    self._position[key] = len(self.columns)
+                    name = str(key)
+                    if name not in row:
+                        row[name] = value if type(value) is str else _cell(value)
+            self._rows.append(self._place(row))
+
+    def _place(self, row: dict[str, str]) -> tuple[str, ...]:
+        """``row``'s values by column position, adding the columns it brings."""
+        keys = list(row)
+        if keys == self.columns:  # the usual case: shaped like the records before
+            return tuple(row.values())
+        position = self._position
+        if not position.keys() >= row.keys():
+            for key in keys:
+                if key not in position:
+                    position[key] = len(self.columns)
                     self.columns.append(key)
-            values = [""] * len(self.columns)
-            for key, value in row.items():
-                values[self._position[key]] = value
-            self._rows.append(values)
+        values = [""] * len(self.columns)
+        for key, value in row.items():
+            values[position[key]] = value
+        return tuple(values)
 
     def row(self, index: int, width: int | None = None) -> list[str]:
         """Row ``index`` with a value for each of the first ``width`` columns (all)."""
         width = len(self.columns) if width is None else min(width, len(self.columns))
-        values = self._rows[index][:width]
+        values = list(self._rows[index][:width])
         return values + [""] * (width - len(values))
 
     def rows(self, start: int, stop: int, width: int | None = None) -> list[list[str]]:
