@@ -252,3 +252,33 @@ def test_the_api_docs_render_offline(
     screenshot(browser, "api-docs")
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert [e for e in errors if "favicon.ico" not in e["message"]] == []
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_the_failed_records_page_through_without_leaving_the_job_page(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    browser: Any,
+    tmp_path: Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    rows = [["Name", "Email"]] + [[f"person{i}", ""] for i in range(150)]
+    service = start_service(start_sandbox())
+    job = service.submit(write_csv(tmp_path / "many.csv", rows)).json()
+    service.wait_for(job["id"], {"COMPLETED"})
+    browser.get(f"{service.url}/ui/jobs/{job['id']}")
+    summary = wait_until(lambda: text_of(browser, ".records-summary"), "the failed records")
+    assert "150 failed records: records 1 to 100 shown" in summary
+    assert "person0" in text_of(browser, "table.records")
+    browser.execute_script("window.notReloaded = true")
+    browser.find_element(By.CSS_SELECTOR, "a[rel=next]").click()
+    wait_until(lambda: "records 101 to 150" in text_of(browser, ".records-summary"), "page 2")
+    assert "person149" in text_of(browser, "table.records")
+    assert "person0" not in text_of(browser, "table.records")
+    assert browser.execute_script("return window.notReloaded") is True  # still the job page
+    assert "Timeline" in browser.page_source
+    screenshot(browser, "failed-records-page-2")
+    browser.find_element(By.CSS_SELECTOR, "a[rel=prev]").click()
+    wait_until(lambda: "records 1 to 100" in text_of(browser, ".records-summary"), "page 1")
+    no_console_errors(browser)
