@@ -32,7 +32,7 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service import dashboard  # noqa: E402
+from service import dashboard, failed  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.serving import YOUNG_THRESHOLD  # noqa: E402
@@ -174,12 +174,12 @@ async def measure(args: argparse.Namespace, work: Path, upstream: str) -> None:
         (f"fragment, page {last}", f"/ui/jobs/{job_id}/failed?page={last}"),
         ("CSV download", f"/ui/jobs/{job_id}/failed.csv"),
     ]
-    default_bytes = dashboard._ERRORS_PAGE_BYTES
+    default_bytes = failed.UPSTREAM_PAGE_BYTES
     for label, page_bytes in (
         (f"upstream pages of ~{default_bytes // 1024} KiB", default_bytes),
         ("upstream pages of 200 records", 1 << 40),
     ):
-        dashboard._ERRORS_PAGE_BYTES = page_bytes
+        failed.UPSTREAM_PAGE_BYTES = page_bytes
         print(label)
         for name, path in cases:
             probe.reset()
@@ -190,7 +190,7 @@ async def measure(args: argparse.Namespace, work: Path, upstream: str) -> None:
                 f"worst loop lag {probe.worst * 1000:6.1f} ms "
                 f"(CPU {probe.worst_cpu * 1000:5.1f} ms)"
             )
-    dashboard._ERRORS_PAGE_BYTES = default_bytes
+    failed.UPSTREAM_PAGE_BYTES = default_bytes
     probing.cancel()
     server.should_exit = True
     await serving

@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from . import api, live
+from . import api, failed, live
 from .daycounts import DayCounts
 from .errors import ApiError, upstream_failure
 from .failed import FailedTable, csv_chunks
@@ -53,8 +53,6 @@ PAGE = 50
 # CSV has them all.
 FAILED_PAGE = 100
 FAILED_COLUMNS = 50
-# JSON read per upstream page of failed records: parsing it takes a few milliseconds.
-_ERRORS_PAGE_BYTES = 512 * 1024
 _SEARCH = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _CURSOR = re.compile(r"[A-Za-z0-9]{1,64}")
 # No inline script or style anywhere, so the policy can forbid them.
@@ -276,7 +274,9 @@ class Dashboard:
         if job.upstream_id is None:
             raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
         table = FailedTable()
-        pages = state.upstream.error_pages(job.hub, job.upstream_id, page_bytes=_ERRORS_PAGE_BYTES)
+        pages = state.upstream.error_pages(
+            job.hub, job.upstream_id, page_bytes=failed.UPSTREAM_PAGE_BYTES
+        )
         try:
             async with contextlib.aclosing(pages):
                 async for page in pages:

@@ -15,8 +15,17 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-__all__ = ["CSV_CHUNK_CELLS", "FailedTable", "csv_chunks", "neutralise"]
+__all__ = [
+    "CSV_CHUNK_CELLS",
+    "UPSTREAM_PAGE_BYTES",
+    "FailedTable",
+    "csv_chunks",
+    "neutralise",
+]
 
+# JSON read per upstream page of failed records: parsing it takes a few milliseconds
+# (a page of 200 records of 2,000 columns is about 5 MB, and took about 100 ms).
+UPSTREAM_PAGE_BYTES = 512 * 1024
 # Cells written per CSV chunk (a few hundred rows of a usual width): each chunk takes
 # a few milliseconds, then the event loop serves other requests.
 CSV_CHUNK_CELLS = 10_000
