@@ -231,6 +231,8 @@ def test_fifty_open_streams_share_one_feed_and_all_see_a_callback_change(
     job = service.submit(contacts_csv).json()
     store = ReadCounter(service.state.store)
     service.state.store = store
+    time.sleep(3 * live.TICK)
+    assert not store.reads, "the feed runs with no stream open"
     since = time.time()
     everyone = [Watcher(service.url, {"since": since}) for _ in range(25)]
     one = [Watcher(service.url, {"job": job["id"]}) for _ in range(25)]
@@ -270,3 +272,11 @@ def test_fifty_open_streams_share_one_feed_and_all_see_a_callback_change(
     finally:
         for watcher in watchers:
             watcher.close()
+
+    def idle() -> bool:
+        """Once the last stream notices its client is gone, the feed stops reading."""
+        store.reads.clear()
+        time.sleep(3 * live.TICK)
+        return not store.reads
+
+    assert wait_until(idle, within=3 * live.HEARTBEAT + 5)
