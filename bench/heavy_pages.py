@@ -160,7 +160,8 @@ async def measure(args: argparse.Namespace, work: Path, upstream: str) -> None:
     async with httpx.AsyncClient(base_url=base) as client:
 
         async def done() -> bool:
-            return (await client.get(f"/jobs/{job_id}")).json()["state"] == "COMPLETED"
+            state: str = (await client.get(f"/jobs/{job_id}")).json()["state"]
+            return state == "COMPLETED"
 
         await until(done, 0.2)
     await asyncio.sleep(0.5)

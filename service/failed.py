@@ -75,7 +75,7 @@ class FailedTable:
             for key, value in entry.items():
                 if key != "record" or not nested:
                     row[str(key)] = value if type(value) is str else _cell(value)
-            if nested:
+            if isinstance(record, dict):
                 for key, value in record.items():
                     name = str(key)
                     if name not in row:

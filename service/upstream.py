@@ -15,7 +15,7 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -301,7 +301,7 @@ class UpstreamClient:
 
     async def error_pages(
         self, hub: str, job_id: str | int, *, page_bytes: int, page_size: int = 200
-    ) -> AsyncIterator[list[Any]]:
+    ) -> AsyncGenerator[list[Any], None]:
         """The failed records page by page, each page about ``page_bytes`` of JSON.
 
         A record can carry thousands of columns, so a page of a fixed number of records

@@ -31,7 +31,7 @@ def events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
 def forged(service: RunningService, job_id: str, marker: str) -> httpx.Response:
     """A callback signed with a key that is not the instance's: refused, and noted."""
     body = json.dumps({"status": "ERROR", "marker": marker}).encode()
-    return service.http.post(
+    response: httpx.Response = service.http.post(
         f"/callbacks/jobs/{job_id}",
         content=body,
         headers={
@@ -39,3 +39,4 @@ def forged(service: RunningService, job_id: str, marker: str) -> httpx.Response:
             "Elements-Webhook-Id": f"forged-{marker}",
         },
     )
+    return response
