@@ -159,7 +159,11 @@ async def test_sqlite_is_in_wal_mode_with_every_migration(tmp_path: Path) -> Non
     await store.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,), (3,)]
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [
+            (1,),
+            (2,),
+            (3,),
+        ]
 
 
 async def test_a_job_changed_outside_the_store_is_decided_on_its_real_row(
