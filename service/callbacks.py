@@ -442,4 +442,11 @@ async def _at_instance_url(
         kept = await _keep(state, Delivery(webhook_id, now, ref, digest), body, started)
         if isinstance(kept, Answer):
             return kept
-    raise StoreError("a callback's job kept changing while it was applied")
+    # Its reference is a known job's, yet it binds to none: a payload that is not one
+    # of this service's job ids but some job's upstream id, say.
+    error = ApiError(
+        "the callback names no job of this service that it can be applied to; nothing changed",
+        code="wrong_job",
+        status=409,
+    )
+    return refuse(state, None, webhook_id, "wrong_job", error, repeats)
