@@ -274,7 +274,9 @@ def _wrong_job(
     return Answer(409, error_body("wrong_job", message))
 
 
-def _answer(state: AppState, applied: Applied, nudge: bool, started: float) -> Answer:
+def _answer(
+    state: AppState, applied: Applied, webhook_id: str, nudge: bool, started: float
+) -> Answer:
     job = applied.job
     outcome = "duplicate" if applied.duplicate else "accepted"
     state.metrics.callback(outcome)
@@ -289,7 +291,7 @@ def _answer(state: AppState, applied: Applied, nudge: bool, started: float) -> A
         outcome,
         job.id,
         job.state,
-        extra={"job_id": job.id, "outcome": outcome},
+        extra={"job_id": job.id, "webhook_id": webhook_id, "outcome": outcome},
     )
     return Answer(200, {"status": outcome, "job": job.id, "state": str(job.state)})
 
@@ -387,7 +389,7 @@ async def _at_job_url(
         if applied.refused:
             return _wrong_job(state, repeats, job_id, webhook_id, applied.refused, started)
         if not applied.waiting:
-            return _answer(state, applied, nudge, started)
+            return _answer(state, applied, webhook_id, nudge, started)
         kept = await _keep(state, delivery, body, started)
         if isinstance(kept, Answer):
             return kept
@@ -437,7 +439,7 @@ async def _at_instance_url(
             if applied is not None and applied.refused:
                 return _wrong_job(state, repeats, target, webhook_id, applied.refused, started)
             if applied is not None and not applied.waiting:
-                return _answer(state, applied, nudge, started)
+                return _answer(state, applied, webhook_id, nudge, started)
         ref = claim.payload or claim.upstream_id
         kept = await _keep(state, Delivery(webhook_id, now, ref, digest), body, started)
         if isinstance(kept, Answer):
