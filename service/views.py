@@ -22,7 +22,6 @@ OUTCOMES = (
     "unknown_job",
     "malformed",
     "wrong_job",
-    "job_not_found",
     "bad_signature",
     "too_large",
 )
