@@ -74,6 +74,9 @@ def test_another_jobs_body_at_a_jobs_url_is_409_and_noted_once(two_jobs: Any) ->
     assert replayed["events"] == after["events"]
     assert stored_deliveries(service, a["id"]) == [("b-at-a-0", "wrong_job")]
     assert counted(service, "wrong_job") == 51
+    panel = service.http.get("/ui/callbacks").json()
+    assert panel["counts_24h"]["wrong_job"] == 1  # the stored refusal; replays only counted
+    assert panel["replica_counts"]["wrong_job"] == 51
     # The body is genuine: at its own job's URL it completes that job.
     own = deliver(service, job_url(b), body, "b-at-b")
     assert own.json() == {"status": "accepted", "job": b["id"], "state": "COMPLETED"}
