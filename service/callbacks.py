@@ -11,7 +11,9 @@ genuine body can be replayed to any URL; what the body says it is about (its
 ``callback-payload``, this service's job id, and its upstream ``id``/``jobId``) is
 checked against the job in the store's write (``store.plan.bind``):
 
-- at ``/callbacks/jobs/{id}``: no such job is ``404 job_not_found``, nothing stored;
+- at ``/callbacks/jobs/{id}``: no such job is ``404 job_not_found``, nothing stored,
+  whether the signature holds or not (the store is read only once it does not, or
+  by the write itself);
   a body naming another job, or another upstream job than the job's, is
   ``409 wrong_job``, noted once in the job's timeline, the job unchanged; a body
   naming an upstream job while the job's upstream id is not known yet, and not
@@ -258,6 +260,15 @@ def _no_job(state: AppState, repeats: Repeats, job_id: str, webhook_id: str | No
     return Answer(404, error_body("job_not_found", message))
 
 
+async def _may_exist(state: AppState, job_id: str) -> bool:
+    """Whether the job may exist; True when the store cannot say (the refusal is then
+    answered as before: promptly, even while the store is down)."""
+    try:
+        return await state.store.get_job(job_id, with_events=False) is not None
+    except Exception:
+        return True
+
+
 def _wrong_job(
     state: AppState,
     repeats: Repeats,
@@ -318,18 +329,17 @@ async def receive(
     if job_id is not None and not values.job_id_ok(job_id):
         return _no_job(state, repeats, job_id, headers.webhook_id)
     given = headers.signatures
+    verdict = None
     if len(given) > 1:
-        error = ApiError(
-            f"the {signatures.HEADER} header was given {len(given)} times",
-            code="bad_signature",
-            status=401,
-        )
-        return refuse(state, job_id, headers.webhook_id, "bad_signature", error, repeats)
-    verdict = state.keyring.verify(given[0] if given else None, body)
-    if not verdict.ok:
-        error = ApiError(
-            f"signature check failed: {verdict.reason}", code="bad_signature", status=401
-        )
+        problem = f"the {signatures.HEADER} header was given {len(given)} times"
+    else:
+        verdict = state.keyring.verify(given[0] if given else None, body)
+        problem = f"signature check failed: {verdict.reason}"
+    if verdict is None or not verdict.ok:
+        if job_id is not None and not await _may_exist(state, job_id):
+            # Read only once the check failed: a forgery to a made-up URL stores nothing.
+            return _no_job(state, repeats, job_id, headers.webhook_id)
+        error = ApiError(problem, code="bad_signature", status=401)
         return refuse(state, job_id, headers.webhook_id, "bad_signature", error, repeats)
     digest = hashlib.sha256(body).hexdigest()
     webhook_id = (headers.webhook_id or "").strip()[:200] or f"sha256:{digest}"

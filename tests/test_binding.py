@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.sandbox import Sandbox
 from service.servers import ServerThread
+from service.signatures import sign
 
 from .callback_helpers import (
     counted,
@@ -136,10 +137,17 @@ def test_a_body_replayed_to_made_up_job_urls_is_404_and_keeps_nothing(two_jobs: 
         response = deliver(service, f"/callbacks/jobs/{job_id}", body, f"made-up-{n}")
         assert response.status_code == 404, (job_id, response.text)
         assert response.json()["error"]["code"] == "job_not_found"
+    # Forged ones too: no signature, or another key's.
+    for job_id in made_up[:100]:
+        for headers in ({}, {"Elements-Webhook-Signature": sign("not-the-key", body)}):
+            forged = service.http.post(f"/callbacks/jobs/{job_id}", content=body, headers=headers)
+            assert (forged.status_code, forged.json()["error"]["code"]) == (404, "job_not_found")
+    time.sleep(0.2)  # a refusal would be noted just after its answer
     assert service.query("SELECT COUNT(*) FROM kept_callbacks") == [(0,)]
     assert service.query("SELECT COUNT(*) FROM deliveries") == deliveries_before
     assert service.query("SELECT COUNT(*) FROM rejected_callbacks") == [(0,)]
-    assert counted(service, "job_not_found") == 300
+    assert counted(service, "job_not_found") == 500
+    assert counted(service, "bad_signature") == 0
     assert essentials(job_now(service, a["id"])) == essentials(a)
     assert essentials(job_now(service, b["id"])) == essentials(b)
 
