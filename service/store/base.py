@@ -155,6 +155,9 @@ class CallbackRecord:
 
 
 class Store(abc.ABC):
+    # (most kept callbacks, most bytes of their bodies together): KEPT_MAX, KEPT_BYTES
+    kept_limits: tuple[int, int]
+
     @abc.abstractmethod
     async def open(self) -> None: ...
 
