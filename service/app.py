@@ -30,6 +30,7 @@ from .sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
 from .signatures import Keyring
 from .state import AppState
 from .store import open_store
+from .store.retention import Pruner
 from .tracker import SENDING_CONNECTIONS, Tracker
 from .upstream import Credentials, RetryPolicy, UpstreamClient
 
@@ -133,10 +134,15 @@ def create_app(
             sandbox=embedded,
         )
         poller.start()
+        # Old deliveries, refusals and timeline entries go, at start and hourly.
+        pruner = Pruner(store, settings.retention)
+        pruner.start()
         try:
             yield
         finally:
             dashboard.streams.close()
+            await pruner.stop()
+            callbacks.refusals.flush()
             await poller.stop()
             if embedded is not None:
                 await embedded.aclose()

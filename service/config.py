@@ -33,6 +33,7 @@ _POSTGRES = ("postgresql://", "postgres://")
 _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
 _SHOW_MAX = 40
+_MIN_RETENTION = 5 * 86400
 # Kinds whose value is one word of a few, any case.
 _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {"log_format": ("json", "text"), "log_level": ("debug", "info", "warning", "error")}
@@ -66,6 +67,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "upload_min_rate": ("BULKHOOK_UPLOAD_MIN_RATE", "bytes"),
         "upload_rate_window": ("BULKHOOK_UPLOAD_RATE_WINDOW", "seconds"),
         "max_relays": ("BULKHOOK_MAX_RELAYS", "count"),
+        "retention": ("BULKHOOK_RETENTION", "retention"),
         "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
         "log_level": ("BULKHOOK_LOG_LEVEL", "log_level"),
     }
@@ -74,6 +76,8 @@ _WANTED: Mapping[str, str] = MappingProxyType(
     {
         "seconds": "a positive number of seconds",
         "rate": "a positive number of polls per second",
+        "retention": "a number of seconds, at least 432000 (5 days: Open Connectors"
+        " redelivers a callback for about four)",
         "bytes": "a positive whole number of bytes",
         "count": "a positive whole number",
         "bool": "one of 1/true/yes/0/false/no",
@@ -105,7 +109,7 @@ def _parse(var: str, kind: str, raw: str) -> Any:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if kind not in _WANTED:
         return raw
-    if kind in ("seconds", "rate"):
+    if kind in ("seconds", "rate", "retention"):
         with contextlib.suppress(ValueError):
             return float(raw)
     elif kind in ("bytes", "count") and raw.isascii() and raw.isdigit():
@@ -206,6 +210,9 @@ def _check(var: str, kind: str, value: Any) -> Any:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if kind in ("seconds", "rate") and number and math.isfinite(value) and value > 0:
         return float(value)
+    # A shorter retention would forget a delivery the upstream may still send again.
+    if kind == "retention" and number and math.isfinite(value) and value >= _MIN_RETENTION:
+        return float(value)
     raise ConfigError(f"{var} must be {_WANTED[kind]}, got {_show(value)}")
 
 
@@ -258,6 +265,9 @@ class Settings:
     upload_rate_window: float = 60.0
     # Uploads relayed upstream while they arrive, at most; past it one is spooled whole.
     max_relays: int = 8
+    # Seconds deliveries, refused callbacks, applied kept callbacks and timeline entries
+    # are kept (30 days); at least 5 days, past the upstream's redelivery window.
+    retention: float = 2592000.0
     # Structured JSON lines for log collectors, or plain text for a terminal.
     log_format: str = "json"
     # debug also logs every accepted or duplicate callback delivery.

@@ -23,8 +23,9 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from . import callbacks
-from .callbacks import Answer, CallbackHeaders
+from .callbacks import Answer, CallbackHeaders, refusal_log
 from .errors import ApiError, error_body, unexpected
+from .logs import short
 
 __all__ = ["CallbackEndpoint", "Service", "read_body"]
 
@@ -85,7 +86,14 @@ async def read_body(receive: Receive, limit: int, declared: int | None = None) -
 
 
 class CallbackEndpoint:
-    """ASGI app for both callback URLs; the job id comes from the path, if any."""
+    """ASGI app for both callback URLs; the job id comes from the path, if any.
+
+    It owns the aggregated log of refused callbacks (one per app, built in
+    ``create_app``), so that a flood of them writes a bounded number of lines.
+    """
+
+    def __init__(self) -> None:
+        self.refusals = refusal_log()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         job_id = scope.get("path_params", {}).get("job_id")
@@ -108,15 +116,17 @@ class CallbackEndpoint:
             try:
                 body = await read_body(receive, state.settings.max_callback_bytes, declared)
             except ApiError as exc:
-                answer = callbacks.refuse(state, job_id, webhook_id, "too_large", exc)
+                answer = callbacks.refuse(
+                    state, job_id, webhook_id, "too_large", exc, self.refusals
+                )
             else:
-                answer = await callbacks.receive(state, job_id, headers, body)
+                answer = await callbacks.receive(state, job_id, headers, body, self.refusals)
         except ApiError as exc:
             answer = _answer(exc)
         except ConnectionAbortedError:
             return
         except Exception as exc:
-            log.error("unexpected error on POST %s: %r", scope["path"], exc)
+            log.error("unexpected error on POST %s: %r", short(scope["path"], 200), exc)
             answer = _answer(unexpected(exc))
         await _send(send, answer)
         if answer.after is not None:

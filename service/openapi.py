@@ -189,7 +189,15 @@ def _callback(op_id: str, summary: str, params: list[Schema]) -> Schema:
             "202": _json(_ref("CallbackAck"), "Verified, job not known yet: `kept` (or repeat)"),
             "400": _error("Verified but not a JSON object; kept", "malformed_callback"),
             "401": _error("The signature is missing or does not hold", "bad_signature"),
-            "404": _error("The job vanished while the callback was applied (a race)", "not_found"),
+            "404": _error(
+                "The per-job URL names no job: nothing stored (never a genuine callback)",
+                "job_not_found",
+            ),
+            "409": _error(
+                "Verified, but the body is about another job: nothing changed (at the"
+                " per-job URL the refusal is in the job's timeline)",
+                "wrong_job",
+            ),
             "413": _error("The body is over BULKHOOK_MAX_CALLBACK_BYTES", "too_large"),
             "503": _error(
                 "The store is unavailable just now: nothing was recorded; redeliver later",

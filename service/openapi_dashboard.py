@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .openapi import Schema, _error, _job_id, _json, _object, _op, _param, _ref
+from .views import OUTCOMES as _OUTCOMES
 
 __all__ = ["COOKIE_SCHEME", "dashboard_paths", "dashboard_schemas"]
 
@@ -19,7 +20,6 @@ COOKIE_SCHEME = {
     "name": "bulkhook_token",
     "description": "set by the dashboard's login form (HttpOnly, SameSite=Strict)",
 }
-_OUTCOMES = ("accepted", "duplicate", "unknown_job", "malformed", "bad_signature", "too_large")
 
 
 def _secured(operation: Schema) -> Schema:

@@ -7,6 +7,7 @@ decides *when* to ask the upstream and *what* to tell the store.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from .config import Settings
 from .errors import ApiError, upstream_failure
 from .jobs import Job, Observation, Source, State, new_job_id
+from .logs import short
 from .relay import Relay
 from .spool import Spool
 from .store import Store
@@ -234,17 +236,33 @@ class Tracker:
         raise upstream_failure("the upstream refused the job", exc, job=applied.job.to_json())
 
     async def apply_kept(self, job: Job) -> None:
-        """Apply callbacks that arrived before the job was known (they raced the submit)."""
-        from .callbacks import observation_from_body  # circular at import time
+        """Apply callbacks that arrived before the job (or its upstream id) was known.
+
+        They raced the submit. Each is checked against the job as it is now: a body
+        whose ``callback-payload`` or upstream id names another job is not applied
+        but noted in the timeline as refused (``Store.apply`` with its claim).
+        """
+        from .callbacks import claim_from_body, observation_from_body  # circular
 
         kept = await self.store.kept_for([job.id, *([job.upstream_id] if job.upstream_id else [])])
         for item in kept:
             if item.reason != "unknown_job":
                 continue
             observation = observation_from_body(item.body, item.received_at)
-            if observation is None:
-                continue
-            await self.store.apply(job.id, observation, kept_id=item.id)
+            claim = claim_from_body(item.body)
+            if observation is None or claim is None or not claim.names_a_job:
+                continue  # bound to no job: never applied
+            detail = f"kept callback, delivery {item.webhook_id}"
+            observation = dataclasses.replace(
+                observation, detail="; ".join(p for p in (detail, observation.detail) if p)
+            )
+            applied = await self.store.apply(job.id, observation, kept_id=item.id, claim=claim)
+            if applied is not None and applied.refused:
+                log.warning(
+                    "a kept callback was about another job: %s",
+                    applied.refused,
+                    extra={"job_id": job.id, "webhook_id": short(item.webhook_id)},
+                )
 
     # -- polling ------------------------------------------------------------------
 

@@ -16,7 +16,15 @@ from .store.base import CallbackRecord
 __all__ = ["OUTCOMES", "age", "callbacks_view", "clock", "job_view", "timeline_view"]
 
 # Every outcome a delivery can have, in the order the panel lists them.
-OUTCOMES = ("accepted", "duplicate", "unknown_job", "malformed", "bad_signature", "too_large")
+OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "unknown_job",
+    "malformed",
+    "wrong_job",
+    "bad_signature",
+    "too_large",
+)
 _REFUSED = {"bad_signature", "too_large"}
 _BAD = {State.ERROR, State.ABORTED, State.SUBMIT_FAILED, State.TIMED_OUT}
 _MUTED = {State.CANCELLED, State.CANCELLATION_PENDING}

@@ -23,7 +23,7 @@ def test_other_methods_and_paths_still_get_starlettes_answers(start_service) -> 
 
 def test_an_error_is_the_same_bytes_as_every_other_error(start_service) -> None:  # type: ignore[no-untyped-def]
     service: RunningService = start_service(None)
-    response = service.http.post("/callbacks/jobs/x", content=b"{}")
+    response = service.http.post("/callbacks", content=b"{}")
     message = response.json()["error"]["message"]
     expected = error_response(401, "bad_signature", message)
     assert response.status_code == 401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,14 +158,23 @@ def test_real_answers_match_the_schemas(
     unsigned = service.http.post(f"/callbacks/jobs/{job_id}", json={"status": "COMPLETED"})
     assert unsigned.status_code == 401
     _conforms(spec, "Error", unsigned.json())
-    for path, status in ((f"/callbacks/jobs/{job_id}", 200), ("/callbacks", 202)):
-        body = b'{"id": "no-such-upstream-job", "status": "COMPLETED"}'
+    own = json.dumps({"id": done["upstream_id"], "status": "COMPLETED"}).encode()
+    other = b'{"id": "no-such-upstream-job", "status": "COMPLETED"}'
+    for path, body, status in (
+        (f"/callbacks/jobs/{job_id}", own, 200),
+        ("/callbacks", other, 202),
+        (f"/callbacks/jobs/{job_id}", other, 409),
+    ):
         headers = {
             "Elements-Webhook-Signature": signatures.sign(SIGNATURE_KEY, body),
             "Elements-Webhook-Id": f"openapi-{status}",
         }
         ack = service.http.post(path, content=body, headers=headers)
         assert ack.status_code == status, ack.text
+        if status == 409:
+            assert ack.json()["error"]["code"] == "wrong_job"
+            _conforms(spec, "Error", ack.json())
+            continue
         assert ack.json()["status"] == ("accepted" if status == 200 else "kept")
         _conforms(spec, "CallbackAck", ack.json())
 

@@ -11,6 +11,7 @@ import pytest
 
 from service.jobs import Observation, Source, State
 from service.store import Delivery
+from service.store.base import Claim
 from service.store.postgres import PostgresStore
 
 from .test_store import make_job
@@ -134,3 +135,55 @@ async def test_a_failing_apply_fails_alone_and_its_round_still_commits(
         refused.id, running(), delivery=Delivery(f"hook-{refused.id}", time.time())
     )
     assert again is not None and not again.duplicate and again.job.state == State.RUNNING
+
+
+async def test_the_same_body_twice_in_a_round_is_applied_once(store: PostgresStore) -> None:
+    job, _ = await store.create_job(make_job(state=State.CREATED))
+    now = time.time()
+    first, second = await asyncio.gather(
+        store.apply(job.id, running(now), delivery=Delivery("w1", now, job.id, "same-body")),
+        store.apply(job.id, running(now), delivery=Delivery("w2", now, job.id, "same-body")),
+    )
+    assert first is not None and second is not None
+    assert sorted([first.duplicate, second.duplicate]) == [False, True]
+    fetched = await store.get_job(job.id)
+    assert fetched is not None and fetched.version == job.version + 1
+    assert [event.source for event in fetched.events].count("callback") == 1
+
+
+async def test_a_round_refuses_and_defers_claims_on_the_locked_row(
+    store: PostgresStore, postgres_url: str
+) -> None:
+    known, _ = await store.create_job(make_job(state=State.CREATED))
+    await store.apply(known.id, Observation(Source.SUBMIT, status="CREATED"), upstream_id="77")
+    submitting, _ = await store.create_job(make_job())
+    now = time.time()
+    refused, waiting, adopted = await asyncio.gather(
+        store.apply(
+            known.id,
+            running(now),
+            delivery=Delivery("other", now, known.id, "d1"),
+            claim=Claim(None, "78"),
+        ),
+        store.apply(
+            submitting.id,
+            running(now),
+            delivery=Delivery("early", now, submitting.id, "d2"),
+            claim=Claim(None, "79"),
+        ),
+        store.apply(
+            submitting.id,
+            running(now),
+            delivery=Delivery("named", now, submitting.id, "d3"),
+            claim=Claim(submitting.id, "80"),
+        ),
+    )
+    assert refused is not None and refused.refused and "78" in refused.refused
+    assert waiting is not None and waiting.waiting
+    assert adopted is not None and adopted.job.upstream_id == "80"
+    after = await store.get_job(known.id)
+    assert after is not None and (after.state, after.version) == (State.CREATED, 1)
+    assert after.events[-1].detail.startswith("refused:")
+    async with await psycopg.AsyncConnection.connect(postgres_url) as conn:
+        cursor = await conn.execute("SELECT webhook_id, outcome FROM deliveries ORDER BY 1")
+        assert await cursor.fetchall() == [("named", None), ("other", "wrong_job")]

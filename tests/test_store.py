@@ -12,6 +12,7 @@ import pytest
 
 from service.jobs import Job, Observation, Source, State, new_job_id
 from service.store import Delivery, Store, StoreError, open_store
+from service.store.base import Claim
 
 pytestmark = pytest.mark.anyio
 
@@ -159,7 +160,11 @@ async def test_sqlite_is_in_wal_mode_with_every_migration(tmp_path: Path) -> Non
     await store.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,), (2,)]
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [
+            (1,),
+            (2,),
+            (3,),
+        ]
 
 
 async def test_a_job_changed_outside_the_store_is_decided_on_its_real_row(
@@ -277,3 +282,51 @@ async def test_ping_and_counts(store: Store) -> None:
     await store.ping()
     await store.create_job(make_job())
     assert await store.count_by_state() == {"SUBMITTING": 1}
+
+
+async def test_a_kept_body_is_applied_once_and_a_kept_stranger_is_refused(store: Store) -> None:
+    now = time.time()
+    job, _ = await store.create_job(make_job())
+    early = Delivery("early", now, job.id, "own-body")
+    stranger = Delivery("stranger", now, job.id, "other-body")
+    for delivery in (early, stranger):
+        assert await store.keep_callback(delivery, reason="unknown_job", body=b"{}") == "kept"
+    await store.apply(job.id, Observation(Source.SUBMIT, status="CREATED"), upstream_id="u1")
+    # The same body came again at the job's URL before the kept one was applied.
+    direct = await store.apply(
+        job.id,
+        Observation(Source.CALLBACK, status="RUNNING"),
+        delivery=Delivery("again", now, job.id, "own-body"),
+        claim=Claim(None, "u1"),
+    )
+    assert direct is not None and not direct.duplicate and direct.job.state == State.RUNNING
+    own, other = await store.kept_for([job.id])
+    repeat = await store.apply(
+        job.id,
+        Observation(Source.CALLBACK, status="RUNNING"),
+        kept_id=own.id,
+        claim=Claim(None, "u1"),
+    )
+    assert repeat is not None and repeat.duplicate
+    refused = await store.apply(
+        job.id,
+        Observation(Source.CALLBACK, status="COMPLETED"),
+        kept_id=other.id,
+        claim=Claim(None, "u2"),
+    )
+    assert refused is not None and refused.refused and "u2" in refused.refused
+    assert await store.kept_for([job.id]) == []
+    fetched = await store.get_job(job.id)
+    assert fetched is not None and fetched.state == State.RUNNING
+    assert [e.source for e in fetched.events] == ["submit", "submit", "callback", "callback"]
+    assert fetched.events[-1].detail.startswith("refused:")
+    # Now the stranger's body is this job's refused delivery: sent again, no new entry.
+    again = await store.apply(
+        job.id,
+        Observation(Source.CALLBACK, status="COMPLETED"),
+        delivery=Delivery("stranger-again", now, job.id, "other-body"),
+        claim=Claim(None, "u2"),
+    )
+    assert again is not None and again.duplicate and again.refused
+    fetched = await store.get_job(job.id)
+    assert fetched is not None and len(fetched.events) == 4

@@ -31,9 +31,11 @@ _CHANGED_SINCE = """SELECT * FROM jobs
     WHERE updated_at > %s OR (updated_at = %s AND id > %s)
     ORDER BY updated_at, id LIMIT %s"""
 
-# A delivery row with a job id was applied; one without was kept (kept_callbacks says
-# why, and whether it was applied once its job appeared).
-_OUTCOME = "CASE WHEN d.job_id IS NOT NULL THEN 'accepted' ELSE COALESCE(k.reason, 'kept') END"
+# A delivery row says its outcome when it was not simply applied: kept (why; whether
+# it was applied once its job appeared is in kept_callbacks) or refused (wrong_job).
+# Older rows have none: with a job id they were applied, without one kept.
+_OUTCOME = """COALESCE(d.outcome,
+    CASE WHEN d.job_id IS NOT NULL THEN 'accepted' ELSE COALESCE(k.reason, 'kept') END)"""
 
 _RECENT_DELIVERIES = f"""SELECT d.received_at, {_OUTCOME} AS outcome, d.webhook_id,
         COALESCE(d.job_id, k.job_ref) AS job_ref, k.applied_at
@@ -93,6 +95,8 @@ def like_prefix(text: str) -> str:
 def _delivery(row: Mapping[str, Any]) -> CallbackRecord:
     if row["outcome"] == "accepted":
         detail = "signature verified; applied"
+    elif row["outcome"] == "wrong_job":
+        detail = "signature verified; refused: the body is about another job"
     elif row["applied_at"] is not None:
         detail = "signature verified; kept, applied once its job appeared"
     else:

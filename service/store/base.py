@@ -15,10 +15,14 @@ from ..jobs import Decision, Job, Observation, State
 
 __all__ = [
     "KEEP",
+    "KEPT_BYTES",
+    "KEPT_MAX",
     "Applied",
     "CallbackRecord",
+    "Claim",
     "Delivery",
     "KeptCallback",
+    "Pruned",
     "Rejection",
     "Store",
     "StoreError",
@@ -27,6 +31,13 @@ __all__ = [
 # Rejected deliveries kept for the dashboard: the newest ones only, so a flood of forged
 # callbacks cannot grow the database without bound (the metrics count every one).
 REJECTIONS_KEPT = 10_000
+
+# Verified callbacks kept because they cannot be applied yet (their job is not known, or
+# not its upstream id) or at all (malformed): at most this many, of at most this many
+# body bytes together; past either bound the oldest go first. Only a body signed with
+# the instance's key is kept, so this bounds what a replayed genuine body can store.
+KEPT_MAX = 10_000
+KEPT_BYTES = 64 * 1024 * 1024
 
 
 class _Keep:
@@ -44,11 +55,34 @@ class StoreError(Exception):
 
 @dataclass(frozen=True)
 class Delivery:
-    """One callback delivery, deduplicated by ``webhook_id``."""
+    """One callback delivery, deduplicated by ``webhook_id`` and by ``digest``.
+
+    ``digest`` is the SHA-256 (hex) of the raw body: the same body delivered again to
+    the same job is a repeat whatever its webhook id, because the upstream's signature
+    covers the body only and anyone holding one genuine body can send it again.
+    """
 
     webhook_id: str
     received_at: float
     job_ref: str | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Which job a verified callback body says it is about, as far as it says.
+
+    ``payload`` is the ``callback-payload`` (this service's job id, set at submission);
+    ``upstream_id`` the body's ``id``/``jobId``. None when absent or not usable text.
+    ``Store.apply`` checks a claim against the job's row in the same transaction.
+    """
+
+    payload: str | None
+    upstream_id: str | None
+
+    @property
+    def names_a_job(self) -> bool:
+        return self.payload is not None or self.upstream_id is not None
 
 
 @dataclass(frozen=True)
@@ -57,6 +91,12 @@ class Applied:
     decision: Decision | None
     # The delivery had been recorded before: nothing was changed.
     duplicate: bool = False
+    # The body is about another job (why, for the answer); nothing but the timeline
+    # changed, and only the first time this body came.
+    refused: str | None = None
+    # The body names an upstream job but not this job, whose upstream id is not known
+    # yet: nothing was recorded; keep it until the submit's answer says (Tracker).
+    waiting: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +107,20 @@ class KeptCallback:
     received_at: float
     reason: str
     body: bytes
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Rows removed by one ``Store.prune``, by table."""
+
+    deliveries: int = 0
+    rejections: int = 0
+    kept: int = 0
+    events: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.deliveries + self.rejections + self.kept + self.events
 
 
 @dataclass(frozen=True)
@@ -88,8 +142,9 @@ class Rejection:
 class CallbackRecord:
     """One delivery as the dashboard lists it: accepted, kept or rejected; no body.
 
-    ``outcome`` is ``accepted``, a kept reason (``unknown_job``, ``malformed``) or a
-    rejection reason (``bad_signature``, ``too_large``).
+    ``outcome`` is ``accepted``, a kept reason (``unknown_job``, ``malformed``),
+    ``wrong_job`` (verified, but about another job) or a rejection reason
+    (``bad_signature``, ``too_large``, ``wrong_job`` at the instance-wide URL).
     """
 
     received_at: float
@@ -100,6 +155,9 @@ class CallbackRecord:
 
 
 class Store(abc.ABC):
+    # (most kept callbacks, most bytes of their bodies together): KEPT_MAX, KEPT_BYTES
+    kept_limits: tuple[int, int]
+
     @abc.abstractmethod
     async def open(self) -> None: ...
 
@@ -155,24 +213,35 @@ class Store(abc.ABC):
         upstream_id: str | None = None,
         next_poll_at: float | _Keep | None = KEEP,
         kept_id: int | None = None,
+        claim: Claim | None = None,
     ) -> Applied | None:
         """Decide and record ``observation`` atomically; None when the job is unknown.
 
         The job returned carries no timeline (``get_job`` reads it): the timeline grows
         with every callback, and the hot path must not read it back.
 
-        With ``delivery`` already recorded, nothing changes and ``duplicate`` is True.
+        With ``delivery`` already recorded (its webhook id, or its digest for this job),
+        nothing changes and ``duplicate`` is True.
         A terminal outcome clears the poll schedule whatever ``next_poll_at`` says.
-        ``kept_id`` marks a kept callback as applied in the same transaction.
+        ``kept_id`` marks a kept callback as applied in the same transaction (a kept
+        body already applied to this job is a duplicate).
+
+        ``claim`` (a callback's) is checked against the job's row (``plan.bind``): a
+        body about another job is ``refused`` (noted once in the timeline, the delivery
+        recorded so a replay adds nothing), one that must wait is ``waiting`` (nothing
+        recorded), and otherwise its upstream id is adopted when the job has none yet.
         """
 
     @abc.abstractmethod
     async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
         """Keep a verified callback that cannot be applied now.
 
-        Returns ``"kept"``, ``"duplicate"`` (the delivery was seen before), or, for
-        ``reason="unknown_job"``, ``"known"`` when the job named by ``job_ref`` exists
-        by now (it raced in): nothing is kept and the caller applies it instead.
+        Returns ``"kept"``, ``"duplicate"`` (the webhook id was seen before, or the same
+        body is kept for the same reference already), or, for ``reason="unknown_job"``,
+        ``"known"`` when ``job_ref`` is by now a job's upstream id, or the id of a job
+        whose upstream id is known (it raced in): nothing is kept and the caller
+        applies it instead. Kept callbacks stay within ``KEPT_MAX`` and ``KEPT_BYTES``
+        (the store's ``kept_limits``), the oldest removed first.
         """
 
     @abc.abstractmethod
@@ -241,3 +310,9 @@ class Store(abc.ABC):
         """Timeline events after ``after_seq`` and refused callbacks after
         ``after_rejection``, oldest first, at most ``limit`` of each, as
         ``(seq or id, job id or the refused callback's job reference)``."""
+
+    @abc.abstractmethod
+    async def prune(self, before: float, *, batch: int = 1000) -> Pruned:
+        """Remove what is older than ``before``: deliveries, refusals, applied kept
+        callbacks and timeline entries, ``batch`` rows per transaction so that no
+        write waits long behind it. Jobs themselves stay."""

@@ -7,9 +7,50 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..jobs import TERMINAL, Decision, Job, Observation, Source, State, decide
-from .base import _Keep
+from ..logs import short
+from .base import Claim, _Keep
 
-__all__ = ["Plan", "plan_apply"]
+__all__ = ["APPLY", "WAIT", "Binding", "Plan", "bind", "plan_apply", "refusal_event"]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a callback's claim means for one job: apply, wait, or refuse (why)."""
+
+    wait: bool = False
+    refused: str | None = None
+
+
+APPLY = Binding()
+WAIT = Binding(wait=True)
+
+
+def bind(job: Job, claim: Claim) -> Binding:
+    """Whether a verified body may change ``job``; pure, so both stores agree.
+
+    The upstream signs the body, not the URL, so a genuine body can arrive at any
+    job's URL. A body whose ``callback-payload`` names another job, or whose upstream
+    id is not the job's, is refused. A body naming an upstream job but not this job,
+    while this job's upstream id is not known yet, waits for the submit's answer:
+    only a body whose payload names this job may give it an upstream id.
+    """
+    if claim.payload is not None and claim.payload != job.id:
+        return Binding(refused=f"its callback-payload names job {short(claim.payload)}")
+    if claim.upstream_id is not None:
+        if job.upstream_id is not None and claim.upstream_id != job.upstream_id:
+            return Binding(
+                refused=f"it is about upstream job {short(claim.upstream_id)},"
+                f" this job is upstream job {job.upstream_id}"
+            )
+        if job.upstream_id is None and claim.payload is None:
+            return WAIT
+    return APPLY
+
+
+def refusal_event(job: Job, refused: str, detail: str) -> tuple[str, str, str]:
+    """The timeline entry of a refused callback: (source, state, detail)."""
+    text = f"refused: {refused}; nothing changed"
+    return (str(Source.CALLBACK), str(job.state), f"{text}; {detail}" if detail else text)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,21 @@ from psycopg_pool import AsyncConnectionPool
 
 from ..jobs import Event, Job, Observation, State
 from .activity import PostgresActivity, like_prefix
-from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
+from .base import (
+    KEEP,
+    KEPT_BYTES,
+    KEPT_MAX,
+    Applied,
+    Claim,
+    Delivery,
+    KeptCallback,
+    Pruned,
+    Store,
+    StoreError,
+    _Keep,
+)
 from .postgres_apply import ApplyCall, Conn, apply_one, apply_round
+from .retention import KEPT_OVER, PRUNE_SQL
 from .rounds import Outcome, Rounds
 
 __all__ = ["PostgresStore"]
@@ -94,6 +107,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
     CREATE INDEX jobs_updated ON jobs (updated_at, id);
     """,
+    # 3: a signed body is about one job. Deliveries are deduplicated by the body's
+    # digest per job too (one more unique key on the callback path), refused ones
+    # carry their outcome, and kept bodies are deduplicated and bounded by size.
+    """
+    ALTER TABLE deliveries ADD COLUMN digest TEXT, ADD COLUMN outcome TEXT;
+    CREATE UNIQUE INDEX deliveries_body ON deliveries (job_id, digest);
+    ALTER TABLE kept_callbacks ADD COLUMN digest TEXT,
+        ADD COLUMN size BIGINT NOT NULL DEFAULT 0;
+    UPDATE kept_callbacks SET size = octet_length(body);
+    CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
+    """,
 )
 
 
@@ -125,9 +149,17 @@ async def _add_event(
 
 class PostgresStore(PostgresActivity, Store):
     def __init__(
-        self, url: str, *, min_size: int = 2, max_size: int = 20, open_timeout: float = 15.0
+        self,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 20,
+        open_timeout: float = 15.0,
+        kept_limits: tuple[int, int] = (KEPT_MAX, KEPT_BYTES),
     ) -> None:
         self.url = url
+        # (most kept callbacks, most bytes of their bodies together)
+        self.kept_limits = kept_limits
         self._open_timeout = open_timeout
         self._pool = AsyncConnectionPool(
             url,
@@ -260,8 +292,14 @@ class PostgresStore(PostgresActivity, Store):
         upstream_id: str | None = None,
         next_poll_at: float | _Keep | None = KEEP,
         kept_id: int | None = None,
+        claim: Claim | None = None,
     ) -> Applied | None:
-        call = ApplyCall(job_id, observation, delivery, upstream_id, next_poll_at, kept_id)
+        call = ApplyCall(job_id, observation, delivery, upstream_id, next_poll_at, kept_id, claim)
+        if kept_id is not None:
+            # Rare (a callback that raced its job's submission): in a transaction of
+            # its own, which reads what the round's two round trips need not.
+            async with self._pool.connection() as conn:
+                return await apply_one(conn, call)
         return await self._applies.submit(call)  # type: ignore[no-any-return]
 
     async def _apply_round(self, calls: list[ApplyCall]) -> list[Outcome]:
@@ -281,30 +319,58 @@ class PostgresStore(PostgresActivity, Store):
 
     async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
         ref = delivery.job_ref
+        most, most_bytes = self.kept_limits
+        outcome = "kept"
         async with self._pool.connection() as conn, conn.transaction():
             if reason == "unknown_job" and ref is not None:
-                # Serialised with apply() recording this upstream id.
+                # Serialised with apply() recording an upstream id: by the job's row
+                # (a callback at its URL) or by the upstream id (the instance-wide one).
+                await conn.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (ref,))
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (ref,))
                 known = await (
                     await conn.execute(
-                        "SELECT 1 FROM jobs WHERE id = %s OR upstream_id = %s", (ref, ref)
+                        "SELECT 1 FROM jobs WHERE (id = %s AND upstream_id IS NOT NULL)"
+                        " OR upstream_id = %s",
+                        (ref, ref),
                     )
                 ).fetchone()
                 if known is not None:
                     return "known"
             cursor = await conn.execute(
-                "INSERT INTO deliveries VALUES (%s, NULL, %s) "
-                "ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id",
-                (delivery.webhook_id, delivery.received_at),
+                """INSERT INTO kept_callbacks
+                       (webhook_id, job_ref, received_at, reason, body, digest, size)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT DO NOTHING RETURNING id""",
+                (
+                    delivery.webhook_id,
+                    ref,
+                    delivery.received_at,
+                    reason,
+                    body,
+                    delivery.digest,
+                    len(body),
+                ),
             )
             if await cursor.fetchone() is None:
                 return "duplicate"
-            await conn.execute(
-                """INSERT INTO kept_callbacks (webhook_id, job_ref, received_at, reason, body)
-                   VALUES (%s, %s, %s, %s, %s)""",
-                (delivery.webhook_id, ref, delivery.received_at, reason, body),
+            cursor = await conn.execute(
+                "INSERT INTO deliveries (webhook_id, job_id, received_at, digest, outcome)"
+                " VALUES (%s, NULL, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING webhook_id",
+                (delivery.webhook_id, delivery.received_at, delivery.digest, reason),
             )
-            return "kept"
+            if await cursor.fetchone() is None:
+                outcome = "duplicate"
+                raise psycopg.Rollback()  # the kept row goes with it
+            row = await (
+                await conn.execute(
+                    "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS size FROM kept_callbacks"
+                )
+            ).fetchone()
+            if row is not None and (row["n"] > most or row["size"] > most_bytes):
+                over = await (await conn.execute(KEPT_OVER, (most_bytes, most))).fetchone()
+                if over is not None:
+                    await conn.execute("DELETE FROM kept_callbacks WHERE id <= %s", (over["id"],))
+        return outcome
 
     async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
         refs = [ref for ref in refs if ref]
@@ -382,3 +448,18 @@ class PostgresStore(PostgresActivity, Store):
         async with self._pool.connection() as conn:
             cursor = await conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
             return {row["state"]: row["n"] for row in await cursor.fetchall()}
+
+    async def prune(self, before: float, *, batch: int = 1000) -> Pruned:
+        removed: dict[str, int] = {}
+        params = {"before": before, "batch": batch}
+        for table, sql in PRUNE_SQL.items():
+            removed[table] = 0
+            while True:
+                # One batch per transaction: no lock is held for long.
+                async with self._pool.connection() as conn:
+                    cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    count = cursor.rowcount
+                removed[table] += count
+                if count < batch:
+                    break
+        return Pruned(**removed)

@@ -9,8 +9,21 @@ from pathlib import Path
 
 from ..jobs import Event, Job, Observation, State
 from .activity import SQLiteActivity, like_prefix
-from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError, _Keep
-from .plan import plan_apply
+from .base import (
+    KEEP,
+    KEPT_BYTES,
+    KEPT_MAX,
+    Applied,
+    Claim,
+    Delivery,
+    KeptCallback,
+    Pruned,
+    Store,
+    StoreError,
+    _Keep,
+)
+from .plan import APPLY, bind, plan_apply, refusal_event
+from .retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
 from .writer import SQLiteConnections, connect
 
 __all__ = ["SQLiteStore"]
@@ -87,6 +100,19 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
     CREATE INDEX jobs_updated ON jobs (updated_at, id);
     """,
+    # 3: a signed body is about one job. Deliveries are deduplicated by the body's
+    # digest per job too (one more unique key on the callback path), refused ones
+    # carry their outcome, and kept bodies are deduplicated and bounded by size.
+    """
+    ALTER TABLE deliveries ADD COLUMN digest TEXT;
+    ALTER TABLE deliveries ADD COLUMN outcome TEXT;
+    CREATE UNIQUE INDEX deliveries_body ON deliveries (job_id, digest);
+    ALTER TABLE kept_callbacks ADD COLUMN digest TEXT;
+    ALTER TABLE kept_callbacks ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE kept_callbacks SET size = length(body);
+    CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
+    CREATE INDEX kept_size ON kept_callbacks (size);
+    """,
 )
 
 
@@ -141,8 +167,12 @@ def _add_event(
 
 
 class SQLiteStore(SQLiteActivity, Store):
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, *, kept_limits: tuple[int, int] = (KEPT_MAX, KEPT_BYTES)
+    ) -> None:
         self.path = str(path)
+        # (most kept callbacks, most bytes of their bodies together)
+        self.kept_limits = kept_limits
         # The rows of recently written jobs, as this store's writes left them: a callback
         # for a job in flight (written at its submission) needs no read before deciding.
         # Only writes touch it, on the event loop; a rolled-back round clears it, and
@@ -258,22 +288,44 @@ class SQLiteStore(SQLiteActivity, Store):
         upstream_id: str | None = None,
         next_poll_at: float | _Keep | None = KEEP,
         kept_id: int | None = None,
+        claim: Claim | None = None,
     ) -> Applied | None:
         def op(conn: sqlite3.Connection) -> Applied | None:
             job = self._recent.get(job_id) or _job(conn, job_id, with_events=False)
             if job is None:
                 return None
+            binding = bind(job, claim) if claim is not None else APPLY
+            if binding.wait:
+                return Applied(job, None, waiting=True)
+            adopt = claim.upstream_id if claim is not None else upstream_id
             if delivery is not None:
                 inserted = conn.execute(
-                    "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?)",
-                    (delivery.webhook_id, job_id, delivery.received_at),
+                    "INSERT OR IGNORE INTO deliveries (webhook_id, job_id, received_at, digest,"
+                    " outcome) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        delivery.webhook_id,
+                        job_id,
+                        delivery.received_at,
+                        delivery.digest,
+                        "wrong_job" if binding.refused else None,
+                    ),
                 ).rowcount
                 if not inserted:
-                    return Applied(job, None, duplicate=True)
-            for attempt in range(2):
-                plan = plan_apply(
-                    job, observation, upstream_id=upstream_id, next_poll_at=next_poll_at
+                    return Applied(job, None, duplicate=True, refused=binding.refused)
+            if kept_id is not None and not _claim_kept(
+                conn, job_id, kept_id, observation.at, binding.refused
+            ):
+                return Applied(job, None, duplicate=True, refused=binding.refused)
+            if binding.refused:
+                _add_event(
+                    conn,
+                    job_id,
+                    observation.at,
+                    *refusal_event(job, binding.refused, observation.detail),
                 )
+                return Applied(job, None, refused=binding.refused)
+            for attempt in range(2):
+                plan = plan_apply(job, observation, upstream_id=adopt, next_poll_at=next_poll_at)
                 assignments = ", ".join(f"{name} = ?" for name in plan.changes)
                 updated = conn.execute(
                     f"UPDATE jobs SET {assignments}, version = version + 1 "
@@ -288,11 +340,6 @@ class SQLiteStore(SQLiteActivity, Store):
                 if job is None or attempt:
                     raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
             _add_event(conn, job_id, observation.at, *plan.event)
-            if kept_id is not None:
-                conn.execute(
-                    "UPDATE kept_callbacks SET applied_at = ? WHERE id = ?",
-                    (observation.at, kept_id),
-                )
             fresh = plan.applied_to(job)
             self._remember(fresh)
             return Applied(fresh, plan.decision)
@@ -306,25 +353,49 @@ class SQLiteStore(SQLiteActivity, Store):
             self._recent.popitem(last=False)
 
     async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
+        most, most_bytes = self.kept_limits
+
         def op(conn: sqlite3.Connection) -> str:
             ref = delivery.job_ref
             if reason == "unknown_job" and ref is not None:
                 known = conn.execute(
-                    "SELECT 1 FROM jobs WHERE id = ? OR upstream_id = ?", (ref, ref)
+                    "SELECT 1 FROM jobs WHERE (id = ? AND upstream_id IS NOT NULL)"
+                    " OR upstream_id = ?",
+                    (ref, ref),
                 ).fetchone()
                 if known is not None:
                     return "known"
+            kept = conn.execute(
+                """INSERT OR IGNORE INTO kept_callbacks
+                       (webhook_id, job_ref, received_at, reason, body, digest, size)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    delivery.webhook_id,
+                    ref,
+                    delivery.received_at,
+                    reason,
+                    body,
+                    delivery.digest,
+                    len(body),
+                ),
+            )
+            if not kept.rowcount:
+                return "duplicate"
             inserted = conn.execute(
-                "INSERT OR IGNORE INTO deliveries VALUES (?, NULL, ?)",
-                (delivery.webhook_id, delivery.received_at),
+                "INSERT OR IGNORE INTO deliveries (webhook_id, job_id, received_at, digest,"
+                " outcome) VALUES (?, NULL, ?, ?, ?)",
+                (delivery.webhook_id, delivery.received_at, delivery.digest, reason),
             ).rowcount
             if not inserted:
+                conn.execute("DELETE FROM kept_callbacks WHERE id = ?", (kept.lastrowid,))
                 return "duplicate"
-            conn.execute(
-                """INSERT INTO kept_callbacks (webhook_id, job_ref, received_at, reason, body)
-                   VALUES (?, ?, ?, ?, ?)""",
-                (delivery.webhook_id, ref, delivery.received_at, reason, body),
-            )
+            count, size = conn.execute(
+                "SELECT COUNT(*), TOTAL(size) FROM kept_callbacks"
+            ).fetchone()
+            if count > most or size > most_bytes:
+                row = conn.execute(sqlite_sql(KEPT_OVER), (most_bytes, most)).fetchone()
+                if row is not None:
+                    conn.execute("DELETE FROM kept_callbacks WHERE id <= ?", (row[0],))
             return "kept"
 
         return await self._sql.write(op)
@@ -404,3 +475,44 @@ class SQLiteStore(SQLiteActivity, Store):
             return {row[0]: row[1] for row in rows}
 
         return await self._sql.read(op)
+
+    async def prune(self, before: float, *, batch: int = 1000) -> Pruned:
+        removed: dict[str, int] = {}
+        params = {"before": before, "batch": batch}
+        for table, sql in PRUNE_SQL.items():
+            removed[table] = 0
+            statement = sqlite_sql(sql)
+            while True:
+                # One batch per write: other writes take their turn in between.
+                count: int = await self._sql.write(
+                    lambda conn, statement=statement: conn.execute(statement, params).rowcount
+                )
+                removed[table] += count
+                if count < batch:
+                    break
+        return Pruned(**removed)
+
+
+def _claim_kept(
+    conn: sqlite3.Connection, job_id: str, kept_id: int, at: float, refused: str | None
+) -> bool:
+    """Mark a kept callback as handled and its delivery as this job's; False when the
+    same body was applied to this job already (it came again before it was applied)."""
+    row = conn.execute(
+        "SELECT webhook_id, digest FROM kept_callbacks WHERE id = ?", (kept_id,)
+    ).fetchone()
+    conn.execute("UPDATE kept_callbacks SET applied_at = ? WHERE id = ?", (at, kept_id))
+    if row is None:
+        return True
+    if row["digest"] is not None:
+        seen = conn.execute(
+            "SELECT 1 FROM deliveries WHERE job_id = ? AND digest = ?", (job_id, row["digest"])
+        ).fetchone()
+        if seen is not None:
+            return False
+    conn.execute(
+        "UPDATE OR IGNORE deliveries SET job_id = ?, outcome = COALESCE(?, outcome)"
+        " WHERE webhook_id = ?",
+        (job_id, "wrong_job" if refused else None, row["webhook_id"]),
+    )
+    return True
