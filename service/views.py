@@ -25,7 +25,7 @@ OUTCOMES = (
     "bad_signature",
     "too_large",
 )
-_REFUSED = {"bad_signature", "too_large"}
+_REFUSED = {"bad_signature", "too_large", "wrong_job"}
 _BAD = {State.ERROR, State.ABORTED, State.SUBMIT_FAILED, State.TIMED_OUT}
 _MUTED = {State.CANCELLED, State.CANCELLATION_PENDING}
 

@@ -45,6 +45,9 @@ def counting(service: RunningService) -> CountingStore:
     return store
 
 
+INSERT_DELIVERY = "INSERT INTO deliveries (webhook_id, job_id, received_at)"
+
+
 def add_deliveries(service: RunningService, at: float, outcome: str, n: int = 1) -> None:
     """Deliveries as the service records them, straight into its database: accepted
     ones name their job; kept ones have a kept callback saying why; refused ones are
@@ -52,9 +55,9 @@ def add_deliveries(service: RunningService, at: float, outcome: str, n: int = 1)
     for _ in range(n):
         hook = f"hook-{time.monotonic_ns()}"
         if outcome == "accepted":
-            service.query(f"INSERT INTO deliveries VALUES ('{hook}', 'job-1', {at})")
+            service.query(f"{INSERT_DELIVERY} VALUES ('{hook}', 'job-1', {at})")
         elif outcome in {"unknown_job", "malformed"}:
-            service.query(f"INSERT INTO deliveries VALUES ('{hook}', NULL, {at})")
+            service.query(f"{INSERT_DELIVERY} VALUES ('{hook}', NULL, {at})")
             service.query(
                 "INSERT INTO kept_callbacks (webhook_id, job_ref, received_at, reason, body) "
                 f"VALUES ('{hook}', 'someone', {at}, '{outcome}', {blob(service)})"
@@ -97,6 +100,7 @@ def test_the_24_hour_counts_are_right_as_deliveries_arrive(
         "malformed": 1,
         "bad_signature": 2,
         "too_large": 2,
+        "wrong_job": 0,
     }
     assert day_counts(service) == expected
     assert day_counts(service) == expected  # the kept minutes are not counted twice
@@ -119,12 +123,12 @@ def test_a_render_after_100000_deliveries_reads_only_the_recent_ones(
     if service.settings.sqlite_path is not None:
         service.query(
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n "
-            f"WHERE i < {total - 1}) INSERT INTO deliveries "
+            f"WHERE i < {total - 1}) {INSERT_DELIVERY} "
             f"SELECT 'bulk-' || i, 'job-1', {start} + i * {step} FROM n"
         )
     else:
         service.query(
-            "INSERT INTO deliveries SELECT 'bulk-' || i, 'job-1', "
+            f"{INSERT_DELIVERY} SELECT 'bulk-' || i, 'job-1', "
             f"{start} + i * {step} FROM generate_series(0, {total - 1}) AS i"
         )
         service.query("ANALYZE deliveries")
