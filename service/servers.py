@@ -9,7 +9,9 @@ client that connects and sends nothing, or trickles a request's headers a byte a
 time, holds its connection for ever. ``http_protocol`` adds a deadline: the headers of
 a connection's first request must be complete ``header_timeout`` seconds after it
 opened, those of each further request as long after the response before it; past it,
-the connection is closed.
+the connection is closed. The deadline covers a request's body too, except an
+upload's (``POST /jobs``), whose pace the upload rules judge: a callback or a form is
+small, and one trickled a byte at a time would hold its connection just as long.
 """
 
 from __future__ import annotations
@@ -57,21 +59,25 @@ class _HeaderDeadline(_Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._header_timer is not None and not self._awaiting_headers():
+        if self._header_timer is not None and not self._awaiting_request():
             self._stop_header_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._awaiting_headers() and not self.transport.is_closing():
+        if self._awaiting_request() and not self.transport.is_closing():
             self._arm_header_timer()
 
-    def _awaiting_headers(self) -> bool:
-        """No request whose headers are complete is being served on the connection
-        (both protocols start a request's cycle as soon as its headers are parsed),
-        and the connection is still this protocol's (not upgraded to a WebSocket)."""
+    def _awaiting_request(self) -> bool:
+        """No request is being served on the connection whose headers, and body unless
+        it is an upload, are complete (both protocols start a request's cycle as soon
+        as its headers are parsed, and clear ``more_body`` once its body is in), and
+        the connection is still this protocol's (not upgraded to a WebSocket)."""
         if self.transport.get_protocol() is not self:
             return False
-        return self.cycle is None or self.cycle.response_complete
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return True
+        return cycle.more_body and not _is_upload(cycle.scope)
 
     def _arm_header_timer(self) -> None:
         self._stop_header_timer()
@@ -84,8 +90,12 @@ class _HeaderDeadline(_Protocol):
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if self._awaiting_headers() and not self.transport.is_closing():
+        if self._awaiting_request() and not self.transport.is_closing():
             self.transport.close()
+
+
+def _is_upload(scope: Any) -> bool:
+    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/jobs"
 
 
 def implementations() -> tuple[str, ...]:
