@@ -94,12 +94,17 @@ def bulkhook(*args: str) -> list[str]:
 # -- 1. callback ingestion -------------------------------------------------------------
 
 
-def wrk(base: str, targets: Path, connections: int, seconds: int) -> dict[str, float]:
-    env = {**os.environ, "BENCH_TARGETS": str(targets)}
+def wrk(base: str, targets: Targets, connections: int, seconds: int) -> dict[str, float]:
+    threads = min(2, connections)
+    env = {
+        **os.environ,
+        "BENCH_TARGETS": str(targets.fresh(seconds)),
+        "BENCH_THREADS": str(threads),
+    }
     out = subprocess.run(
         [
             "wrk",
-            f"-t{min(2, connections)}",
+            f"-t{threads}",
             f"-c{connections}",
             f"-d{seconds}s",
             "--latency",
@@ -126,20 +131,46 @@ def wrk(base: str, targets: Path, connections: int, seconds: int) -> dict[str, f
     }
 
 
-def callback_targets(service: str, work: Path, jobs: int) -> Path:
-    """Submit ``jobs`` jobs and write one signed RUNNING callback per job for wrk."""
-    lines = []
-    with httpx.Client(base_url=service, timeout=60) as client:
-        for _ in range(jobs):
-            with CONTACTS.open("rb") as handle:
-                response = client.post("/jobs", data={"object": "contact"}, files={"file": handle})
-            job = response.json()
-            assert response.status_code == 202, response.text
-            body = json.dumps({"id": job["upstream_id"], "status": "RUNNING", "recordsCount": 10})
-            lines.append(f"/callbacks/jobs/{job['id']}\t{sign(KEY, body.encode())}\t{body}\n")
-    targets = work / "callbacks.tsv"
-    targets.write_text("".join(lines))
-    return targets
+class Targets:
+    """Signed RUNNING callbacks for wrk, one job's own per line, each body different.
+
+    The service takes a body it has seen before for a job as a duplicate whatever its
+    webhook id, so every wrk run gets a file of bodies never sent before (a sequence
+    number in each), enough for the fastest rate either endpoint reaches.
+    """
+
+    def __init__(self, service: str, work: Path, jobs: int) -> None:
+        self._work = work
+        self._jobs: list[tuple[str, str]] = []
+        self._sent = 0
+        with httpx.Client(base_url=service, timeout=60) as client:
+            for _ in range(jobs):
+                with CONTACTS.open("rb") as handle:
+                    response = client.post(
+                        "/jobs", data={"object": "contact"}, files={"file": handle}
+                    )
+                job = response.json()
+                assert response.status_code == 202, response.text
+                self._jobs.append((job["id"], job["upstream_id"]))
+
+    def fresh(self, seconds: int, rate: int = 15_000) -> Path:
+        lines = []
+        for n in range(self._sent, self._sent + seconds * rate + 2_000):
+            job_id, upstream_id = self._jobs[n % len(self._jobs)]
+            body = json.dumps(
+                {
+                    "id": upstream_id,
+                    "callback-payload": job_id,
+                    "status": "RUNNING",
+                    "recordsCount": 10,
+                    "sequence": n,
+                }
+            )
+            lines.append(f"/callbacks/jobs/{job_id}\t{sign(KEY, body.encode())}\t{body}\n")
+        self._sent += len(lines)
+        path = self._work / "callbacks.tsv"
+        path.write_text("".join(lines))
+        return path
 
 
 def bench_callbacks(
@@ -165,7 +196,7 @@ def bench_callbacks(
         service_url = f"http://127.0.0.1:{service_port}"
         wait_for(f"{bare_url}/docs")
         wait_for(f"{service_url}/healthz")
-        targets = callback_targets(service_url, work, CALLBACK_JOBS)
+        targets = Targets(service_url, work, CALLBACK_JOBS)
         wrk(bare_url, targets, 64, 2)  # warm up both
         wrk(service_url, targets, 64, 2)
         ratios, bare_runs, service_runs = [], [], []
