@@ -18,6 +18,7 @@ from .store import StoreError
 from .tracker import SubmitRequest
 from .uploads import FileStart, receive_upload
 from .upstream import UpstreamError
+from .values import is_clean, job_id_ok, name_problem
 
 if TYPE_CHECKING:
     from .state import AppState
@@ -26,6 +27,7 @@ __all__ = ["routes"]
 
 _MAX_FIELD = 200
 _MAX_LIMIT = 500
+_MAX_PATH = 1000
 
 
 def _state(request: Request) -> AppState:
@@ -50,32 +52,53 @@ def _authorize(request: Request) -> AppState:
 
 
 def _name(value: str | None, field: str, *, required: bool = False) -> str | None:
+    """An object or hub name, checked before it becomes a segment of an upstream URL."""
     value = (value or "").strip()
     if not value:
         if required:
             raise ApiError(f"the form field '{field}' is required", code=f"missing_{field}")
         return None
-    if len(value) > _MAX_FIELD or "/" in value or not value.isprintable():
-        raise ApiError(f"'{field}' is not a valid name", code=f"bad_{field}")
+    problem = name_problem(value)
+    if problem is not None:
+        raise ApiError(f"'{field}' is not a valid name: {problem}", code=f"bad_{field}")
     return value
+
+
+def _path(value: str | None, filename: str) -> str:
+    path = (value or "").strip() or f"/{filename}"
+    if len(path) > _MAX_PATH or not path.isprintable() or not is_clean(path):
+        raise ApiError(
+            f"'path' must be printable text of at most {_MAX_PATH} characters", code="bad_path"
+        )
+    return path if path.startswith("/") else f"/{path}"
 
 
 def _metadata(raw: str | None) -> dict[str, Any]:
     if raw is None or not raw.strip():
         return {}
+    if not is_clean(raw):
+        raise ApiError("'metadata' contains a NUL or an unpaired surrogate", code="bad_metadata")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ApiError(f"'metadata' is not JSON: {exc.msg}", code="bad_metadata") from None
+    except (ValueError, RecursionError) as exc:
+        # A number too long to convert, or nesting deeper than the parser goes.
+        what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:100]
+        raise ApiError(f"'metadata' is not usable JSON: {what}", code="bad_metadata") from None
     if not isinstance(value, dict):
         raise ApiError("'metadata' must be a JSON object", code="bad_metadata")
     return value
 
 
 async def _job_or_404(state: AppState, job_id: str, *, with_events: bool = True) -> Job:
-    job = await state.store.get_job(job_id, with_events=with_events)
+    # An id this service cannot have issued is not looked up: no store has to carry
+    # a NUL, a lone surrogate or 15 KB of it, and the answer quotes none of it.
+    possible = job_id_ok(job_id)
+    job = await state.store.get_job(job_id, with_events=with_events) if possible else None
     if job is None:
-        raise ApiError(f"no job {job_id!r}", code="job_not_found", status=404)
+        shown = repr(job_id) if possible else "with that id"
+        raise ApiError(f"no job {shown}", code="job_not_found", status=404)
     return job
 
 
@@ -88,9 +111,7 @@ def _submit_request(
 ) -> SubmitRequest:
     object_name = _name(fields.get("object"), "object", required=True)
     hub = _name(fields.get("hub"), "hub") or state.settings.oc_hub
-    path = (fields.get("path") or "").strip() or f"/{filename}"
-    if not path.startswith("/"):
-        path = f"/{path}"
+    path = _path(fields.get("path"), filename)
     return SubmitRequest(
         hub=hub,
         object=str(object_name),
@@ -105,8 +126,10 @@ def _submit_request(
 async def submit_job(request: Request) -> Response:
     state = _authorize(request)
     key = request.headers.get("idempotency-key")
-    if key is not None and not (0 < len(key.strip()) <= _MAX_FIELD):
-        raise ApiError("Idempotency-Key must be 1 to 200 characters", code="bad_idempotency_key")
+    if key is not None and not (0 < len(key.strip()) <= _MAX_FIELD and key.isprintable()):
+        raise ApiError(
+            "Idempotency-Key must be 1 to 200 printable characters", code="bad_idempotency_key"
+        )
     key = key.strip() if key else None
     relay: Relay | None = None
 
@@ -164,13 +187,19 @@ async def list_jobs(request: Request) -> Response:
     state = _authorize(request)
     params = request.query_params
     state_filter = params.get("state")
-    if state_filter is not None and state_filter.upper() not in State.__members__:
-        raise ApiError(f"unknown state {state_filter[:40]!r}", code="bad_state")
+    if state_filter is not None and (
+        not state_filter.isascii() or state_filter.upper() not in State.__members__
+    ):
+        shown = state_filter[:40] if is_clean(state_filter[:40]) else "given"
+        raise ApiError(f"unknown state {shown!r}", code="bad_state")
     raw_limit = params.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIMIT:
+    # isascii: "²".isdigit() is true, and int("²") raises.
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4) or not (
+        1 <= int(raw_limit) <= _MAX_LIMIT
+    ):
         raise ApiError(f"limit must be between 1 and {_MAX_LIMIT}", code="bad_limit")
     cursor = params.get("cursor") or None
-    if cursor is not None and (len(cursor) > 64 or not cursor.isalnum()):
+    if cursor is not None and not job_id_ok(cursor):
         raise ApiError("cursor is not valid", code="bad_cursor")
     limit = int(raw_limit)
     jobs = await state.store.list_jobs(

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from .upstream import Credentials
+from .values import name_problem
 
 __all__ = ["ConfigError", "Settings"]
 
@@ -194,8 +195,9 @@ def _check(var: str, kind: str, value: Any) -> Any:
             raise ConfigError(f"{var} must be a sequence of host names, got {_show(value)}")
         return tuple(_check_host(var, item) for item in value)
     if kind == "hub":
-        if not isinstance(value, str) or not value.strip() or "/" in value:
-            raise ConfigError(f"{var} must be a non-empty hub name without '/', got {_show(value)}")
+        problem = name_problem(value) if isinstance(value, str) else "it is not text"
+        if problem is not None:
+            raise ConfigError(f"{var} is not a usable hub name ({problem}), got {_show(value)}")
         return value
     if kind == "database":
         return _check_database(var, value)
