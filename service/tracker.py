@@ -301,7 +301,7 @@ class Tracker:
             raw_status=status.raw_status,
             records_count=status.records_count,
             records_failed_count=status.records_failed_count,
-            detail=_why(job, manual),
+            detail="; ".join(part for part in (_why(job, manual), status.note) if part),
         )
         applied = await self.store.apply(
             job.id, observation, next_poll_at=self.next_poll(job, now, job.poll_count + 1)

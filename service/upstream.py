@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
+from . import values
 from .multipart import FileStream, MultipartFile
 from .statuses import normalize_status
 
@@ -40,6 +41,8 @@ __all__ = [
 _MAX_PAGES = 100_000
 # Records asked for in the first page of a paged read whose record size is not known yet.
 _FIRST_PAGE = 20
+# An upstream message is shown and stored with the job; past this it is cut.
+_MAX_MESSAGE = 2000
 
 
 @dataclass(frozen=True)
@@ -125,36 +128,42 @@ class JobStatus:
     records_count: int | None
     records_failed_count: int | None
     raw: Mapping[str, Any]
+    # What in the body could not be used (a count out of range, a status that cannot
+    # be stored), said so the job's timeline shows why a value is missing.
+    note: str = ""
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], job_id: str | None = None) -> JobStatus:
+        """Read what can be read; an unusable value is left out with a note, never
+        raised, so one odd field cannot stop a job from being polled to its end."""
+        notes: list[str] = []
         raw_status = body.get("status")
+        status_text = values.text(raw_status)
+        if raw_status is not None and status_text is None:
+            notes.append("the upstream's status is not usable text")
+        counts = []
+        for name in ("recordsCount", "recordsFailedCount"):
+            counts.append(_count(body.get(name)))
+            if body.get(name) is not None and counts[-1] is None:
+                notes.append(f"{name} ignored: not a count from 0 to {values.MAX_COUNT}")
         return cls(
-            id=_job_id(body.get("id", job_id)) or (job_id or ""),
-            status=normalize_status(raw_status),
-            raw_status=raw_status if isinstance(raw_status, str) else None,
-            records_count=_count(body.get("recordsCount")),
-            records_failed_count=_count(body.get("recordsFailedCount")),
+            id=_job_id(body.get("id")) or (job_id or ""),
+            status=normalize_status(status_text),
+            raw_status=status_text if isinstance(raw_status, str) else None,
+            records_count=counts[0],
+            records_failed_count=counts[1],
             raw=body,
+            note="; ".join(notes),
         )
 
 
 def _job_id(value: object) -> str | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | str) and str(value).strip():
-        return str(value).strip()
-    return None
+    """An upstream job id: a string or an integer, kept as opaque, storable text."""
+    return values.text(value)
 
 
 def _count(value: object) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
+    return values.count(value)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -177,15 +186,14 @@ def _error_from(operation: str, response: httpx.Response) -> UpstreamError:
     message, request_id = "", None
     try:
         body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict):
         if isinstance(body.get("message"), str):
-            message = body["message"]
-        if isinstance(body.get("requestId"), str | int):
-            request_id = str(body["requestId"])
+            message = values.safe_text(body["message"], _MAX_MESSAGE).strip()
+        request_id = values.text(body.get("requestId"))
     if not message:
-        message = response.text[:200].strip() or response.reason_phrase
+        message = values.safe_text(response.text[:200]).strip() or response.reason_phrase
     return UpstreamError(
         operation,
         message,
@@ -342,7 +350,7 @@ class UpstreamClient:
         response = await self._call("cancel", "PUT", _job_url(hub, job_id, "cancel"))
         try:
             body = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             return None
         return JobStatus.from_body(body, str(job_id)) if isinstance(body, dict) else None
 
@@ -455,7 +463,9 @@ def _job_url(hub: str, job_id: str | int, action: str) -> str:
 
 
 def _json(response: httpx.Response, operation: str) -> Any:
+    # ValueError covers malformed JSON, undecodable bytes and a number too long to
+    # convert (a 5,000-digit count); RecursionError, nesting deeper than the parser.
     try:
         return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise UpstreamError(operation, "the upstream answered with invalid JSON") from exc

@@ -289,3 +289,74 @@ def test_metadata_with_escaped_nul_reaches_the_upstream_as_json(
     assert response.status_code == 202, response.text
     sent = upstream.sandbox.jobs[int(response.json()["upstream_id"])]
     assert sent.metadata["note"] == "a\x00b"
+
+
+# -- what the upstream answers ----------------------------------------------------------
+
+
+def inject(upstream: RunningSandbox, **spec: Any) -> None:
+    # json.dumps writes NUL and lone surrogates as \u escapes, as a JSON encoder may.
+    response = httpx.post(f"{upstream.url}/_sandbox/faults", content=json.dumps(spec))
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture
+def polled(start_sandbox: StartSandbox, start_service: StartService) -> RunningService:
+    """A service that learns of its jobs only by polling (no callback ever arrives)."""
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=0.5)
+    service = start_service(upstream, callback_grace=0.1, poll_interval=0.1, poll_max_interval=0.2)
+    service.upstream = upstream  # type: ignore[attr-defined]
+    return service
+
+
+@pytest.mark.parametrize(
+    ("spec", "note"),
+    [
+        (
+            {"body": {"id": "1", "status": "RUNNING", "recordsCount": 10**20}},
+            "recordsCount ignored",
+        ),
+        (
+            {"body": {"status": "RUNNING", "recordsCount": "²", "recordsFailedCount": -1}},
+            "recordsFailedCount ignored",
+        ),
+        ({"body": {"status": "RUNNING", "recordsCount": "9" * 5000}}, "recordsCount ignored"),
+        (
+            {"body": {"id": "1\x00", "status": "RUN\x00NING", "message": "a\ud800"}},
+            "status is not usable text",
+        ),
+        ({"raw_body": '{"status": "RUNNING", "recordsCount": ' + HUGE + "}"}, "invalid JSON"),
+        ({"raw_body": "[" * 50_000}, "invalid JSON"),
+    ],
+)
+def test_an_odd_status_body_is_noted_and_the_job_still_finishes(
+    polled: RunningService, contacts_csv: Path, spec: dict[str, Any], note: str
+) -> None:
+    upstream: RunningSandbox = polled.upstream  # type: ignore[attr-defined]
+    inject(upstream, operation="status", status=200, times=3, **spec)
+    job = polled.submit(contacts_csv).json()
+    done = polled.wait_for(job["id"], {"COMPLETED"})
+    assert (done["records_count"], done["records_failed_count"]) == (10, 0)
+    assert any(note in event["detail"] for event in done["events"]), done["events"]
+    assert all("\x00" not in event["detail"] for event in done["events"])
+
+
+def test_an_upstream_error_message_with_nul_and_surrogates_is_stored_safely(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    from service.upstream import RetryPolicy
+
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=0.5)
+    service = start_service(
+        upstream,
+        callback_grace=0.1,
+        poll_interval=0.1,
+        poll_max_interval=0.2,
+        upstream_retry=RetryPolicy(attempts=1),
+    )
+    message = {"message": "down\x00 for \ud800 maintenance", "requestId": "r\x00"}
+    inject(upstream, operation="status", status=500, times=2, body=message)
+    job = service.submit(contacts_csv).json()
+    done = service.wait_for(job["id"], {"COMPLETED"})
+    details = [event["detail"] for event in done["events"]]
+    assert any("down\ufffd for \ufffd maintenance" in detail for detail in details), details

@@ -48,10 +48,15 @@ class Fault:
     retry_after: float | None = None
     after_processing: bool = False
     remaining: int = 1
+    # The exact body to answer (JSON text), for an upstream that says something odd
+    # with any status, 200 included; None: an error body like Open Connectors' own.
+    content: str | None = None
 
-    def body(self) -> dict[str, str]:
+    def body(self) -> bytes:
+        if self.content is not None:
+            return self.content.encode("utf-8", "surrogatepass")
         message = "Too many requests" if self.status == 429 else "Injected upstream failure"
-        return {"message": message, "requestId": str(uuid.uuid4())}
+        return json.dumps({"message": message, "requestId": str(uuid.uuid4())}).encode()
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -135,14 +140,29 @@ class Sandbox:
         retry_after: float | None = None,
         times: int = 1,
         after_processing: bool = False,
+        body: Any = None,
+        raw_body: str | None = None,
     ) -> None:
-        """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``."""
+        """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``,
+        and with ``body`` (any JSON value) or ``raw_body`` (JSON text sent as it is, for
+        what a JSON encoder would refuse to write, e.g. a 5,000-digit number) if given."""
         if operation is not None and operation not in OPERATIONS:
             raise ValueError(f"unknown operation {operation!r}")
+        content = raw_body if raw_body is not None else None
+        if body is not None and raw_body is not None:
+            raise ValueError("give body or raw_body, not both")
+        if body is not None:
+            content = json.dumps(body)  # escapes NUL and lone surrogates as \u sequences
+        if content is not None and not isinstance(content, str):
+            raise ValueError("raw_body must be a string")
         # Checked here, not when the fault fires: a bad spec must be refused up front
         # instead of breaking the response of some later, unrelated call.
-        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
-            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+        lowest = 200 if content is not None else 400
+        if isinstance(status, bool) or not isinstance(status, int) or not lowest <= status <= 599:
+            raise ValueError(
+                f"status must be an HTTP status from {lowest} to 599"
+                f"{' with a body' if content is not None else ''}, got {status!r}"
+            )
         if retry_after is not None and (
             isinstance(retry_after, bool)
             or not isinstance(retry_after, int | float)
@@ -152,7 +172,7 @@ class Sandbox:
             raise ValueError(f"retry_after must be a non-negative number, got {retry_after!r}")
         if times < 1:
             raise ValueError(f"times must be at least 1, got {times!r}")
-        self._faults.append(Fault(operation, status, retry_after, after_processing, times))
+        self._faults.append(Fault(operation, status, retry_after, after_processing, times, content))
 
     def take_fault(self, operation: str) -> Fault | None:
         """Count the call and decide whether it fails: scripted faults first, then chance."""

@@ -43,8 +43,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _fault_response(fault: Fault) -> JSONResponse:
-    return JSONResponse(fault.body(), status_code=fault.status, headers=fault.headers())
+def _fault_response(fault: Fault) -> Response:
+    return Response(
+        fault.body(),
+        status_code=fault.status,
+        headers=fault.headers(),
+        media_type="application/json",
+    )
 
 
 def _authorized(sandbox: Sandbox, request: Request) -> bool:
@@ -237,6 +242,8 @@ def build_app(sandbox: Sandbox) -> Starlette:
                 retry_after=spec.get("retry_after"),
                 times=int(spec.get("times", 1)),
                 after_processing=bool(spec.get("after_processing", False)),
+                body=spec.get("body"),
+                raw_body=spec.get("raw_body"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return _error(400, f"bad fault: {exc}")
