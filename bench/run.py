@@ -367,6 +367,8 @@ def bench_upload(work: Path, size: int, repeats: int) -> dict[str, object]:
         service_port,
         OC_BASE_URL=f"http://127.0.0.1:{sandbox_port}/elements/api-v2",
         OC_USER_SECRET="u",
+        OC_ORG_SECRET="o",
+        OC_ELEMENT_TOKEN="e",
         BULKHOOK_MAX_UPLOAD_BYTES=str(4 << 30),
     )
     with (
@@ -494,6 +496,8 @@ def bench_poller(work: Path, jobs: int, rate: int) -> dict[str, object]:
         database=f"sqlite:///{database}",
         OC_BASE_URL=f"http://127.0.0.1:{sandbox_port}/elements/api-v2",
         OC_USER_SECRET="u",
+        OC_ORG_SECRET="o",
+        OC_ELEMENT_TOKEN="e",
         BULKHOOK_CALLBACK_GRACE="1",
         BULKHOOK_POLL_INTERVAL="1",
         BULKHOOK_POLL_MAX_INTERVAL="4",

@@ -27,7 +27,7 @@ from dotenv import dotenv_values
 from .upstream import Credentials
 from .values import name_problem
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["ConfigError", "Settings", "redact"]
 
 _SQLITE = "sqlite:///"
 _POSTGRES = ("postgresql://", "postgres://")
@@ -35,6 +35,19 @@ _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
 _SHOW_MAX = 40
 _MIN_RETENTION = 5 * 86400
+# From "//" to the last "@" before the next space, quote or end: greedy, because a
+# password may itself hold "@" or "/".
+_USERINFO = re.compile(r"//[^\s'\"]*@")
+# What deploy/bulkhook.env.example holds where a real value must go.
+_PLACEHOLDER = "REPLACE_ME"
+# OC_BASE_URL without these cannot reach a real instance: every call is a hub call,
+# which Open Connectors authorizes with the User and Organization secrets and the
+# instance's Element token.
+_CREDENTIALS = {
+    "oc_user_secret": "OC_USER_SECRET",
+    "oc_org_secret": "OC_ORG_SECRET",
+    "oc_element_token": "OC_ELEMENT_TOKEN",
+}
 # Kinds whose value is one word of a few, any case.
 _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {"log_format": ("json", "text"), "log_level": ("debug", "info", "warning", "error")}
@@ -91,15 +104,17 @@ class ConfigError(Exception):
     """A setting is unusable; the message is one line fit to print before exiting."""
 
 
-def _redact(text: str) -> str:
-    """Hide URL userinfo, where a database password sits; hiding too much is harmless."""
-    return re.sub(r"//.*@", "//***@", text)
+def redact(text: str) -> str:
+    """``text`` with every URL's userinfo hidden: a database password or upstream
+    credentials sit there. Every URL the service prints or logs goes through this;
+    hiding too much is harmless."""
+    return _USERINFO.sub("//***@", text)
 
 
 def _show(value: object) -> str:
     """A non-secret value for a message, cut short so a pasted blob stays one line."""
     if isinstance(value, str):
-        text = _redact(value)
+        text = redact(value)
         return repr(text if len(text) <= _SHOW_MAX else text[:_SHOW_MAX] + "…")
     return repr(value)
 
@@ -284,6 +299,12 @@ class Settings:
                 continue
             var, kind = _VARS[f.name]
             object.__setattr__(self, f.name, _check(var, kind, getattr(self, f.name)))
+        missing = [var for name, var in _CREDENTIALS.items() if getattr(self, name) is None]
+        if self.oc_base_url is not None and missing:
+            raise ConfigError(
+                f"OC_BASE_URL is set, so the upstream needs its credentials: set"
+                f" {', '.join(missing)} (or unset OC_BASE_URL to use the embedded sandbox)"
+            )
         if self.poll_interval > self.poll_max_interval:
             raise ConfigError(
                 f"BULKHOOK_POLL_INTERVAL ({self.poll_interval:g}) must not exceed"
@@ -296,7 +317,7 @@ class Settings:
         for f in dataclasses.fields(self):
             if f.repr:
                 value = getattr(self, f.name)
-                shown.append(f"{f.name}={_redact(value) if isinstance(value, str) else value!r}")
+                shown.append(f"{f.name}={redact(value) if isinstance(value, str) else value!r}")
         return f"Settings({', '.join(shown)})"
 
     @classmethod
@@ -313,6 +334,12 @@ class Settings:
         values: dict[str, Any] = {}
         for name, (var, kind) in _VARS.items():
             raw = (env.get(var) or "").strip() or (from_file.get(var) or "").strip()
+            if _PLACEHOLDER in raw:
+                # The value is not shown: it may be a secret with the placeholder in it.
+                raise ConfigError(
+                    f"{var} still holds the placeholder {_PLACEHOLDER} from the example"
+                    " settings file: set its real value (or remove the line)"
+                )
             if raw:
                 values[name] = _parse(var, kind, raw)
         return cls(**values)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, Settings
+from service.config import ConfigError, Settings, redact
 from service.upstream import Credentials
 
 FULL_ENV = {
@@ -219,6 +219,10 @@ def test_poll_interval_above_maximum_names_both(tmp_path: Path) -> None:
         ({"max_callback_bytes": True}, "BULKHOOK_MAX_CALLBACK_BYTES"),
         ({"allow_open_api": "yes"}, "BULKHOOK_ALLOW_OPEN_API"),
         ({"oc_hub": ""}, "OC_HUB"),
+        ({"oc_hub": ".."}, "OC_HUB"),
+        ({"oc_hub": "a/b"}, "OC_HUB"),
+        ({"oc_hub": "mar\x00keting"}, "OC_HUB"),
+        ({"oc_base_url": "https://api.example.com"}, "OC_USER_SECRET"),
         ({"public_url": "bulkhook.example.com"}, "BULKHOOK_PUBLIC_URL"),
         ({"api_tokens": "one-token"}, "BULKHOOK_API_TOKENS"),
         ({"signature_keys": ("",)}, "OC_SIGNATURE_KEYS"),
@@ -335,3 +339,36 @@ def test_credentials(tmp_path: Path) -> None:
         "User user-secret-1, Organization org-secret-2, Element element-token-3"
     )
     assert Settings(oc_user_secret="u").credentials() == Credentials(user_secret="u")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("postgresql://bh:S3cret@db:5432/bulkhook", "postgresql://***@db:5432/bulkhook"),
+        ("postgresql://bh:p@ss/w0rd@db/bulkhook", "postgresql://***@db/bulkhook"),
+        ('failed: "postgresql://u:S3cret@db/x" refused', 'failed: "postgresql://***@db/x" refused'),
+        ("https://user:S3cret@api.example.com/v2", "https://***@api.example.com/v2"),
+        ("sqlite:///./bulkhook.db", "sqlite:///./bulkhook.db"),
+        ("https://api.example.com/v2", "https://api.example.com/v2"),
+    ],
+)
+def test_redact_hides_every_url_password(text: str, shown: str) -> None:
+    assert redact(text) == shown
+
+
+def test_a_placeholder_from_the_example_file_is_refused_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    env = {**FULL_ENV, "OC_ORG_SECRET": "org-REPLACE_ME-part"}
+    with pytest.raises(ConfigError) as raised:
+        load(env, tmp_path)
+    assert "OC_ORG_SECRET" in str(raised.value)
+    assert "org-" not in str(raised.value)
+
+
+@pytest.mark.parametrize("missing", ["OC_USER_SECRET", "OC_ORG_SECRET", "OC_ELEMENT_TOKEN"])
+def test_an_upstream_url_needs_every_credential(tmp_path: Path, missing: str) -> None:
+    env = {k: v for k, v in FULL_ENV.items() if k != missing}
+    with pytest.raises(ConfigError, match=missing):
+        load(env, tmp_path)
+    assert load({k: v for k, v in env.items() if k != "OC_BASE_URL"}, tmp_path).embedded

@@ -225,6 +225,8 @@ def slow_fleet(tmp_path: Path, start_sandbox: Callable[..., RunningSandbox]) -> 
     env = {
         "OC_BASE_URL": upstream.api_url,
         "OC_USER_SECRET": "user-secret",
+        "OC_ORG_SECRET": "org-secret",
+        "OC_ELEMENT_TOKEN": "element-token",
         "OC_SIGNATURE_KEYS": SIGNATURE_KEY,
         "BULKHOOK_CALLBACK_GRACE": "0.5",
         "BULKHOOK_POLL_INTERVAL": "5",

@@ -43,6 +43,8 @@ class Replica:
         env.update(
             OC_BASE_URL=upstream.api_url,
             OC_USER_SECRET="user-secret",
+            OC_ORG_SECRET="org-secret",
+            OC_ELEMENT_TOKEN="element-token",
             OC_SIGNATURE_KEYS=SIGNATURE_KEY,
             BULKHOOK_DATABASE_URL=database_url,
             BULKHOOK_PUBLIC_URL=self.url,
