@@ -1,6 +1,8 @@
 """The ``bulkhook`` command line (DESIGN §4).
 
-Exit codes: 0 success, 1 a negative answer (``verify``: invalid), 2 usage errors.
+Exit codes: 0 success, 1 a negative answer (``verify``: invalid), 2 usage errors
+(a bad setting included), 3 ``serve`` could not start (a taken port, a store that
+cannot be opened).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .commands import CommandError, add_job_commands, report
 __all__ = ["main"]
 
 USAGE_ERROR = 2
+CANNOT_START = 3
 
 
 class _UsageError(Exception):
@@ -101,14 +104,18 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
 
 def _serve(args: argparse.Namespace, stdin: BinaryIO) -> int:
     from .config import ConfigError, Settings
-    from .serving import serve
+    from .serving import StartupError, serve
 
     try:
         settings = Settings.from_env()
         settings.check_bind(args.host)
     except ConfigError as exc:
         raise _UsageError(str(exc)) from None
-    return serve(settings, args.host, args.port)
+    try:
+        return serve(settings, args.host, args.port)
+    except StartupError as exc:
+        print(f"bulkhook serve: error: {exc}", file=sys.stderr)
+        return CANNOT_START
 
 
 def _demo(args: argparse.Namespace, stdin: BinaryIO) -> int:

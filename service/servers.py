@@ -199,8 +199,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError:
+    except (OSError, OverflowError) as exc:
+        # One line naming the address: "[Errno 98] Address already in use" alone does
+        # not say which, and a port past 65535 raises OverflowError, not OSError.
         sock.close()
-        raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OSError(
+            getattr(exc, "errno", None), f"cannot listen on {host}:{port}: {reason}"
+        ) from exc
     sock.set_inheritable(True)
     return sock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import ipaddress
@@ -10,15 +11,17 @@ import socket
 import uvicorn
 
 from .app import create_app
-from .config import Settings
+from .config import Settings, redact
 from .logs import lighten_records, log_config
 from .sandbox import API_PREFIX
 from .servers import bind_socket, http_protocol
+from .store import StoreError, open_store
 
-__all__ = ["YOUNG_THRESHOLD", "describe", "serve"]
+__all__ = ["YOUNG_THRESHOLD", "StartupError", "describe", "serve"]
 
 # Allocations (less deallocations) between two young-generation collections when serving.
 YOUNG_THRESHOLD = 10_000
+_MAX_PORT = 65535
 
 
 def _loopback_url(host: str, port: int) -> str:
@@ -49,20 +52,47 @@ def describe(settings: Settings, url: str) -> list[str]:
                 "and shared with the embedded sandbox"
             )
     else:
-        lines.append(f"bulkhook: upstream {settings.oc_base_url}")
+        lines.append(f"bulkhook: upstream {redact(str(settings.oc_base_url))}")
         if not settings.signature_keys:
             lines.append(
                 "bulkhook: WARNING: OC_SIGNATURE_KEYS is unset: every callback will be "
                 "refused (401) and jobs will finish by polling"
             )
-    lines.append(f"bulkhook: job state in {settings.database_url.split('?', 1)[0]}")
+    lines.append(f"bulkhook: job state in {redact(settings.database_url.split('?', 1)[0])}")
     if not settings.api_tokens:
         lines.append("bulkhook: the job API is open (BULKHOOK_API_TOKENS unset)")
     return lines
 
 
+class StartupError(Exception):
+    """The service cannot start; the message is one line saying what to fix."""
+
+
+async def _check_store(settings: Settings) -> None:
+    store = open_store(settings.database_url)
+    await store.open()
+    await store.close()
+
+
+def _prepare(settings: Settings, host: str, port: int) -> socket.socket:
+    """The listening socket, once the port and the store are known to work: every
+    start-up failure is found here, before anything claims to be serving."""
+    if not 0 <= port <= _MAX_PORT:
+        raise StartupError(f"--port must be from 0 to {_MAX_PORT}, got {port}")
+    try:
+        sock = bind_socket(host, port)
+    except OSError as exc:
+        raise StartupError(exc.strerror or str(exc)) from None
+    try:
+        asyncio.run(_check_store(settings))
+    except (StoreError, OSError) as exc:
+        sock.close()
+        raise StartupError(redact(str(exc))) from None
+    return sock
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
-    sock = bind_socket(host, port)
+    sock = _prepare(settings, host, port)
     port = sock.getsockname()[1]
     url = _loopback_url(host, port)
     if settings.public_url is None:

@@ -12,6 +12,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from ..config import redact
 from ..jobs import Event, Job, Observation, State
 from .activity import PostgresActivity, like_prefix
 from .base import (
@@ -147,6 +148,16 @@ async def _add_event(
     )
 
 
+# Seconds an unreachable server may take to answer before start-up gives up.
+CONNECT_TIMEOUT = 5
+
+
+def _one_line(exc: BaseException) -> str:
+    """psycopg's message on one line, without the password a connection string in it
+    may carry."""
+    return redact(" ".join(str(exc).split())) or type(exc).__name__
+
+
 class PostgresStore(PostgresActivity, Store):
     def __init__(
         self,
@@ -171,6 +182,15 @@ class PostgresStore(PostgresActivity, Store):
         self._applies: Rounds[ApplyCall] = Rounds(self._apply_round)
 
     async def open(self) -> None:
+        """Raises ``StoreError`` (one line, credentials hidden) when the database cannot
+        be reached within ``CONNECT_TIMEOUT`` seconds or refuses the service."""
+        try:
+            # One plain connection first: an unreachable server fails here, at once
+            # and quietly, instead of after the pool's retries and a warning for each.
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
+            await probe.close()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
         try:
             await self._pool.open(wait=True, timeout=self._open_timeout)
             async with self._pool.connection() as conn, conn.transaction():
@@ -190,7 +210,7 @@ class PostgresStore(PostgresActivity, Store):
                         )
         except (psycopg.Error, TimeoutError) as exc:
             await self._pool.close()
-            raise StoreError(f"cannot open the PostgreSQL store: {exc}") from exc
+            raise StoreError(f"cannot open the PostgreSQL store: {_one_line(exc)}") from exc
 
     async def close(self) -> None:
         await self._applies.drain()

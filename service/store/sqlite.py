@@ -181,15 +181,18 @@ class SQLiteStore(SQLiteActivity, Store):
         self._sql = SQLiteConnections(self.path, on_rollback=self._recent.clear)
 
     async def open(self) -> None:
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        """Raises ``StoreError`` (one line, fit to print at start-up) when the file
+        cannot be used: a directory, a place that cannot be written, not a database."""
         try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = connect(self.path)
             try:
                 _migrate(conn)
             finally:
                 conn.close()
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite database {self.path}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StoreError(f"cannot open the SQLite database {self.path}: {reason}") from exc
         self._sql.start()
 
     async def close(self) -> None:
