@@ -151,6 +151,7 @@ async def submit_job(request: Request) -> Response:
         upload = await receive_upload(
             request,
             max_bytes=settings.max_upload_bytes,
+            directory=state.spool_dir,
             on_file=on_file,
             announce_after=RELAY_MIN_BYTES,
             body_timeout=settings.body_timeout,

@@ -28,6 +28,7 @@ from .openapi import openapi_spec
 from .poller import Poller
 from .sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
 from .signatures import Keyring
+from .spool import SpoolDirectory, default_root
 from .state import AppState
 from .store import open_store
 from .store.retention import Pruner
@@ -109,8 +110,13 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics = Metrics()
+        spool = SpoolDirectory.claim(settings.spool_dir or default_root())
         store = open_store(settings.database_url)
-        await store.open()
+        try:
+            await store.open()
+        except BaseException:
+            spool.close()
+            raise
         upstream = UpstreamClient(
             base_url,
             credentials,
@@ -132,6 +138,7 @@ def create_app(
             poller=poller,
             tokens=Tokens(settings.api_tokens, metrics, repeats),
             sandbox=embedded,
+            spool_dir=spool.path,
         )
         poller.start()
         # Old deliveries, refusals and timeline entries go, at start and hourly.
@@ -149,6 +156,7 @@ def create_app(
             await upstream.aclose()
             await store.close()
             repeats.flush()
+            spool.close()
 
     guard = Middleware(RequestGuard, hosts=ServedHosts(settings), repeats=repeats, control=control)
     return Service(

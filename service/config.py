@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from .upstream import Credentials
-from .values import name_problem
+from .values import is_clean, name_problem
 
 __all__ = ["ConfigError", "Settings", "redact"]
 
@@ -82,6 +82,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "upload_rate_window": ("BULKHOOK_UPLOAD_RATE_WINDOW", "seconds"),
         "max_relays": ("BULKHOOK_MAX_RELAYS", "count"),
         "retention": ("BULKHOOK_RETENTION", "retention"),
+        "spool_dir": ("BULKHOOK_SPOOL_DIR", "path"),
         "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
         "log_level": ("BULKHOOK_LOG_LEVEL", "log_level"),
     }
@@ -216,6 +217,10 @@ def _check(var: str, kind: str, value: Any) -> Any:
         return value
     if kind == "database":
         return _check_database(var, value)
+    if kind == "path":
+        if value is None or (isinstance(value, str) and value and is_clean(value)):
+            return value
+        raise ConfigError(f"{var} must be a directory path, got {_show(value)}")
     if kind == "bool" and isinstance(value, bool):
         return value
     if value in _CHOICES.get(kind, ()):
@@ -285,6 +290,10 @@ class Settings:
     # Seconds deliveries, refused callbacks, applied kept callbacks and timeline entries
     # are kept (30 days); at least 5 days, past the upstream's redelivery window.
     retention: float = 2592000.0
+    # Where uploads are spooled while they arrive; None: bulkhook-spool in the
+    # system's temporary directory. Each running app works in a locked directory of
+    # its own below it, and removes those of apps that died.
+    spool_dir: str | None = None
     # Structured JSON lines for log collectors, or plain text for a terminal.
     log_format: str = "json"
     # debug also logs every accepted or duplicate callback delivery.

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
+import shutil
 import tempfile
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Bytes", "Spool", "SpoolError"]
+__all__ = ["Bytes", "Spool", "SpoolDirectory", "SpoolError", "default_root", "out_of_space"]
 
 Bytes = bytes | bytearray | memoryview
 
@@ -33,6 +37,95 @@ _READ = 1 << 20
 _RECENT_BYTES = 8 << 20
 # How far the writer gets ahead of the last drop before dropping again.
 _DROP_EVERY = 8 << 20
+
+
+# The errors a write gives when the disk is full, the owner's quota is used up, or the
+# process may not make a file this large (RLIMIT_FSIZE; Python ignores SIGXFSZ).
+_OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_LOCK = ".lock"
+# A directory without its lock file may be one an app is creating this very moment.
+_UNLOCKED_GRACE = 60.0
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` says no more bytes can be written (not that the file is bad)."""
+    return isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE
+
+
+def default_root() -> Path:
+    return Path(tempfile.gettempdir()) / "bulkhook-spool"
+
+
+class SpoolDirectory:
+    """The directory one running app spools into, under a root the service owns.
+
+    The app holds an exclusive ``flock`` on the directory's lock file for as long as it
+    runs; the kernel drops the lock when the process dies, however it dies. So at
+    start-up every directory whose lock can be taken belonged to a dead process and is
+    removed with the upload files it left; a live app's lock cannot be taken, and its
+    directory is left alone.
+    """
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd: int | None = lock_fd
+
+    @classmethod
+    def claim(cls, root: str | Path) -> SpoolDirectory:
+        """Sweep the dead apps' directories under ``root``, then make and lock our own."""
+        root = Path(root)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sweep(root)
+        for _ in range(10):
+            path = Path(tempfile.mkdtemp(prefix=f"app-{os.getpid()}-", dir=root))
+            fd = os.open(path / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A sweeper may have taken the lock first and removed the directory.
+                if os.stat(path / _LOCK).st_ino == os.fstat(fd).st_ino:
+                    return cls(path, fd)
+            except OSError:
+                pass
+            os.close(fd)
+        raise OSError(errno.EAGAIN, f"cannot claim a spool directory under {root}")
+
+    def close(self) -> None:
+        """Remove the directory (whatever upload is still in it is abandoned) and unlock."""
+        if self._lock_fd is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def sweep(root: Path) -> list[Path]:
+    """Remove the directories under ``root`` whose owner is gone; return them."""
+    removed = []
+    for path in root.iterdir():
+        if not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            fd = os.open(path / _LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            # Crashed between making the directory and its lock file, or being made now.
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime > _UNLOCKED_GRACE:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held: a live app's
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 class SpoolError(Exception):
@@ -116,7 +209,11 @@ class Spool:
             with contextlib.suppress(Exception):
                 await self._settle()
         finally:
-            self._out.close()  # if cancelled while settling: waits for the write thread
+            # If cancelled while settling, closing waits for the write thread. Closing
+            # flushes what a failed write left buffered, which fails again on a full
+            # disk: the file is removed all the same.
+            with contextlib.suppress(OSError):
+                self._out.close()
             os.unlink(self.path)
             self.discarded = True
             self._notify()

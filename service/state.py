@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import Settings
@@ -32,3 +33,5 @@ class AppState:
     poller: Poller
     tokens: Tokens
     sandbox: Sandbox | None = None
+    # This app's own spool directory (None: the system's temporary directory).
+    spool_dir: Path | None = None

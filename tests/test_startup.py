@@ -229,3 +229,10 @@ def test_the_banner_shows_no_password_of_the_store_or_the_upstream(
     assert "http://***@127.0.0.1" in output
     assert "S3cretPassw0rd" not in output
     assert "Upstr3amPassw0rd" not in output
+
+
+def test_a_spool_directory_that_cannot_be_made(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    spool = tmp_path / "file" / "spool"
+    result = serve(tmp_path, "--port", str(free_port()), BULKHOOK_SPOOL_DIR=str(spool))
+    assert_one_line_failure(result, "BULKHOOK_SPOOL_DIR", str(spool))
