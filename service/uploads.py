@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from .errors import ApiError
 from .inspector import CsvInspector, CsvSummary, bad_upload
-from .spool import Spool
+from .spool import Spool, out_of_space
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -236,6 +236,15 @@ def _too_large(limit: int) -> ApiError:
     )
 
 
+def _full_disk() -> ApiError:
+    # Nothing about the request was wrong: the client may send it again later.
+    return ApiError(
+        "the service has no room to store the upload just now; try again later",
+        code="insufficient_storage",
+        status=507,
+    )
+
+
 async def receive_upload(
     request: Request,
     *,
@@ -252,7 +261,7 @@ async def receive_upload(
 
     ``on_file`` is called once ``announce_after`` bytes of the file have arrived (never
     for a smaller file). Every problem with the request is an ``ApiError`` (400, 408,
-    413 or 415), and then no temporary file is left behind.
+    413 or 415; 507 when the disk is full), and then no temporary file is left behind.
     """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
@@ -270,7 +279,12 @@ async def receive_upload(
         parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
     except ValueError as exc:  # python-multipart refuses the boundary (too long)
         raise _malformed(str(exc)) from None
-    spool = Spool(directory)
+    try:
+        spool = Spool(directory)
+    except OSError as exc:
+        if out_of_space(exc):
+            raise _full_disk() from exc
+        raise
     # A body ends with its closing delimiter and a line break (curl, browsers, httpx).
     closing = len(b"\r\n--" + boundary + b"--\r\n")
     loop = asyncio.get_running_loop()
@@ -325,6 +339,8 @@ async def receive_upload(
         await spool.write(rest)
         await spool.close()
         return ReceivedUpload(spool.path, receiver.filename, summary, receiver.fields)
-    except BaseException:
+    except BaseException as exc:
         await spool.discard()
+        if out_of_space(exc):
+            raise _full_disk() from exc
         raise
