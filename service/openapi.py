@@ -21,7 +21,14 @@ Schema = dict[str, Any]
 
 # The 400 codes of POST /jobs: the multipart body, the form fields, the CSV itself.
 _MULTIPART_CODES = ("missing_file", "bad_upload", "bad_field", "malformed_multipart")
-_FIELD_CODES = ("missing_object", "bad_object", "bad_hub", "bad_metadata", "bad_idempotency_key")
+_FIELD_CODES = (
+    "missing_object",
+    "bad_object",
+    "bad_hub",
+    "bad_path",
+    "bad_metadata",
+    "bad_idempotency_key",
+)
 _CSV_CODES = ("empty_file", "binary_file", "not_utf8", "no_header", "no_rows")
 
 
@@ -265,6 +272,9 @@ def _paths() -> dict[str, Schema]:
                     "400": _error("A bad upload", *_MULTIPART_CODES, *_FIELD_CODES, *_CSV_CODES),
                     "413": _error("Over BULKHOOK_MAX_UPLOAD_BYTES", "upload_too_large"),
                     "415": _error("Not multipart/form-data", "unsupported_media_type"),
+                    "507": _error(
+                        "No room to spool the upload; nothing was kept", "insufficient_storage"
+                    ),
                     "502": _error(
                         "The upstream refused or did not answer; `job` holds the job "
                         "(SUBMIT_FAILED, or still SUBMITTING when the outcome is unknown)",

@@ -10,19 +10,24 @@ import tracemalloc
 from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from service.sandbox import Sandbox
 from service.servers import ServerThread
 from service.upstream import (
     Credentials,
+    JobStatus,
     RetryPolicy,
     UpstreamClient,
     UpstreamError,
     UpstreamUnavailable,
     parse_retry_after,
 )
+from service.values import MAX_COUNT, is_clean
 
 from .conftest import Receiver, RunningSandbox, write_csv
 
@@ -330,3 +335,45 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after("soon") is None
     later = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
     assert later is not None and 25 <= later <= 31
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**12, max_value=10**30)
+    | st.floats()
+    | st.text(alphabet=st.sampled_from("0123456789²\x00\ud800 .-eRUNIGCOMPLTD"), max_size=20)
+    | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "id": json_values,
+            "status": json_values,
+            "recordsCount": json_values,
+            "recordsFailedCount": json_values,
+        },
+    )
+)
+@example({"id": "1", "status": "RUNNING", "recordsCount": 10**20})
+@example({"status": "COMPLETED", "recordsCount": "²", "recordsFailedCount": "9" * 5000})
+@example({"id": "a\x00", "status": "RUN\ud800NING", "recordsCount": 1e20})
+@example({"id": True, "status": 7, "recordsCount": -1, "recordsFailedCount": float("nan")})
+def test_any_status_body_is_read_into_storable_values(body: dict[str, Any]) -> None:
+    status = JobStatus.from_body(body, "fallback")
+    for text in (status.id, status.raw_status, status.note):
+        assert text is None or is_clean(text)
+    for count in (status.records_count, status.records_failed_count):
+        assert count is None or (isinstance(count, int) and 0 <= count <= MAX_COUNT)
+    for name, count in (
+        ("recordsCount", status.records_count),
+        ("recordsFailedCount", status.records_failed_count),
+    ):
+        assert (name in status.note) == (body.get(name) is not None and count is None)
