@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from . import api, apidocs
-from .config import Settings
+from .config import Settings, redact
 from .dashboard import Dashboard
 from .errors import ApiError, error_response, unexpected
 from .guard import RequestGuard, ServedHosts, Tokens
@@ -54,7 +54,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unexpected error on %s %s: %r", request.method, request.url.path, exc)
+    log.error("unexpected error on %s %s: %s", request.method, request.url.path, redact(repr(exc)))
     return await _api_error(request, unexpected(exc))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from .config import redact
 from .jobs import TERMINAL
 from .multipart import MultipartFile
 
@@ -54,7 +55,8 @@ class ServiceClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ServiceUnreachable(f"cannot reach the service at {self.url}: {exc}") from exc
+            where = redact(self.url)
+            raise ServiceUnreachable(f"cannot reach the service at {where}: {exc}") from exc
         try:
             body = response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):

@@ -236,3 +236,19 @@ def test_a_spool_directory_that_cannot_be_made(tmp_path: Path) -> None:
     spool = tmp_path / "file" / "spool"
     result = serve(tmp_path, "--port", str(free_port()), BULKHOOK_SPOOL_DIR=str(spool))
     assert_one_line_failure(result, "BULKHOOK_SPOOL_DIR", str(spool))
+
+
+def test_the_cli_shows_no_password_of_the_service_url(tmp_path: Path) -> None:
+    url = f"http://ops:S3cretPassw0rd@127.0.0.1:{free_port()}"
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "jobs", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=environment(),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "cannot reach the service at http://***@127.0.0.1" in result.stderr
+    assert "S3cretPassw0rd" not in result.stdout + result.stderr
