@@ -126,7 +126,7 @@ def test_an_unreachable_postgresql_fails_at_once(tmp_path: Path) -> None:
     closed = free_port()
     url = f"postgresql://bh:S3cretPassw0rd@127.0.0.1:{closed}/bulkhook"
     result = serve(tmp_path, "--port", str(free_port()), BULKHOOK_DATABASE_URL=url)
-    line = assert_one_line_failure(result, "cannot connect to PostgreSQL", str(closed))
+    line = assert_one_line_failure(result, "cannot open the PostgreSQL store", str(closed))
     assert "S3cretPassw0rd" not in line
 
 
@@ -137,7 +137,7 @@ def test_a_postgresql_that_never_answers_fails_within_seconds(
     started = time.monotonic()
     result = serve(tmp_path, "--port", str(free_port()), BULKHOOK_DATABASE_URL=url)
     elapsed = time.monotonic() - started
-    line = assert_one_line_failure(result, "cannot connect to PostgreSQL")
+    line = assert_one_line_failure(result, "cannot open the PostgreSQL store")
     assert "S3cretPassw0rd" not in line
     assert elapsed < 12, elapsed  # a connect timeout of 5 s, not the pool's 15 s of retries
 

@@ -190,7 +190,7 @@ class PostgresStore(PostgresActivity, Store):
             probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
             await probe.close()
         except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
+            raise StoreError(f"cannot open the PostgreSQL store: {_one_line(exc)}") from exc
         try:
             await self._pool.open(wait=True, timeout=self._open_timeout)
             async with self._pool.connection() as conn, conn.transaction():
