@@ -187,9 +187,15 @@ def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def uploads_in(directory: Path) -> list[Path]:
+    """The upload files under ``directory``, in whichever app's spool directory."""
+    return sorted(directory.glob("**/bulkhook-upload-*"))
+
+
 @pytest.fixture
 def spool_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where uploads are spooled during the test: a directory of its own."""
+    """Where uploads are spooled during the test (below the temporary directory, where
+    the default spool root is): a directory of its own."""
     directory = tmp_path / "spool"
     directory.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(directory))
@@ -216,7 +222,7 @@ def test_a_trickling_upload_is_cut_with_408_and_leaves_nothing(
     assert upstream.sandbox.upload_bytes == 0
     assert upstream.sandbox.jobs == {}
     assert service.http.get("/jobs").json()["jobs"] == []
-    assert list(spool_dir.iterdir()) == []
+    assert uploads_in(spool_dir) == []
 
 
 def test_an_upload_that_stops_sending_is_cut_after_the_body_timeout(
@@ -235,7 +241,7 @@ def test_an_upload_that_stops_sending_is_cut_after_the_body_timeout(
     assert error["code"] == "upload_too_slow"
     assert "nothing for 1 s" in error["message"]
     assert 0.8 < waited < 5
-    assert list(spool_dir.iterdir()) == []
+    assert uploads_in(spool_dir) == []
     assert upstream.sandbox.upload_bytes == 0
 
 
@@ -250,13 +256,13 @@ def test_a_promised_size_alone_opens_no_upstream_connection(
         sock.sendall(upload_head(service.server.port) + ROW * 3500)
         time.sleep(1.0)
         assert upstream.sandbox.upload_bytes == 0
-        assert len(list(spool_dir.iterdir())) == 1  # being received
+        assert len(uploads_in(spool_dir)) == 1  # being received
         sock.settimeout(10)
         answer = read_to_end(sock)
     assert status_of(answer) == 408
     assert upstream.sandbox.upload_bytes == 0
     assert upstream.sandbox.jobs == {}
-    assert list(spool_dir.iterdir()) == []
+    assert uploads_in(spool_dir) == []
 
 
 # -- the flood ------------------------------------------------------------------------
@@ -329,7 +335,7 @@ def test_150_slow_uploads_stall_nothing_and_leave_nothing_behind(
     eventually(lambda: server_sockets(port).get("01", 0) <= connections_before.get("01", 0) + 2)
     assert "08" not in server_sockets(port)  # CLOSE_WAIT: a socket the service forgot
     assert spool_files() == []
-    assert list(spool_dir.iterdir()) == []
+    assert uploads_in(spool_dir) == []
     assert upstream.sandbox.upload_bytes < 10_000  # the two small submits, nothing else
     assert len(upstream.sandbox.jobs) == 2
 
