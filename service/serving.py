@@ -16,7 +16,7 @@ from .config import Settings, redact
 from .logs import lighten_records, log_config
 from .sandbox import API_PREFIX
 from .servers import bind_socket, http_protocol
-from .spool import default_root
+from .spool import default_root, prepare_root
 from .store import StoreError, open_store
 
 __all__ = ["YOUNG_THRESHOLD", "StartupError", "describe", "serve"]
@@ -87,7 +87,7 @@ def _prepare(settings: Settings, host: str, port: int) -> socket.socket:
         raise StartupError(exc.strerror or str(exc)) from None
     spool = Path(settings.spool_dir or default_root())
     try:
-        spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        prepare_root(spool)
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot use BULKHOOK_SPOOL_DIR {spool}: {exc.strerror}") from None

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections import deque
@@ -27,7 +28,15 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["Bytes", "Spool", "SpoolDirectory", "SpoolError", "default_root", "out_of_space"]
+__all__ = [
+    "Bytes",
+    "Spool",
+    "SpoolDirectory",
+    "SpoolError",
+    "default_root",
+    "out_of_space",
+    "prepare_root",
+]
 
 Bytes = bytes | bytearray | memoryview
 
@@ -73,8 +82,7 @@ class SpoolDirectory:
     @classmethod
     def claim(cls, root: str | Path) -> SpoolDirectory:
         """Sweep the dead apps' directories under ``root``, then make and lock our own."""
-        root = Path(root)
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        root = prepare_root(root)
         sweep(root)
         for _ in range(10):
             path = Path(tempfile.mkdtemp(prefix=f"app-{os.getpid()}-", dir=root))
@@ -96,6 +104,23 @@ class SpoolDirectory:
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def prepare_root(root: str | Path) -> Path:
+    """Make the spool root if needed, and make sure it is ours alone: in a shared
+    temporary directory another user could have made it first, to read the uploads."""
+    root = Path(root)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, f"{root} is not a directory (a link is not followed)")
+    if info.st_uid != os.getuid():
+        raise OSError(errno.EPERM, f"{root} belongs to another user")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise OSError(errno.EPERM, f"{root} is writable by other users")
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"{root} cannot be written")
+    return root
 
 
 def sweep(root: Path) -> list[Path]:

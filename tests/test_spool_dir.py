@@ -182,11 +182,13 @@ def test_a_full_spool_disk_is_507_and_leaves_nothing_behind(
     small_disk: Path, start_sandbox: StartSandbox, start_service: StartService
 ) -> None:
     upstream = start_sandbox()
-    service = start_service(upstream, spool_dir=str(small_disk))
+    # Below the mount point, whose mode (1777) lets every user write.
+    root = small_disk / "spool"
+    service = start_service(upstream, spool_dir=str(root))
     response = post_csv(service.url, csv_bytes(3 << 20))  # more than the disk holds
     assert response.status_code == 507, response.text
     assert response.json()["error"]["code"] == "insufficient_storage"
-    assert spooled(small_disk) == []
+    assert spooled(root) == []
     assert service.http.get("/jobs").json()["jobs"] == []
     assert upstream.sandbox.calls["submit"] == 0
     assert upstream.sandbox.jobs == {}

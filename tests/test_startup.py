@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -229,6 +229,31 @@ def test_the_banner_shows_no_password_of_the_store_or_the_upstream(
     assert "http://***@127.0.0.1" in output
     assert "S3cretPassw0rd" not in output
     assert "Upstr3amPassw0rd" not in output
+
+
+def spool_writable_by_others(tmp_path: Path) -> Path:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spool.chmod(0o777)
+    return spool
+
+
+def spool_through_a_link(tmp_path: Path) -> Path:
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "spool").symlink_to(tmp_path / "elsewhere")
+    return tmp_path / "spool"
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [(spool_writable_by_others, "writable by other users"), (spool_through_a_link, "link")],
+)
+def test_a_spool_directory_others_could_read_or_swap(
+    tmp_path: Path, make: Callable[[Path], Path], problem: str
+) -> None:
+    spool = make(tmp_path)
+    result = serve(tmp_path, "--port", str(free_port()), BULKHOOK_SPOOL_DIR=str(spool))
+    assert_one_line_failure(result, "BULKHOOK_SPOOL_DIR", problem)
 
 
 def test_a_spool_directory_that_cannot_be_made(tmp_path: Path) -> None:
