@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from service.upstream import RetryPolicy
+
 from .conftest import RunningSandbox, RunningService
 
 StartSandbox = Callable[..., RunningSandbox]
@@ -301,12 +303,13 @@ def inject(upstream: RunningSandbox, **spec: Any) -> None:
 
 
 @pytest.fixture
-def polled(start_sandbox: StartSandbox, start_service: StartService) -> RunningService:
+def polled(
+    start_sandbox: StartSandbox, start_service: StartService
+) -> tuple[RunningSandbox, RunningService]:
     """A service that learns of its jobs only by polling (no callback ever arrives)."""
     upstream = start_sandbox(drop_callbacks=1.0, job_seconds=0.5)
     service = start_service(upstream, callback_grace=0.1, poll_interval=0.1, poll_max_interval=0.2)
-    service.upstream = upstream  # type: ignore[attr-defined]
-    return service
+    return upstream, service
 
 
 @pytest.mark.parametrize(
@@ -330,12 +333,15 @@ def polled(start_sandbox: StartSandbox, start_service: StartService) -> RunningS
     ],
 )
 def test_an_odd_status_body_is_noted_and_the_job_still_finishes(
-    polled: RunningService, contacts_csv: Path, spec: dict[str, Any], note: str
+    polled: tuple[RunningSandbox, RunningService],
+    contacts_csv: Path,
+    spec: dict[str, Any],
+    note: str,
 ) -> None:
-    upstream: RunningSandbox = polled.upstream  # type: ignore[attr-defined]
+    upstream, service = polled
     inject(upstream, operation="status", status=200, times=3, **spec)
-    job = polled.submit(contacts_csv).json()
-    done = polled.wait_for(job["id"], {"COMPLETED"})
+    job = service.submit(contacts_csv).json()
+    done = service.wait_for(job["id"], {"COMPLETED"})
     assert (done["records_count"], done["records_failed_count"]) == (10, 0)
     assert any(note in event["detail"] for event in done["events"]), done["events"]
     assert all("\x00" not in event["detail"] for event in done["events"])
@@ -344,8 +350,6 @@ def test_an_odd_status_body_is_noted_and_the_job_still_finishes(
 def test_an_upstream_error_message_with_nul_and_surrogates_is_stored_safely(
     start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
 ) -> None:
-    from service.upstream import RetryPolicy
-
     upstream = start_sandbox(drop_callbacks=1.0, job_seconds=0.5)
     service = start_service(
         upstream,
