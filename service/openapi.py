@@ -271,6 +271,11 @@ def _paths() -> dict[str, Schema]:
                     "202": _json(_ref("Job"), "Accepted by the upstream", **location),
                     "400": _error("A bad upload", *_MULTIPART_CODES, *_FIELD_CODES, *_CSV_CODES),
                     "413": _error("Over BULKHOOK_MAX_UPLOAD_BYTES", "upload_too_large"),
+                    "408": _error(
+                        "The upload's body came too slowly (BULKHOOK_BODY_TIMEOUT, "
+                        "BULKHOOK_UPLOAD_MIN_RATE); nothing was kept",
+                        "upload_too_slow",
+                    ),
                     "415": _error("Not multipart/form-data", "unsupported_media_type"),
                     "507": _error(
                         "No room to spool the upload; nothing was kept", "insufficient_storage"
