@@ -1,4 +1,4 @@
-"""The job API (DESIGN §3 "HTTP API"): submit, list, inspect, cancel, refresh, discover."""
+"""The job API: submit, list, inspect, cancel, refresh, discover."""
 
 from __future__ import annotations
 

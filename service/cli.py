@@ -1,4 +1,4 @@
-"""The ``bulkhook`` command line (DESIGN §4).
+"""The ``bulkhook`` command line.
 
 Exit codes: 0 success, 1 a negative answer (``verify``: invalid), 2 usage errors
 (a bad setting included), 3 ``serve`` could not start (a taken port, a store that

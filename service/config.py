@@ -1,4 +1,4 @@
-"""Settings from the environment and a ``.env`` file (DESIGN §3).
+"""Settings from the environment and a ``.env`` file.
 
 A typo in an interval or a database URL should stop start-up with one line naming
 the variable, not surface hours later as a job that is never polled. The checks run
@@ -358,7 +358,7 @@ class Settings:
 
     @property
     def embedded(self) -> bool:
-        """Without an upstream URL the service runs against its own sandbox (DESIGN §5)."""
+        """Without an upstream URL the service runs against its own sandbox."""
         return self.oc_base_url is None
 
     @property

@@ -1,4 +1,4 @@
-"""The operator dashboard (issue 7): which jobs are stuck, why one failed, and whether
+"""The operator dashboard: which jobs are stuck, why one failed, and whether
 callbacks arrive or are refused, without reading logs or writing curl commands.
 
 Pages are rendered on the server from the store (so every replica shows the same

@@ -1,4 +1,4 @@
-"""The polling fallback (DESIGN §3): ask the upstream only about jobs no callback settled.
+"""The polling fallback: ask the upstream only about jobs no callback settled.
 
 Due times live in the store, so a restart resumes where it left off. The loop sleeps
 until the next due time (or until woken by a callback that carried no status), claims

@@ -1,4 +1,4 @@
-"""The Open Connectors bulk API client (DESIGN §2), with the retry rules of DESIGN §3.
+"""The Open Connectors bulk API client, with its retry rules.
 
 Reads (and cancel, which is safe to repeat) retry on 429, 5xx and timeouts with
 bounded, jittered backoff that honours ``Retry-After``. A submit creates a job

@@ -27,7 +27,7 @@ class Lines(logging.Handler):
 @pytest.fixture
 def lines() -> Iterator[Lines]:
     handler = Lines()
-    logger = logging.getLogger("bulkhook")
+    logger = logging.getLogger("bulkhook.callbacks")  # other services of the suite log too
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)

@@ -1,4 +1,4 @@
-"""The sandbox upstream (DESIGN §5): the bulk API of §2, signed callbacks, every fault.
+"""The sandbox upstream: the bulk API, signed callbacks, every fault.
 
 Every test talks to a real sandbox on a loopback uvicorn server over HTTP; callbacks
 land on a real receiver that records the bytes exactly as they arrived.

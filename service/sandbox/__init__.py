@@ -1,4 +1,4 @@
-"""A faithful local Open Connectors for tests, the demo and development (DESIGN §5)."""
+"""A faithful local Open Connectors for tests, the demo and development."""
 
 from .instance import OPERATIONS, Sandbox
 from .options import DEFAULT_HUBS, SandboxOptions

@@ -21,7 +21,7 @@ def _fraction(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class SandboxOptions:
-    """Every knob of DESIGN §5, plus a few that make tests deterministic.
+    """Every knob of the simulator, plus a few that make tests deterministic.
 
     ``signature_key`` unset means the instance has no signature key, so callbacks carry
     no ``Elements-Webhook-Signature`` header, as a real instance without one.

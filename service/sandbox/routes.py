@@ -1,4 +1,4 @@
-"""The sandbox's HTTP surface: DESIGN §2 under ``/elements/api-v2``, plus introspection.
+"""The sandbox's HTTP surface: the bulk API under ``/elements/api-v2``, plus introspection.
 
 ``/_sandbox/stats`` and ``/_sandbox/faults`` are not part of Open Connectors; they let
 tests in other processes count calls and script faults. Every such control route lives
