@@ -144,6 +144,9 @@ class ServerThread:
         self._options = {
             "log_level": log_level,
             "http": http_protocol(header_timeout),
+            # A response still streaming (a dashboard's events) is cut this long after
+            # stop(), so the server, its lifespan and its poller end before stop returns.
+            "timeout_graceful_shutdown": 3,
             **uvicorn_options,
         }
         self._server: uvicorn.Server | None = None
