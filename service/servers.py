@@ -6,12 +6,13 @@ ports without a subprocess; each server has its own event loop.
 
 uvicorn times a connection out only while it idles after a response (keep-alive): a
 client that connects and sends nothing, or trickles a request's headers a byte at a
-time, holds its connection for ever. ``http_protocol`` adds a deadline: the headers of
-a connection's first request must be complete ``header_timeout`` seconds after it
-opened, those of each further request as long after the response before it; past it,
-the connection is closed. The deadline covers a request's body too, except an
-upload's (``POST /jobs``), whose pace the upload rules judge: a callback or a form is
-small, and one trickled a byte at a time would hold its connection just as long.
+time, holds its connection for ever. ``http_protocol`` adds a deadline: a request's
+headers must be complete ``header_timeout`` seconds after the connection opened (the
+first request) or after the request's first bytes arrived (each further one; the
+keep-alive timeout bounds the wait for them); past it, the connection is closed. The
+deadline covers a request's body too, except an upload's (``POST /jobs``), whose pace
+the upload rules judge: a callback or a form is small, and one trickled a byte at a
+time would hold its connection just as long.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ else:
 class _HeaderDeadline(_Protocol):
     """The deadline, over either of uvicorn's HTTP/1.1 protocols.
 
-    It runs while no request is in hand: from ``connection_made``, and from each
-    response's end until the next request's headers are complete. What the deadline
-    costs a request is one timer armed and one cancelled, as uvicorn's keep-alive does.
+    A timer runs from ``connection_made``, and from the first bytes of any later
+    request that does not arrive whole at once, until its headers (and its body,
+    unless it is an upload) are in. A request that arrives in one piece, as nearly all
+    do on a kept-alive connection, costs no timer at all: only a check after each read.
     """
 
     header_timeout = HEADER_TIMEOUT
@@ -51,7 +53,7 @@ class _HeaderDeadline(_Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_header_timer()
@@ -59,29 +61,20 @@ class _HeaderDeadline(_Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._header_timer is not None and not self._awaiting_request():
+        if self._awaiting_request():
+            if self._header_timer is None and not self.transport.is_closing():
+                self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+        elif self._header_timer is not None:
             self._stop_header_timer()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._awaiting_request() and not self.transport.is_closing():
-            self._arm_header_timer()
 
     def _awaiting_request(self) -> bool:
         """No request is being served on the connection whose headers, and body unless
         it is an upload, are complete (both protocols start a request's cycle as soon
-        as its headers are parsed, and clear ``more_body`` once its body is in), and
-        the connection is still this protocol's (not upgraded to a WebSocket)."""
-        if self.transport.get_protocol() is not self:
-            return False
+        as its headers are parsed, and clear ``more_body`` once its body is in)."""
         cycle = self.cycle
         if cycle is None or cycle.response_complete:
             return True
         return cycle.more_body and not _is_upload(cycle.scope)
-
-    def _arm_header_timer(self) -> None:
-        self._stop_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
 
     def _stop_header_timer(self) -> None:
         if self._header_timer is not None:
@@ -90,7 +83,10 @@ class _HeaderDeadline(_Protocol):
 
     def _headers_late(self) -> None:
         self._header_timer = None
-        if self._awaiting_request() and not self.transport.is_closing():
+        # A connection upgraded to another protocol (a WebSocket) is no longer ours.
+        if self.transport.get_protocol() is not self or self.transport.is_closing():
+            return
+        if self._awaiting_request():
             self.transport.close()
 
 

@@ -164,6 +164,7 @@ async def test_sqlite_is_in_wal_mode_with_every_migration(tmp_path: Path) -> Non
             (1,),
             (2,),
             (3,),
+            (4,),
         ]
 
 
