@@ -12,10 +12,9 @@ from starlette.routing import Route
 
 from .errors import ApiError, upstream_failure
 from .guard import bearer
-from .jobs import Job, State
+from .jobs import Job, State, SubmitRequest
 from .relay import RELAY_MIN_BYTES, Relay
 from .store import StoreError
-from .tracker import SubmitRequest
 from .uploads import FileStart, receive_upload
 from .upstream import UpstreamError
 from .values import is_clean, job_id_ok, name_problem

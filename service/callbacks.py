@@ -38,18 +38,16 @@ the raw body, and returns the ``Answer`` to send.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import signatures, values
+from . import notification, signatures, values
 from .errors import ApiError, error_body
-from .jobs import Observation, Source
+from .jobs import Observation
 from .logs import Repeats, short
-from .statuses import normalize_status
 from .store import Applied, Delivery, StoreError
 from .store.base import Claim, Rejection
 
@@ -59,8 +57,6 @@ if TYPE_CHECKING:
 __all__ = [
     "Answer",
     "CallbackHeaders",
-    "claim_from_body",
-    "observation_from_body",
     "receive",
     "refusal_log",
     "refuse",
@@ -89,111 +85,6 @@ class Answer:
     headers: Mapping[str, str] | None = None
     # Work that must not delay the answer: run once it has been sent.
     after: Callable[[], Awaitable[None]] | None = None
-
-
-def _fields(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The body's top level, and the ``message`` object event-style bodies nest under."""
-    message = data.get("message")
-    return data, message if isinstance(message, dict) else {}
-
-
-def _first(fields: tuple[dict[str, Any], dict[str, Any]], *names: str) -> Any:
-    for source in fields:
-        for name in names:
-            value = source.get(name)
-            if value is not None and value != "":
-                return value
-    return None
-
-
-def _shown(value: Any) -> str:
-    """An unusable value as a note may show it: short, storable, never a whole blob."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, int) and not -(10**30) < value < 10**30:
-        return f"a {len(str(abs(value)))}-digit number"
-    text = json.dumps(value) if isinstance(value, str) else repr(value)
-    return values.safe_text(short(text, 40) or "")
-
-
-def _count(
-    fields: tuple[dict[str, Any], dict[str, Any]], name: str, notes: list[str]
-) -> int | None:
-    value = _first(fields, name)
-    if value is None:
-        return None
-    number = values.count(value)
-    if number is None:
-        notes.append(f"{name} ignored: {_shown(value)} is not a count")
-    return number
-
-
-def _parse(body: bytes) -> dict[str, Any] | None:
-    # ValueError covers a number too long to convert (a 5,000-digit integer) and
-    # JSONDecodeError; RecursionError deep nesting.
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _observation(data: dict[str, Any], at: float, detail: str = "") -> Observation:
-    fields = _fields(data)
-    raw_status = values.text(_first(fields, "status", "jobStatus"))
-    notes: list[str] = []
-    records = _count(fields, "recordsCount", notes)
-    failed = _count(fields, "recordsFailedCount", notes)
-    return Observation(
-        Source.CALLBACK,
-        status=normalize_status(raw_status),
-        raw_status=raw_status,
-        records_count=records,
-        records_failed_count=failed,
-        at=at,
-        detail="; ".join(part for part in (detail, *notes) if part),
-    )
-
-
-def observation_from_body(body: bytes, at: float) -> Observation | None:
-    """What a verified callback body says; None when it is not a JSON object."""
-    data = _parse(body)
-    return None if data is None else _observation(data, at)
-
-
-def _claim(data: dict[str, Any]) -> Claim:
-    """The job (our id, from callback-payload) and upstream job a body names."""
-    fields = _fields(data)
-    payload = values.text(_first(fields, "callback-payload", "callbackPayload"))
-    upstream = values.text(_first(fields, "id", "jobId"))
-    return Claim(payload, upstream)
-
-
-def claim_from_body(body: bytes) -> Claim | None:
-    """What a verified callback body says it is about; None when not a JSON object."""
-    data = _parse(body)
-    return None if data is None else _claim(data)
-
-
-def _nudge_only(observation: Observation) -> Observation:
-    """A body naming no job can be about any job: it may only make this one poll."""
-    said = observation.raw_status
-    note = "the body names no job (no callback-payload, no id): taken as a nudge to poll now" + (
-        f", its status {said} not applied" if said else ""
-    )
-    detail = "; ".join(part for part in (observation.detail, note) if part)
-    return replace(
-        observation,
-        status=None,
-        raw_status=None,
-        records_count=None,
-        records_failed_count=None,
-        detail=detail,
-    )
 
 
 def refuse(
@@ -344,7 +235,7 @@ async def receive(
     digest = hashlib.sha256(body).hexdigest()
     webhook_id = (headers.webhook_id or "").strip()[:200] or f"sha256:{digest}"
     now = time.time()
-    data = _parse(body)
+    data = notification.parse(body)
     if data is None:
         if job_id is not None and await state.store.get_job(job_id, with_events=False) is None:
             return _no_job(state, repeats, job_id, webhook_id)
@@ -353,12 +244,12 @@ async def receive(
         )
         state.metrics.callback("malformed")
         raise ApiError("the callback body is not a JSON object", code="malformed_callback")
-    observation = _observation(
+    observation = notification.observation(
         data,
         now,
         f"signature verified ({verdict.algorithm}, key {verdict.key_index}); delivery {webhook_id}",
     )
-    claim = _claim(data)
+    claim = notification.claim(data)
     if job_id is not None:
         return await _at_job_url(
             state, job_id, webhook_id, digest, observation, claim, body, repeats, started
@@ -382,7 +273,7 @@ async def _at_job_url(
     now = observation.at
     delivery = Delivery(webhook_id, now, job_id, digest)
     if not claim.names_a_job:
-        observation = _nudge_only(observation)
+        observation = notification.nudge_only(observation)
     nudge = observation.target() is None
     next_poll_at = now if nudge else now + state.settings.callback_grace
     for _ in range(2):

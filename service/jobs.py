@@ -24,6 +24,7 @@ __all__ = [
     "Observation",
     "Source",
     "State",
+    "SubmitRequest",
     "decide",
     "new_job_id",
 ]
@@ -112,6 +113,19 @@ class Observation:
         if self.state is not None:
             return self.state
         return _FROM_UPSTREAM.get(self.status) if self.status else None
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """What an upload asks for, checked, before its job exists."""
+
+    hub: str
+    object: str
+    path: str
+    filename: str
+    rows: int
+    metadata: Mapping[str, Any]
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)

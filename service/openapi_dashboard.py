@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .openapi import Schema, _error, _job_id, _json, _object, _op, _param, _ref
+from .openapi_parts import Schema, error, job_id_param, json_response, obj, operation, param, ref
 from .views import OUTCOMES as _OUTCOMES
 
 __all__ = ["COOKIE_SCHEME", "dashboard_paths", "dashboard_schemas"]
@@ -30,7 +30,7 @@ def _secured(operation: Schema) -> Schema:
 def dashboard_schemas() -> dict[str, Schema]:
     counts = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}}
     return {
-        "CallbackDelivery": _object(
+        "CallbackDelivery": obj(
             {
                 "received_at": {"type": "string", "format": "date-time"},
                 "outcome": {"type": "string", "enum": list(_OUTCOMES)},
@@ -39,14 +39,14 @@ def dashboard_schemas() -> dict[str, Schema]:
                 "detail": {"type": "string"},
             }
         ),
-        "CallbackActivity": _object(
+        "CallbackActivity": obj(
             {
                 "counts_24h": {**counts, "description": "every replica, from the store"},
                 "replica_counts": {
                     **counts,
                     "description": "this process since it started (duplicates only here)",
                 },
-                "recent": {"type": "array", "items": _ref("CallbackDelivery")},
+                "recent": {"type": "array", "items": ref("CallbackDelivery")},
             }
         ),
     }
@@ -54,28 +54,28 @@ def dashboard_schemas() -> dict[str, Schema]:
 
 def _action(action: str, summary: str) -> Schema:
     conflict = {
-        "cancel": _error("Not possible now", "job_terminal", "not_submitted"),
-        "refresh": _error("Not submitted upstream yet", "not_submitted"),
+        "cancel": error("Not possible now", "job_terminal", "not_submitted"),
+        "refresh": error("Not submitted upstream yet", "not_submitted"),
     }[action]
     return _secured(
-        _op(
+        operation(
             f"dashboard{action.title()}Job",
             f"{summary} (the dashboard's button: as POST /jobs/{{job_id}}/{action})",
             {
-                "200": _json(_ref("Job"), "The job afterwards"),
-                "403": _error("A cross-origin request", "cross_origin"),
-                "404": _error("No such job", "job_not_found"),
+                "200": json_response(ref("Job"), "The job afterwards"),
+                "403": error("A cross-origin request", "cross_origin"),
+                "404": error("No such job", "job_not_found"),
                 "409": conflict,
-                "502": _error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+                "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
             },
-            params=[_job_id()],
+            params=[job_id_param()],
             secured=True,
         )
     )
 
 
 def dashboard_paths() -> dict[str, Any]:
-    stream = _op(
+    stream = operation(
         "dashboardStream",
         "Live changes as Server-Sent Events: `job` events (every job, or only `job`) and "
         "`callbacks` events; the stream ends now and then, and EventSource resumes it "
@@ -85,16 +85,16 @@ def dashboard_paths() -> dict[str, Any]:
                 "description": "An event stream (`text/event-stream`)",
                 "content": {"text/event-stream": {"schema": {"type": "string"}}},
             },
-            "406": _error("The request does not accept text/event-stream", "not_acceptable"),
+            "406": error("The request does not accept text/event-stream", "not_acceptable"),
         },
         params=[
-            _param("job", "query", {"type": "string"}, "follow this job only"),
-            _param("since", "query", {"type": "number"}, "send jobs changed after (epoch s)"),
-            _param("Last-Event-ID", "header", {"type": "string"}, "resume point"),
+            param("job", "query", {"type": "string"}, "follow this job only"),
+            param("since", "query", {"type": "number"}, "send jobs changed after (epoch s)"),
+            param("Last-Event-ID", "header", {"type": "string"}, "resume point"),
         ],
         secured=True,
     )
-    failed_csv = _op(
+    failed_csv = operation(
         "dashboardFailedRecordsCsv",
         "The job's failed records as CSV: the upstream's fields, then the record's columns",
         {
@@ -102,17 +102,17 @@ def dashboard_paths() -> dict[str, Any]:
                 "description": "CSV, as an attachment",
                 "content": {"text/csv": {"schema": {"type": "string"}}},
             },
-            "404": _error("No such job", "job_not_found"),
-            "409": _error("Not submitted upstream yet", "not_submitted"),
-            "502": _error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+            "404": error("No such job", "job_not_found"),
+            "409": error("Not submitted upstream yet", "not_submitted"),
+            "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
         },
-        params=[_job_id()],
+        params=[job_id_param()],
         secured=True,
     )
-    callbacks = _op(
+    callbacks = operation(
         "dashboardCallbacks",
         "Recent callback deliveries, refused ones included (never a body), and counts",
-        {"200": _json(_ref("CallbackActivity"), "The callbacks panel's data")},
+        {"200": json_response(ref("CallbackActivity"), "The callbacks panel's data")},
         secured=True,
     )
     return {

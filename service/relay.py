@@ -20,7 +20,7 @@ from .spool import Bytes, Spool
 from .upstream import Submission, UpstreamClient, UpstreamError, UpstreamUnavailable
 
 if TYPE_CHECKING:
-    from .tracker import SubmitRequest
+    from .jobs import SubmitRequest
 
 __all__ = ["RELAY_MIN_BYTES", "Relay"]
 

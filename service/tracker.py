@@ -11,21 +11,21 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import notification
 from .config import Settings
 from .errors import ApiError, upstream_failure
-from .jobs import Job, Observation, Source, State, new_job_id
+from .jobs import Job, Observation, Source, State, SubmitRequest, new_job_id
 from .logs import short
 from .relay import Relay
 from .spool import Spool
 from .store import Store
 from .upstream import UpstreamClient, UpstreamError, UpstreamUnavailable
 
-__all__ = ["NOT_FOUND_LIMIT", "SENDING_CONNECTIONS", "SUBMIT_DEADLINE", "SubmitRequest", "Tracker"]
+__all__ = ["NOT_FOUND_LIMIT", "SENDING_CONNECTIONS", "SUBMIT_DEADLINE", "Tracker"]
 
 log = logging.getLogger("bulkhook.jobs")
 
@@ -54,17 +54,6 @@ def _metadata(job_id: str, request: SubmitRequest) -> dict[str, Any]:
     metadata = dict(request.metadata)
     metadata["callback-payload"] = job_id
     return metadata
-
-
-@dataclass(frozen=True)
-class SubmitRequest:
-    hub: str
-    object: str
-    path: str
-    filename: str
-    rows: int
-    metadata: Mapping[str, Any]
-    idempotency_key: str | None = None
 
 
 class Tracker:
@@ -242,14 +231,12 @@ class Tracker:
         whose ``callback-payload`` or upstream id names another job is not applied
         but noted in the timeline as refused (``Store.apply`` with its claim).
         """
-        from .callbacks import claim_from_body, observation_from_body  # circular
-
         kept = await self.store.kept_for([job.id, *([job.upstream_id] if job.upstream_id else [])])
         for item in kept:
             if item.reason != "unknown_job":
                 continue
-            observation = observation_from_body(item.body, item.received_at)
-            claim = claim_from_body(item.body)
+            observation = notification.observation_from_body(item.body, item.received_at)
+            claim = notification.claim_from_body(item.body)
             if observation is None or claim is None or not claim.names_a_job:
                 continue  # bound to no job: never applied
             detail = f"kept callback, delivery {item.webhook_id}"

@@ -30,12 +30,12 @@ import pytest
 from service.app import create_app
 from service.config import ConfigError, Settings
 from service.errors import ApiError
-from service.jobs import State
+from service.jobs import State, SubmitRequest
 from service.multipart import FileStream
 from service.servers import ServerThread, http_protocol, implementations
 from service.signatures import sign
 from service.store import open_store
-from service.tracker import SubmitRequest, Tracker
+from service.tracker import Tracker
 from service.upstream import UpstreamClient, UpstreamUnavailable
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService, write_csv

@@ -28,7 +28,7 @@ from ..signatures import sign
 from .options import SandboxOptions
 from .records import ScanResult, scan_csv
 
-__all__ = ["OPERATIONS", "Fault", "Sandbox", "SandboxJob"]
+__all__ = ["OPERATIONS", "Fault", "SandboxJob", "Simulator"]
 
 OPERATIONS = ("objects", "submit", "status", "errors", "cancel", "jobs")
 TERMINAL = frozenset({"COMPLETED", "ERROR", "ABORTED", "CANCELLED"})
@@ -100,7 +100,7 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-class Sandbox:
+class Simulator:
     """One simulated instance. ``app`` is its ASGI app; ``aclose`` stops its jobs."""
 
     def __init__(self, options: SandboxOptions | None = None, **kwargs: Any) -> None:
@@ -126,9 +126,6 @@ class Sandbox:
         self.upload_bytes = 0
         self.uploads_cut = 0
         self.callback_log: list[dict[str, Any]] = []
-        from .routes import build_app
-
-        self.app = build_app(self)
 
     # -- faults -------------------------------------------------------------------
 

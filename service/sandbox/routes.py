@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -24,8 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Message
 
-if TYPE_CHECKING:
-    from .instance import Fault, Sandbox
+from .instance import Fault, Simulator
 
 __all__ = ["API_PREFIX", "CONTROL_PREFIX", "build_app"]
 
@@ -52,7 +51,7 @@ def _fault_response(fault: Fault) -> Response:
     )
 
 
-def _authorized(sandbox: Sandbox, request: Request) -> bool:
+def _authorized(sandbox: Simulator, request: Request) -> bool:
     header = request.headers.get("authorization")
     if header is None:
         return False
@@ -108,7 +107,7 @@ def _metadata(raw: object) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def build_app(sandbox: Sandbox) -> Starlette:
+def build_app(sandbox: Simulator) -> Starlette:
     def operation(name: str) -> Callable[[Handler], Handler]:
         """Wrap a handler with the checks every API call goes through."""
 
