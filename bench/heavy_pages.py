@@ -32,10 +32,11 @@ import uvicorn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service import dashboard, failed  # noqa: E402
-from service.app import create_app  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.serving import YOUNG_THRESHOLD  # noqa: E402
+from service.app import create_app
+from service.config import Settings
+from service.dashboard import failed
+from service.dashboard import routes as dashboard
+from service.server.serve import YOUNG_THRESHOLD
 
 KEY = "bench-signature-key"
 

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
-from service.jobs import TERMINAL  # noqa: E402
-from service.signatures import sign  # noqa: E402
+from service.callbacks.signatures import sign
+from service.jobs import TERMINAL
 
 KEY = "bench-signature-key"
 CONTACTS = ROOT / "service" / "samples" / "contacts.csv"
@@ -234,11 +234,10 @@ def bench_callbacks(
 
 
 def fill_sqlite(path: Path, jobs: int) -> str:
-    from service.store.sqlite import MIGRATIONS, _migrate  # noqa: F401 - builds the schema
 
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")
-    from service.store import sqlite as store_sqlite
+    from service.store.sqlite import store as store_sqlite
 
     store_sqlite._migrate(conn)
     states = ["COMPLETED"] * 6 + ["RUNNING", "CREATED", "ERROR", "CANCELLED"]
@@ -281,7 +280,7 @@ def fill_sqlite(path: Path, jobs: int) -> str:
 
 def claim_due_ms(database: Path) -> tuple[float, int]:
     """The poller's claim query on the full store: (median ms, due jobs it found)."""
-    from service.store.sqlite import CLAIM_DUE
+    from service.store.sqlite.store import CLAIM_DUE
 
     conn = sqlite3.connect(database)
     times, found = [], 0
@@ -537,7 +536,7 @@ def bench_poller(work: Path, jobs: int, rate: int) -> dict[str, object]:
         states = httpx.get(f"{service}/metrics").text
         busiest = httpx.get(sandbox_stats).json()["status_calls_busiest_second"]
     rates = [(c2 - c1) / (t2 - t1) for (t1, c1), (t2, c2) in itertools.pairwise(samples)]
-    from service.store.sqlite import CLAIM_DUE
+    from service.store.sqlite.store import CLAIM_DUE
 
     conn = sqlite3.connect(database)
     plan = conn.execute(f"EXPLAIN QUERY PLAN {CLAIM_DUE}", (time.time(), time.time(), 100))

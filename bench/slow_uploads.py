@@ -44,8 +44,8 @@ from run import (
     wait_for,
 )
 
-from service.servers import implementations
-from service.signatures import sign
+from service.callbacks.signatures import sign
+from service.server.protocol import implementations
 
 BOUNDARY = "slow-bench-boundary"
 DECLARED = 10_000_000

@@ -16,24 +16,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from . import api, apidocs
-from .config import Settings, redact
-from .dashboard import Dashboard
-from .errors import ApiError, error_response, unexpected
-from .guard import RequestGuard, ServedHosts, Tokens
-from .ingress import CallbackEndpoint, Service
-from .logs import Repeats
-from .metrics import Metrics
-from .openapi import openapi_spec
-from .poller import Poller
-from .sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
-from .signatures import Keyring
-from .spool import SpoolDirectory, default_root
-from .state import AppState
-from .store import open_store
-from .store.retention import Pruner
-from .tracker import SENDING_CONNECTIONS, Tracker
-from .upstream import Credentials, RetryPolicy, UpstreamClient
+from service.api import routes as api
+from service.api.guard import RequestGuard, ServedHosts, Tokens
+from service.callbacks.endpoint import CallbackEndpoint, Service
+from service.callbacks.signatures import Keyring
+from service.config import Settings, redact
+from service.dashboard.routes import Dashboard
+from service.errors import ApiError, error_response, unexpected
+from service.logs import Repeats
+from service.metrics import Metrics
+from service.openapi import docs as apidocs
+from service.openapi.jobs import openapi_spec
+from service.poller import Poller
+from service.sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
+from service.state import AppState
+from service.store import open_store
+from service.store.retention import Pruner
+from service.tracker import SENDING_CONNECTIONS, Tracker
+from service.uploads.spool import SpoolDirectory, default_root
+from service.upstream.client import Credentials, RetryPolicy, UpstreamClient
 
 __all__ = ["create_app"]
 

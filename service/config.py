@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from .upstream import Credentials
-from .values import is_clean, name_problem
+from service.upstream.client import Credentials
+from service.values import is_clean, name_problem
 
 __all__ = ["ConfigError", "Settings", "redact"]
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
-from .store import unavailable
+from service.store import unavailable
 
 if TYPE_CHECKING:
-    from .upstream import UpstreamError
+    from service.upstream.client import UpstreamError
 
 __all__ = ["ApiError", "error_body", "error_response", "unexpected", "upstream_failure"]
 

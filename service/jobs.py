@@ -73,7 +73,7 @@ _PROGRESS = {
 }
 _FINAL = 5
 
-# Upstream statuses (already normalised, see statuses.py) and the state each one means.
+# Upstream statuses (already normalised, see ``service.upstream.statuses``) and the state each one means.
 _FROM_UPSTREAM = {
     "CREATED": State.CREATED,
     "STARTED": State.STARTED,

@@ -20,10 +20,10 @@ import secrets
 import time
 from collections import deque
 
-from .jobs import Job
-from .metrics import Metrics
-from .store import Store
-from .tracker import Tracker
+from service.jobs import Job
+from service.metrics import Metrics
+from service.store import Store
+from service.tracker import Tracker
 
 __all__ = ["Poller", "RateLimiter"]
 

@@ -6,17 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Settings
-from .metrics import Metrics
-from .signatures import Keyring
-from .store import Store
-from .upstream import UpstreamClient
+from service.callbacks.signatures import Keyring
+from service.config import Settings
+from service.metrics import Metrics
+from service.store import Store
+from service.upstream.client import UpstreamClient
 
 if TYPE_CHECKING:
-    from .guard import Tokens
-    from .poller import Poller
-    from .sandbox import Sandbox
-    from .tracker import Tracker
+    from service.api.guard import Tokens
+    from service.poller import Poller
+    from service.sandbox import Sandbox
+    from service.tracker import Tracker
 
 __all__ = ["AppState"]
 

@@ -15,15 +15,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import notification
-from .config import Settings
-from .errors import ApiError, upstream_failure
-from .jobs import Job, Observation, Source, State, SubmitRequest, new_job_id
-from .logs import short
-from .relay import Relay
-from .spool import Spool
-from .store import Store
-from .upstream import UpstreamClient, UpstreamError, UpstreamUnavailable
+from service.callbacks import notification
+from service.config import Settings
+from service.errors import ApiError, upstream_failure
+from service.jobs import Job, Observation, Source, State, SubmitRequest, new_job_id
+from service.logs import short
+from service.store import Store
+from service.uploads.relay import Relay
+from service.uploads.spool import Spool
+from service.upstream.client import UpstreamClient, UpstreamError, UpstreamUnavailable
 
 __all__ = ["NOT_FOUND_LIMIT", "SENDING_CONNECTIONS", "SUBMIT_DEADLINE", "Tracker"]
 

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.sandbox import API_PREFIX, Sandbox
-from service.servers import ServerThread
+from service.server.thread import ServerThread
 
 SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
 SIGNATURE_KEY = "test-instance-key"

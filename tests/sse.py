@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .conftest import RunningService
 

@@ -19,9 +19,9 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
+from service.callbacks.signatures import sign
 from service.sandbox import Sandbox
-from service.servers import ServerThread
-from service.signatures import sign
+from service.server.thread import ServerThread
 
 from .callback_helpers import (
     counted,

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .conftest import RunningSandbox, RunningService, write_csv
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from service.config import ConfigError, Settings, redact
-from service.upstream import Credentials
+from service.upstream.client import Credentials
 
 FULL_ENV = {
     "OC_BASE_URL": "https://api.openconnectors.example.com/elements/api-v2",

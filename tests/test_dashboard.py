@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service import live
+from service.dashboard import live
 
 from .conftest import RunningSandbox, RunningService, write_csv
 from .sse import SSE, events, forged
@@ -383,8 +383,10 @@ def test_a_database_from_before_the_dashboard_gains_its_tables(
 ) -> None:
     """Migration 2 (refused callbacks, the change feed's index) upgrades a database
     that already holds jobs, on both stores."""
-    from service.store import open_store, postgres, sqlite
+    from service.store import open_store
     from service.store.base import Rejection
+    from service.store.postgres import store as postgres
+    from service.store.sqlite import store as sqlite
 
     from .test_store import make_job
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service import live
+from service.dashboard import live
 from service.store import activity
 
 from .conftest import RunningSandbox, RunningService

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.callbacks.signatures import sign
 from service.jobs import TERMINAL
-from service.signatures import sign
-from service.upstream import RetryPolicy
+from service.upstream.client import RetryPolicy
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService, write_csv
 

@@ -22,8 +22,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.api.guard import ServedHosts
 from service.config import Settings
-from service.guard import ServedHosts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

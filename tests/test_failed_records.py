@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.dashboard import FAILED_COLUMNS, FAILED_PAGE, failed_table
-from service.failed import neutralise
+from service.dashboard.failed import neutralise
+from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
 
 from .conftest import RunningSandbox, RunningService, write_csv
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
 

@@ -21,13 +21,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from service.api.guard import ServedHosts, Tokens, cross_site, split_host
+from service.callbacks.signatures import sign
 from service.config import ConfigError, Settings
 from service.errors import ApiError
-from service.guard import ServedHosts, Tokens, cross_site, split_host
 from service.logs import Repeats
 from service.metrics import Metrics
-from service.openapi import openapi_spec
-from service.signatures import sign
+from service.openapi.jobs import openapi_spec
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
 

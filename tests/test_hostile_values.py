@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from service.upstream import RetryPolicy
+from service.upstream.client import RetryPolicy
 
 from .conftest import RunningSandbox, RunningService
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from service.callbacks.signatures import sign
 from service.errors import error_response
-from service.signatures import sign
 
 from .conftest import RunningService
 from .test_errors import assert_error

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import inspector as inspection
 from service.errors import ApiError
-from service.uploads import CsvInspector, CsvSummary
+from service.uploads import csv_checks as inspection
+from service.uploads.receiving import CsvInspector, CsvSummary
 
 # -- CsvInspector ----------------------------------------------------------------------
 

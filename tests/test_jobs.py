@@ -8,7 +8,7 @@ import time
 import pytest
 
 from service.jobs import TERMINAL, Job, Observation, Source, State, decide, new_job_id
-from service.statuses import normalize_status
+from service.upstream.statuses import normalize_status
 
 ORDER = [
     State.SUBMITTING,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
 

@@ -11,11 +11,12 @@ from jsonschema import Draft202012Validator, FormatChecker
 from openapi_spec_validator import validate
 from starlette.routing import Mount, Route
 
-from service import __version__, signatures
+from service import __version__
 from service.app import create_app
+from service.callbacks import signatures
 from service.config import Settings
 from service.jobs import State
-from service.openapi import openapi_spec
+from service.openapi.jobs import openapi_spec
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
 

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from service.poller import RateLimiter
-from service.upstream import RetryPolicy
+from service.upstream.client import RetryPolicy
 
 from .conftest import RunningSandbox, RunningService
 

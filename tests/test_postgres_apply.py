@@ -12,7 +12,7 @@ import pytest
 from service.jobs import Observation, Source, State
 from service.store import Delivery
 from service.store.base import Claim
-from service.store.postgres import PostgresStore
+from service.store.postgres.store import PostgresStore
 
 from .test_store import make_job
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .callback_helpers import counted
 from .conftest import RunningSandbox, RunningService

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from service.relay import RELAY_MIN_BYTES
 from service.sandbox import API_PREFIX
+from service.uploads.relay import RELAY_MIN_BYTES
 
 from .conftest import RunningSandbox, RunningService
 

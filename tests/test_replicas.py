@@ -20,7 +20,7 @@ import httpx
 import psycopg
 import pytest
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .conftest import SIGNATURE_KEY, RunningSandbox
 

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.signatures import Verdict, verify
+from service.callbacks.signatures import Verdict, verify
 
 from .conftest import SIGNATURE_KEY, Receiver, RunningSandbox, write_csv
 

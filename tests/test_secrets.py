@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.signatures import sign
+from service.callbacks.signatures import sign
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
 

@@ -10,8 +10,8 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
-from service.servers import bind_socket
-from service.serving import YOUNG_THRESHOLD, _Server
+from service.server.serve import YOUNG_THRESHOLD, _Server
+from service.server.thread import bind_socket
 
 
 def test_start_up_is_frozen_and_young_collections_are_rare(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.signatures import Keyring, Verdict, sign, verify
+from service.callbacks.signatures import Keyring, Verdict, sign, verify
 
 KEY = "instance-signature-key"
 BODY = b'{"id":"1234","status":"COMPLETED","recordsCount":10,"recordsFailedCount":1}'

@@ -28,15 +28,16 @@ import httpx
 import pytest
 
 from service.app import create_app
+from service.callbacks.signatures import sign
 from service.config import ConfigError, Settings
 from service.errors import ApiError
 from service.jobs import State, SubmitRequest
-from service.multipart import FileStream
-from service.servers import ServerThread, http_protocol, implementations
-from service.signatures import sign
+from service.server.protocol import http_protocol, implementations
+from service.server.thread import ServerThread
 from service.store import open_store
 from service.tracker import Tracker
-from service.upstream import UpstreamClient, UpstreamUnavailable
+from service.upstream.client import UpstreamClient, UpstreamUnavailable
+from service.upstream.multipart import FileStream
 
 from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService, write_csv
 

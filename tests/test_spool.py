@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.spool import Spool, SpoolError
+from service.uploads.spool import Spool, SpoolError
 
 pytestmark = pytest.mark.anyio
 

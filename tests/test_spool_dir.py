@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.spool import SpoolDirectory
+from service.uploads.spool import SpoolDirectory
 
 from .conftest import RunningSandbox, RunningService
 

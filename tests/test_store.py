@@ -219,7 +219,7 @@ async def test_a_failed_write_rolls_back_alone(tmp_path: Path) -> None:
 
 
 async def test_an_unreachable_store_is_a_store_error() -> None:
-    from service.store.postgres import PostgresStore
+    from service.store.postgres.store import PostgresStore
 
     store = PostgresStore("postgresql://nobody@127.0.0.1:1/none", open_timeout=1)
     with pytest.raises(StoreError, match="cannot open the PostgreSQL store"):

@@ -192,7 +192,7 @@ def test_a_callback_for_a_job_not_known_yet_is_kept_and_applied_when_it_appears(
 ) -> None:
     import json
 
-    from service.signatures import sign
+    from service.callbacks.signatures import sign
 
     from .conftest import SIGNATURE_KEY
 

@@ -25,8 +25,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import ApiError, error_body
-from service.servers import ServerThread
-from service.uploads import FileStart, ReceivedUpload, receive_upload
+from service.server.thread import ServerThread
+from service.uploads.receiving import FileStart, ReceivedUpload, receive_upload
 
 from .test_inspector import split_at
 

@@ -17,8 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from service.sandbox import Sandbox
-from service.servers import ServerThread
-from service.upstream import (
+from service.server.thread import ServerThread
+from service.upstream.client import (
     Credentials,
     JobStatus,
     RetryPolicy,

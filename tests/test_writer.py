@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.store import writer
-from service.store.writer import PASS_INTERVAL, RESTART_FRAMES, SQLiteConnections, connect
+from service.store.sqlite import writer
+from service.store.sqlite.writer import PASS_INTERVAL, RESTART_FRAMES, SQLiteConnections, connect
 
 pytestmark = pytest.mark.anyio
 
@@ -104,7 +104,7 @@ async def test_checkpoints_are_spaced_out_however_often_rounds_commit(
 _ONE_BIG_ROUND = textwrap.dedent(
     """
     import asyncio, sys
-    from service.store.writer import SQLiteConnections
+    from service.store.sqlite.writer import SQLiteConnections
 
     def fill(conn):
         conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, x TEXT)")

@@ -2,9 +2,9 @@
 
 from typing import Any
 
-from .instance import OPERATIONS, Simulator
-from .options import DEFAULT_HUBS, SandboxOptions
-from .routes import API_PREFIX, CONTROL_PREFIX, build_app
+from service.sandbox.instance import OPERATIONS, Simulator
+from service.sandbox.options import DEFAULT_HUBS, SandboxOptions
+from service.sandbox.routes import API_PREFIX, CONTROL_PREFIX, build_app
 
 
 class Sandbox(Simulator):

@@ -23,10 +23,10 @@ from typing import Any, BinaryIO
 import anyio.to_thread
 import httpx
 
-from ..signatures import HEADER as SIGNATURE_HEADER
-from ..signatures import sign
-from .options import SandboxOptions
-from .records import ScanResult, scan_csv
+from service.callbacks.signatures import HEADER as SIGNATURE_HEADER
+from service.callbacks.signatures import sign
+from service.sandbox.options import SandboxOptions
+from service.sandbox.records import ScanResult, scan_csv
 
 __all__ = ["OPERATIONS", "Fault", "SandboxJob", "Simulator"]
 

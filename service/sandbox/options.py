@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..signatures import ALGORITHMS
+from service.callbacks.signatures import ALGORITHMS
 
 __all__ = ["DEFAULT_HUBS", "SandboxOptions"]
 

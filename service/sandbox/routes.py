@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Message
 
-from .instance import Fault, Simulator
+from service.sandbox.instance import Fault, Simulator
 
 __all__ = ["API_PREFIX", "CONTROL_PREFIX", "build_app"]
 

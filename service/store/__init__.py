@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 
-from .base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError
+from service.store.base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError
 
 __all__ = [
     "KEEP",
@@ -39,11 +39,11 @@ _SQLITE_UNAVAILABLE = frozenset(
 def open_store(database_url: str) -> Store:
     """The store for ``database_url`` (not yet opened)."""
     if database_url.startswith("sqlite:///"):
-        from .sqlite import SQLiteStore
+        from service.store.sqlite.store import SQLiteStore
 
         return SQLiteStore(database_url.removeprefix("sqlite:///"))
     if database_url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresStore
+        from service.store.postgres.store import PostgresStore
 
         return PostgresStore(database_url)
     raise StoreError(f"unsupported database URL scheme: {database_url.split(':', 1)[0]}")

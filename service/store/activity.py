@@ -9,13 +9,13 @@ import sqlite3
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..jobs import Job
-from .base import REJECTIONS_KEPT, CallbackRecord, Rejection
+from service.jobs import Job
+from service.store.base import REJECTIONS_KEPT, CallbackRecord, Rejection
 
 if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
-    from .writer import SQLiteConnections
+    from service.store.sqlite.writer import SQLiteConnections
 
 __all__ = [
     "DELIVERIES_BY_MINUTE",

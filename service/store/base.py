@@ -1,6 +1,6 @@
 """The one store interface: every durable fact about jobs goes through it.
 
-Implementations: ``sqlite.py`` (embedded default) and ``postgres.py``; ``activity.py``
+Implementations: ``sqlite`` (embedded default) and ``postgres``; ``activity``
 holds their dashboard reads. Every method is a coroutine that never blocks the event
 loop; ``apply`` is the only way a job's state changes, and it records the delivery,
 decides, compares-and-sets the row and appends to the timeline in one transaction.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
-from ..jobs import Decision, Job, Observation, State
+from service.jobs import Decision, Job, Observation, State
 
 __all__ = [
     "KEEP",

@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..jobs import TERMINAL, Decision, Job, Observation, Source, State, decide
-from ..logs import short
-from .base import Claim, _Keep
+from service.jobs import TERMINAL, Decision, Job, Observation, Source, State, decide
+from service.logs import short
+from service.store.base import Claim, _Keep
 
 __all__ = ["APPLY", "WAIT", "Binding", "Plan", "bind", "plan_apply", "refusal_event"]
 

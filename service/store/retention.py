@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .base import Store
+    from service.store.base import Store
 
 __all__ = ["KEPT_OVER", "MIN_RETENTION", "PRUNE_EVERY", "PRUNE_SQL", "Pruner", "sqlite_sql"]
 

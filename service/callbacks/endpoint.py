@@ -1,0 +1,165 @@
+"""The callback routes as a bare ASGI endpoint, ahead of Starlette's middleware stack.
+
+Callbacks are the one hot path: every delivery is read, verified, committed and
+answered, often hundreds a second. ``Service`` hands ``POST /callbacks`` and
+``POST /callbacks/jobs/{id}`` straight to ``CallbackEndpoint``, which reads the body
+from ``receive`` (refusing past the size limit), calls ``callbacks.receive`` and
+writes the answer; everything else goes through Starlette as usual. The same endpoint
+is also mounted as a Starlette route, so other methods on those paths get the usual
+405 and the OpenAPI description stays the single list of routes.
+
+Errors keep the one JSON shape: ``ApiError`` becomes its 4xx, anything unexpected what
+``errors.unexpected`` says (503 while the store is unavailable, else 500).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
+
+from service.callbacks import receiving as callbacks
+from service.callbacks.receiving import Answer, CallbackHeaders, refusal_log
+from service.errors import ApiError, error_body, unexpected
+from service.logs import short
+
+__all__ = ["CallbackEndpoint", "Service", "read_body"]
+
+log = logging.getLogger("bulkhook")
+
+_JOB_PREFIX = "/callbacks/jobs/"
+_SIGNATURE = b"elements-webhook-signature"
+_WEBHOOK_ID = b"elements-webhook-id"
+_CONTENT_LENGTH = b"content-length"
+_JSON = (b"content-type", b"application/json")
+
+
+# As Starlette's JSONResponse renders, so both paths answer byte for byte alike; one
+# encoder for every answer (json.dumps with arguments builds a new one per call).
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _render(payload: Mapping[str, Any]) -> bytes:
+    return _ENCODE(payload).encode("utf-8")
+
+
+async def _send(send: Send, answer: Answer) -> None:
+    body = _render(answer.payload)
+    headers = [(b"content-length", str(len(body)).encode("latin-1")), _JSON]
+    for name, value in (answer.headers or {}).items():
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _answer(exc: ApiError) -> Answer:
+    return Answer(exc.status, error_body(exc.code, exc.message, **exc.extra), exc.headers)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(f"the body is larger than {limit} bytes", code="too_large", status=413)
+
+
+async def read_body(receive: Receive, limit: int, declared: int | None = None) -> bytes:
+    """The raw body, refusing (413) as soon as it passes ``limit`` bytes (or declares to)."""
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionAbortedError("the client went away")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class CallbackEndpoint:
+    """ASGI app for both callback URLs; the job id comes from the path, if any.
+
+    It owns the aggregated log of refused callbacks (one per app, built in
+    ``create_app``), so that a flood of them writes a bounded number of lines.
+    """
+
+    def __init__(self) -> None:
+        self.refusals = refusal_log()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        job_id = scope.get("path_params", {}).get("job_id")
+        await self.handle(scope, receive, send, job_id)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, job_id: str | None) -> None:
+        state = scope["app"].state.bulkhook
+        given: list[str] = []
+        webhook_id: str | None = None
+        declared: int | None = None
+        for name, value in scope["headers"]:
+            if name == _SIGNATURE:
+                given.append(value.decode("latin-1"))
+            elif name == _WEBHOOK_ID and webhook_id is None:
+                webhook_id = value.decode("latin-1")
+            elif name == _CONTENT_LENGTH and value.strip().isdigit():
+                declared = int(value)
+        headers = CallbackHeaders(tuple(given), webhook_id)
+        try:
+            try:
+                body = await read_body(receive, state.settings.max_callback_bytes, declared)
+            except ApiError as exc:
+                answer = callbacks.refuse(
+                    state, job_id, webhook_id, "too_large", exc, self.refusals
+                )
+            else:
+                answer = await callbacks.receive(state, job_id, headers, body, self.refusals)
+        except ApiError as exc:
+            answer = _answer(exc)
+        except ConnectionAbortedError:
+            return
+        except Exception as exc:
+            log.error("unexpected error on POST %s: %r", short(scope["path"], 200), exc)
+            answer = _answer(unexpected(exc))
+        await _send(send, answer)
+        if answer.after is not None:
+            await answer.after()
+
+
+class Service(Starlette):
+    """The app: Starlette, with the callback URLs answered before its middleware."""
+
+    def __init__(self, *args: Any, callbacks: CallbackEndpoint, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._callbacks = callbacks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            matched, job_id = _callback_route(scope)
+            if matched:
+                scope["app"] = self
+                await self._callbacks.handle(scope, receive, send, job_id)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _callback_route(scope: Scope) -> tuple[bool, str | None]:
+    """(is this a callback URL, the job id it names) as Starlette's router would match."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    if path == "/callbacks":
+        return True, None
+    if path.startswith(_JOB_PREFIX):
+        job_id = path[len(_JOB_PREFIX) :]
+        if job_id and "/" not in job_id:
+            return True, job_id
+    return False, None

@@ -1,0 +1,124 @@
+"""A small synchronous client of bulkhook's own HTTP API, used by the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.config import redact
+from service.jobs import TERMINAL
+from service.upstream.multipart import MultipartFile
+
+__all__ = ["ServiceClient", "ServiceError", "ServiceUnreachable"]
+
+
+class ServiceError(Exception):
+    """The service answered with an error (its JSON ``code`` and ``message``)."""
+
+    def __init__(self, status: int, code: str, message: str, body: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body
+
+
+class ServiceUnreachable(Exception):
+    pass
+
+
+class ServiceClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, read=max(timeout, 600.0)),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            where = redact(self.url)
+            raise ServiceUnreachable(f"cannot reach the service at {where}: {exc}") from exc
+        try:
+            body = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if response.is_success:
+            return body
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            raise ServiceError(
+                response.status_code,
+                str(error.get("code", "error")),
+                str(error.get("message", "")),
+                body,
+            )
+        raise ServiceError(response.status_code, "http_error", response.reason_phrase, body)
+
+    def submit(
+        self,
+        file: Path,
+        *,
+        object_name: str,
+        hub: str | None = None,
+        path: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        fields = {"object": object_name}
+        if hub:
+            fields["hub"] = hub
+        if path:
+            fields["path"] = path
+        if metadata is not None:
+            fields["metadata"] = json.dumps(metadata)
+        body = MultipartFile(file, fields=fields)
+        headers = body.headers
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return self._request("POST", "/jobs", content=body.iter(progress), headers=headers)  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def jobs(self, *, state: str | None = None, limit: int = 50) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        return self._request("GET", "/jobs", params=params)  # type: ignore[no-any-return]
+
+    def follow(
+        self, job_id: str, *, interval: float = 0.5, timeout: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Yield the job each time its state changes, until it is terminal."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            job = self.job(job_id)
+            if job["state"] != last:
+                last = job["state"]
+                yield job
+            if job["state"] in TERMINAL:
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is still {job['state']}")
+            time.sleep(interval)

@@ -1,0 +1,197 @@
+"""The CLI commands that talk to a running service: submit, status, jobs.
+
+Human output is one line per fact; ``--json`` prints the API's JSON. Failures are one
+line on stderr: exit 1 for a job or service problem, 2 for usage errors, and
+``bulkhook submit --wait`` / ``status --wait`` exit 1 unless the job ends COMPLETED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.cli.api_client import ServiceClient, ServiceError, ServiceUnreachable
+
+__all__ = ["CommandError", "add_job_commands", "print_job"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class CommandError(Exception):
+    """A failure to report in one line; ``hint`` is a second line saying what to do."""
+
+    def __init__(self, message: str, *, hint: str | None = None, code: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+
+
+def _client(args: argparse.Namespace) -> ServiceClient:
+    return ServiceClient(args.url, args.token)
+
+
+def _call(fn: Any, *fn_args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*fn_args, **kwargs)
+    except ServiceUnreachable as exc:
+        raise CommandError(
+            str(exc).split(": ", 1)[0], hint="start it with `bulkhook serve`"
+        ) from None
+    except ServiceError as exc:
+        hint = "pass --token or set BULKHOOK_TOKEN" if exc.status == 401 else None
+        raise CommandError(f"{exc.message} ({exc.code}, HTTP {exc.status})", hint=hint) from None
+
+
+def _counts(job: dict[str, Any]) -> str:
+    total, failed = job.get("records_count"), job.get("records_failed_count")
+    if total is None:
+        return ""
+    text = f"{total} records"
+    if failed:
+        text += f", {failed} FAILED"
+    elif failed == 0:
+        text += ", none failed"
+    return text
+
+
+def print_job(job: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(job), flush=True)
+        return
+    parts = [
+        f"job {job['id']}",
+        job["state"],
+        f"{job['object']}@{job['hub']}",
+        _counts(job),
+        f"via {job['last_source']}",
+    ]
+    print("  ".join(part for part in parts if part), flush=True)
+
+
+def _wait(client: ServiceClient, job: dict[str, Any], as_json: bool) -> int:
+    final = job
+    for update in _call(client.follow, job["id"]):
+        if update["state"] != job["state"] or update is not job:
+            print_job(update, as_json=as_json)
+        final = update
+    return 0 if final["state"] == "COMPLETED" else 1
+
+
+def _submit(args: argparse.Namespace) -> int:
+    file = Path(args.file)
+    if not file.is_file():
+        raise CommandError(f"cannot read {args.file}: no such file", code=2)
+    metadata = None
+    if args.metadata:
+        try:
+            metadata = json.loads(args.metadata)
+        except json.JSONDecodeError as exc:
+            raise CommandError(f"--metadata is not JSON: {exc.msg}", code=2) from None
+    from service.cli.progress import upload_progress
+
+    with _client(args) as client, upload_progress(file.stat().st_size) as advance:
+        job = _call(
+            client.submit,
+            file,
+            object_name=args.object,
+            hub=args.hub,
+            path=args.path,
+            metadata=metadata,
+            idempotency_key=args.idempotency_key,
+            progress=advance,
+        )
+    print_job(job, as_json=args.json)
+    if not args.wait:
+        return 0
+    with _client(args) as client:
+        return _wait(client, job, args.json)
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = _call(client.job, args.job)
+        print_job(job, as_json=args.json)
+        if not args.json and not args.wait:
+            for event in job.get("events", []):
+                print(
+                    f"  {event['at']}  {event['source']:<8} {event['state']:<20} {event['detail']}"
+                )
+        if args.wait:
+            return _wait(client, job, args.json)
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        page = _call(client.jobs, state=args.state, limit=args.limit)
+    if args.json:
+        print(json.dumps(page))
+        return 0
+    if not page["jobs"]:
+        print("no jobs")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("job", "state", "object", "hub", "records", "failed", "via", "updated")
+    for job in page["jobs"]:
+        failed = job.get("records_failed_count")
+        table.add_row(
+            job["id"],
+            job["state"],
+            job["object"],
+            job["hub"],
+            "" if job.get("records_count") is None else str(job["records_count"]),
+            "" if failed is None else (f"[red]{failed}[/red]" if failed else "0"),
+            job["last_source"],
+            job["updated_at"],
+        )
+    Console(width=max(120, Console().width)).print(table)
+    return 0
+
+
+def _service_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default=os.environ.get("BULKHOOK_URL", DEFAULT_URL), help="the service's URL"
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("BULKHOOK_TOKEN"), help="API bearer token"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_job_commands(commands: Any) -> None:
+    submit = commands.add_parser("submit", help="submit a CSV as a bulk job")
+    submit.add_argument("file", help="the CSV file")
+    submit.add_argument("--object", required=True, help="the object to load, e.g. contact")
+    submit.add_argument("--hub", help="the hub (default: the service's OC_HUB)")
+    submit.add_argument("--path", help="the path given to the upstream (default /<filename>)")
+    submit.add_argument("--metadata", help="JSON object passed upstream as metaData")
+    submit.add_argument("--idempotency-key", help="resubmitting with the same key makes no new job")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    _service_options(submit)
+    submit.set_defaults(run=lambda args, stdin: _submit(args))
+
+    status = commands.add_parser("status", help="show one job and its timeline")
+    status.add_argument("job", help="the job id")
+    status.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    _service_options(status)
+    status.set_defaults(run=lambda args, stdin: _status(args))
+
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", help="only jobs in this state")
+    jobs.add_argument("--limit", type=int, default=50)
+    _service_options(jobs)
+    jobs.set_defaults(run=lambda args, stdin: _jobs(args))
+
+
+def report(exc: CommandError, command: str) -> int:
+    print(f"bulkhook {command}: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    return exc.code

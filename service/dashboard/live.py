@@ -1,0 +1,395 @@
+"""Live dashboard updates over Server-Sent Events, read from the store.
+
+One change feed per app reads the store every ``TICK`` seconds while any stream is
+open, and fans what changed out to every open stream: the store is read the same
+number of times whether one tab is open or a hundred, and a job changed by any
+replica shows up on every replica's dashboard. The feed starts with the first stream
+and stops with the last one, or when the app stops.
+
+A stream ends when its client goes (its next write fails), when the server starts
+shutting down, and in any case after ``MAX_STREAM`` seconds: the browser's
+EventSource then reconnects by itself and resumes from the ``Last-Event-ID`` it was
+given, so nothing is missed, and no server ever waits on a dashboard tab to finish a
+graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from service.dashboard.views import job_view
+from service.jobs import Job
+
+if TYPE_CHECKING:
+    from service.state import AppState
+
+__all__ = ["Streams", "all_jobs", "one_job", "resume_point"]
+
+log = logging.getLogger("bulkhook.dashboard")
+
+TICK = 0.5
+# ``updated_at`` is the observation's time, a little before its commit, and replicas'
+# clocks differ a little: every read looks this far back (``seen`` drops repeats).
+LOOKBACK = 5.0
+# Timeline entries and refusals are numbered when written but may commit out of
+# order (PostgreSQL): every read looks this many numbers back.
+ID_LOOKBACK = 200
+MAX_STREAM = 20.0
+HEARTBEAT = 2.5
+_PAGE = 200
+_PAGES_PER_TICK = 10
+# Ticks a stream may fall behind (a client that reads too slowly) before it is ended;
+# its browser reconnects and resumes.
+_BACKLOG = 100
+
+
+class Renderer(Protocol):
+    def render(self, name: str, **context: Any) -> str: ...
+
+    async def detail(self, state: AppState, job: Job) -> dict[str, Any]: ...
+
+    async def panel(self, state: AppState) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Tick:
+    """What changed in one read of the store, shared by every stream."""
+
+    # Every job read up to here (the resume point handed to browsers).
+    cursor: float
+    # Jobs changed (their version is new), each with its rendered table row.
+    jobs: list[tuple[Job, str]]
+    # The callbacks panel, rendered, when a delivery arrived.
+    panel: str | None
+    # Watched jobs that changed or whose timeline grew: (version, timeline length)
+    # and the event's data, or None when the job is gone.
+    details: dict[str, tuple[tuple[int, int], dict[str, Any]] | None]
+
+
+_END = object()
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    job_id: str | None
+    queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(_BACKLOG))
+
+
+class Streams:
+    """An app's open streams and the change feed that serves them; tells every stream
+    to end on app shutdown, or as soon as uvicorn starts a graceful shutdown (it waits
+    for open responses *before* the lifespan ends)."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._subscribers: set[_Subscriber] = set()
+        self._watched: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+        # Where the feed's next read of changed jobs starts.
+        self.read_from = 0.0
+        # The callbacks panel as last rendered (None: not rendered for current streams).
+        self.panel: str | None = None
+
+    def close(self) -> None:
+        self._closed = True
+        self._stop()
+        for subscriber in self._subscribers:
+            _offer(subscriber, _END)
+
+    @property
+    def ending(self) -> bool:
+        return self._closed or _server_exiting()
+
+    def subscribe(self, state: AppState, renderer: Renderer, job_id: str | None) -> _Subscriber:
+        subscriber = _Subscriber(job_id)
+        self._subscribers.add(subscriber)
+        if job_id is not None:
+            self._watched[job_id] += 1
+        if self._task is None or self._task.done():
+            self.read_from = time.time() - LOOKBACK
+            self.panel = None
+            self._task = asyncio.create_task(self._run(state, renderer))
+        return subscriber
+
+    def unsubscribe(self, subscriber: _Subscriber) -> None:
+        if subscriber not in self._subscribers:
+            return
+        self._subscribers.discard(subscriber)
+        if subscriber.job_id is not None:
+            self._watched[subscriber.job_id] -= 1
+            if self._watched[subscriber.job_id] <= 0:
+                del self._watched[subscriber.job_id]
+        if not self._subscribers:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self, state: AppState, renderer: Renderer) -> None:
+        """Read the store once per tick and hand each stream what changed."""
+        try:
+            await self._feed(state, renderer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the store went away: end; the browsers reconnect
+            log.warning("dashboard streams ended: %r", exc)
+            for subscriber in list(self._subscribers):
+                _offer(subscriber, _END)
+
+    async def _feed(self, state: AppState, renderer: Renderer) -> None:
+        cursor = self.read_from + LOOKBACK
+        seen: dict[str, tuple[int, float]] = {}
+        # Entries written before the feed started are not news.
+        newest_seq, newest_refusal = await state.store.timeline_marks()
+        events, refused = await state.store.timeline_changes(
+            max(0, newest_seq - ID_LOOKBACK), max(0, newest_refusal - ID_LOOKBACK), ID_LOOKBACK
+        )
+        seen_entries = {("event", n) for n, _ in events} | {("refusal", n) for n, _ in refused}
+        panel_mark: Any = ()
+        while True:
+            everyone = any(s.job_id is None for s in self._subscribers)
+            changed, cursor = await _changed_jobs(state, self.read_from, cursor, seen)
+            self.read_from = cursor - LOOKBACK
+            seen = {k: v for k, v in seen.items() if v[1] >= cursor - 2 * LOOKBACK}
+            touched = {job.id for job in changed}
+            events, refused = await state.store.timeline_changes(
+                max(0, newest_seq - ID_LOOKBACK),
+                max(0, newest_refusal - ID_LOOKBACK),
+                _PAGE * _PAGES_PER_TICK,
+            )
+            for kind, entries in (("event", events), ("refusal", refused)):
+                for number, ref in entries:
+                    if (kind, number) not in seen_entries and ref is not None:
+                        touched.add(ref)
+                    seen_entries.add((kind, number))
+            newest_seq = max([newest_seq, *(n for n, _ in events)])
+            newest_refusal = max([newest_refusal, *(n for n, _ in refused)])
+            seen_entries = {
+                (kind, n)
+                for kind, n in seen_entries
+                if n > (newest_seq if kind == "event" else newest_refusal) - ID_LOOKBACK
+            }
+            rows: list[tuple[Job, str]] = []
+            panel: str | None = None
+            if everyone:
+                now = time.time()
+                rows = [(job, _row(renderer, job, now)) for job in changed]
+                newest = await state.store.recent_callbacks(1)
+                mark = (newest[0].received_at, newest[0].webhook_id) if newest else None
+                if mark != panel_mark or self.panel is None:
+                    panel_mark = mark
+                    view = await renderer.panel(state)
+                    panel = self.panel = renderer.render("_callbacks.html", panel=view)
+            else:
+                panel_mark, self.panel = (), None
+            details = {
+                job_id: await _detail(state, renderer, job_id)
+                for job_id in touched
+                if job_id in self._watched
+            }
+            tick = Tick(cursor, rows, panel, details)
+            for subscriber in list(self._subscribers):
+                _offer(subscriber, tick)
+            await asyncio.sleep(TICK)
+
+
+def _offer(subscriber: _Subscriber, item: Any) -> None:
+    """Queue ``item``; a stream too far behind is told to end instead."""
+    try:
+        subscriber.queue.put_nowait(item)
+    except asyncio.QueueFull:
+        with contextlib.suppress(asyncio.QueueEmpty):
+            subscriber.queue.get_nowait()
+        subscriber.queue.put_nowait(_END)
+
+
+async def _changed_jobs(
+    state: AppState, after: float, cursor: float, seen: dict[str, tuple[int, float]]
+) -> tuple[list[Job], float]:
+    """Jobs whose version is new to ``seen``, changed after ``after`` (paged), and the
+    cursor moved past them: everything up to LOOKBACK ago counts as read even when
+    nothing changed, so a resumed stream does not replay the whole time it was open."""
+    changed: list[Job] = []
+    after_id = ""
+    for _ in range(_PAGES_PER_TICK):
+        jobs = await state.store.jobs_changed_since(after, after_id, _PAGE)
+        for job in jobs:
+            if seen.get(job.id, (-1, 0.0))[0] == job.version:
+                continue
+            seen[job.id] = (job.version, job.updated_at)
+            cursor = max(cursor, job.updated_at)
+            changed.append(job)
+        if len(jobs) < _PAGE:
+            break
+        after, after_id = jobs[-1].updated_at, jobs[-1].id
+    return changed, max(cursor, time.time() - LOOKBACK)
+
+
+async def _detail(
+    state: AppState, renderer: Renderer, job_id: str
+) -> tuple[tuple[int, int], dict[str, Any]] | None:
+    job = await state.store.get_job(job_id)
+    if job is None:
+        return None
+    detail = await renderer.detail(state, job)
+    view = detail["job"]
+    data = {
+        "job": job.to_json(with_events=False),
+        "detail": renderer.render("_detail.html", **detail),
+        "terminal": view["terminal"],
+        "has_failed": view["has_failed"],
+    }
+    return (job.version, len(detail["timeline"])), data
+
+
+def _server_exiting() -> bool:
+    """Whether the uvicorn server in this process was told to exit (SIGTERM/SIGINT).
+
+    uvicorn sends no ASGI event for it, but in the main thread its signal handler is a
+    method of the server, whose ``should_exit`` it sets; ``bulkhook serve`` runs so.
+    """
+    handler = signal.getsignal(signal.SIGTERM)
+    return getattr(getattr(handler, "__self__", None), "should_exit", False) is True
+
+
+def resume_point(value: str | None) -> float:
+    """Where a stream starts: the last event id the browser saw, or when its page was
+    rendered; never more than an hour back, never in the future."""
+    now = time.time()
+    try:
+        point = float(value) if value and len(value) <= 64 else now
+    except ValueError:
+        point = now
+    return min(max(point, now - 3600), now) if point == point else now  # NaN -> now
+
+
+def _event(name: str, data: Any, event_id: str | None = None) -> str:
+    lines = [f"id: {event_id}"] if event_id else []
+    lines += [f"event: {name}", f"data: {json.dumps(data, separators=(',', ':'))}"]
+    return "\n".join(lines) + "\n\n"
+
+
+def _row(renderer: Renderer, job: Job, now: float) -> str:
+    return renderer.render("_row.html", job=job_view(job, now))
+
+
+async def _messages(
+    subscriber: _Subscriber, streams: Streams
+) -> AsyncIterator[tuple[Tick | None, bool]]:
+    """The feed's ticks for one stream until it should end (None when none came
+    within a tick), each with whether a heartbeat is due."""
+    started = last_beat = time.monotonic()
+    while not streams.ending and time.monotonic() - started < MAX_STREAM:
+        try:
+            item = await asyncio.wait_for(subscriber.queue.get(), TICK)
+        except TimeoutError:
+            item = None
+        if item is _END:
+            return
+        now = time.monotonic()
+        beat = now - last_beat >= HEARTBEAT
+        if beat:
+            last_beat = now
+        yield item, beat
+
+
+async def _catch_up(
+    state: AppState, since: float, until: float, seen: dict[str, tuple[int, float]]
+) -> AsyncIterator[Job]:
+    """The jobs changed after a resumed stream's point, up to where the feed reads."""
+    after, after_id = since - LOOKBACK, ""
+    while True:
+        jobs = await state.store.jobs_changed_since(after, after_id, _PAGE)
+        for job in jobs:
+            if seen.get(job.id, (-1, 0.0))[0] != job.version:
+                seen[job.id] = (job.version, job.updated_at)
+                yield job
+        if len(jobs) < _PAGE or jobs[-1].updated_at > until:
+            return
+        after, after_id = jobs[-1].updated_at, jobs[-1].id
+
+
+async def all_jobs(
+    state: AppState, since: float, streams: Streams, renderer: Renderer
+) -> AsyncIterator[str]:
+    """``job`` events (the job and its table row) for every job changed after
+    ``since``, and a ``callbacks`` event (the panel) whenever a delivery arrives."""
+    yield "retry: 1000\n\n"
+    subscriber = streams.subscribe(state, renderer, None)
+    cursor = since
+    seen: dict[str, tuple[int, float]] = {}
+    try:
+        if since < streams.read_from:  # resumed from before where the feed reads
+            async for job in _catch_up(state, since, streams.read_from + LOOKBACK, seen):
+                cursor = max(cursor, job.updated_at)
+                data = {
+                    "job": job.to_json(with_events=False),
+                    "row": _row(renderer, job, time.time()),
+                }
+                yield _event("job", data, f"{cursor:.6f}")
+        if streams.panel is not None:
+            yield _event("callbacks", {"panel": streams.panel}, f"{cursor:.6f}")
+        async for tick, beat in _messages(subscriber, streams):
+            sent = False
+            if tick is not None:
+                cursor = max(cursor, tick.cursor)
+                for job, row in tick.jobs:
+                    if seen.get(job.id, (-1, 0.0))[0] == job.version:
+                        continue
+                    seen[job.id] = (job.version, job.updated_at)
+                    data = {"job": job.to_json(with_events=False), "row": row}
+                    yield _event("job", data, f"{cursor:.6f}")
+                    sent = True
+                seen = {k: v for k, v in seen.items() if v[1] >= cursor - 2 * LOOKBACK}
+                if tick.panel is not None:
+                    yield _event("callbacks", {"panel": tick.panel}, f"{cursor:.6f}")
+                    sent = True
+            if beat and not sent:
+                # No event, but the resume point moves (an id alone dispatches nothing).
+                yield f"id: {cursor:.6f}\n\n"
+    except Exception as exc:  # the store went away: end; the browser reconnects
+        log.warning("dashboard stream ended: %r", exc)
+    finally:
+        streams.unsubscribe(subscriber)
+
+
+async def one_job(
+    state: AppState, job_id: str, streams: Streams, renderer: Renderer
+) -> AsyncIterator[str]:
+    """A ``job`` event (the job and its rendered detail) whenever the job or its
+    timeline changes, starting with its current state; ``gone`` if it does not exist."""
+    yield "retry: 1000\n\n"
+    # Subscribed before the first read, so no change between the two is missed.
+    subscriber = streams.subscribe(state, renderer, job_id)
+    try:
+        current = await _detail(state, renderer, job_id)
+        if current is None:
+            yield _event("gone", {"id": job_id[:100]})
+            return
+        last, data = current
+        yield _event("job", data)
+        async for tick, beat in _messages(subscriber, streams):
+            update = tick.details.get(job_id, current) if tick is not None else current
+            if update is None:
+                yield _event("gone", {"id": job_id[:100]})
+                return
+            if update[0] != last:
+                last = update[0]
+                yield _event("job", update[1])
+            elif beat:
+                yield ": keep-alive\n\n"
+    except Exception as exc:
+        log.warning("dashboard stream ended: %r", exc)
+    finally:
+        streams.unsubscribe(subscriber)

@@ -1,0 +1,1 @@
+"""The API description at ``/openapi.json`` and its Swagger UI at ``/docs``."""

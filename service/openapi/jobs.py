@@ -1,0 +1,409 @@
+"""The API description served at ``/openapi.json`` (OpenAPI 3.1), built fresh per call.
+
+Everything here mirrors what ``service.api``, ``service.callbacks``, ``service.uploads`` and
+``service.tracker`` actually answer: the JSON shapes of ``Job.to_json``/``Event.to_json``,
+and every error ``code`` a route can raise, listed in its response's description.
+The embedded sandbox (mounted at ``/sandbox``) is not part of this API; the
+dashboard's JSON, CSV and event-stream routes are, from ``dashboard``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service import __version__
+from service.jobs import Source, State
+from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
+from service.openapi.parts import (
+    JSON,
+    Schema,
+    enum_of,
+    error,
+    job_id_param,
+    json_response,
+    nullable,
+    obj,
+    operation,
+    param,
+    ref,
+)
+
+__all__ = ["openapi_spec"]
+
+# The 400 codes of POST /jobs: the multipart body, the form fields, the CSV itself.
+_MULTIPART_CODES = ("missing_file", "bad_upload", "bad_field", "malformed_multipart")
+_FIELD_CODES = (
+    "missing_object",
+    "bad_object",
+    "bad_hub",
+    "bad_path",
+    "bad_metadata",
+    "bad_idempotency_key",
+)
+_CSV_CODES = ("empty_file", "binary_file", "not_utf8", "no_header", "no_rows")
+
+
+def _schemas() -> dict[str, Schema]:
+    date_time = {"type": "string", "format": "date-time"}
+    count = nullable("integer", minimum=0)
+    job_fields: dict[str, Schema] = {
+        "id": {"type": "string", "description": "the service's own id"},
+        "upstream_id": nullable("string", description="the upstream bulk job id, once known"),
+        "hub": {"type": "string"},
+        "object": {"type": "string"},
+        "path": {"type": "string"},
+        "state": enum_of(State),
+        "upstream_status": nullable("string", description="the upstream status, raw"),
+        "records_count": count,
+        "records_failed_count": count,
+        "succeeded": nullable(
+            "boolean",
+            description="true only for COMPLETED with no failed records; false for any other "
+            "terminal state or failed records; null while running or when unknown",
+        ),
+        "created_at": date_time,
+        "updated_at": date_time,
+        "last_source": enum_of(Source),
+    }
+    timeline = {"type": "array", "items": ref("Event")}
+    error_detail = obj(
+        {
+            "code": {"type": "string", "description": "stable; see each response for its codes"},
+            "message": {"type": "string"},
+            "upstream_status": nullable("integer", description="the upstream's HTTP status"),
+            "upstream_request_id": nullable("string"),
+            "job": ref("Job"),
+        },
+        required=["code", "message"],
+    )
+    return {
+        "Event": obj(
+            {
+                "at": date_time,
+                "source": enum_of(Source),
+                "state": enum_of(State),
+                "detail": {"type": "string"},
+            }
+        ),
+        "JobSummary": obj(job_fields),
+        "Job": obj({**job_fields, "events": timeline}),
+        "JobList": obj(
+            {
+                "jobs": {"type": "array", "items": ref("JobSummary")},
+                "next_cursor": nullable("string", description="null on the last page"),
+            }
+        ),
+        "FailedRecords": obj(
+            {
+                "job": {"type": "string"},
+                "count": {"type": "integer", "minimum": 0},
+                "errors": {"type": "array", "items": {}, "description": "as the upstream sent"},
+            }
+        ),
+        "Objects": obj(
+            {"hub": {"type": "string"}, "objects": {"type": "array", "items": {"type": "string"}}}
+        ),
+        "CallbackAck": obj(
+            {
+                "status": {"type": "string", "enum": ["accepted", "duplicate", "kept"]},
+                "job": {"type": "string", "description": "present with 200"},
+                "state": {**enum_of(State), "description": "present with 200"},
+            },
+            required=["status"],
+        ),
+        "Status": obj({"status": {"type": "string"}}),
+        "Error": obj({"error": error_detail}),
+    }
+
+
+def _callback(op_id: str, summary: str, params: list[Schema]) -> Schema:
+    headers = [
+        param(
+            "Elements-Webhook-Signature",
+            "header",
+            {"type": "string"},
+            "`sha256=` (or legacy `sha1=`) and the base64 HMAC of the raw body",
+            required=True,
+        ),
+        param(
+            "Elements-Webhook-Id",
+            "header",
+            {"type": "string"},
+            "delivery id for deduplication; the body's SHA-256 when absent",
+        ),
+    ]
+    return operation(
+        op_id,
+        summary,
+        {
+            "200": json_response(
+                ref("CallbackAck"), "Applied (`accepted`) or a repeat (`duplicate`)"
+            ),
+            "202": json_response(
+                ref("CallbackAck"), "Verified, job not known yet: `kept` (or repeat)"
+            ),
+            "400": error("Verified but not a JSON object; kept", "malformed_callback"),
+            "401": error("The signature is missing or does not hold", "bad_signature"),
+            "404": error(
+                "The per-job URL names no job: nothing stored (never a genuine callback)",
+                "job_not_found",
+            ),
+            "409": error(
+                "Verified, but the body is about another job: nothing changed (at the"
+                " per-job URL the refusal is in the job's timeline)",
+                "wrong_job",
+            ),
+            "413": error("The body is over BULKHOOK_MAX_CALLBACK_BYTES", "too_large"),
+            "503": error(
+                "The store is unavailable just now: nothing was recorded; redeliver later",
+                "store_unavailable",
+                **{"Retry-After": "seconds to wait"},
+            ),
+        },
+        params=[*params, *headers],
+        body={"required": True, "content": {JSON: {"schema": {}}}},
+    )
+
+
+def _paths() -> dict[str, Schema]:
+    job_404 = error("No such job", "job_not_found")
+    location = {"Location": "`/jobs/{id}`"}
+    upload = obj(
+        {
+            "file": {
+                "type": "string",
+                "format": "binary",
+                "contentMediaType": "text/csv",
+                "description": "send it after the other fields: a large file then goes on "
+                "to the upstream while it arrives",
+            },
+            "object": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^/]+$"},
+            "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
+            "path": {"type": "string", "description": "default `/<filename>`"},
+            "metadata": {
+                "type": "string",
+                "contentMediaType": JSON,
+                "contentSchema": {"type": "object"},
+                "description": "a JSON object, passed upstream as `metaData`",
+            },
+        },
+        required=["file", "object"],
+    )
+    list_params = [
+        param("state", "query", enum_of(State)),
+        param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
+        param(
+            "cursor", "query", {"type": "string", "maxLength": 64}, "`next_cursor` of the last page"
+        ),
+    ]
+    job_action_409 = {
+        "cancel": error("Not possible now", "job_terminal", "not_submitted"),
+        "refresh": error("Not submitted upstream yet", "not_submitted"),
+    }
+    job_action_502 = {
+        "cancel": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+        "refresh": error("The status poll failed", "upstream_refused", "upstream_unavailable"),
+    }
+    paths: dict[str, Schema] = {
+        "/jobs": {
+            "post": operation(
+                "submitJob",
+                "Validate a CSV and submit it upstream as a bulk job",
+                {
+                    "200": json_response(
+                        ref("Job"),
+                        "The job an earlier request with this Idempotency-Key made",
+                        **location,
+                        **{"Idempotent-Replayed": "`true`"},
+                    ),
+                    "202": json_response(ref("Job"), "Accepted by the upstream", **location),
+                    "400": error("A bad upload", *_MULTIPART_CODES, *_FIELD_CODES, *_CSV_CODES),
+                    "413": error("Over BULKHOOK_MAX_UPLOAD_BYTES", "upload_too_large"),
+                    "408": error(
+                        "The upload's body came too slowly (BULKHOOK_BODY_TIMEOUT, "
+                        "BULKHOOK_UPLOAD_MIN_RATE); nothing was kept",
+                        "upload_too_slow",
+                    ),
+                    "415": error("Not multipart/form-data", "unsupported_media_type"),
+                    "507": error(
+                        "No room to spool the upload; nothing was kept", "insufficient_storage"
+                    ),
+                    "502": error(
+                        "The upstream refused or did not answer; `job` holds the job "
+                        "(SUBMIT_FAILED, or still SUBMITTING when the outcome is unknown)",
+                        "upstream_refused",
+                        "upstream_unavailable",
+                        "upstream_outcome_unknown",
+                    ),
+                },
+                params=[
+                    param(
+                        "Idempotency-Key",
+                        "header",
+                        {"type": "string", "minLength": 1, "maxLength": 200},
+                        "the same key returns the same job, with no second upload",
+                    )
+                ],
+                body={"required": True, "content": {"multipart/form-data": {"schema": upload}}},
+                secured=True,
+            ),
+            "get": operation(
+                "listJobs",
+                "List jobs, newest first (without timelines)",
+                {
+                    "200": json_response(ref("JobList"), "A page of jobs"),
+                    "400": error("A bad query", "bad_state", "bad_limit", "bad_cursor"),
+                },
+                params=list_params,
+                secured=True,
+            ),
+        },
+        "/jobs/{job_id}": {
+            "get": operation(
+                "getJob",
+                "One job with its timeline",
+                {"200": json_response(ref("Job"), "The job"), "404": job_404},
+                params=[job_id_param()],
+                secured=True,
+            )
+        },
+        "/jobs/{job_id}/errors": {
+            "get": operation(
+                "getJobErrors",
+                "The job's failed records, from every page of the upstream errors endpoint",
+                {
+                    "200": json_response(ref("FailedRecords"), "The failed records"),
+                    "404": job_404,
+                    "409": error("Not submitted upstream yet", "not_submitted"),
+                    "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+                },
+                params=[job_id_param()],
+                secured=True,
+            )
+        },
+    }
+    for action, summary in (("cancel", "Cancel upstream"), ("refresh", "Poll the status now")):
+        paths[f"/jobs/{{job_id}}/{action}"] = {
+            "post": operation(
+                f"{action}Job",
+                summary,
+                {
+                    "200": json_response(ref("Job"), "The job afterwards"),
+                    "404": job_404,
+                    "409": job_action_409[action],
+                    "502": job_action_502[action],
+                },
+                params=[job_id_param()],
+                secured=True,
+            )
+        }
+    paths["/objects"] = {
+        "get": operation(
+            "listObjects",
+            "The hub's objects, proxied from the upstream",
+            {
+                "200": json_response(ref("Objects"), "Object names"),
+                "400": error("A bad hub name", "bad_hub"),
+                "404": error("The upstream knows no such hub", "hub_not_found"),
+                "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
+            },
+            params=[param("hub", "query", {"type": "string", "maxLength": 200}, "default OC_HUB")],
+            secured=True,
+        )
+    }
+    paths["/callbacks/jobs/{job_id}"] = {
+        "post": _callback(
+            "jobCallback", "The per-job callback URL given upstream", [job_id_param()]
+        )
+    }
+    paths["/callbacks"] = {
+        "post": _callback("instanceCallback", "The instance-wide callback URL", [])
+    }
+    paths["/healthz"] = {
+        "get": operation("healthz", "Liveness", {"200": json_response(ref("Status"), "ok")})
+    }
+    paths["/readyz"] = {
+        "get": operation(
+            "readyz",
+            "Readiness: the store answers",
+            {
+                "200": json_response(ref("Status"), "ready"),
+                "503": error("The store is unreachable", "store_unavailable"),
+            },
+        )
+    }
+    paths["/metrics"] = {
+        "get": operation(
+            "metrics",
+            "Prometheus metrics",
+            {
+                "200": {
+                    "description": "Prometheus text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        )
+    }
+    paths["/openapi.json"] = {
+        "get": operation(
+            "openapi", "This document", {"200": json_response({"type": "object"}, "OpenAPI 3.1")}
+        )
+    }
+    return paths
+
+
+def _guarded(paths: dict[str, Any]) -> dict[str, Any]:
+    """The answers ``guard.RequestGuard`` and ``guard.Tokens`` give on every route they
+    cover: all but the callbacks and the probes, which answer under any Host."""
+    for path, item in paths.items():
+        if path.startswith("/callbacks") or path in ("/healthz", "/readyz"):
+            continue
+        for method, spec in item.items():
+            responses = spec["responses"]
+            responses.setdefault(
+                "421",
+                error(
+                    "The Host header names a host this service does not serve", "host_not_allowed"
+                ),
+            )
+            if method in ("post", "put", "patch", "delete"):
+                responses.setdefault(
+                    "403", error("A browser marked the request cross-site", "cross_origin")
+                )
+            if "security" in spec:
+                responses.setdefault(
+                    "429",
+                    error(
+                        "Too many wrong tokens from this client lately; not checked",
+                        "too_many_attempts",
+                        **{"Retry-After": "seconds until tokens are checked again"},
+                    ),
+                )
+    return paths
+
+
+def openapi_spec() -> dict[str, Any]:
+    """The whole document; a new dict on every call, safe to mutate."""
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "bulkhook",
+            "version": __version__,
+            "description": "Submit SAP Open Connectors bulk jobs, receive their verified "
+            "callbacks, and follow every job to a terminal state. Every error is "
+            '`{"error": {"code", "message", ...}}`; `code` is stable. The job and object '
+            "routes need a bearer token when BULKHOOK_API_TOKENS is set (the dashboard's "
+            "routes also take its login cookie). Every route but the callbacks and the "
+            "probes answers only for the hosts the service serves (421 `host_not_allowed`) "
+            "and refuses browsers' cross-site changes (403 `cross_origin`).",
+        },
+        "paths": _guarded({**_paths(), **dashboard_paths()}),
+        "components": {
+            "schemas": {**_schemas(), **dashboard_schemas()},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "dashboardCookie": dict(COOKIE_SCHEME),
+            },
+        },
+    }

@@ -1,0 +1,111 @@
+"""The HTTP protocol every server of the project runs: uvicorn's, with a deadline for
+a request's headers (and for its body, unless it is an upload).
+
+uvicorn times a connection out only while it idles after a response (keep-alive): a
+client that connects and sends nothing, or trickles a request's headers a byte at a
+time, holds its connection for ever. ``http_protocol`` adds a deadline: a request's
+headers must be complete ``header_timeout`` seconds after the connection opened (the
+first request) or after the request's first bytes arrived (each further one; the
+keep-alive timeout bounds the wait for them); past it, the connection is closed. The
+deadline covers a request's body too, except an upload's (``POST /jobs``), whose pace
+the upload rules judge: a callback or a form is small, and one trickled a byte at a
+time would hold its connection just as long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["HEADER_TIMEOUT", "http_protocol", "implementations"]
+
+HEADER_TIMEOUT = 10.0
+
+
+if TYPE_CHECKING:
+    _Protocol = H11Protocol  # what the mixin below needs of either uvicorn protocol
+else:
+    _Protocol = object
+
+
+class _HeaderDeadline(_Protocol):
+    """The deadline, over either of uvicorn's HTTP/1.1 protocols.
+
+    A timer runs from ``connection_made``, and from the first bytes of any later
+    request that does not arrive whole at once, until its headers (and its body,
+    unless it is an upload) are in. A request that arrives in one piece, as nearly all
+    do on a kept-alive connection, costs no timer at all: only a check after each read.
+    """
+
+    header_timeout = HEADER_TIMEOUT
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._awaiting_request():
+            if self._header_timer is None and not self.transport.is_closing():
+                self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+        elif self._header_timer is not None:
+            self._stop_header_timer()
+
+    def _awaiting_request(self) -> bool:
+        """No request is being served on the connection whose headers, and body unless
+        it is an upload, are complete (both protocols start a request's cycle as soon
+        as its headers are parsed, and clear ``more_body`` once its body is in)."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            return True
+        return cycle.more_body and not _is_upload(cycle.scope)
+
+    def _stop_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        # A connection upgraded to another protocol (a WebSocket) is no longer ours.
+        if self.transport.get_protocol() is not self or self.transport.is_closing():
+            return
+        if self._awaiting_request():
+            self.transport.close()
+
+
+def _is_upload(scope: Any) -> bool:
+    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/jobs"
+
+
+def implementations() -> tuple[str, ...]:
+    """The HTTP parsers uvicorn can run here, the one it prefers first."""
+    return ("httptools", "h11") if importlib.util.find_spec("httptools") else ("h11",)
+
+
+def http_protocol(
+    header_timeout: float = HEADER_TIMEOUT, implementation: str = "auto"
+) -> type[asyncio.Protocol]:
+    """uvicorn's protocol for ``implementation`` (``auto``: httptools if installed, as
+    uvicorn picks), with the header deadline; for ``uvicorn.Config(http=...)``."""
+    if implementation == "auto":
+        implementation = implementations()[0]
+    base: type[asyncio.Protocol]
+    if implementation == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        base = HttpToolsProtocol
+    elif implementation == "h11":
+        base = H11Protocol
+    else:
+        raise ValueError(f"unknown HTTP implementation {implementation!r}")
+    name = f"HeaderDeadline{base.__name__}"
+    return type(name, (_HeaderDeadline, base), {"header_timeout": header_timeout})

@@ -1,0 +1,1 @@
+"""The shared store for several replicas, on PostgreSQL."""

@@ -1,0 +1,485 @@
+"""The shared store for several replicas: PostgreSQL through psycopg 3 and a pool.
+
+Delivery dedupe is a primary key, state changes are compare-and-set on a version
+column inside a transaction that holds the row, and due jobs are claimed with
+``FOR UPDATE SKIP LOCKED`` leases that expire, so a dead replica's jobs are taken over.
+Concurrent applies share one transaction and commit (``apply``).
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from service.config import redact
+from service.jobs import Event, Job, Observation, State
+from service.store.activity import PostgresActivity, like_prefix
+from service.store.base import (
+    KEEP,
+    KEPT_BYTES,
+    KEPT_MAX,
+    Applied,
+    Claim,
+    Delivery,
+    KeptCallback,
+    Pruned,
+    Store,
+    StoreError,
+    _Keep,
+)
+from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
+from service.store.retention import KEPT_OVER, PRUNE_SQL
+from service.store.rounds import Outcome, Rounds
+
+__all__ = ["PostgresStore"]
+
+_TERMINAL_SQL = "('SUBMIT_FAILED', 'COMPLETED', 'ERROR', 'ABORTED', 'CANCELLED', 'TIMED_OUT')"
+# Any constant serialises concurrent migrations of replicas starting together.
+_MIGRATION_LOCK = 0x62756C6B
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        upstream_id TEXT,
+        hub TEXT NOT NULL,
+        object TEXT NOT NULL,
+        path TEXT NOT NULL,
+        filename TEXT,
+        rows BIGINT,
+        state TEXT NOT NULL,
+        upstream_status TEXT,
+        records_count BIGINT,
+        records_failed_count BIGINT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        last_source TEXT NOT NULL,
+        version BIGINT NOT NULL DEFAULT 0,
+        idempotency_key TEXT UNIQUE,
+        next_poll_at DOUBLE PRECISION,
+        poll_count INTEGER NOT NULL DEFAULT 0,
+        not_found_count INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until DOUBLE PRECISION
+    );
+    CREATE INDEX jobs_state_id ON jobs (state, id);
+    CREATE INDEX jobs_due ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL;
+    CREATE INDEX jobs_upstream_id ON jobs (upstream_id) WHERE upstream_id IS NOT NULL;
+    CREATE TABLE events (
+        seq BIGSERIAL PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at DOUBLE PRECISION NOT NULL,
+        source TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id, seq);
+    CREATE TABLE deliveries (
+        webhook_id TEXT PRIMARY KEY,
+        job_id TEXT,
+        received_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE kept_callbacks (
+        id BIGSERIAL PRIMARY KEY,
+        webhook_id TEXT NOT NULL,
+        job_ref TEXT,
+        received_at DOUBLE PRECISION NOT NULL,
+        reason TEXT NOT NULL,
+        body BYTEA NOT NULL,
+        applied_at DOUBLE PRECISION
+    );
+    CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
+    """,
+    # 2: the dashboard: refused callbacks (never their bodies) and the indexes its
+    # live views and callbacks panel read by.
+    """
+    CREATE TABLE rejected_callbacks (
+        id BIGSERIAL PRIMARY KEY,
+        received_at DOUBLE PRECISION NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        job_ref TEXT,
+        webhook_id TEXT
+    );
+    CREATE INDEX rejected_at ON rejected_callbacks (received_at);
+    CREATE INDEX rejected_job ON rejected_callbacks (job_ref) WHERE job_ref IS NOT NULL;
+    CREATE INDEX deliveries_at ON deliveries (received_at);
+    CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
+    CREATE INDEX jobs_updated ON jobs (updated_at, id);
+    """,
+    # 3: a signed body is about one job. Deliveries are deduplicated by the body's
+    # digest per job too (one more unique key on the callback path), refused ones
+    # carry their outcome, and kept bodies are deduplicated and bounded by size.
+    """
+    ALTER TABLE deliveries ADD COLUMN digest TEXT, ADD COLUMN outcome TEXT;
+    CREATE UNIQUE INDEX deliveries_body ON deliveries (job_id, digest);
+    ALTER TABLE kept_callbacks ADD COLUMN digest TEXT,
+        ADD COLUMN size BIGINT NOT NULL DEFAULT 0;
+    UPDATE kept_callbacks SET size = octet_length(body);
+    CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
+    """,
+)
+
+
+async def _events(conn: Conn, job_id: str) -> tuple[Event, ...]:
+    cursor = await conn.execute(
+        "SELECT at, source, state, detail FROM events WHERE job_id = %s ORDER BY seq", (job_id,)
+    )
+    return tuple(Event(**row) for row in await cursor.fetchall())
+
+
+async def _job(
+    conn: Conn, job_id: str, *, with_events: bool = True, lock: bool = False
+) -> Job | None:
+    sql = "SELECT * FROM jobs WHERE id = %s" + (" FOR UPDATE" if lock else "")
+    row = await (await conn.execute(sql, (job_id,))).fetchone()
+    if row is None:
+        return None
+    return Job.from_row(row, await _events(conn, job_id) if with_events else ())
+
+
+async def _add_event(
+    conn: Conn, job_id: str, at: float, source: str, state: str, detail: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO events (job_id, at, source, state, detail) VALUES (%s, %s, %s, %s, %s)",
+        (job_id, at, source, state, detail),
+    )
+
+
+# Seconds an unreachable server may take to answer before start-up gives up.
+CONNECT_TIMEOUT = 5
+
+
+def _one_line(exc: BaseException) -> str:
+    """psycopg's message on one line, without the password a connection string in it
+    may carry."""
+    return redact(" ".join(str(exc).split())) or type(exc).__name__
+
+
+class PostgresStore(PostgresActivity, Store):
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 20,
+        open_timeout: float = 15.0,
+        kept_limits: tuple[int, int] = (KEPT_MAX, KEPT_BYTES),
+    ) -> None:
+        self.url = url
+        # (most kept callbacks, most bytes of their bodies together)
+        self.kept_limits = kept_limits
+        self._open_timeout = open_timeout
+        self._pool = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"row_factory": dict_row, "autocommit": True},
+        )
+        self._applies: Rounds[ApplyCall] = Rounds(self._apply_round)
+
+    async def open(self) -> None:
+        """Raises ``StoreError`` (one line, credentials hidden) when the database cannot
+        be reached within ``CONNECT_TIMEOUT`` seconds or refuses the service."""
+        try:
+            # One plain connection first: an unreachable server fails here, at once
+            # and quietly, instead of after the pool's retries and a warning for each.
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
+            await probe.close()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot open the PostgreSQL store: {_one_line(exc)}") from exc
+        try:
+            await self._pool.open(wait=True, timeout=self._open_timeout)
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, at DOUBLE PRECISION)"
+                )
+                cursor = await conn.execute("SELECT version FROM schema_migrations")
+                done = {row["version"] for row in await cursor.fetchall()}
+                for version, script in enumerate(MIGRATIONS, start=1):
+                    if version not in done:
+                        await conn.execute(script)  # type: ignore[arg-type]
+                        await conn.execute(
+                            "INSERT INTO schema_migrations VALUES (%s, extract(epoch from now()))",
+                            (version,),
+                        )
+        except (psycopg.Error, TimeoutError) as exc:
+            await self._pool.close()
+            raise StoreError(f"cannot open the PostgreSQL store: {_one_line(exc)}") from exc
+
+    async def close(self) -> None:
+        await self._applies.drain()
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        try:
+            async with self._pool.connection(timeout=5) as conn:
+                await conn.execute("SELECT 1")
+        except (psycopg.Error, TimeoutError) as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def create_job(
+        self, job: Job, *, idempotency_key: str | None = None, detail: str = ""
+    ) -> tuple[Job, bool]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                """INSERT INTO jobs (id, hub, object, path, filename, rows, state, created_at,
+                       updated_at, last_source, idempotency_key, next_poll_at)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (idempotency_key) DO NOTHING RETURNING id""",
+                (
+                    job.id,
+                    job.hub,
+                    job.object,
+                    job.path,
+                    job.filename,
+                    job.rows,
+                    str(job.state),
+                    job.created_at,
+                    job.updated_at,
+                    job.last_source,
+                    idempotency_key,
+                    job.next_poll_at,
+                ),
+            )
+            if await cursor.fetchone() is None:
+                row = await (
+                    await conn.execute(
+                        "SELECT id FROM jobs WHERE idempotency_key = %s", (idempotency_key,)
+                    )
+                ).fetchone()
+                assert row is not None
+                existing = await _job(conn, row["id"])
+                assert existing is not None
+                return existing, False
+            await _add_event(conn, job.id, job.created_at, job.last_source, str(job.state), detail)
+            created = await _job(conn, job.id)
+            assert created is not None
+            return created, True
+
+    async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None:
+        async with self._pool.connection() as conn:
+            return await _job(conn, job_id, with_events=with_events)
+
+    async def find_by_upstream_id(self, upstream_id: str) -> Job | None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT * FROM jobs WHERE upstream_id = %s ORDER BY id DESC LIMIT 1",
+                    (upstream_id,),
+                )
+            ).fetchone()
+            return Job.from_row(row) if row else None
+
+    async def list_jobs(
+        self,
+        *,
+        state: State | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        search: str | None = None,
+    ) -> list[Job]:
+        clauses: list[str] = []
+        params: list[str] = []
+        if state is not None:
+            clauses.append("state = %s")
+            params.append(str(state))
+        if before is not None:
+            clauses.append("id < %s")
+            params.append(before)
+        if search:
+            clauses.append("(id LIKE %s ESCAPE '\\' OR upstream_id = %s)")
+            params.extend((like_prefix(search.lower()), search))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT %s",  # type: ignore[arg-type]
+                (*params, limit),
+            )
+            return [Job.from_row(row) for row in await cursor.fetchall()]
+
+    async def apply(
+        self,
+        job_id: str,
+        observation: Observation,
+        *,
+        delivery: Delivery | None = None,
+        upstream_id: str | None = None,
+        next_poll_at: float | _Keep | None = KEEP,
+        kept_id: int | None = None,
+        claim: Claim | None = None,
+    ) -> Applied | None:
+        call = ApplyCall(job_id, observation, delivery, upstream_id, next_poll_at, kept_id, claim)
+        if kept_id is not None:
+            # Rare (a callback that raced its job's submission): in a transaction of
+            # its own, which reads what the round's two round trips need not.
+            async with self._pool.connection() as conn:
+                return await apply_one(conn, call)
+        return await self._applies.submit(call)  # type: ignore[no-any-return]
+
+    async def _apply_round(self, calls: list[ApplyCall]) -> list[Outcome]:
+        async with self._pool.connection() as conn:
+            try:
+                return await apply_round(conn, calls)
+            except Exception:
+                if conn.broken:
+                    raise  # the database is gone: every call of the round fails alike
+            outcomes: list[Outcome] = []
+            for call in calls:
+                try:
+                    outcomes.append((True, await apply_one(conn, call)))
+                except Exception as exc:
+                    outcomes.append((False, exc))
+            return outcomes
+
+    async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
+        ref = delivery.job_ref
+        most, most_bytes = self.kept_limits
+        outcome = "kept"
+        async with self._pool.connection() as conn, conn.transaction():
+            if reason == "unknown_job" and ref is not None:
+                # Serialised with apply() recording an upstream id: by the job's row
+                # (a callback at its URL) or by the upstream id (the instance-wide one).
+                await conn.execute("SELECT 1 FROM jobs WHERE id = %s FOR UPDATE", (ref,))
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (ref,))
+                known = await (
+                    await conn.execute(
+                        "SELECT 1 FROM jobs WHERE (id = %s AND upstream_id IS NOT NULL)"
+                        " OR upstream_id = %s",
+                        (ref, ref),
+                    )
+                ).fetchone()
+                if known is not None:
+                    return "known"
+            cursor = await conn.execute(
+                """INSERT INTO kept_callbacks
+                       (webhook_id, job_ref, received_at, reason, body, digest, size)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT DO NOTHING RETURNING id""",
+                (
+                    delivery.webhook_id,
+                    ref,
+                    delivery.received_at,
+                    reason,
+                    body,
+                    delivery.digest,
+                    len(body),
+                ),
+            )
+            if await cursor.fetchone() is None:
+                return "duplicate"
+            cursor = await conn.execute(
+                "INSERT INTO deliveries (webhook_id, job_id, received_at, digest, outcome)"
+                " VALUES (%s, NULL, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING webhook_id",
+                (delivery.webhook_id, delivery.received_at, delivery.digest, reason),
+            )
+            if await cursor.fetchone() is None:
+                outcome = "duplicate"
+                raise psycopg.Rollback()  # the kept row goes with it
+            row = await (
+                await conn.execute(
+                    "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS size FROM kept_callbacks"
+                )
+            ).fetchone()
+            if row is not None and (row["n"] > most or row["size"] > most_bytes):
+                over = await (await conn.execute(KEPT_OVER, (most_bytes, most))).fetchone()
+                if over is not None:
+                    await conn.execute("DELETE FROM kept_callbacks WHERE id <= %s", (over["id"],))
+        return outcome
+
+    async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
+        refs = [ref for ref in refs if ref]
+        if not refs:
+            return []
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT id, webhook_id, job_ref, received_at, reason, body FROM kept_callbacks "
+                "WHERE applied_at IS NULL AND job_ref = ANY(%s) ORDER BY id",
+                (refs,),
+            )
+            return [
+                KeptCallback(**{**row, "body": bytes(row["body"])})
+                for row in await cursor.fetchall()
+            ]
+
+    async def claim_due(self, now: float, limit: int, owner: str, lease: float) -> list[Job]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                """WITH due AS (
+                       SELECT id FROM jobs
+                       WHERE next_poll_at <= %s AND (lease_until IS NULL OR lease_until < %s)
+                       ORDER BY next_poll_at LIMIT %s
+                       FOR UPDATE SKIP LOCKED)
+                   UPDATE jobs SET lease_owner = %s, lease_until = %s
+                   FROM due WHERE jobs.id = due.id
+                   RETURNING jobs.*""",
+                (now, now, limit, owner, now + lease),
+            )
+            rows = await cursor.fetchall()
+        jobs = [Job.from_row(row) for row in rows]
+        return sorted(jobs, key=lambda job: job.next_poll_at or 0.0)
+
+    async def reschedule(
+        self,
+        job_id: str,
+        next_poll_at: float | None,
+        *,
+        detail: str | None = None,
+        not_found: bool = False,
+    ) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                f"""UPDATE jobs SET next_poll_at = %s, lease_owner = NULL, lease_until = NULL,
+                        not_found_count = CASE WHEN %s THEN not_found_count + 1 ELSE 0 END
+                    WHERE id = %s AND state NOT IN {_TERMINAL_SQL}
+                    RETURNING state""",  # type: ignore[arg-type]
+                (next_poll_at, not_found, job_id),
+            )
+            row = await cursor.fetchone()
+            if detail and row is not None:
+                await conn.execute(
+                    "INSERT INTO events (job_id, at, source, state, detail) "
+                    "VALUES (%s, extract(epoch from clock_timestamp()), 'poll', %s, %s)",
+                    (job_id, row["state"], detail),
+                )
+
+    async def next_due_at(self) -> float | None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute(
+                    "SELECT MIN(next_poll_at) AS due FROM jobs WHERE next_poll_at IS NOT NULL"
+                )
+            ).fetchone()
+            return row["due"] if row else None
+
+    async def release_leases(self, owner: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = %s",
+                (owner,),
+            )
+
+    async def count_by_state(self) -> dict[str, int]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            return {row["state"]: row["n"] for row in await cursor.fetchall()}
+
+    async def prune(self, before: float, *, batch: int = 1000) -> Pruned:
+        removed: dict[str, int] = {}
+        params = {"before": before, "batch": batch}
+        for table, sql in PRUNE_SQL.items():
+            removed[table] = 0
+            while True:
+                # One batch per transaction: no lock is held for long.
+                async with self._pool.connection() as conn:
+                    cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    count = cursor.rowcount
+                removed[table] += count
+                if count < batch:
+                    break
+        return Pruned(**removed)

@@ -1,0 +1,564 @@
+"""The embedded store: one SQLite file in WAL mode, written by one thread (``writer``)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from service.jobs import Event, Job, Observation, State
+from service.store.activity import SQLiteActivity, like_prefix
+from service.store.base import (
+    KEEP,
+    KEPT_BYTES,
+    KEPT_MAX,
+    Applied,
+    Claim,
+    Delivery,
+    KeptCallback,
+    Pruned,
+    Store,
+    StoreError,
+    _Keep,
+)
+from service.store.plan import APPLY, bind, plan_apply, refusal_event
+from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
+from service.store.sqlite.writer import SQLiteConnections, connect
+
+__all__ = ["SQLiteStore"]
+
+_RECENT_JOBS = 4096
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        upstream_id TEXT,
+        hub TEXT NOT NULL,
+        object TEXT NOT NULL,
+        path TEXT NOT NULL,
+        filename TEXT,
+        rows INTEGER,
+        state TEXT NOT NULL,
+        upstream_status TEXT,
+        records_count INTEGER,
+        records_failed_count INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_source TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0,
+        idempotency_key TEXT UNIQUE,
+        next_poll_at REAL,
+        poll_count INTEGER NOT NULL DEFAULT 0,
+        not_found_count INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until REAL
+    );
+    CREATE INDEX jobs_state_id ON jobs (state, id);
+    CREATE INDEX jobs_due ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL;
+    CREATE INDEX jobs_upstream_id ON jobs (upstream_id) WHERE upstream_id IS NOT NULL;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at REAL NOT NULL,
+        source TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id, seq);
+    CREATE TABLE deliveries (
+        webhook_id TEXT PRIMARY KEY,
+        job_id TEXT,
+        received_at REAL NOT NULL
+    );
+    CREATE TABLE kept_callbacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        webhook_id TEXT NOT NULL,
+        job_ref TEXT,
+        received_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        body BLOB NOT NULL,
+        applied_at REAL
+    );
+    CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
+    """,
+    # 2: the dashboard: refused callbacks (never their bodies) and the indexes its
+    # live views and callbacks panel read by.
+    """
+    CREATE TABLE rejected_callbacks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        job_ref TEXT,
+        webhook_id TEXT
+    );
+    CREATE INDEX rejected_at ON rejected_callbacks (received_at);
+    CREATE INDEX rejected_job ON rejected_callbacks (job_ref) WHERE job_ref IS NOT NULL;
+    CREATE INDEX deliveries_at ON deliveries (received_at);
+    CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
+    CREATE INDEX jobs_updated ON jobs (updated_at, id);
+    """,
+    # 3: a signed body is about one job. Deliveries are deduplicated by the body's
+    # digest per job too (one more unique key on the callback path), refused ones
+    # carry their outcome, and kept bodies are deduplicated and bounded by size.
+    """
+    ALTER TABLE deliveries ADD COLUMN digest TEXT;
+    ALTER TABLE deliveries ADD COLUMN outcome TEXT;
+    CREATE UNIQUE INDEX deliveries_body ON deliveries (job_id, digest);
+    ALTER TABLE kept_callbacks ADD COLUMN digest TEXT;
+    ALTER TABLE kept_callbacks ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE kept_callbacks SET size = length(body);
+    CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
+    CREATE INDEX kept_size ON kept_callbacks (size);
+    """,
+    # 4: the body's digest moves to the timeline entry it made, and the timeline's
+    # index leads with it after the job: the check for a body seen before reads the
+    # index every timeline entry writes anyway, instead of a B-tree of its own that
+    # cost every callback one more page to write.
+    """
+    DROP INDEX deliveries_body;
+    ALTER TABLE events ADD COLUMN digest TEXT;
+    DROP INDEX events_job;
+    CREATE INDEX events_job ON events (job_id, digest, seq);
+    """,
+)
+
+
+# The poller's query each tick: served by the jobs_due index, it reads the due jobs
+# only, however many jobs the store holds (bench/run.py prints its plan).
+CLAIM_DUE = """SELECT id FROM jobs WHERE next_poll_at <= ?
+    AND (lease_until IS NULL OR lease_until < ?)
+    ORDER BY next_poll_at LIMIT ?"""
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, at REAL)"
+    )
+    done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+    for version, script in enumerate(MIGRATIONS, start=1):
+        if version in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+            conn.execute("COMMIT")
+        except Exception:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _events(conn: sqlite3.Connection, job_id: str) -> tuple[Event, ...]:
+    rows = conn.execute(
+        "SELECT at, source, state, detail FROM events WHERE job_id = ? ORDER BY seq", (job_id,)
+    )
+    return tuple(Event(*row) for row in rows)
+
+
+def _job(conn: sqlite3.Connection, job_id: str, with_events: bool = True) -> Job | None:
+    row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    return Job.from_row(row, _events(conn, job_id) if with_events else ())
+
+
+def _add_event(
+    conn: sqlite3.Connection,
+    job_id: str,
+    at: float,
+    source: str,
+    state: str,
+    detail: str,
+    digest: str | None = None,
+) -> None:
+    """Append a timeline entry; ``digest`` is the SHA-256 of the callback body it came
+    from, by which the same body is known again (``_seen``)."""
+    conn.execute(
+        "INSERT INTO events (job_id, at, source, state, detail, digest) VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, at, source, state, detail, digest),
+    )
+
+
+def _seen(conn: sqlite3.Connection, job_id: str, digest: str | None) -> bool:
+    """Whether this body already made an entry in the job's timeline."""
+    if digest is None:
+        return False
+    row = conn.execute(
+        "SELECT 1 FROM events WHERE job_id = ? AND digest = ? LIMIT 1", (job_id, digest)
+    ).fetchone()
+    return row is not None
+
+
+class SQLiteStore(SQLiteActivity, Store):
+    def __init__(
+        self, path: str | Path, *, kept_limits: tuple[int, int] = (KEPT_MAX, KEPT_BYTES)
+    ) -> None:
+        self.path = str(path)
+        # (most kept callbacks, most bytes of their bodies together)
+        self.kept_limits = kept_limits
+        # The rows of recently written jobs, as this store's writes left them: a callback
+        # for a job in flight (written at its submission) needs no read before deciding.
+        # Only writes touch it, on the event loop; a rolled-back round clears it, and
+        # the compare-and-set on ``version`` catches a writer from outside.
+        self._recent: OrderedDict[str, Job] = OrderedDict()
+        self._sql = SQLiteConnections(self.path, on_rollback=self._recent.clear)
+
+    async def open(self) -> None:
+        """Raises ``StoreError`` (one line, fit to print at start-up) when the file
+        cannot be used: a directory, a place that cannot be written, not a database."""
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path)
+            try:
+                _migrate(conn)
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise StoreError(f"cannot open the SQLite database {self.path}: {reason}") from exc
+        self._sql.start()
+
+    async def close(self) -> None:
+        await self._sql.stop()
+
+    async def ping(self) -> None:
+        try:
+            await self._sql.read(lambda conn: conn.execute("SELECT 1").fetchone())
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def create_job(
+        self, job: Job, *, idempotency_key: str | None = None, detail: str = ""
+    ) -> tuple[Job, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[Job, bool]:
+            if idempotency_key is not None:
+                row = conn.execute(
+                    "SELECT id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+                if row is not None:
+                    existing = _job(conn, row["id"])
+                    assert existing is not None
+                    return existing, False
+            conn.execute(
+                """INSERT INTO jobs (id, hub, object, path, filename, rows, state, created_at,
+                       updated_at, last_source, idempotency_key, next_poll_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    job.id,
+                    job.hub,
+                    job.object,
+                    job.path,
+                    job.filename,
+                    job.rows,
+                    str(job.state),
+                    job.created_at,
+                    job.updated_at,
+                    job.last_source,
+                    idempotency_key,
+                    job.next_poll_at,
+                ),
+            )
+            _add_event(conn, job.id, job.created_at, job.last_source, str(job.state), detail)
+            created = _job(conn, job.id)
+            assert created is not None
+            return created, True
+
+        return await self._sql.write(op)
+
+    async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None:
+        return await self._sql.read(lambda conn: _job(conn, job_id, with_events))
+
+    async def find_by_upstream_id(self, upstream_id: str) -> Job | None:
+        def op(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE upstream_id = ? ORDER BY id DESC LIMIT 1",
+                (upstream_id,),
+            ).fetchone()
+            return _job(conn, row["id"], False) if row else None
+
+        return await self._sql.read(op)
+
+    async def list_jobs(
+        self,
+        *,
+        state: State | None = None,
+        limit: int = 50,
+        before: str | None = None,
+        search: str | None = None,
+    ) -> list[Job]:
+        clauses: list[str] = []
+        params: list[str] = []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(str(state))
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        if search:
+            clauses.append("(id LIKE ? ESCAPE '\\' OR upstream_id = ?)")
+            params.extend((like_prefix(search.lower()), search))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?"
+
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            return [Job.from_row(row) for row in conn.execute(sql, (*params, limit))]
+
+        return await self._sql.read(op)
+
+    async def apply(
+        self,
+        job_id: str,
+        observation: Observation,
+        *,
+        delivery: Delivery | None = None,
+        upstream_id: str | None = None,
+        next_poll_at: float | _Keep | None = KEEP,
+        kept_id: int | None = None,
+        claim: Claim | None = None,
+    ) -> Applied | None:
+        def op(conn: sqlite3.Connection) -> Applied | None:
+            job = self._recent.get(job_id) or _job(conn, job_id, with_events=False)
+            if job is None:
+                return None
+            binding = bind(job, claim) if claim is not None else APPLY
+            if binding.wait:
+                return Applied(job, None, waiting=True)
+            adopt = claim.upstream_id if claim is not None else upstream_id
+            digest = delivery.digest if delivery is not None else None
+            if delivery is not None:
+                if _seen(conn, job_id, digest):
+                    return Applied(job, None, duplicate=True, refused=binding.refused)
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO deliveries (webhook_id, job_id, received_at, digest,"
+                    " outcome) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        delivery.webhook_id,
+                        job_id,
+                        delivery.received_at,
+                        delivery.digest,
+                        "wrong_job" if binding.refused else None,
+                    ),
+                ).rowcount
+                if not inserted:
+                    return Applied(job, None, duplicate=True, refused=binding.refused)
+            if kept_id is not None:
+                claimed, digest = _claim_kept(
+                    conn, job_id, kept_id, observation.at, binding.refused
+                )
+                if not claimed:
+                    return Applied(job, None, duplicate=True, refused=binding.refused)
+            if binding.refused:
+                _add_event(
+                    conn,
+                    job_id,
+                    observation.at,
+                    *refusal_event(job, binding.refused, observation.detail),
+                    digest,
+                )
+                return Applied(job, None, refused=binding.refused)
+            for attempt in range(2):
+                plan = plan_apply(job, observation, upstream_id=adopt, next_poll_at=next_poll_at)
+                assignments = ", ".join(f"{name} = ?" for name in plan.changes)
+                updated = conn.execute(
+                    f"UPDATE jobs SET {assignments}, version = version + 1 "
+                    "WHERE id = ? AND version = ?",
+                    (*plan.changes.values(), job_id, job.version),
+                ).rowcount
+                if updated:
+                    break
+                # Changed by a writer outside this store: decide again on the real row.
+                self._recent.pop(job_id, None)
+                job = _job(conn, job_id, with_events=False)
+                if job is None or attempt:
+                    raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
+            _add_event(conn, job_id, observation.at, *plan.event, digest)
+            fresh = plan.applied_to(job)
+            self._remember(fresh)
+            return Applied(fresh, plan.decision)
+
+        return await self._sql.write(op)
+
+    def _remember(self, job: Job) -> None:
+        self._recent[job.id] = job
+        self._recent.move_to_end(job.id)
+        if len(self._recent) > _RECENT_JOBS:
+            self._recent.popitem(last=False)
+
+    async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
+        most, most_bytes = self.kept_limits
+
+        def op(conn: sqlite3.Connection) -> str:
+            ref = delivery.job_ref
+            if reason == "unknown_job" and ref is not None:
+                known = conn.execute(
+                    "SELECT 1 FROM jobs WHERE (id = ? AND upstream_id IS NOT NULL)"
+                    " OR upstream_id = ?",
+                    (ref, ref),
+                ).fetchone()
+                if known is not None:
+                    return "known"
+            kept = conn.execute(
+                """INSERT OR IGNORE INTO kept_callbacks
+                       (webhook_id, job_ref, received_at, reason, body, digest, size)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    delivery.webhook_id,
+                    ref,
+                    delivery.received_at,
+                    reason,
+                    body,
+                    delivery.digest,
+                    len(body),
+                ),
+            )
+            if not kept.rowcount:
+                return "duplicate"
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO deliveries (webhook_id, job_id, received_at, digest,"
+                " outcome) VALUES (?, NULL, ?, ?, ?)",
+                (delivery.webhook_id, delivery.received_at, delivery.digest, reason),
+            ).rowcount
+            if not inserted:
+                conn.execute("DELETE FROM kept_callbacks WHERE id = ?", (kept.lastrowid,))
+                return "duplicate"
+            count, size = conn.execute(
+                "SELECT COUNT(*), TOTAL(size) FROM kept_callbacks"
+            ).fetchone()
+            if count > most or size > most_bytes:
+                row = conn.execute(sqlite_sql(KEPT_OVER), (most_bytes, most)).fetchone()
+                if row is not None:
+                    conn.execute("DELETE FROM kept_callbacks WHERE id <= ?", (row[0],))
+            return "kept"
+
+        return await self._sql.write(op)
+
+    async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
+        refs = [ref for ref in refs if ref]
+        if not refs:
+            return []
+        marks = ",".join("?" for _ in refs)
+        sql = (
+            "SELECT id, webhook_id, job_ref, received_at, reason, body FROM kept_callbacks "
+            f"WHERE applied_at IS NULL AND job_ref IN ({marks}) ORDER BY id"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[KeptCallback]:
+            return [KeptCallback(*row) for row in conn.execute(sql, refs)]
+
+        return await self._sql.read(op)
+
+    async def claim_due(self, now: float, limit: int, owner: str, lease: float) -> list[Job]:
+        def op(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(CLAIM_DUE, (now, now, limit)).fetchall()
+            ids = [row["id"] for row in rows]
+            conn.executemany(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE id = ?",
+                [(owner, now + lease, job_id) for job_id in ids],
+            )
+            return [job for job_id in ids if (job := _job(conn, job_id, False)) is not None]
+
+        return await self._sql.write(op)
+
+    async def reschedule(
+        self,
+        job_id: str,
+        next_poll_at: float | None,
+        *,
+        detail: str | None = None,
+        not_found: bool = False,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            self._recent.pop(job_id, None)
+            conn.execute(
+                """UPDATE jobs SET next_poll_at = ?, lease_owner = NULL, lease_until = NULL,
+                       not_found_count = CASE WHEN ? THEN not_found_count + 1 ELSE 0 END
+                   WHERE id = ? AND state NOT IN ('SUBMIT_FAILED', 'COMPLETED', 'ERROR',
+                       'ABORTED', 'CANCELLED', 'TIMED_OUT')""",
+                (next_poll_at, not_found, job_id),
+            )
+            if detail:
+                row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is not None:
+                    _add_event(conn, job_id, time.time(), "poll", row["state"], detail)
+
+        await self._sql.write(op)
+
+    async def next_due_at(self) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_poll_at) FROM jobs WHERE next_poll_at IS NOT NULL"
+            ).fetchone()
+            return row[0]
+
+        return await self._sql.read(op)
+
+    async def release_leases(self, owner: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+                (owner,),
+            )
+
+        await self._sql.write(op)
+
+    async def count_by_state(self) -> dict[str, int]:
+        def op(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            return {row[0]: row[1] for row in rows}
+
+        return await self._sql.read(op)
+
+    async def prune(self, before: float, *, batch: int = 1000) -> Pruned:
+        removed: dict[str, int] = {}
+        params = {"before": before, "batch": batch}
+        for table, sql in PRUNE_SQL.items():
+            removed[table] = 0
+            statement = sqlite_sql(sql)
+            while True:
+                # One batch per write: other writes take their turn in between.
+                count: int = await self._sql.write(
+                    lambda conn, statement=statement: conn.execute(statement, params).rowcount
+                )
+                removed[table] += count
+                if count < batch:
+                    break
+        return Pruned(**removed)
+
+
+def _claim_kept(
+    conn: sqlite3.Connection, job_id: str, kept_id: int, at: float, refused: str | None
+) -> tuple[bool, str | None]:
+    """Mark a kept callback as handled and its delivery as this job's: (False, …) when
+    the same body was applied to this job already (it came again before it was
+    applied), and the body's digest for the timeline entry it makes."""
+    row = conn.execute(
+        "SELECT webhook_id, digest FROM kept_callbacks WHERE id = ?", (kept_id,)
+    ).fetchone()
+    conn.execute("UPDATE kept_callbacks SET applied_at = ? WHERE id = ?", (at, kept_id))
+    if row is None:
+        return True, None
+    if _seen(conn, job_id, row["digest"]):
+        return False, row["digest"]
+    conn.execute(
+        "UPDATE OR IGNORE deliveries SET job_id = ?, outcome = COALESCE(?, outcome)"
+        " WHERE webhook_id = ?",
+        (job_id, "wrong_job" if refused else None, row["webhook_id"]),
+    )
+    return True, row["digest"]
+    if row["digest"] is not None:
+        seen = conn.execute(
+            "SELECT 1 FROM deliveries WHERE job_id = ? AND digest = ?", (job_id, row["digest"])
+        ).fetchone()
+        if seen is not None:
+            return False
+    conn.execute(
+        "UPDATE OR IGNORE deliveries SET job_id = ?, outcome = COALESCE(?, outcome)"
+        " WHERE webhook_id = ?",
+        (job_id, "wrong_job" if refused else None, row["webhook_id"]),
+    )
+    return True

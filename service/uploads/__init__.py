@@ -1,0 +1,2 @@
+"""Receiving CSV uploads: streamed to a spool file (``spool``) while checked
+(``csv_checks``), and relayed upstream while they arrive (``relay``)."""

@@ -1,0 +1,471 @@
+"""The Open Connectors bulk API client, with its retry rules.
+
+Reads (and cancel, which is safe to repeat) retry on 429, 5xx and timeouts with
+bounded, jittered backoff that honours ``Retry-After``. A submit creates a job
+upstream and is not idempotent, so it is retried only when the request surely never
+reached the upstream (connection refused, DNS) or when the upstream said 429/503 with
+a ``Retry-After``. Every other failure is raised as an ``UpstreamError`` whose
+``request_sent`` tells the caller whether a job may exist anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from service import values
+from service.upstream.multipart import FileStream, MultipartFile
+from service.upstream.statuses import normalize_status
+
+__all__ = [
+    "Credentials",
+    "JobStatus",
+    "RetryPolicy",
+    "Submission",
+    "UpstreamClient",
+    "UpstreamError",
+    "UpstreamUnavailable",
+]
+
+_MAX_PAGES = 100_000
+# Records asked for in the first page of a paged read whose record size is not known yet.
+_FIRST_PAGE = 20
+# An upstream message is shown and stored with the job; past this it is cut.
+_MAX_MESSAGE = 2000
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user_secret: str | None = field(default=None, repr=False)
+    org_secret: str | None = field(default=None, repr=False)
+    element_token: str | None = field(default=None, repr=False)
+
+    def header(self) -> str | None:
+        parts = [
+            f"{name} {value}"
+            for name, value in (
+                ("User", self.user_secret),
+                ("Organization", self.org_secret),
+                ("Element", self.element_token),
+            )
+            if value
+        ]
+        return ", ".join(parts) or None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 15.0
+    # A Retry-After longer than this is not slept through: the error is raised with
+    # its retry_after so the caller can reschedule instead of holding a request open.
+    max_retry_after: float = 60.0
+
+    def backoff(self, attempt: int) -> float:
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return ceiling * random.uniform(0.5, 1.0)
+
+
+class UpstreamError(Exception):
+    """A call to the upstream failed. ``status`` is None when no response came back."""
+
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        operation: str,
+        message: str,
+        *,
+        status: int | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+        request_sent: bool = True,
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.message = message
+        self.status = status
+        self.request_id = request_id
+        self.retry_after = retry_after
+        self.request_sent = request_sent
+
+    def __str__(self) -> str:
+        status = f"HTTP {self.status}" if self.status is not None else "no response"
+        request = f" (requestId {self.request_id})" if self.request_id else ""
+        return f"upstream {self.operation} failed: {status}: {self.message}{request}"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No HTTP response: connection refused, DNS failure, timeout, dropped connection."""
+
+    code = "upstream_unavailable"
+
+
+@dataclass(frozen=True)
+class Submission:
+    id: str
+    status: str | None
+    raw: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    id: str
+    status: str | None
+    raw_status: str | None
+    records_count: int | None
+    records_failed_count: int | None
+    raw: Mapping[str, Any]
+    # What in the body could not be used (a count out of range, a status that cannot
+    # be stored), said so the job's timeline shows why a value is missing.
+    note: str = ""
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any], job_id: str | None = None) -> JobStatus:
+        """Read what can be read; an unusable value is left out with a note, never
+        raised, so one odd field cannot stop a job from being polled to its end."""
+        notes: list[str] = []
+        raw_status = body.get("status")
+        status_text = values.text(raw_status)
+        if raw_status is not None and status_text is None:
+            notes.append("the upstream's status is not usable text")
+        counts = []
+        for name in ("recordsCount", "recordsFailedCount"):
+            counts.append(_count(body.get(name)))
+            if body.get(name) is not None and counts[-1] is None:
+                notes.append(f"{name} ignored: not a count from 0 to {values.MAX_COUNT}")
+        return cls(
+            id=_job_id(body.get("id")) or (job_id or ""),
+            status=normalize_status(status_text),
+            raw_status=status_text if isinstance(raw_status, str) else None,
+            records_count=counts[0],
+            records_failed_count=counts[1],
+            raw=body,
+            note="; ".join(notes),
+        )
+
+
+def _job_id(value: object) -> str | None:
+    """An upstream job id: a string or an integer, kept as opaque, storable text."""
+    return values.text(value)
+
+
+def _count(value: object) -> int | None:
+    return values.count(value)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date)."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_from(operation: str, response: httpx.Response) -> UpstreamError:
+    message, request_id = "", None
+    try:
+        body = response.json()
+    except (ValueError, RecursionError):
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("message"), str):
+            message = values.safe_text(body["message"], _MAX_MESSAGE).strip()
+        request_id = values.text(body.get("requestId"))
+    if not message:
+        message = values.safe_text(response.text[:200]).strip() or response.reason_phrase
+    return UpstreamError(
+        operation,
+        message,
+        status=response.status_code,
+        request_id=request_id,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+class UpstreamClient:
+    """Two connection pools to one Open Connectors instance: one for submissions, one
+    for everything else.
+
+    A submission can hold its connection for as long as its upload takes to arrive (a
+    relay) or to send: with one pool, uploads could take every connection and leave
+    the status polls, cancels and discovery waiting. ``submit_connections`` bounds the
+    submissions' own pool; ``connections`` the other one.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        credentials: Credentials | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: httpx.Timeout | float | None = None,
+        on_call: Callable[[str, int | None], None] | None = None,
+        connections: int = 100,
+        submit_connections: int = 16,
+    ) -> None:
+        headers = {"Accept": "application/json", "User-Agent": "bulkhook"}
+        auth = (credentials or Credentials()).header()
+        if auth:
+            headers["Authorization"] = auth
+        timeout = timeout if timeout is not None else httpx.Timeout(30.0, connect=5.0)
+        self._client, self._submits = (
+            httpx.AsyncClient(
+                base_url=base_url.rstrip("/"),
+                headers=headers,
+                timeout=timeout,
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=min(size, 20)),
+            )
+            for size in (connections, submit_connections)
+        )
+        self._retry = retry or RetryPolicy()
+        self._on_call = on_call
+
+    async def __aenter__(self) -> UpstreamClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await self._submits.aclose()
+
+    # -- calls --------------------------------------------------------------------
+
+    async def objects(self, hub: str) -> list[str]:
+        response = await self._call("objects", "GET", f"/hubs/{_seg(hub)}/objects")
+        body = _json(response, "objects")
+        if not isinstance(body, list):
+            raise UpstreamError("objects", "expected a JSON array of object names")
+        return [str(name) for name in body]
+
+    async def submit(
+        self,
+        hub: str,
+        object_name: str,
+        file: Path | FileStream,
+        *,
+        path: str | None = None,
+        filename: str | None = None,
+        callback_url: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Submission:
+        filename = filename or (file.name if isinstance(file, Path) else "upload.csv")
+        trailing = {"metaData": (json.dumps(metadata), "application/json")} if metadata else {}
+        upload = MultipartFile(file, filename=filename, trailing_fields=trailing)
+        headers = upload.headers
+        if callback_url:
+            headers["Elements-Async-Callback-Url"] = callback_url
+        response = await self._call(
+            "submit",
+            "POST",
+            f"/hubs/{_seg(hub)}/bulk/{_seg(object_name)}",
+            params={"path": path or f"/{filename}"},
+            headers=headers,
+            content=lambda: upload.aiter(progress),
+            idempotent=False,
+        )
+        body = _json(response, "submit")
+        if not isinstance(body, dict) or (job_id := _job_id(body.get("id"))) is None:
+            raise UpstreamError("submit", "the upstream accepted the upload but returned no job id")
+        return Submission(id=job_id, status=normalize_status(body.get("status")), raw=body)
+
+    async def status(self, hub: str, job_id: str | int) -> JobStatus:
+        response = await self._call("status", "GET", _job_url(hub, job_id, "status"))
+        body = _json(response, "status")
+        if not isinstance(body, dict):
+            raise UpstreamError("status", "expected a JSON object")
+        return JobStatus.from_body(body, str(job_id))
+
+    async def errors(self, hub: str, job_id: str | int, *, page_size: int = 200) -> list[Any]:
+        return await self._all_pages("errors", _job_url(hub, job_id, "errors"), {}, page_size)
+
+    async def error_pages(
+        self, hub: str, job_id: str | int, *, page_bytes: int, page_size: int = 200
+    ) -> AsyncGenerator[list[Any], None]:
+        """The failed records page by page, each page about ``page_bytes`` of JSON.
+
+        A record can carry thousands of columns, so a page of a fixed number of records
+        can be megabytes whose parsing holds the event loop: the first page is small,
+        and each next page asks for as many records as fit ``page_bytes`` at the size
+        the records had so far (between 1 and ``page_size``).
+        """
+        url = _job_url(hub, job_id, "errors")
+        size = min(page_size, _FIRST_PAGE)
+        token: str | None = None
+        seen: set[str] = set()
+        for _ in range(_MAX_PAGES):
+            query = {"pageSize": str(size)}
+            if token:
+                query["nextPage"] = token
+            response = await self._call("errors", "GET", url, params=query)
+            page = _json(response, "errors")
+            if not isinstance(page, list):
+                raise UpstreamError("errors", "expected a JSON array")
+            if page:
+                yield page
+                per_record = max(1, len(response.content) // len(page))
+                size = max(1, min(page_size, page_bytes // per_record))
+            token = response.headers.get("elements-next-page-token") or None
+            if not token or not page:
+                return
+            if token in seen:
+                raise UpstreamError("errors", "the upstream repeated a page token")
+            seen.add(token)
+        raise UpstreamError("errors", f"more than {_MAX_PAGES} pages")
+
+    async def jobs(self, hub: str, *, page_size: int = 200) -> list[JobStatus]:
+        params = {"where": "job_direction='UPLOAD'"}
+        items = await self._all_pages("jobs", f"/hubs/{_seg(hub)}/bulk/jobs", params, page_size)
+        return [JobStatus.from_body(item) for item in items if isinstance(item, dict)]
+
+    async def cancel(self, hub: str, job_id: str | int) -> JobStatus | None:
+        response = await self._call("cancel", "PUT", _job_url(hub, job_id, "cancel"))
+        try:
+            body = response.json()
+        except (ValueError, RecursionError):
+            return None
+        return JobStatus.from_body(body, str(job_id)) if isinstance(body, dict) else None
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def _all_pages(
+        self, operation: str, url: str, params: dict[str, str], page_size: int
+    ) -> list[Any]:
+        items: list[Any] = []
+        token: str | None = None
+        seen: set[str] = set()
+        for _ in range(_MAX_PAGES):
+            query = dict(params, pageSize=str(page_size))
+            if token:
+                query["nextPage"] = token
+            response = await self._call(operation, "GET", url, params=query)
+            page = _json(response, operation)
+            if not isinstance(page, list):
+                raise UpstreamError(operation, "expected a JSON array")
+            items.extend(page)
+            token = response.headers.get("elements-next-page-token") or None
+            if not token or not page:
+                return items
+            if token in seen:
+                raise UpstreamError(operation, "the upstream repeated a page token")
+            seen.add(token)
+        raise UpstreamError(operation, f"more than {_MAX_PAGES} pages")
+
+    async def _call(
+        self,
+        operation: str,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        content: Callable[[], AsyncIterator[bytes]] | None = None,
+        idempotent: bool = True,
+    ) -> httpx.Response:
+        policy = self._retry
+        attempt = 0
+        while True:
+            attempt += 1
+            error, retryable = await self._attempt(
+                operation, method, url, params, headers, content, idempotent
+            )
+            if isinstance(error, httpx.Response):
+                return error
+            if not retryable or attempt >= policy.attempts:
+                raise error
+            delay = error.retry_after if error.retry_after is not None else policy.backoff(attempt)
+            if delay > policy.max_retry_after:
+                raise error
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        operation: str,
+        method: str,
+        url: str,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        content: Callable[[], AsyncIterator[bytes]] | None,
+        idempotent: bool,
+    ) -> tuple[httpx.Response | UpstreamError, bool]:
+        """One try: the response, or the error and whether this call may be repeated."""
+        client = self._submits if operation == "submit" else self._client
+        try:
+            response = await client.request(
+                method,
+                url,
+                params=params,
+                headers=headers,
+                content=content() if content is not None else None,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._count(operation, None)
+            message = f"cannot connect: {exc}" if str(exc) else "cannot connect"
+            return UpstreamUnavailable(operation, message, request_sent=False), True
+        except httpx.PoolTimeout:
+            # Every connection stayed busy: nothing of this request left the process.
+            # Not repeated: a pool that stayed full this long is not about to free up.
+            self._count(operation, None)
+            message = "no connection to the upstream came free in time; nothing was sent"
+            return UpstreamUnavailable(operation, message, request_sent=False), False
+        except httpx.TransportError as exc:
+            self._count(operation, None)
+            what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+            return UpstreamUnavailable(operation, f"{what}: {type(exc).__name__}"), idempotent
+        self._count(operation, response.status_code)
+        if response.is_success:
+            return response, False
+        error = _error_from(operation, response)
+        status = response.status_code
+        if idempotent:
+            return error, status == 429 or status >= 500
+        return error, status in (429, 503) and error.retry_after is not None
+
+    def _count(self, operation: str, status: int | None) -> None:
+        if self._on_call is not None:
+            self._on_call(operation, status)
+
+
+def _seg(value: str | int) -> str:
+    return quote(str(value), safe="")
+
+
+def _job_url(hub: str, job_id: str | int, action: str) -> str:
+    return f"/hubs/{_seg(hub)}/bulk/{_seg(job_id)}/{action}"
+
+
+def _json(response: httpx.Response, operation: str) -> Any:
+    # ValueError covers malformed JSON, undecodable bytes and a number too long to
+    # convert (a 5,000-digit count); RecursionError, nesting deeper than the parser.
+    try:
+        return response.json()
+    except (ValueError, RecursionError) as exc:
+        raise UpstreamError(operation, "the upstream answered with invalid JSON") from exc
