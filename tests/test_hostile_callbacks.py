@@ -28,9 +28,10 @@ def jobs(
     contacts_csv: Path,
 ) -> tuple[RunningService, dict[str, Any], dict[str, Any]]:
     """Jobs A and B, RUNNING upstream for ten minutes, each polled once already, so
-    that a nudge's poll finds nothing new."""
+    that a nudge's poll finds nothing new; no poll is due for ten minutes either, so
+    only a callback (or its nudge) could add to a timeline while a test watches."""
     upstream = start_sandbox(drop_callbacks=1.0, job_seconds=600)
-    service = start_service(upstream, callback_grace=600)
+    service = start_service(upstream, callback_grace=600, poll_interval=600, poll_max_interval=600)
     a = service.submit(contacts_csv).json()
     b = service.submit(contacts_csv).json()
     a = service.http.post(f"/jobs/{a['id']}/refresh").json()

@@ -165,6 +165,7 @@ async def test_sqlite_is_in_wal_mode_with_every_migration(tmp_path: Path) -> Non
             (2,),
             (3,),
             (4,),
+            (5,),
         ]
 
 

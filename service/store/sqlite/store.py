@@ -123,6 +123,16 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX events_job;
     CREATE INDEX events_job ON events (job_id, digest, seq);
     """,
+    # 5: the same index, unique: a body's timeline entry is written before anything
+    # else it changes, and finding it written already is what makes it a duplicate, so
+    # no callback pays for a separate look-up. A body seen twice before this version
+    # keeps its first entry's digest.
+    """
+    UPDATE events SET digest = NULL WHERE digest IS NOT NULL AND seq NOT IN
+        (SELECT MIN(seq) FROM events WHERE digest IS NOT NULL GROUP BY job_id, digest);
+    DROP INDEX events_job;
+    CREATE UNIQUE INDEX events_job ON events (job_id, digest);
+    """,
 )
 
 
@@ -175,13 +185,41 @@ def _add_event(
     state: str,
     detail: str,
     digest: str | None = None,
-) -> None:
-    """Append a timeline entry; ``digest`` is the SHA-256 of the callback body it came
-    from, by which the same body is known again (``_seen``)."""
-    conn.execute(
-        "INSERT INTO events (job_id, at, source, state, detail, digest) VALUES (?, ?, ?, ?, ?, ?)",
+) -> int | None:
+    """Append a timeline entry and return its ``seq``; None, with nothing written, when
+    ``digest`` (the SHA-256 of the callback body the entry comes from) made an entry in
+    this job's timeline before."""
+    cursor = conn.execute(
+        "INSERT OR IGNORE INTO events (job_id, at, source, state, detail, digest)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
         (job_id, at, source, state, detail, digest),
     )
+    return cursor.lastrowid if cursor.rowcount else None
+
+
+def _record(
+    conn: sqlite3.Connection,
+    job_id: str,
+    at: float,
+    entry: tuple[str, str, str],
+    digest: str | None,
+    delivery: Delivery | None,
+    outcome: str | None,
+) -> int | None:
+    """The timeline entry, then the delivery by its webhook id: the entry's ``seq``, or
+    None with nothing written when either the body or the webhook id came before."""
+    seq = _add_event(conn, job_id, at, *entry, digest)
+    if seq is None or delivery is None:
+        return seq
+    inserted = conn.execute(
+        "INSERT OR IGNORE INTO deliveries (webhook_id, job_id, received_at, digest, outcome)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (delivery.webhook_id, job_id, delivery.received_at, delivery.digest, outcome),
+    ).rowcount
+    if not inserted:
+        conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
+        return None
+    return seq
 
 
 def _seen(conn: sqlite3.Connection, job_id: str, digest: str | None) -> bool:
@@ -330,39 +368,31 @@ class SQLiteStore(SQLiteActivity, Store):
                 return Applied(job, None, waiting=True)
             adopt = claim.upstream_id if claim is not None else upstream_id
             digest = delivery.digest if delivery is not None else None
-            if delivery is not None:
-                if _seen(conn, job_id, digest):
-                    return Applied(job, None, duplicate=True, refused=binding.refused)
-                inserted = conn.execute(
-                    "INSERT OR IGNORE INTO deliveries (webhook_id, job_id, received_at, digest,"
-                    " outcome) VALUES (?, ?, ?, ?, ?)",
-                    (
-                        delivery.webhook_id,
-                        job_id,
-                        delivery.received_at,
-                        delivery.digest,
-                        "wrong_job" if binding.refused else None,
-                    ),
-                ).rowcount
-                if not inserted:
-                    return Applied(job, None, duplicate=True, refused=binding.refused)
+            duplicate = Applied(job, None, duplicate=True, refused=binding.refused)
             if kept_id is not None:
                 claimed, digest = _claim_kept(
                     conn, job_id, kept_id, observation.at, binding.refused
                 )
                 if not claimed:
-                    return Applied(job, None, duplicate=True, refused=binding.refused)
+                    return duplicate
             if binding.refused:
-                _add_event(
-                    conn,
-                    job_id,
-                    observation.at,
-                    *refusal_event(job, binding.refused, observation.detail),
-                    digest,
-                )
-                return Applied(job, None, refused=binding.refused)
+                entry = refusal_event(job, binding.refused, observation.detail)
+                if _record(conn, job_id, observation.at, entry, digest, delivery, "wrong_job"):
+                    return Applied(job, None, refused=binding.refused)
+                return duplicate
+            seq: int | None = None
             for attempt in range(2):
                 plan = plan_apply(job, observation, upstream_id=adopt, next_poll_at=next_poll_at)
+                if seq is None:
+                    # Written first: finding it written already is the duplicate check.
+                    seq = _record(conn, job_id, observation.at, plan.event, digest, delivery, None)
+                    if seq is None:
+                        return duplicate
+                else:
+                    conn.execute(
+                        "UPDATE events SET source = ?, state = ?, detail = ? WHERE seq = ?",
+                        (*plan.event, seq),
+                    )
                 assignments = ", ".join(f"{name} = ?" for name in plan.changes)
                 updated = conn.execute(
                     f"UPDATE jobs SET {assignments}, version = version + 1 "
@@ -376,7 +406,6 @@ class SQLiteStore(SQLiteActivity, Store):
                 job = _job(conn, job_id, with_events=False)
                 if job is None or attempt:
                     raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
-            _add_event(conn, job_id, observation.at, *plan.event, digest)
             fresh = plan.applied_to(job)
             self._remember(fresh)
             return Applied(fresh, plan.decision)
@@ -550,15 +579,3 @@ def _claim_kept(
         (job_id, "wrong_job" if refused else None, row["webhook_id"]),
     )
     return True, row["digest"]
-    if row["digest"] is not None:
-        seen = conn.execute(
-            "SELECT 1 FROM deliveries WHERE job_id = ? AND digest = ?", (job_id, row["digest"])
-        ).fetchone()
-        if seen is not None:
-            return False
-    conn.execute(
-        "UPDATE OR IGNORE deliveries SET job_id = ?, outcome = COALESCE(?, outcome)"
-        " WHERE webhook_id = ?",
-        (job_id, "wrong_job" if refused else None, row["webhook_id"]),
-    )
-    return True
