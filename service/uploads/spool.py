@@ -6,9 +6,9 @@ and can be read again from the start for a retry.
 
 The file's pages are dropped from the page cache behind its readers once written back,
 so a 1 GiB upload does not fill the page cache with 1 GiB of spool (evicting the
-store's pages). On a virtual machine whose free memory is handed back to the host,
-filling it also meant faulting in fresh memory page by page: measured, a plain 1 GiB
-write cost 1.4 s of system time, dropping behind 0.35 s.
+store's pages), and so that the same memory is reused instead of fresh pages being
+faulted in one by one, which is costly on a virtual machine that hands free memory
+back to its host (the figures are in ``docs/performance.md``).
 """
 
 from __future__ import annotations
