@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = "cli-test-key"
 BODY = b'{"id":"77","status":"COMPLETED"}\n'
 
@@ -164,3 +165,25 @@ def test_the_console_script_is_installed() -> None:
         check=False,
     )
     assert result.stdout.decode().strip() == reference(KEY, BODY)
+
+
+def test_version_prints_the_one_version_the_package_has() -> None:
+    import importlib.metadata
+    import tomllib
+
+    import service
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "service.__version__"}
+
+    result = bulkhook("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"bulkhook {service.__version__}\n".encode()
+    # The installed metadata reads the same attribute: there is no second version string.
+    assert importlib.metadata.version("bulkhook") == service.__version__
+    script = Path(sys.executable).with_name("bulkhook")
+    installed = subprocess.run(
+        [str(script), "--version"], capture_output=True, timeout=30, check=False
+    )
+    assert installed.stdout == result.stdout

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO, NoReturn
 
+from service import __version__
 from service.callbacks import signatures
 from service.cli.remote import CommandError, add_job_commands, report
 
@@ -149,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="bulkhook",
         description="Submit Open Connectors bulk jobs and receive their verified callbacks.",
     )
+    parser.add_argument("--version", action="version", version=f"bulkhook {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     verify = commands.add_parser(
