@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +20,8 @@ from .conftest import RunningSandbox, RunningService
 
 StartSandbox = Callable[..., RunningSandbox]
 StartService = Callable[..., RunningService]
+# What a terminal draws besides text: colours, cursor moves, bracketed paste.
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def bulkhook(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -56,6 +60,44 @@ def test_submit_and_wait_follows_the_job_to_completed(
     assert "COMPLETED" in lines[-1]
     assert "10 records, none failed" in lines[-1]
     assert result.stderr == ""  # no progress bar off a terminal
+
+
+# The states a job passes on its way to COMPLETED, in order.
+PROGRESS = ["SUBMITTING", "CREATED", "STARTED", "RUNNING", "COMPLETED"]
+
+
+def states_printed(stdout: str) -> list[str]:
+    """The state of each ``job <id> <STATE> ...`` line."""
+    return [line.split()[2] for line in stdout.splitlines() if line.startswith("job ")]
+
+
+@pytest.fixture
+def slow_job_service(start_sandbox: StartSandbox, start_service: StartService) -> RunningService:
+    """Jobs that run for two seconds, polled every few tenths: followers see them move."""
+    return start_service(start_sandbox(job_seconds=2.0), callback_grace=0.2)
+
+
+def test_submit_wait_prints_each_state_once_in_order(
+    slow_job_service: RunningService, contacts_csv: Path
+) -> None:
+    result = bulkhook(
+        "submit", str(contacts_csv), "--object", "contact", "--wait", "--url", slow_job_service.url
+    )
+    assert result.returncode == 0, result.stderr
+    states = states_printed(result.stdout)
+    assert states[0] == "CREATED" and states[-1] == "COMPLETED"
+    assert states == sorted(set(states), key=PROGRESS.index), result.stdout
+
+
+def test_status_wait_prints_each_state_once_in_order(
+    slow_job_service: RunningService, contacts_csv: Path
+) -> None:
+    job = slow_job_service.submit(contacts_csv).json()
+    result = bulkhook("status", job["id"], "--wait", "--url", slow_job_service.url)
+    assert result.returncode == 0, result.stderr
+    states = states_printed(result.stdout)
+    assert states[-1] == "COMPLETED"
+    assert states == sorted(set(states), key=PROGRESS.index), result.stdout
 
 
 def test_submit_json_output_parses(service: RunningService, contacts_csv: Path) -> None:
@@ -179,16 +221,101 @@ def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
     assert "demo succeeded" in result.stdout
 
 
-def test_jobs_prints_a_table(service: RunningService, contacts_csv: Path) -> None:
+def on_a_terminal(*args: str, columns: int) -> tuple[int, str]:
+    """Run bulkhook with stdout and stderr on a terminal ``columns`` wide: what a person
+    at that terminal reads, escape codes removed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+        env={**environment, "COLUMNS": str(columns), "TERM": "xterm"},
+    )
+    os.close(secondary)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    process.wait(60)
+    os.close(primary)
+    return process.returncode, ESCAPES.sub("", drawn.decode()).replace("\r\n", "\n")
+
+
+@pytest.fixture
+def cancelling(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> tuple[RunningService, dict[str, Any]]:
+    """A job left CANCELLATION_PENDING, the longest state: the callback saying it was
+    cancelled is lost, and the next poll is half a minute away."""
+    service = start_service(
+        start_sandbox(job_seconds=60, drop_callbacks=1.0),
+        callback_grace=60,
+        poll_interval=30,
+        poll_max_interval=60,
+    )
     job = service.submit(contacts_csv).json()
-    service.wait_for(job["id"], {"COMPLETED"})
-    result = bulkhook("jobs", "--url", service.url)
-    assert result.returncode == 0
-    lines = result.stdout.splitlines()
+    cancelled = service.http.post(f"/jobs/{job['id']}/cancel")
+    assert cancelled.json()["state"] == "CANCELLATION_PENDING", cancelled.text
+    return service, cancelled.json()
+
+
+def test_jobs_on_a_narrow_terminal_prints_every_id_whole(
+    cancelling: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = cancelling
+    code, seen = on_a_terminal("jobs", "--url", service.url, columns=60)
+    assert code == 0, seen
+    row = next(line for line in seen.splitlines() if job["id"] in line)
+    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert "…" not in seen
+
+
+def test_jobs_on_a_wide_terminal_draws_a_table(
+    cancelling: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = cancelling
+    code, seen = on_a_terminal("jobs", "--url", service.url, columns=200)
+    assert code == 0, seen
+    lines = seen.splitlines()
     header = next(line for line in lines if "┃" in line)
-    rows = [line for line in lines if "│" in line]
     assert "state" in header and "records" in header and "via" in header
-    assert any(job["id"] in row and "COMPLETED" in row and "callback" in row for row in rows)
+    row = next(line for line in lines if job["id"] in line)
+    assert "│" in row and "CANCELLATION_PENDING" in row and "cancel" in row
+    assert "…" not in seen
+
+
+def test_jobs_off_a_terminal_prints_plain_lines(
+    cancelling: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = cancelling
+    result = bulkhook("jobs", "--url", service.url, COLUMNS="60")
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()
+    assert header.split() == [
+        "job",
+        "state",
+        "object",
+        "hub",
+        "records",
+        "failed",
+        "via",
+        "updated",
+    ]
+    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert "│" not in result.stdout and "…" not in result.stdout
 
 
 def test_the_upload_progress_bar_is_drawn_on_a_terminal(

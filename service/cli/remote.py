@@ -74,10 +74,14 @@ def print_job(job: dict[str, Any], *, as_json: bool) -> None:
 
 
 def _wait(client: ServiceClient, job: dict[str, Any], as_json: bool) -> int:
-    final = job
-    for update in _call(client.follow, job["id"]):
-        if update["state"] != job["state"] or update is not job:
+    """Print each state the job reaches after ``job`` (already printed), once each."""
+    shown, final = job["state"], job
+    updates = client.follow(job["id"])
+    # next() inside _call: a service lost while following is reported like any other.
+    while (update := _call(next, updates, None)) is not None:
+        if update["state"] != shown:
             print_job(update, as_json=as_json)
+            shown = update["state"]
         final = update
     return 0 if final["state"] == "COMPLETED" else 1
 
@@ -126,6 +130,34 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNBOUNDED = 10_000
+_JOB_COLUMNS = ("job", "state", "object", "hub", "records", "failed", "via", "updated")
+
+
+def _job_cells(job: dict[str, Any]) -> list[str]:
+    records, failed = job.get("records_count"), job.get("records_failed_count")
+    return [
+        job["id"],
+        job["state"],
+        job["object"],
+        job["hub"],
+        "-" if records is None else str(records),
+        "-" if failed is None else str(failed),
+        job["last_source"],
+        job["updated_at"],
+    ]
+
+
+def _print_lines(rows: list[list[str]]) -> None:
+    """Aligned plain lines, each job's id first and whole: for pipes, and for terminals
+    too narrow for the table."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_JOB_COLUMNS))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
 def _jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = _call(client.jobs, state=args.state, limit=args.limit)
@@ -135,23 +167,31 @@ def _jobs(args: argparse.Namespace) -> int:
     if not page["jobs"]:
         print("no jobs")
         return 0
+    rows = [_job_cells(job) for job in page["jobs"]]
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table("job", "state", "object", "hub", "records", "failed", "via", "updated")
-    for job in page["jobs"]:
-        failed = job.get("records_failed_count")
-        table.add_row(
-            job["id"],
-            job["state"],
-            job["object"],
-            job["hub"],
-            "" if job.get("records_count") is None else str(job["records_count"]),
-            "" if failed is None else (f"[red]{failed}[/red]" if failed else "0"),
-            job["last_source"],
-            job["updated_at"],
-        )
-    Console(width=max(120, Console().width)).print(table)
+    console = Console()
+    if console.is_terminal:
+        table = Table(*_JOB_COLUMNS)
+        # An id is for copying: never cut, folded or wrapped.
+        table.columns[0].no_wrap = True
+        table.columns[0].min_width = max(len(row[0]) for row in rows)
+        for row in rows:
+            # Text, not markup: an object or hub name may hold "[".
+            cells = [Text(cell) for cell in row]
+            if row[5] not in ("-", "0"):
+                cells[5].stylize("red")
+            table.add_row(*cells)
+        # The table only when every cell fits whole; a long state or a narrow terminal
+        # would otherwise squeeze columns into "…". (Measured unbounded: a measurement
+        # within the console's width is clamped to it.)
+        natural = console.measure(table, options=console.options.update_width(_UNBOUNDED))
+        if natural.maximum <= console.width:
+            console.print(table)
+            return 0
+    _print_lines([list(_JOB_COLUMNS), *rows])
     return 0
 
 
