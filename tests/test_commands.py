@@ -197,6 +197,76 @@ def test_serve_on_embedded_defaults_runs_the_walkthrough(
     output = process.communicate(timeout=10)[0]
     assert "embedded sandbox" in output
     assert "generated at start-up" in output
+    assert f"dashboard at {url}/" in output
+    # Off a terminal the logs are JSON lines, for a log collector.
+    assert '"message": "Application startup complete."' in output
+
+
+def serve_on_a_terminal(cwd: Path, **env: str) -> tuple[str, str]:
+    """Run `bulkhook serve` with its stderr on a terminal until it answers, then stop it:
+    what it printed on stdout, and what the terminal showed."""
+    import pty
+    import threading
+
+    primary, secondary = pty.openpty()
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port)],
+        cwd=cwd,
+        env={**environment, **env},
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        text=True,
+    )
+    os.close(secondary)
+    shown = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closed with the process
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+    finally:
+        process.terminate()
+        stdout = process.communicate(timeout=30)[0]
+        reader.join(10)
+        os.close(primary)
+    return stdout, shown.decode().replace("\r\n", "\n")
+
+
+def test_serve_on_a_terminal_logs_readable_text(tmp_path: Path) -> None:
+    stdout, shown = serve_on_a_terminal(tmp_path)
+    assert "dashboard at http://127.0.0.1:" in stdout
+    assert "/docs" in stdout
+    assert "press Ctrl+C to stop" in stdout
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert any(
+        line.endswith("INFO    uvicorn.error: Application startup complete.") for line in lines
+    )
+    assert not [line for line in lines if line.startswith("{")]
+
+
+def test_serve_on_a_terminal_still_logs_json_when_told_to(tmp_path: Path) -> None:
+    _, shown = serve_on_a_terminal(tmp_path, BULKHOOK_LOG_FORMAT="json")
+    lines = [json.loads(line) for line in shown.splitlines() if line.strip()]
+    assert {"level": "info", "logger": "uvicorn.error"}.items() <= lines[0].items()
+    assert "Application startup complete." in [line["message"] for line in lines]
 
 
 def test_serve_refuses_an_open_api_on_a_public_address() -> None:
