@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import RunningSandbox, RunningService
+from .conftest import RunningSandbox, RunningService, write_csv
 
 StartSandbox = Callable[..., RunningSandbox]
 StartService = Callable[..., RunningService]
@@ -133,6 +133,24 @@ def test_status_shows_the_timeline(service: RunningService, contacts_csv: Path) 
     assert result.returncode == 0
     assert "COMPLETED" in result.stdout
     assert "signature verified" in result.stdout
+
+
+def test_status_writes_times_in_utc_and_counts_in_words(
+    start_sandbox: StartSandbox, start_service: StartService, tmp_path: Path
+) -> None:
+    # Every callback lost: the job finishes by polling, and each poll names its due time.
+    service = start_service(start_sandbox(drop_callbacks=1.0), callback_grace=0.2)
+    job = service.submit(write_csv(tmp_path / "one.csv", [["Email"], ["ada@example.com"]]))
+    service.wait_for(job.json()["id"], {"COMPLETED"})
+    result = bulkhook("status", job.json()["id"], "--url", service.url)
+    assert result.returncode == 0, result.stderr
+    first, *timeline = result.stdout.splitlines()
+    assert "COMPLETED" in first and "1 record, none failed" in first
+    assert "received one.csv (1 row)" in result.stdout
+    assert re.search(r"poll due \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", result.stdout)
+    assert any("1 record, 0 failed" in line for line in timeline)
+    assert not re.search(r"\b\d{10}\.\d+", result.stdout), "a raw epoch"
+    assert "1 records" not in result.stdout and "1 rows" not in result.stdout
 
 
 def test_an_unknown_job_is_one_line_and_exit_1(service: RunningService) -> None:

@@ -51,7 +51,7 @@ def _counts(job: dict[str, Any]) -> str:
     total, failed = job.get("records_count"), job.get("records_failed_count")
     if total is None:
         return ""
-    text = f"{total} records"
+    text = f"{total} record{'' if total == 1 else 's'}"
     if failed:
         text += f", {failed} FAILED"
     elif failed == 0:
