@@ -63,6 +63,47 @@ def test_verify_does_not_strip_the_trailing_newline() -> None:
     assert b"does not match" in result.stdout
 
 
+def test_verify_hints_at_a_newline_the_sender_never_signed() -> None:
+    # The sender signed the body; `echo` gave it a newline on the way to the command.
+    header = reference(KEY, BODY.rstrip(b"\n"))
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=BODY)
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"invalid: ")
+    assert b"matches the body without its trailing newline" in result.stderr
+    assert b"printf" in result.stderr and b"echo" in result.stderr
+    assert KEY.encode() not in result.stdout + result.stderr
+
+
+def test_verify_says_a_trailing_newline_is_signed_too() -> None:
+    header = reference("some-other-key", BODY)
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=BODY)
+    assert result.returncode == 1
+    assert b"ends with a newline, which is signed" in result.stderr
+    assert KEY.encode() not in result.stdout + result.stderr
+
+
+def test_no_newline_hint_for_a_body_without_one() -> None:
+    unterminated = BODY.rstrip(b"\n")
+    header = reference("some-other-key", unterminated)
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=unterminated)
+    assert (result.returncode, result.stderr) == (1, b"")
+
+
+@pytest.mark.parametrize("header", ["sha256=YWJj", "md5=abc"])
+def test_no_newline_hint_for_a_malformed_header(header: str) -> None:
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=BODY)
+    assert (result.returncode, result.stderr) == (1, b"")
+
+
+def test_verify_a_digest_without_its_prefix() -> None:
+    bare = reference(KEY, BODY).split("=", 1)[1]
+    result = bulkhook("verify", "--key", KEY, "--signature", bare, stdin=BODY)
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"invalid: ")
+    assert b"missing the sha256= or sha1= prefix" in result.stdout
+    assert b"unknown algorithm" not in result.stdout
+
+
 def test_verify_the_wrong_key_is_invalid(body_file: Path) -> None:
     header = reference("some-other-key", BODY)
     result = bulkhook("verify", "--key", KEY, "--signature", header, str(body_file))

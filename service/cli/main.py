@@ -56,7 +56,24 @@ def _verify(args: argparse.Namespace, stdin: BinaryIO) -> int:
         print("valid")
         return 0
     print(f"invalid: {result.reason}")
+    if result.verdict is signatures.Verdict.MISMATCH and body.endswith(b"\n"):
+        print(f"hint: {_newline_hint(args.signature, body, keys)}", file=sys.stderr)
     return 1
+
+
+def _newline_hint(header: str, body: bytes, keys: list[str]) -> str:
+    """The usual cause of a mismatch by hand: a body saved or piped with a newline the
+    sender never signed (``echo`` adds one)."""
+    for trimmed in (body[:-1], body.rstrip(b"\r\n")):
+        if signatures.verify(header, trimmed, keys).ok:
+            return (
+                "the signature matches the body without its trailing newline: it is signed"
+                " like any other byte (echo adds one, printf '%s' does not)"
+            )
+    return (
+        "the body ends with a newline, which is signed like any other byte"
+        " (echo adds one, printf '%s' does not)"
+    )
 
 
 def _sign(args: argparse.Namespace, stdin: BinaryIO) -> int:
