@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -166,6 +168,94 @@ def test_an_unreachable_service_says_so_and_hints_at_serve() -> None:
     assert "cannot reach the service" in result.stderr
     assert "bulkhook serve" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def failed_job(
+    start_sandbox: StartSandbox, start_service: StartService, tmp_path: Path
+) -> tuple[RunningService, dict[str, Any]]:
+    """A COMPLETED job whose upstream failed two of its three records."""
+    service = start_service(start_sandbox(), api_tokens=("cli-token",))
+    rows = [["Name", "Email"], ["Ada", "ada@example.com"], ["Bad", "=not-an-email"], ["No", ""]]
+    with write_csv(tmp_path / "contacts.csv", rows).open("rb") as handle:
+        submitted = service.http.post(
+            "/jobs",
+            data={"object": "contact"},
+            files={"file": ("contacts.csv", handle, "text/csv")},
+            headers={"Authorization": "Bearer cli-token"},
+        )
+    assert submitted.status_code == 202, submitted.text
+    service.http.headers["Authorization"] = "Bearer cli-token"
+    return service, service.wait_for(submitted.json()["id"], {"COMPLETED"})
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_errors_lists_each_failed_record_with_its_line_and_reason(
+    failed_job: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = failed_job
+    result = bulkhook("errors", job["id"], "--url", service.url, "--token", "cli-token")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"job {job['id']}: 2 failed records",
+        "  line 3: Email is not a valid email address",
+        "  line 4: Email is empty",
+    ]
+    as_json = bulkhook(
+        "errors", job["id"], "--json", "--url", service.url, BULKHOOK_TOKEN="cli-token"
+    )
+    assert json.loads(as_json.stdout) == service.http.get(f"/jobs/{job['id']}/errors").json()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_errors_as_csv_is_the_dashboard_download(
+    failed_job: tuple[RunningService, dict[str, Any]], tmp_path: Path
+) -> None:
+    service, job = failed_job
+    download = service.http.get(f"/ui/jobs/{job['id']}/failed.csv").content
+    options = ("--url", service.url, "--token", "cli-token")
+    printed = bulkhook("errors", job["id"], "--csv", *options)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.encode() == download.replace(b"\r\n", b"\n")
+    header, *records = csv.reader(io.StringIO(printed.stdout))
+    assert header[:2] == ["lineNumber", "errorMessage"] and "Email" in header
+    assert [row[header.index("Email")] for row in records] == ["'=not-an-email", ""]
+    # -o: the file's name picks the form when no flag does; stdout stays empty.
+    for name, flags in (("failed.csv", []), ("failed.json", []), ("failed.txt", ["--csv"])):
+        written = bulkhook("errors", job["id"], "-o", str(tmp_path / name), *flags, *options)
+        assert written.returncode == 0, written.stderr
+        assert written.stdout == ""
+        assert f"to {tmp_path / name}" in written.stderr
+    assert (tmp_path / "failed.csv").read_bytes() == download
+    assert (tmp_path / "failed.txt").read_bytes() == download
+    assert json.loads((tmp_path / "failed.json").read_text())["count"] == 2
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_errors_fails_in_one_line_for_a_bad_token_an_unknown_job_or_no_service(
+    failed_job: tuple[RunningService, dict[str, Any]], tmp_path: Path
+) -> None:
+    service, job = failed_job
+    out = tmp_path / "out"
+    out.mkdir()
+    token = ("--token", "cli-token")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for form in ("--json", "--csv"):
+        untokened = bulkhook("errors", job["id"], form, "--url", service.url)
+        assert untokened.returncode == 1
+        assert "unauthorized" in untokened.stderr and "hint: pass --token" in untokened.stderr
+        unknown = bulkhook("errors", "nope", form, "-o", f"{out}/x", "--url", service.url, *token)
+        assert unknown.returncode == 1
+        assert "job_not_found" in unknown.stderr
+        assert len(unknown.stderr.strip().splitlines()) == 1
+        gone = bulkhook("errors", job["id"], form, "-o", f"{out}/x", "--url", nowhere, *token)
+        assert gone.returncode == 1
+        assert "cannot reach the service" in gone.stderr and "bulkhook serve" in gone.stderr
+        assert "Traceback" not in unknown.stderr + gone.stderr + untokened.stderr
+    assert list(out.iterdir()) == []  # no file, not even a partial one
+    both = bulkhook("errors", job["id"], "--json", "--csv", "--url", service.url)
+    assert both.returncode == 2
+    assert "choose one" in both.stderr
 
 
 def test_submit_a_missing_file_is_a_usage_error() -> None:

@@ -240,4 +240,9 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> No
         code = report(exc, args.command)
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing more, as the Python docs advise
+        # for SIGPIPE, and keep the interpreter's last flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     sys.exit(code)

@@ -1,4 +1,4 @@
-"""The CLI commands that talk to a running service: submit, status, jobs.
+"""The CLI commands that talk to a running service: submit, status, jobs, errors.
 
 Human output is one line per fact; ``--json`` prints the API's JSON. Failures are one
 line on stderr: exit 1 for a job or service problem, 2 for usage errors, and
@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from service.cli.api_client import ServiceClient, ServiceError, ServiceUnreachable
 
@@ -195,6 +196,61 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(value: Any) -> str:
+    """Upstream text on one line, without control characters a terminal would obey."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
+def _errors_text(answer: dict[str, Any]) -> str:
+    """One line per failed record: where it was in the upload and why it failed."""
+    count = answer["count"]
+    lines = [f"job {answer['job']}: {count} failed record{'' if count == 1 else 's'}"]
+    for entry in answer["errors"]:
+        if isinstance(entry, dict) and ("lineNumber" in entry or "errorMessage" in entry):
+            where = entry.get("lineNumber")
+            why = _printable(entry.get("errorMessage", ""))
+            lines.append(f"  line {_printable(where)}: {why}" if where is not None else f"  {why}")
+        else:
+            lines.append(f"  {_printable(entry)}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(output: str | None, produce: Callable[[BinaryIO], None]) -> None:
+    """Run ``produce`` into stdout, or into ``output``: the file appears only whole."""
+    if output is None:
+        produce(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    target = Path(output)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with partial.open("wb") as sink:
+            produce(sink)
+        partial.replace(target)
+    except OSError as exc:
+        raise CommandError(f"cannot write {output}: {exc.strerror or exc}", code=2) from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _errors(args: argparse.Namespace) -> int:
+    if args.json and args.csv:
+        raise CommandError("--json and --csv: choose one", code=2)
+    suffix = Path(args.output).suffix.lower() if args.output else ""
+    form = "csv" if args.csv else "json" if args.json else suffix.lstrip(".")
+    with _client(args) as client:
+        if form == "csv":
+            _write(args.output, lambda sink: _call(client.failed_csv, args.job, sink))
+        else:
+            answer = _call(client.errors, args.job)
+            text = json.dumps(answer) + "\n" if form == "json" else _errors_text(answer)
+            _write(args.output, lambda sink: sink.write(text.encode()))
+    if args.output:
+        print(f"wrote the failed records of job {args.job} to {args.output}", file=sys.stderr)
+    return 0
+
+
 def _service_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=os.environ.get("BULKHOOK_URL", DEFAULT_URL), help="the service's URL"
@@ -228,6 +284,19 @@ def add_job_commands(commands: Any) -> None:
     jobs.add_argument("--limit", type=int, default=50)
     _service_options(jobs)
     jobs.set_defaults(run=lambda args, stdin: _jobs(args))
+
+    errors = commands.add_parser(
+        "errors",
+        help="show or save a job's failed records",
+        description="The records the upstream failed: one line each (line number and "
+        "reason), --json for the API's answer, --csv for every column as the dashboard "
+        "downloads it. With -o FILE and neither flag, a .csv or .json name picks the form.",
+    )
+    errors.add_argument("job", help="the job id")
+    errors.add_argument("--csv", action="store_true", help="print CSV, every column")
+    errors.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    _service_options(errors)
+    errors.set_defaults(run=lambda args, stdin: _errors(args))
 
 
 def report(exc: CommandError, command: str) -> int:
