@@ -67,10 +67,11 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """One readable line: UTC time, level, logger, message, then the ids it concerns."""
 
-    converter = time.gmtime
-
     def __init__(self) -> None:
-        super().__init__("%(asctime)sZ %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(record.created))
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -216,7 +216,7 @@ def _errors_text(answer: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(output: str | None, produce: Callable[[BinaryIO], None]) -> None:
+def _write(output: str | None, produce: Callable[[BinaryIO], object]) -> None:
     """Run ``produce`` into stdout, or into ``output``: the file appears only whole."""
     if output is None:
         produce(sys.stdout.buffer)
