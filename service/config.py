@@ -50,7 +50,7 @@ _CREDENTIALS = {
 }
 # Kinds whose value is one word of a few, any case.
 _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {"log_format": ("json", "text"), "log_level": ("debug", "info", "warning", "error")}
+    {"log_format": ("auto", "json", "text"), "log_level": ("debug", "info", "warning", "error")}
 )
 
 # Field -> (environment variable, kind). The kind picks both the parser for the raw
@@ -294,8 +294,9 @@ class Settings:
     # system's temporary directory. Each running app works in a locked directory of
     # its own below it, and removes those of apps that died.
     spool_dir: str | None = None
-    # Structured JSON lines for log collectors, or plain text for a terminal.
-    log_format: str = "json"
+    # Structured JSON lines for log collectors, or plain text for a terminal; auto: text
+    # when stderr is a terminal, JSON otherwise.
+    log_format: str = "auto"
     # debug also logs every accepted or duplicate callback delivery.
     log_level: str = "info"
     # Where ``bulkhook serve`` listens: not read from the environment but set by the

@@ -26,6 +26,7 @@ __all__ = [
     "State",
     "SubmitRequest",
     "decide",
+    "iso_utc",
     "new_job_id",
 ]
 
@@ -165,7 +166,7 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "at": _iso(self.at),
+            "at": iso_utc(self.at),
             "source": self.source,
             "state": self.state,
             "detail": self.detail,
@@ -212,8 +213,8 @@ class Job:
             "records_count": self.records_count,
             "records_failed_count": self.records_failed_count,
             "succeeded": _succeeded(self),
-            "created_at": _iso(self.created_at),
-            "updated_at": _iso(self.updated_at),
+            "created_at": iso_utc(self.created_at),
+            "updated_at": iso_utc(self.updated_at),
             "last_source": self.last_source,
         }
         if with_events:
@@ -255,6 +256,8 @@ def _succeeded(job: Job) -> bool | None:
     return job.records_failed_count == 0 if job.records_failed_count is not None else None
 
 
-def _iso(ts: float) -> str:
+def iso_utc(ts: float) -> str:
+    """``ts`` (seconds since the epoch) as ISO-8601 UTC with milliseconds: how the API
+    and every timeline detail write a time."""
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
     return f"{seconds}.{int(ts * 1000) % 1000:03d}Z"

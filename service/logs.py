@@ -1,8 +1,9 @@
-"""Log lines as JSON objects, carrying the job and webhook ids they concern.
+"""Log lines as JSON objects, or as text for a person at a terminal, carrying the job
+and webhook ids they concern.
 
 Code logs with ``extra={"job_id": …, "webhook_id": …}``; the formatter lifts those
-fields into the JSON object so a log collector can search by them. Secrets are never
-passed to a logger in the first place.
+fields into the JSON object so a log collector can search by them (the text format
+appends them). Secrets are never passed to a logger in the first place.
 """
 
 from __future__ import annotations
@@ -12,9 +13,18 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
-__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "Repeats", "lighten_records", "log_config", "short"]
+__all__ = [
+    "CONTEXT_FIELDS",
+    "JsonFormatter",
+    "Repeats",
+    "TextFormatter",
+    "chosen_format",
+    "lighten_records",
+    "log_config",
+    "short",
+]
 
 CONTEXT_FIELDS = ("job_id", "webhook_id", "upstream_id", "outcome")
 _string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
@@ -52,6 +62,39 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line += f', "error": {_string(self.formatException(record.exc_info))}'
         return line + "}"
+
+
+class TextFormatter(logging.Formatter):
+    """One readable line: UTC time, level, logger, message, then the ids it concerns."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(record.created))
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = record.__dict__
+        context = [
+            f"{name}={fields[name]}" for name in CONTEXT_FIELDS if fields.get(name) is not None
+        ]
+        if not context:
+            return line
+        first, newline, rest = line.partition("\n")  # a traceback stays below its line
+        return f"{first} ({', '.join(context)}){newline}{rest}"
+
+
+def chosen_format(configured: str, stream: TextIO) -> str:
+    """``auto``: text when a person reads ``stream`` at a terminal, JSON lines for a log
+    collector otherwise; ``json`` and ``text`` are taken as they are."""
+    if configured != "auto":
+        return configured
+    try:
+        interactive = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        interactive = False
+    return "text" if interactive else "json"
 
 
 def short(value: str | None, limit: int = 64) -> str | None:
@@ -136,12 +179,9 @@ def lighten_records() -> None:
 
 
 def log_config(fmt: str, level: str = "info") -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` for uvicorn and the service's own loggers."""
-    formatter = (
-        {"()": f"{__name__}.JsonFormatter"}
-        if fmt == "json"
-        else {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    )
+    """A ``logging.config.dictConfig`` for uvicorn and the service's own loggers; ``fmt``
+    is ``json`` or ``text`` (see ``chosen_format``)."""
+    formatter = {"()": f"{__name__}.{'JsonFormatter' if fmt == 'json' else 'TextFormatter'}"}
     handler = {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}
     logger = {"handlers": ["main"], "level": level.upper(), "propagate": False}
     return {

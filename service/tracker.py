@@ -18,7 +18,7 @@ from typing import Any
 from service.callbacks import notification
 from service.config import Settings
 from service.errors import ApiError, upstream_failure
-from service.jobs import Job, Observation, Source, State, SubmitRequest, new_job_id
+from service.jobs import Job, Observation, Source, State, SubmitRequest, iso_utc, new_job_id
 from service.logs import short
 from service.store import Store
 from service.uploads.relay import Relay
@@ -42,7 +42,7 @@ def _why(job: Job, manual: bool) -> str:
     """Which poll this was: each scheduled due time is polled once, by one replica."""
     if manual or job.next_poll_at is None:
         return "refresh requested"
-    return f"poll due {job.next_poll_at:.3f}"
+    return f"poll due {iso_utc(job.next_poll_at)}"
 
 
 def _remove(path: Path) -> None:
@@ -135,11 +135,12 @@ class Tracker:
             rows=request.rows,
             next_poll_at=now + SUBMIT_DEADLINE,
         )
+        rows = f"{request.rows} row{'' if request.rows == 1 else 's'}"
         try:
             job, created = await self.store.create_job(
                 job,
                 idempotency_key=request.idempotency_key,
-                detail=f"received {request.filename} ({request.rows} rows)",
+                detail=f"received {request.filename} ({rows})",
             )
         except BaseException:
             if relay is not None:

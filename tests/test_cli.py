@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 KEY = "cli-test-key"
 BODY = b'{"id":"77","status":"COMPLETED"}\n'
 
@@ -60,6 +61,47 @@ def test_verify_does_not_strip_the_trailing_newline() -> None:
     assert result.returncode == 1
     assert result.stdout.startswith(b"invalid: ")
     assert b"does not match" in result.stdout
+
+
+def test_verify_hints_at_a_newline_the_sender_never_signed() -> None:
+    # The sender signed the body; `echo` gave it a newline on the way to the command.
+    header = reference(KEY, BODY.rstrip(b"\n"))
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=BODY)
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"invalid: ")
+    assert b"matches the body without its trailing newline" in result.stderr
+    assert b"printf" in result.stderr and b"echo" in result.stderr
+    assert KEY.encode() not in result.stdout + result.stderr
+
+
+def test_verify_says_a_trailing_newline_is_signed_too() -> None:
+    header = reference("some-other-key", BODY)
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=BODY)
+    assert result.returncode == 1
+    assert b"ends with a newline, which is signed" in result.stderr
+    assert KEY.encode() not in result.stdout + result.stderr
+
+
+def test_no_newline_hint_for_a_body_without_one() -> None:
+    unterminated = BODY.rstrip(b"\n")
+    header = reference("some-other-key", unterminated)
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=unterminated)
+    assert (result.returncode, result.stderr) == (1, b"")
+
+
+@pytest.mark.parametrize("header", ["sha256=YWJj", "md5=abc"])
+def test_no_newline_hint_for_a_malformed_header(header: str) -> None:
+    result = bulkhook("verify", "--key", KEY, "--signature", header, stdin=BODY)
+    assert (result.returncode, result.stderr) == (1, b"")
+
+
+def test_verify_a_digest_without_its_prefix() -> None:
+    bare = reference(KEY, BODY).split("=", 1)[1]
+    result = bulkhook("verify", "--key", KEY, "--signature", bare, stdin=BODY)
+    assert result.returncode == 1
+    assert result.stdout.startswith(b"invalid: ")
+    assert b"missing the sha256= or sha1= prefix" in result.stdout
+    assert b"unknown algorithm" not in result.stdout
 
 
 def test_verify_the_wrong_key_is_invalid(body_file: Path) -> None:
@@ -164,3 +206,25 @@ def test_the_console_script_is_installed() -> None:
         check=False,
     )
     assert result.stdout.decode().strip() == reference(KEY, BODY)
+
+
+def test_version_prints_the_one_version_the_package_has() -> None:
+    import importlib.metadata
+    import tomllib
+
+    import service
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "service.__version__"}
+
+    result = bulkhook("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"bulkhook {service.__version__}\n".encode()
+    # The installed metadata reads the same attribute: there is no second version string.
+    assert importlib.metadata.version("bulkhook") == service.__version__
+    script = Path(sys.executable).with_name("bulkhook")
+    installed = subprocess.run(
+        [str(script), "--version"], capture_output=True, timeout=30, check=False
+    )
+    assert installed.stdout == result.stdout

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import RunningSandbox, RunningService
+from .conftest import RunningSandbox, RunningService, write_csv
 
 StartSandbox = Callable[..., RunningSandbox]
 StartService = Callable[..., RunningService]
+# What a terminal draws besides text: colours, cursor moves, bracketed paste.
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def bulkhook(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
@@ -58,6 +64,44 @@ def test_submit_and_wait_follows_the_job_to_completed(
     assert result.stderr == ""  # no progress bar off a terminal
 
 
+# The states a job passes on its way to COMPLETED, in order.
+PROGRESS = ["SUBMITTING", "CREATED", "STARTED", "RUNNING", "COMPLETED"]
+
+
+def states_printed(stdout: str) -> list[str]:
+    """The state of each ``job <id> <STATE> ...`` line."""
+    return [line.split()[2] for line in stdout.splitlines() if line.startswith("job ")]
+
+
+@pytest.fixture
+def slow_job_service(start_sandbox: StartSandbox, start_service: StartService) -> RunningService:
+    """Jobs that run for two seconds, polled every few tenths: followers see them move."""
+    return start_service(start_sandbox(job_seconds=2.0), callback_grace=0.2)
+
+
+def test_submit_wait_prints_each_state_once_in_order(
+    slow_job_service: RunningService, contacts_csv: Path
+) -> None:
+    result = bulkhook(
+        "submit", str(contacts_csv), "--object", "contact", "--wait", "--url", slow_job_service.url
+    )
+    assert result.returncode == 0, result.stderr
+    states = states_printed(result.stdout)
+    assert states[0] == "CREATED" and states[-1] == "COMPLETED"
+    assert states == sorted(set(states), key=PROGRESS.index), result.stdout
+
+
+def test_status_wait_prints_each_state_once_in_order(
+    slow_job_service: RunningService, contacts_csv: Path
+) -> None:
+    job = slow_job_service.submit(contacts_csv).json()
+    result = bulkhook("status", job["id"], "--wait", "--url", slow_job_service.url)
+    assert result.returncode == 0, result.stderr
+    states = states_printed(result.stdout)
+    assert states[-1] == "COMPLETED"
+    assert states == sorted(set(states), key=PROGRESS.index), result.stdout
+
+
 def test_submit_json_output_parses(service: RunningService, contacts_csv: Path) -> None:
     result = bulkhook(
         "submit", str(contacts_csv), "--object", "contact", "--json", "--url", service.url
@@ -93,6 +137,24 @@ def test_status_shows_the_timeline(service: RunningService, contacts_csv: Path) 
     assert "signature verified" in result.stdout
 
 
+def test_status_writes_times_in_utc_and_counts_in_words(
+    start_sandbox: StartSandbox, start_service: StartService, tmp_path: Path
+) -> None:
+    # Every callback lost: the job finishes by polling, and each poll names its due time.
+    service = start_service(start_sandbox(drop_callbacks=1.0), callback_grace=0.2)
+    job = service.submit(write_csv(tmp_path / "one.csv", [["Email"], ["ada@example.com"]]))
+    service.wait_for(job.json()["id"], {"COMPLETED"})
+    result = bulkhook("status", job.json()["id"], "--url", service.url)
+    assert result.returncode == 0, result.stderr
+    first, *timeline = result.stdout.splitlines()
+    assert "COMPLETED" in first and "1 record, none failed" in first
+    assert "received one.csv (1 row)" in result.stdout
+    assert re.search(r"poll due \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", result.stdout)
+    assert any("1 record, 0 failed" in line for line in timeline)
+    assert not re.search(r"\b\d{10}\.\d+", result.stdout), "a raw epoch"
+    assert "1 records" not in result.stdout and "1 rows" not in result.stdout
+
+
 def test_an_unknown_job_is_one_line_and_exit_1(service: RunningService) -> None:
     result = bulkhook("status", "nope", "--url", service.url)
     assert result.returncode == 1
@@ -106,6 +168,94 @@ def test_an_unreachable_service_says_so_and_hints_at_serve() -> None:
     assert "cannot reach the service" in result.stderr
     assert "bulkhook serve" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def failed_job(
+    start_sandbox: StartSandbox, start_service: StartService, tmp_path: Path
+) -> tuple[RunningService, dict[str, Any]]:
+    """A COMPLETED job whose upstream failed two of its three records."""
+    service = start_service(start_sandbox(), api_tokens=("cli-token",))
+    rows = [["Name", "Email"], ["Ada", "ada@example.com"], ["Bad", "=not-an-email"], ["No", ""]]
+    with write_csv(tmp_path / "contacts.csv", rows).open("rb") as handle:
+        submitted = service.http.post(
+            "/jobs",
+            data={"object": "contact"},
+            files={"file": ("contacts.csv", handle, "text/csv")},
+            headers={"Authorization": "Bearer cli-token"},
+        )
+    assert submitted.status_code == 202, submitted.text
+    service.http.headers["Authorization"] = "Bearer cli-token"
+    return service, service.wait_for(submitted.json()["id"], {"COMPLETED"})
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_errors_lists_each_failed_record_with_its_line_and_reason(
+    failed_job: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = failed_job
+    result = bulkhook("errors", job["id"], "--url", service.url, "--token", "cli-token")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"job {job['id']}: 2 failed records",
+        "  line 3: Email is not a valid email address",
+        "  line 4: Email is empty",
+    ]
+    as_json = bulkhook(
+        "errors", job["id"], "--json", "--url", service.url, BULKHOOK_TOKEN="cli-token"
+    )
+    assert json.loads(as_json.stdout) == service.http.get(f"/jobs/{job['id']}/errors").json()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_errors_as_csv_is_the_dashboard_download(
+    failed_job: tuple[RunningService, dict[str, Any]], tmp_path: Path
+) -> None:
+    service, job = failed_job
+    download = service.http.get(f"/ui/jobs/{job['id']}/failed.csv").content
+    options = ("--url", service.url, "--token", "cli-token")
+    printed = bulkhook("errors", job["id"], "--csv", *options)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.encode() == download.replace(b"\r\n", b"\n")
+    header, *records = csv.reader(io.StringIO(printed.stdout))
+    assert header[:2] == ["lineNumber", "errorMessage"] and "Email" in header
+    assert [row[header.index("Email")] for row in records] == ["'=not-an-email", ""]
+    # -o: the file's name picks the form when no flag does; stdout stays empty.
+    for name, flags in (("failed.csv", []), ("failed.json", []), ("failed.txt", ["--csv"])):
+        written = bulkhook("errors", job["id"], "-o", str(tmp_path / name), *flags, *options)
+        assert written.returncode == 0, written.stderr
+        assert written.stdout == ""
+        assert f"to {tmp_path / name}" in written.stderr
+    assert (tmp_path / "failed.csv").read_bytes() == download
+    assert (tmp_path / "failed.txt").read_bytes() == download
+    assert json.loads((tmp_path / "failed.json").read_text())["count"] == 2
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_errors_fails_in_one_line_for_a_bad_token_an_unknown_job_or_no_service(
+    failed_job: tuple[RunningService, dict[str, Any]], tmp_path: Path
+) -> None:
+    service, job = failed_job
+    out = tmp_path / "out"
+    out.mkdir()
+    token = ("--token", "cli-token")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for form in ("--json", "--csv"):
+        untokened = bulkhook("errors", job["id"], form, "--url", service.url)
+        assert untokened.returncode == 1
+        assert "unauthorized" in untokened.stderr and "hint: pass --token" in untokened.stderr
+        unknown = bulkhook("errors", "nope", form, "-o", f"{out}/x", "--url", service.url, *token)
+        assert unknown.returncode == 1
+        assert "job_not_found" in unknown.stderr
+        assert len(unknown.stderr.strip().splitlines()) == 1
+        gone = bulkhook("errors", job["id"], form, "-o", f"{out}/x", "--url", nowhere, *token)
+        assert gone.returncode == 1
+        assert "cannot reach the service" in gone.stderr and "bulkhook serve" in gone.stderr
+        assert "Traceback" not in unknown.stderr + gone.stderr + untokened.stderr
+    assert list(out.iterdir()) == []  # no file, not even a partial one
+    both = bulkhook("errors", job["id"], "--json", "--csv", "--url", service.url)
+    assert both.returncode == 2
+    assert "choose one" in both.stderr
 
 
 def test_submit_a_missing_file_is_a_usage_error() -> None:
@@ -155,6 +305,76 @@ def test_serve_on_embedded_defaults_runs_the_walkthrough(
     output = process.communicate(timeout=10)[0]
     assert "embedded sandbox" in output
     assert "generated at start-up" in output
+    assert f"dashboard at {url}/" in output
+    # Off a terminal the logs are JSON lines, for a log collector.
+    assert '"message": "Application startup complete."' in output
+
+
+def serve_on_a_terminal(cwd: Path, **env: str) -> tuple[str, str]:
+    """Run `bulkhook serve` with its stderr on a terminal until it answers, then stop it:
+    what it printed on stdout, and what the terminal showed."""
+    import pty
+    import threading
+
+    primary, secondary = pty.openpty()
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port)],
+        cwd=cwd,
+        env={**environment, **env},
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        text=True,
+    )
+    os.close(secondary)
+    shown = bytearray()
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the terminal closed with the process
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+    finally:
+        process.terminate()
+        stdout = process.communicate(timeout=30)[0]
+        reader.join(10)
+        os.close(primary)
+    return stdout, shown.decode().replace("\r\n", "\n")
+
+
+def test_serve_on_a_terminal_logs_readable_text(tmp_path: Path) -> None:
+    stdout, shown = serve_on_a_terminal(tmp_path)
+    assert "dashboard at http://127.0.0.1:" in stdout
+    assert "/docs" in stdout
+    assert "press Ctrl+C to stop" in stdout
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert any(
+        line.endswith("INFO    uvicorn.error: Application startup complete.") for line in lines
+    )
+    assert not [line for line in lines if line.startswith("{")]
+
+
+def test_serve_on_a_terminal_still_logs_json_when_told_to(tmp_path: Path) -> None:
+    _, shown = serve_on_a_terminal(tmp_path, BULKHOOK_LOG_FORMAT="json")
+    lines = [json.loads(line) for line in shown.splitlines() if line.strip()]
+    assert {"level": "info", "logger": "uvicorn.error"}.items() <= lines[0].items()
+    assert "Application startup complete." in [line["message"] for line in lines]
 
 
 def test_serve_refuses_an_open_api_on_a_public_address() -> None:
@@ -179,16 +399,101 @@ def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
     assert "demo succeeded" in result.stdout
 
 
-def test_jobs_prints_a_table(service: RunningService, contacts_csv: Path) -> None:
+def on_a_terminal(*args: str, columns: int) -> tuple[int, str]:
+    """Run bulkhook with stdout and stderr on a terminal ``columns`` wide: what a person
+    at that terminal reads, escape codes removed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=secondary,
+        env={**environment, "COLUMNS": str(columns), "TERM": "xterm"},
+    )
+    os.close(secondary)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    process.wait(60)
+    os.close(primary)
+    return process.returncode, ESCAPES.sub("", drawn.decode()).replace("\r\n", "\n")
+
+
+@pytest.fixture
+def cancelling(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> tuple[RunningService, dict[str, Any]]:
+    """A job left CANCELLATION_PENDING, the longest state: the callback saying it was
+    cancelled is lost, and the next poll is half a minute away."""
+    service = start_service(
+        start_sandbox(job_seconds=60, drop_callbacks=1.0),
+        callback_grace=60,
+        poll_interval=30,
+        poll_max_interval=60,
+    )
     job = service.submit(contacts_csv).json()
-    service.wait_for(job["id"], {"COMPLETED"})
-    result = bulkhook("jobs", "--url", service.url)
-    assert result.returncode == 0
-    lines = result.stdout.splitlines()
+    cancelled = service.http.post(f"/jobs/{job['id']}/cancel")
+    assert cancelled.json()["state"] == "CANCELLATION_PENDING", cancelled.text
+    return service, cancelled.json()
+
+
+def test_jobs_on_a_narrow_terminal_prints_every_id_whole(
+    cancelling: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = cancelling
+    code, seen = on_a_terminal("jobs", "--url", service.url, columns=60)
+    assert code == 0, seen
+    row = next(line for line in seen.splitlines() if job["id"] in line)
+    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert "…" not in seen
+
+
+def test_jobs_on_a_wide_terminal_draws_a_table(
+    cancelling: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = cancelling
+    code, seen = on_a_terminal("jobs", "--url", service.url, columns=200)
+    assert code == 0, seen
+    lines = seen.splitlines()
     header = next(line for line in lines if "┃" in line)
-    rows = [line for line in lines if "│" in line]
     assert "state" in header and "records" in header and "via" in header
-    assert any(job["id"] in row and "COMPLETED" in row and "callback" in row for row in rows)
+    row = next(line for line in lines if job["id"] in line)
+    assert "│" in row and "CANCELLATION_PENDING" in row and "cancel" in row
+    assert "…" not in seen
+
+
+def test_jobs_off_a_terminal_prints_plain_lines(
+    cancelling: tuple[RunningService, dict[str, Any]],
+) -> None:
+    service, job = cancelling
+    result = bulkhook("jobs", "--url", service.url, COLUMNS="60")
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.splitlines()
+    assert header.split() == [
+        "job",
+        "state",
+        "object",
+        "hub",
+        "records",
+        "failed",
+        "via",
+        "updated",
+    ]
+    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert "│" not in result.stdout and "…" not in result.stdout
 
 
 def test_the_upload_progress_bar_is_drawn_on_a_terminal(

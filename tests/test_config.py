@@ -55,7 +55,7 @@ def test_defaults_with_empty_environment(tmp_path: Path) -> None:
     assert settings.job_timeout == 259200.0
     assert settings.max_callback_bytes == 1024 * 1024
     assert settings.max_upload_bytes == 2 * 1024**3
-    assert settings.log_format == "json"
+    assert settings.log_format == "auto"
     assert settings.log_level == "info"
     assert settings.credentials().header() is None
 

@@ -4,8 +4,10 @@ the callbacks panel and the live event stream (on SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import logging
+import re
 import signal
 import sqlite3
 import threading
@@ -82,6 +84,25 @@ def test_pages_render_the_jobs_table_and_the_job_page(
     static = service.http.get("/ui/static/dashboard.js")
     assert static.status_code == 200
     assert "EventSource" in static.text
+
+
+def test_the_job_page_writes_times_in_utc_and_counts_in_words(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    # Every callback lost: the job finishes by polling, and each poll names its due time.
+    service = start_service(start_sandbox(drop_callbacks=1.0), callback_grace=0.2)
+    job = completed(service, write_csv(tmp_path / "one.csv", [["Email"], ["ada@example.com"]]))
+    page = service.http.get(f"/ui/jobs/{job['id']}")
+    assert page.status_code == 200
+    text = html.unescape(re.sub(r"<[^>]+>", " ", page.text))
+    assert "(1 row uploaded)" in text
+    assert "received one.csv (1 row)" in text
+    assert re.search(r"poll due \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text)
+    assert "1 record, 0 failed" in text
+    assert not re.search(r"\b\d{10}\.\d+", text), "a raw epoch"
+    assert "1 records" not in text and "1 rows" not in text
 
 
 def test_the_table_filters_by_state_and_searches_by_id(

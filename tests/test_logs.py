@@ -1,14 +1,18 @@
-"""Log lines are JSON objects, one per line, carrying the ids they concern."""
+"""Log lines are JSON objects, one per line, carrying the ids they concern; a person at
+a terminal gets readable text lines instead."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import pty
 import sys
 
 import pytest
 
-from service.logs import JsonFormatter, Repeats, short
+from service.logs import JsonFormatter, Repeats, TextFormatter, chosen_format, short
 
 
 def record(msg: str, *args: object, exc: bool = False, **extra: object) -> logging.LogRecord:
@@ -87,3 +91,33 @@ def test_ids_in_log_lines_are_cut_short() -> None:
     assert short("a" * 15_000) == "a" * 64 + "…(+14936)"
     assert short("01abc") == "01abc"
     assert short(None) is None
+
+
+def test_a_text_line_is_readable_and_names_the_ids() -> None:
+    entry = record("callback %s for job %s", "accepted", "j1", job_id="j1", webhook_id="w1")
+    entry.created = 1_700_000_000.25
+    line = TextFormatter().format(entry)
+    assert line == (
+        "2023-11-14 22:13:20Z INFO    bulkhook.callbacks: callback accepted for job j1"
+        " (job_id=j1, webhook_id=w1)"
+    )
+    traced = TextFormatter().format(record("failed", exc=True, job_id="j2"))
+    first, *below = traced.splitlines()
+    assert first.endswith("failed (job_id=j2)")
+    assert below[-1] == "ValueError: boom"
+
+
+def test_auto_is_text_at_a_terminal_and_json_elsewhere() -> None:
+    primary, secondary = pty.openpty()
+    try:
+        with open(secondary, "w", closefd=False) as terminal:
+            assert chosen_format("auto", terminal) == "text"
+            assert chosen_format("json", terminal) == "json"
+        assert chosen_format("auto", io.StringIO()) == "json"
+        assert chosen_format("text", io.StringIO()) == "text"
+        closed = io.StringIO()
+        closed.close()
+        assert chosen_format("auto", closed) == "json"
+    finally:
+        os.close(primary)
+        os.close(secondary)

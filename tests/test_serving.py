@@ -1,4 +1,5 @@
-"""``bulkhook serve``: the garbage collector is kept out of the way of requests."""
+"""``bulkhook serve``: what it says at start-up, and the garbage collector kept out of
+the way of requests."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
-from service.server.serve import YOUNG_THRESHOLD, _Server
+from service.server.serve import YOUNG_THRESHOLD, _Server, describe
 from service.server.thread import bind_socket
+
+
+def test_the_banner_names_the_dashboard_the_api_docs_and_how_to_stop(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/bulkhook.db")
+    banner = "\n".join(describe(settings, "http://127.0.0.1:8000"))
+    assert "dashboard at http://127.0.0.1:8000/\n" in banner
+    assert "API docs at http://127.0.0.1:8000/docs " in banner
+    assert "http://127.0.0.1:8000/openapi.json" in banner
+    assert banner.endswith("press Ctrl+C to stop")
+    guarded = "\n".join(describe(settings.replace(api_tokens=("t0ken",)), "http://[::1]:9000"))
+    assert "dashboard at http://[::1]:9000/ (log in with one of BULKHOOK_API_TOKENS)" in guarded
+    assert "t0ken" not in guarded
 
 
 def test_start_up_is_frozen_and_young_collections_are_rare(tmp_path: Path) -> None:

@@ -84,6 +84,18 @@ def test_unknown_algorithms_are_refused(header: str) -> None:
     assert verify(header, BODY, [KEY]).verdict is Verdict.UNKNOWN_ALGORITHM
 
 
+@pytest.mark.parametrize("algo", ["sha256", "sha1"])
+@pytest.mark.parametrize("padding", [True, False])
+def test_a_digest_without_its_prefix_is_called_that(algo: str, padding: bool) -> None:
+    digest = reference(KEY, BODY, algo).split("=", 1)[1]
+    bare = digest if padding else digest.rstrip("=")
+    result = verify(bare, BODY, [KEY])
+    assert result.verdict is Verdict.MALFORMED
+    assert "missing the sha256= or sha1= prefix" in result.reason
+    assert "unknown algorithm" not in result.reason
+    assert bare.rstrip("=")[:8] not in result.reason
+
+
 @pytest.mark.parametrize("header", [None, "", "   ", "\t"])
 def test_a_missing_or_empty_header(header: str | None) -> None:
     assert verify(header, BODY, [KEY]).verdict is Verdict.MISSING

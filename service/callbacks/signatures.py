@@ -9,7 +9,8 @@ Decisions worth knowing:
 - Whitespace around the whole header value is ignored (HTTP treats it as not part of the
   field value); whitespace anywhere inside it makes the header malformed.
 - The algorithm name is matched exactly (``sha256``, ``sha1``), the digest is strict
-  base64 with padding, and its decoded length must match the algorithm.
+  base64 with padding, and its decoded length must match the algorithm. A digest
+  without any prefix is called that, not an algorithm named after the digest.
 - Several keys may be accepted at once (rotation, current first); the result names the
   index of the key that matched.
 
@@ -86,11 +87,28 @@ def sign(key: str | bytes, body: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}={base64.b64encode(mac.finalize()).decode('ascii')}"
 
 
+def _is_bare_digest(value: str) -> bool:
+    """A digest pasted without its ``<algorithm>=``: base64 (padded or not) that decodes
+    to a digest's length. Its own padding would otherwise read as the separator."""
+    try:
+        raw = base64.b64decode((value + "=" * (-len(value) % 4)).encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return False
+    return len(raw) in _DIGEST_SIZES.values()
+
+
 def _parse(header: str) -> tuple[str, bytes] | Verification:
     value = header.strip(_WHITESPACE)
     if not value:
         return Verification(Verdict.MISSING, "signature header is empty")
     algorithm, sep, encoded = value.partition("=")
+    # Checked only once the header is wrong anyway: a valid one costs nothing more.
+    if (not sep or algorithm not in _HASHES) and _is_bare_digest(value):
+        return Verification(
+            Verdict.MALFORMED,
+            "the signature is missing the sha256= or sha1= prefix"
+            " (expected '<algorithm>=<base64 digest>')",
+        )
     if not sep:
         return Verification(Verdict.MALFORMED, "expected '<algorithm>=<base64 digest>'")
     if algorithm not in _HASHES:

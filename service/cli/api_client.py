@@ -6,7 +6,8 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import quote
 
 import httpx
 
@@ -51,27 +52,17 @@ class ServiceClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _unreachable(self, exc: httpx.TransportError) -> ServiceUnreachable:
+        return ServiceUnreachable(f"cannot reach the service at {redact(self.url)}: {exc}")
+
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            where = redact(self.url)
-            raise ServiceUnreachable(f"cannot reach the service at {where}: {exc}") from exc
-        try:
-            body = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
+            raise self._unreachable(exc) from exc
         if response.is_success:
-            return body
-        error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict):
-            raise ServiceError(
-                response.status_code,
-                str(error.get("code", "error")),
-                str(error.get("message", "")),
-                body,
-            )
-        raise ServiceError(response.status_code, "http_error", response.reason_phrase, body)
+            return _json(response)
+        raise _error(response)
 
     def submit(
         self,
@@ -106,6 +97,24 @@ class ServiceClient:
             params["state"] = state
         return self._request("GET", "/jobs", params=params)  # type: ignore[no-any-return]
 
+    def errors(self, job_id: str) -> dict[str, Any]:
+        """The job's failed records, every upstream page of them."""
+        return self._request("GET", f"/jobs/{quote(job_id, safe='')}/errors")  # type: ignore[no-any-return]
+
+    def failed_csv(self, job_id: str, sink: BinaryIO) -> None:
+        """Write the dashboard's CSV of the job's failed records (every column, cells a
+        spreadsheet would run neutralised) to ``sink`` as it arrives."""
+        path = f"/ui/jobs/{quote(job_id, safe='')}/failed.csv"
+        try:
+            with self._http.stream("GET", path) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _error(response)
+                for chunk in response.iter_bytes():
+                    sink.write(chunk)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
     def follow(
         self, job_id: str, *, interval: float = 0.5, timeout: float | None = None
     ) -> Iterator[dict[str, Any]]:
@@ -122,3 +131,24 @@ class ServiceClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job['state']}")
             time.sleep(interval)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _error(response: httpx.Response) -> ServiceError:
+    """The service's error answer as an exception (its JSON ``code`` and ``message``)."""
+    body = _json(response)
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return ServiceError(
+            response.status_code,
+            str(error.get("code", "error")),
+            str(error.get("message", "")),
+            body,
+        )
+    return ServiceError(response.status_code, "http_error", response.reason_phrase, body)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO, NoReturn
 
+from service import __version__
 from service.callbacks import signatures
 from service.cli.remote import CommandError, add_job_commands, report
 
@@ -55,7 +56,24 @@ def _verify(args: argparse.Namespace, stdin: BinaryIO) -> int:
         print("valid")
         return 0
     print(f"invalid: {result.reason}")
+    if result.verdict is signatures.Verdict.MISMATCH and body.endswith(b"\n"):
+        print(f"hint: {_newline_hint(args.signature, body, keys)}", file=sys.stderr)
     return 1
+
+
+def _newline_hint(header: str, body: bytes, keys: list[str]) -> str:
+    """The usual cause of a mismatch by hand: a body saved or piped with a newline the
+    sender never signed (``echo`` adds one)."""
+    for trimmed in (body[:-1], body.rstrip(b"\r\n")):
+        if signatures.verify(header, trimmed, keys).ok:
+            return (
+                "the signature matches the body without its trailing newline: it is signed"
+                " like any other byte (echo adds one, printf '%s' does not)"
+            )
+    return (
+        "the body ends with a newline, which is signed like any other byte"
+        " (echo adds one, printf '%s' does not)"
+    )
 
 
 def _sign(args: argparse.Namespace, stdin: BinaryIO) -> int:
@@ -149,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="bulkhook",
         description="Submit Open Connectors bulk jobs and receive their verified callbacks.",
     )
+    parser.add_argument("--version", action="version", version=f"bulkhook {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     verify = commands.add_parser(
@@ -221,4 +240,9 @@ def main(argv: Sequence[str] | None = None, stdin: BinaryIO | None = None) -> No
         code = report(exc, args.command)
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing more, as the Python docs advise
+        # for SIGPIPE, and keep the interpreter's last flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     sys.exit(code)

@@ -1,4 +1,4 @@
-"""The CLI commands that talk to a running service: submit, status, jobs.
+"""The CLI commands that talk to a running service: submit, status, jobs, errors.
 
 Human output is one line per fact; ``--json`` prints the API's JSON. Failures are one
 line on stderr: exit 1 for a job or service problem, 2 for usage errors, and
@@ -11,8 +11,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from service.cli.api_client import ServiceClient, ServiceError, ServiceUnreachable
 
@@ -51,7 +52,7 @@ def _counts(job: dict[str, Any]) -> str:
     total, failed = job.get("records_count"), job.get("records_failed_count")
     if total is None:
         return ""
-    text = f"{total} records"
+    text = f"{total} record{'' if total == 1 else 's'}"
     if failed:
         text += f", {failed} FAILED"
     elif failed == 0:
@@ -74,10 +75,14 @@ def print_job(job: dict[str, Any], *, as_json: bool) -> None:
 
 
 def _wait(client: ServiceClient, job: dict[str, Any], as_json: bool) -> int:
-    final = job
-    for update in _call(client.follow, job["id"]):
-        if update["state"] != job["state"] or update is not job:
+    """Print each state the job reaches after ``job`` (already printed), once each."""
+    shown, final = job["state"], job
+    updates = client.follow(job["id"])
+    # next() inside _call: a service lost while following is reported like any other.
+    while (update := _call(next, updates, None)) is not None:
+        if update["state"] != shown:
             print_job(update, as_json=as_json)
+            shown = update["state"]
         final = update
     return 0 if final["state"] == "COMPLETED" else 1
 
@@ -126,6 +131,34 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+_UNBOUNDED = 10_000
+_JOB_COLUMNS = ("job", "state", "object", "hub", "records", "failed", "via", "updated")
+
+
+def _job_cells(job: dict[str, Any]) -> list[str]:
+    records, failed = job.get("records_count"), job.get("records_failed_count")
+    return [
+        job["id"],
+        job["state"],
+        job["object"],
+        job["hub"],
+        "-" if records is None else str(records),
+        "-" if failed is None else str(failed),
+        job["last_source"],
+        job["updated_at"],
+    ]
+
+
+def _print_lines(rows: list[list[str]]) -> None:
+    """Aligned plain lines, each job's id first and whole: for pipes, and for terminals
+    too narrow for the table."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_JOB_COLUMNS))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
 def _jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
         page = _call(client.jobs, state=args.state, limit=args.limit)
@@ -135,23 +168,86 @@ def _jobs(args: argparse.Namespace) -> int:
     if not page["jobs"]:
         print("no jobs")
         return 0
+    rows = [_job_cells(job) for job in page["jobs"]]
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table("job", "state", "object", "hub", "records", "failed", "via", "updated")
-    for job in page["jobs"]:
-        failed = job.get("records_failed_count")
-        table.add_row(
-            job["id"],
-            job["state"],
-            job["object"],
-            job["hub"],
-            "" if job.get("records_count") is None else str(job["records_count"]),
-            "" if failed is None else (f"[red]{failed}[/red]" if failed else "0"),
-            job["last_source"],
-            job["updated_at"],
-        )
-    Console(width=max(120, Console().width)).print(table)
+    console = Console()
+    if console.is_terminal:
+        table = Table(*_JOB_COLUMNS)
+        # An id is for copying: never cut, folded or wrapped.
+        table.columns[0].no_wrap = True
+        table.columns[0].min_width = max(len(row[0]) for row in rows)
+        for row in rows:
+            # Text, not markup: an object or hub name may hold "[".
+            cells = [Text(cell) for cell in row]
+            if row[5] not in ("-", "0"):
+                cells[5].stylize("red")
+            table.add_row(*cells)
+        # The table only when every cell fits whole; a long state or a narrow terminal
+        # would otherwise squeeze columns into "…". (Measured unbounded: a measurement
+        # within the console's width is clamped to it.)
+        natural = console.measure(table, options=console.options.update_width(_UNBOUNDED))
+        if natural.maximum <= console.width:
+            console.print(table)
+            return 0
+    _print_lines([list(_JOB_COLUMNS), *rows])
+    return 0
+
+
+def _printable(value: Any) -> str:
+    """Upstream text on one line, without control characters a terminal would obey."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return "".join(ch if ch.isprintable() else " " for ch in text)
+
+
+def _errors_text(answer: dict[str, Any]) -> str:
+    """One line per failed record: where it was in the upload and why it failed."""
+    count = answer["count"]
+    lines = [f"job {answer['job']}: {count} failed record{'' if count == 1 else 's'}"]
+    for entry in answer["errors"]:
+        if isinstance(entry, dict) and ("lineNumber" in entry or "errorMessage" in entry):
+            where = entry.get("lineNumber")
+            why = _printable(entry.get("errorMessage", ""))
+            lines.append(f"  line {_printable(where)}: {why}" if where is not None else f"  {why}")
+        else:
+            lines.append(f"  {_printable(entry)}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(output: str | None, produce: Callable[[BinaryIO], object]) -> None:
+    """Run ``produce`` into stdout, or into ``output``: the file appears only whole."""
+    if output is None:
+        produce(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    target = Path(output)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with partial.open("wb") as sink:
+            produce(sink)
+        partial.replace(target)
+    except OSError as exc:
+        raise CommandError(f"cannot write {output}: {exc.strerror or exc}", code=2) from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _errors(args: argparse.Namespace) -> int:
+    if args.json and args.csv:
+        raise CommandError("--json and --csv: choose one", code=2)
+    suffix = Path(args.output).suffix.lower() if args.output else ""
+    form = "csv" if args.csv else "json" if args.json else suffix.lstrip(".")
+    with _client(args) as client:
+        if form == "csv":
+            _write(args.output, lambda sink: _call(client.failed_csv, args.job, sink))
+        else:
+            answer = _call(client.errors, args.job)
+            text = json.dumps(answer) + "\n" if form == "json" else _errors_text(answer)
+            _write(args.output, lambda sink: sink.write(text.encode()))
+    if args.output:
+        print(f"wrote the failed records of job {args.job} to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -188,6 +284,19 @@ def add_job_commands(commands: Any) -> None:
     jobs.add_argument("--limit", type=int, default=50)
     _service_options(jobs)
     jobs.set_defaults(run=lambda args, stdin: _jobs(args))
+
+    errors = commands.add_parser(
+        "errors",
+        help="show or save a job's failed records",
+        description="The records the upstream failed: one line each (line number and "
+        "reason), --json for the API's answer, --csv for every column as the dashboard "
+        "downloads it. With -o FILE and neither flag, a .csv or .json name picks the form.",
+    )
+    errors.add_argument("job", help="the job id")
+    errors.add_argument("--csv", action="store_true", help="print CSV, every column")
+    errors.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
+    _service_options(errors)
+    errors.set_defaults(run=lambda args, stdin: _errors(args))
 
 
 def report(exc: CommandError, command: str) -> int:

@@ -7,13 +7,14 @@ import dataclasses
 import gc
 import ipaddress
 import socket
+import sys
 from pathlib import Path
 
 import uvicorn
 
 from service.app import create_app
 from service.config import Settings, redact
-from service.logs import lighten_records, log_config
+from service.logs import chosen_format, lighten_records, log_config
 from service.sandbox import API_PREFIX
 from service.server.protocol import http_protocol
 from service.server.thread import bind_socket
@@ -44,6 +45,9 @@ def describe(settings: Settings, url: str) -> list[str]:
     """What the operator needs to know at start-up; never a secret."""
     public = settings.public_url or url
     lines = [f"bulkhook: serving on {url} (callbacks: {public}/callbacks/jobs/<id>)"]
+    login = " (log in with one of BULKHOOK_API_TOKENS)" if settings.api_tokens else ""
+    lines.append(f"bulkhook: dashboard at {url}/{login}")
+    lines.append(f"bulkhook: API docs at {url}/docs (OpenAPI description: {url}/openapi.json)")
     if settings.embedded:
         lines.append(
             f"bulkhook: OC_BASE_URL is unset: using the embedded sandbox upstream at "
@@ -64,6 +68,7 @@ def describe(settings: Settings, url: str) -> list[str]:
     lines.append(f"bulkhook: job state in {redact(settings.database_url.split('?', 1)[0])}")
     if not settings.api_tokens:
         lines.append("bulkhook: the job API is open (BULKHOOK_API_TOKENS unset)")
+    lines.append("bulkhook: press Ctrl+C to stop")
     return lines
 
 
@@ -114,7 +119,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
     lighten_records()
     config = uvicorn.Config(
         create_app(settings),
-        log_config=log_config(settings.log_format, settings.log_level),
+        log_config=log_config(chosen_format(settings.log_format, sys.stderr), settings.log_level),
         log_level=settings.log_level,
         # One line per request would cost more than the callback itself; callbacks
         # log their own line (at debug) with the job and webhook ids instead.

@@ -77,9 +77,9 @@ def _describe(observation: Observation) -> str:
     if observation.raw_status or observation.status:
         parts.append(f"upstream says {observation.raw_status or observation.status}")
     if observation.records_count is not None:
-        failed = observation.records_failed_count
+        total, failed = observation.records_count, observation.records_failed_count
         parts.append(
-            f"{observation.records_count} records"
+            f"{total} record{'' if total == 1 else 's'}"
             + (f", {failed} failed" if failed is not None else "")
         )
     if observation.detail:
