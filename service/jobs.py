@@ -74,7 +74,8 @@ _PROGRESS = {
 }
 _FINAL = 5
 
-# Upstream statuses (already normalised, see ``service.upstream.statuses``) and the state each one means.
+# Upstream statuses (already normalised by ``service.upstream.statuses``) and the state
+# each one means.
 _FROM_UPSTREAM = {
     "CREATED": State.CREATED,
     "STARTED": State.STARTED,
