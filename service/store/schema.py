@@ -34,6 +34,9 @@ What only one store has stays beside that store, in its own migration list:
   the key on deliveries: its round of applies inserts every delivery of the round in
   its first round trip, before any timeline entry, and a body seen before is a
   conflict right there.
+
+``TERMINAL_SQL`` lists the terminal states as the ``jobs.state`` column holds them,
+for the statements of both stores that must leave an ended job alone.
 """
 
 from __future__ import annotations
@@ -42,11 +45,14 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
 
+from service.jobs import TERMINAL, State
+
 __all__ = [
     "MIGRATIONS_TABLE",
     "POSTGRES",
     "SHARED_MIGRATIONS",
     "SQLITE",
+    "TERMINAL_SQL",
     "Dialect",
     "migrations",
     "render",
@@ -166,6 +172,16 @@ SHARED_MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
     """,
 )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# The states a job never leaves, in the order they are declared, as an SQL list of
+# string literals (``state NOT IN TERMINAL_SQL``): rendered from the enum, never from
+# anything received, so that a new terminal state reaches the queries by itself.
+TERMINAL_SQL = "({})".format(", ".join(_literal(state) for state in State if state in TERMINAL))
 
 
 def render(script: str, dialect: Dialect) -> str:

@@ -31,11 +31,10 @@ from service.store.base import (
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
 from service.store.retention import KEPT_OVER, PRUNE_SQL
 from service.store.rounds import Outcome, Rounds
-from service.store.schema import MIGRATIONS_TABLE, POSTGRES, migrations, render
+from service.store.schema import MIGRATIONS_TABLE, POSTGRES, TERMINAL_SQL, migrations, render
 
 __all__ = ["PostgresStore"]
 
-_TERMINAL_SQL = "('SUBMIT_FAILED', 'COMPLETED', 'ERROR', 'ABORTED', 'CANCELLED', 'TIMED_OUT')"
 # Any constant serialises concurrent migrations of replicas starting together.
 _MIGRATION_LOCK = 0x62756C6B
 
@@ -354,7 +353,7 @@ class PostgresStore(PostgresActivity, Store):
             cursor = await conn.execute(
                 f"""UPDATE jobs SET next_poll_at = %s, lease_owner = NULL, lease_until = NULL,
                         not_found_count = CASE WHEN %s THEN not_found_count + 1 ELSE 0 END
-                    WHERE id = %s AND state NOT IN {_TERMINAL_SQL}
+                    WHERE id = %s AND state NOT IN {TERMINAL_SQL}
                     RETURNING state""",  # type: ignore[arg-type]
                 (next_poll_at, not_found, job_id),
             )

@@ -24,7 +24,7 @@ from service.store.base import (
 )
 from service.store.plan import APPLY, bind, plan_apply, refusal_event
 from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
-from service.store.schema import MIGRATIONS_TABLE, SQLITE, migrations, render
+from service.store.schema import MIGRATIONS_TABLE, SQLITE, TERMINAL_SQL, migrations, render
 from service.store.sqlite.writer import SQLiteConnections, connect
 
 __all__ = ["SQLiteStore"]
@@ -68,6 +68,12 @@ MIGRATIONS: tuple[str, ...] = migrations(
 CLAIM_DUE = """SELECT id FROM jobs WHERE next_poll_at <= ?
     AND (lease_until IS NULL OR lease_until < ?)
     ORDER BY next_poll_at LIMIT ?"""
+
+
+# A job's next poll, its lease given up; a job in a terminal state is polled no more.
+_RESCHEDULE = f"""UPDATE jobs SET next_poll_at = ?, lease_owner = NULL, lease_until = NULL,
+        not_found_count = CASE WHEN ? THEN not_found_count + 1 ELSE 0 END
+    WHERE id = ? AND state NOT IN {TERMINAL_SQL}"""
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -428,13 +434,7 @@ class SQLiteStore(SQLiteActivity, Store):
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             self._recent.pop(job_id, None)
-            conn.execute(
-                """UPDATE jobs SET next_poll_at = ?, lease_owner = NULL, lease_until = NULL,
-                       not_found_count = CASE WHEN ? THEN not_found_count + 1 ELSE 0 END
-                   WHERE id = ? AND state NOT IN ('SUBMIT_FAILED', 'COMPLETED', 'ERROR',
-                       'ABORTED', 'CANCELLED', 'TIMED_OUT')""",
-                (next_poll_at, not_found, job_id),
-            )
+            conn.execute(_RESCHEDULE, (next_poll_at, not_found, job_id))
             if detail:
                 row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is not None:
