@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs import Job, Observation, Source, State, new_job_id
+from service.jobs import TERMINAL, Job, Observation, Source, State, new_job_id
 from service.store import Delivery, Store, StoreError, open_store
 from service.store.base import Claim
 
@@ -278,6 +278,19 @@ async def test_due_jobs_are_leased_once(store: Store) -> None:
     assert await store.next_due_at() == pytest.approx(now + 30)
     fetched = await store.get_job(due.id)
     assert fetched is not None and fetched.events[-1].detail == "HTTP 503"
+
+
+async def test_a_job_in_a_terminal_state_is_never_scheduled_for_a_poll_again(
+    store: Store,
+) -> None:
+    later = time.time() + 30
+    jobs = {state: (await store.create_job(make_job(state=state)))[0] for state in State}
+    for job in jobs.values():
+        await store.reschedule(job.id, later)
+    for state, job in jobs.items():
+        fetched = await store.get_job(job.id)
+        assert fetched is not None
+        assert fetched.next_poll_at == (None if state in TERMINAL else pytest.approx(later))
 
 
 async def test_ping_and_counts(store: Store) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from service.store.sqlite import writer
-from service.store.sqlite.writer import PASS_INTERVAL, RESTART_FRAMES, SQLiteConnections, connect
+from service.store.sqlite.checkpointer import PASS_INTERVAL, RESTART_FRAMES
+from service.store.sqlite.writer import SQLiteConnections, connect
 
 pytestmark = pytest.mark.anyio
 

@@ -31,95 +31,15 @@ from service.store.base import (
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
 from service.store.retention import KEPT_OVER, PRUNE_SQL
 from service.store.rounds import Outcome, Rounds
+from service.store.schema import MIGRATIONS_TABLE, POSTGRES, TERMINAL_SQL, migrations, render
 
 __all__ = ["PostgresStore"]
 
-_TERMINAL_SQL = "('SUBMIT_FAILED', 'COMPLETED', 'ERROR', 'ABORTED', 'CANCELLED', 'TIMED_OUT')"
 # Any constant serialises concurrent migrations of replicas starting together.
 _MIGRATION_LOCK = 0x62756C6B
 
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE jobs (
-        id TEXT PRIMARY KEY,
-        upstream_id TEXT,
-        hub TEXT NOT NULL,
-        object TEXT NOT NULL,
-        path TEXT NOT NULL,
-        filename TEXT,
-        rows BIGINT,
-        state TEXT NOT NULL,
-        upstream_status TEXT,
-        records_count BIGINT,
-        records_failed_count BIGINT,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL,
-        last_source TEXT NOT NULL,
-        version BIGINT NOT NULL DEFAULT 0,
-        idempotency_key TEXT UNIQUE,
-        next_poll_at DOUBLE PRECISION,
-        poll_count INTEGER NOT NULL DEFAULT 0,
-        not_found_count INTEGER NOT NULL DEFAULT 0,
-        lease_owner TEXT,
-        lease_until DOUBLE PRECISION
-    );
-    CREATE INDEX jobs_state_id ON jobs (state, id);
-    CREATE INDEX jobs_due ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL;
-    CREATE INDEX jobs_upstream_id ON jobs (upstream_id) WHERE upstream_id IS NOT NULL;
-    CREATE TABLE events (
-        seq BIGSERIAL PRIMARY KEY,
-        job_id TEXT NOT NULL REFERENCES jobs (id),
-        at DOUBLE PRECISION NOT NULL,
-        source TEXT NOT NULL,
-        state TEXT NOT NULL,
-        detail TEXT NOT NULL
-    );
-    CREATE INDEX events_job ON events (job_id, seq);
-    CREATE TABLE deliveries (
-        webhook_id TEXT PRIMARY KEY,
-        job_id TEXT,
-        received_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE kept_callbacks (
-        id BIGSERIAL PRIMARY KEY,
-        webhook_id TEXT NOT NULL,
-        job_ref TEXT,
-        received_at DOUBLE PRECISION NOT NULL,
-        reason TEXT NOT NULL,
-        body BYTEA NOT NULL,
-        applied_at DOUBLE PRECISION
-    );
-    CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
-    """,
-    # 2: the dashboard: refused callbacks (never their bodies) and the indexes its
-    # live views and callbacks panel read by.
-    """
-    CREATE TABLE rejected_callbacks (
-        id BIGSERIAL PRIMARY KEY,
-        received_at DOUBLE PRECISION NOT NULL,
-        reason TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        job_ref TEXT,
-        webhook_id TEXT
-    );
-    CREATE INDEX rejected_at ON rejected_callbacks (received_at);
-    CREATE INDEX rejected_job ON rejected_callbacks (job_ref) WHERE job_ref IS NOT NULL;
-    CREATE INDEX deliveries_at ON deliveries (received_at);
-    CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
-    CREATE INDEX jobs_updated ON jobs (updated_at, id);
-    """,
-    # 3: a signed body is about one job. Deliveries are deduplicated by the body's
-    # digest per job too (one more unique key on the callback path), refused ones
-    # carry their outcome, and kept bodies are deduplicated and bounded by size.
-    """
-    ALTER TABLE deliveries ADD COLUMN digest TEXT, ADD COLUMN outcome TEXT;
-    CREATE UNIQUE INDEX deliveries_body ON deliveries (job_id, digest);
-    ALTER TABLE kept_callbacks ADD COLUMN digest TEXT,
-        ADD COLUMN size BIGINT NOT NULL DEFAULT 0;
-    UPDATE kept_callbacks SET size = octet_length(body);
-    CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
-    """,
-)
+# The shared schema (``schema``): PostgreSQL has nothing of its own so far.
+MIGRATIONS: tuple[str, ...] = migrations(POSTGRES)
 
 
 async def _events(conn: Conn, job_id: str) -> tuple[Event, ...]:
@@ -195,10 +115,7 @@ class PostgresStore(PostgresActivity, Store):
             await self._pool.open(wait=True, timeout=self._open_timeout)
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                await conn.execute(
-                    "CREATE TABLE IF NOT EXISTS schema_migrations "
-                    "(version INTEGER PRIMARY KEY, at DOUBLE PRECISION)"
-                )
+                await conn.execute(render(MIGRATIONS_TABLE, POSTGRES))  # type: ignore[arg-type]
                 cursor = await conn.execute("SELECT version FROM schema_migrations")
                 done = {row["version"] for row in await cursor.fetchall()}
                 for version, script in enumerate(MIGRATIONS, start=1):
@@ -436,7 +353,7 @@ class PostgresStore(PostgresActivity, Store):
             cursor = await conn.execute(
                 f"""UPDATE jobs SET next_poll_at = %s, lease_owner = NULL, lease_until = NULL,
                         not_found_count = CASE WHEN %s THEN not_found_count + 1 ELSE 0 END
-                    WHERE id = %s AND state NOT IN {_TERMINAL_SQL}
+                    WHERE id = %s AND state NOT IN {TERMINAL_SQL}
                     RETURNING state""",  # type: ignore[arg-type]
                 (next_poll_at, not_found, job_id),
             )

@@ -24,115 +24,42 @@ from service.store.base import (
 )
 from service.store.plan import APPLY, bind, plan_apply, refusal_event
 from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
+from service.store.schema import MIGRATIONS_TABLE, SQLITE, TERMINAL_SQL, migrations, render
 from service.store.sqlite.writer import SQLiteConnections, connect
 
 __all__ = ["SQLiteStore"]
 
 _RECENT_JOBS = 4096
 
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE jobs (
-        id TEXT PRIMARY KEY,
-        upstream_id TEXT,
-        hub TEXT NOT NULL,
-        object TEXT NOT NULL,
-        path TEXT NOT NULL,
-        filename TEXT,
-        rows INTEGER,
-        state TEXT NOT NULL,
-        upstream_status TEXT,
-        records_count INTEGER,
-        records_failed_count INTEGER,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        last_source TEXT NOT NULL,
-        version INTEGER NOT NULL DEFAULT 0,
-        idempotency_key TEXT UNIQUE,
-        next_poll_at REAL,
-        poll_count INTEGER NOT NULL DEFAULT 0,
-        not_found_count INTEGER NOT NULL DEFAULT 0,
-        lease_owner TEXT,
-        lease_until REAL
-    );
-    CREATE INDEX jobs_state_id ON jobs (state, id);
-    CREATE INDEX jobs_due ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL;
-    CREATE INDEX jobs_upstream_id ON jobs (upstream_id) WHERE upstream_id IS NOT NULL;
-    CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id TEXT NOT NULL REFERENCES jobs (id),
-        at REAL NOT NULL,
-        source TEXT NOT NULL,
-        state TEXT NOT NULL,
-        detail TEXT NOT NULL
-    );
-    CREATE INDEX events_job ON events (job_id, seq);
-    CREATE TABLE deliveries (
-        webhook_id TEXT PRIMARY KEY,
-        job_id TEXT,
-        received_at REAL NOT NULL
-    );
-    CREATE TABLE kept_callbacks (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        webhook_id TEXT NOT NULL,
-        job_ref TEXT,
-        received_at REAL NOT NULL,
-        reason TEXT NOT NULL,
-        body BLOB NOT NULL,
-        applied_at REAL
-    );
-    CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
-    """,
-    # 2: the dashboard: refused callbacks (never their bodies) and the indexes its
-    # live views and callbacks panel read by.
-    """
-    CREATE TABLE rejected_callbacks (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        received_at REAL NOT NULL,
-        reason TEXT NOT NULL,
-        detail TEXT NOT NULL,
-        job_ref TEXT,
-        webhook_id TEXT
-    );
-    CREATE INDEX rejected_at ON rejected_callbacks (received_at);
-    CREATE INDEX rejected_job ON rejected_callbacks (job_ref) WHERE job_ref IS NOT NULL;
-    CREATE INDEX deliveries_at ON deliveries (received_at);
-    CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
-    CREATE INDEX jobs_updated ON jobs (updated_at, id);
-    """,
-    # 3: a signed body is about one job. Deliveries are deduplicated by the body's
-    # digest per job too (one more unique key on the callback path), refused ones
-    # carry their outcome, and kept bodies are deduplicated and bounded by size.
-    """
-    ALTER TABLE deliveries ADD COLUMN digest TEXT;
-    ALTER TABLE deliveries ADD COLUMN outcome TEXT;
-    CREATE UNIQUE INDEX deliveries_body ON deliveries (job_id, digest);
-    ALTER TABLE kept_callbacks ADD COLUMN digest TEXT;
-    ALTER TABLE kept_callbacks ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
-    UPDATE kept_callbacks SET size = length(body);
-    CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
+# The shared schema (``schema``) with what only SQLite has; why it differs is said there.
+MIGRATIONS: tuple[str, ...] = migrations(
+    SQLITE,
+    {
+        # 3: the kept bodies' sizes are counted and totalled from an index of their own.
+        3: """
     CREATE INDEX kept_size ON kept_callbacks (size);
     """,
-    # 4: the body's digest moves to the timeline entry it made, and the timeline's
-    # index leads with it after the job: the check for a body seen before reads the
-    # index every timeline entry writes anyway, instead of a B-tree of its own that
-    # cost every callback one more page to write.
-    """
+        # 4: the body's digest moves to the timeline entry it made, and the timeline's
+        # index leads with it after the job: the check for a body seen before reads the
+        # index every timeline entry writes anyway, instead of a B-tree of its own that
+        # cost every callback one more page to write.
+        4: """
     DROP INDEX deliveries_body;
     ALTER TABLE events ADD COLUMN digest TEXT;
     DROP INDEX events_job;
     CREATE INDEX events_job ON events (job_id, digest, seq);
     """,
-    # 5: the same index, unique: a body's timeline entry is written before anything
-    # else it changes, and finding it written already is what makes it a duplicate, so
-    # no callback pays for a separate look-up. A body seen twice before this version
-    # keeps its first entry's digest.
-    """
+        # 5: the same index, unique: a body's timeline entry is written before anything
+        # else it changes, and finding it written already is what makes it a duplicate,
+        # so no callback pays for a separate look-up. A body seen twice before this
+        # version keeps its first entry's digest.
+        5: """
     UPDATE events SET digest = NULL WHERE digest IS NOT NULL AND seq NOT IN
         (SELECT MIN(seq) FROM events WHERE digest IS NOT NULL GROUP BY job_id, digest);
     DROP INDEX events_job;
     CREATE UNIQUE INDEX events_job ON events (job_id, digest);
     """,
+    },
 )
 
 
@@ -143,10 +70,14 @@ CLAIM_DUE = """SELECT id FROM jobs WHERE next_poll_at <= ?
     ORDER BY next_poll_at LIMIT ?"""
 
 
+# A job's next poll, its lease given up; a job in a terminal state is polled no more.
+_RESCHEDULE = f"""UPDATE jobs SET next_poll_at = ?, lease_owner = NULL, lease_until = NULL,
+        not_found_count = CASE WHEN ? THEN not_found_count + 1 ELSE 0 END
+    WHERE id = ? AND state NOT IN {TERMINAL_SQL}"""
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, at REAL)"
-    )
+    conn.execute(render(MIGRATIONS_TABLE, SQLITE))
     done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
     for version, script in enumerate(MIGRATIONS, start=1):
         if version in done:
@@ -503,13 +434,7 @@ class SQLiteStore(SQLiteActivity, Store):
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             self._recent.pop(job_id, None)
-            conn.execute(
-                """UPDATE jobs SET next_poll_at = ?, lease_owner = NULL, lease_until = NULL,
-                       not_found_count = CASE WHEN ? THEN not_found_count + 1 ELSE 0 END
-                   WHERE id = ? AND state NOT IN ('SUBMIT_FAILED', 'COMPLETED', 'ERROR',
-                       'ABORTED', 'CANCELLED', 'TIMED_OUT')""",
-                (next_poll_at, not_found, job_id),
-            )
+            conn.execute(_RESCHEDULE, (next_poll_at, not_found, job_id))
             if detail:
                 row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
                 if row is not None:

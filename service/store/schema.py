@@ -1,0 +1,204 @@
+"""The tables and indexes both stores keep, written once and rendered per database.
+
+A migration is a script of ``;``-separated statements; the stores apply the versions
+they have not yet applied, in order, at start-up (each store its own way: SQLite one
+statement per call inside ``BEGIN IMMEDIATE``, PostgreSQL every version in one
+transaction under an advisory lock, so that replicas starting together migrate once).
+A version once shipped has built databases that are still in use: its effect never
+changes, and a schema change is a new version.
+
+The shared scripts name their types by what the column holds, and each database
+spells them its own way (``Dialect``):
+
+- ``{time}``, seconds since the epoch with a fraction: ``REAL`` / ``DOUBLE PRECISION``.
+- ``{count}``, a count or size that may pass 2**31 (rows, records, versions, bytes):
+  ``INTEGER`` / ``BIGINT``. SQLite's ``INTEGER`` holds 64 bits, PostgreSQL's 32; the
+  per-job counters of polls and not-found answers stay small and are ``INTEGER`` on
+  both.
+- ``{bytes}``, a callback body: ``BLOB`` / ``BYTEA``.
+- ``{serial_key}``, a key the database assigns in increasing order, which the
+  timeline, the kept and the refused callbacks are read and pruned by: SQLite's
+  ``AUTOINCREMENT`` (never reusing the key of a deleted newest row) and PostgreSQL's
+  ``BIGSERIAL``.
+
+What only one store has stays beside that store, in its own migration list:
+
+- SQLite's version 3 adds ``kept_size`` on the kept bodies' sizes: SQLite keeps a
+  body inside its row, so the count and total of sizes read whenever a callback is
+  kept would otherwise read every kept body; with the index they read the sizes
+  alone. PostgreSQL moves large bodies out of their rows (TOAST), and its store was
+  given no such index.
+- SQLite's versions 4 and 5 move a body's digest from the deliveries' unique key to
+  the timeline entry the body made, unique per job: a callback then writes one
+  B-tree fewer, a page less in every commit of the single writer. PostgreSQL keeps
+  the key on deliveries: its round of applies inserts every delivery of the round in
+  its first round trip, before any timeline entry, and a body seen before is a
+  conflict right there.
+
+``TERMINAL_SQL`` lists the terminal states as the ``jobs.state`` column holds them,
+for the statements of both stores that must leave an ended job alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+
+from service.jobs import TERMINAL, State
+
+__all__ = [
+    "MIGRATIONS_TABLE",
+    "POSTGRES",
+    "SHARED_MIGRATIONS",
+    "SQLITE",
+    "TERMINAL_SQL",
+    "Dialect",
+    "migrations",
+    "render",
+]
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How one database spells the types the shared scripts name."""
+
+    time: str
+    count: str
+    bytes: str
+    serial_key: str
+
+
+SQLITE = Dialect(
+    time="REAL",
+    count="INTEGER",
+    bytes="BLOB",
+    serial_key="INTEGER PRIMARY KEY AUTOINCREMENT",
+)
+POSTGRES = Dialect(
+    time="DOUBLE PRECISION",
+    count="BIGINT",
+    bytes="BYTEA",
+    serial_key="BIGSERIAL PRIMARY KEY",
+)
+
+# The versions applied so far; made before anything else, by each store's migrate.
+MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, at {time})"
+)
+
+SHARED_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        upstream_id TEXT,
+        hub TEXT NOT NULL,
+        object TEXT NOT NULL,
+        path TEXT NOT NULL,
+        filename TEXT,
+        rows {count},
+        state TEXT NOT NULL,
+        upstream_status TEXT,
+        records_count {count},
+        records_failed_count {count},
+        created_at {time} NOT NULL,
+        updated_at {time} NOT NULL,
+        last_source TEXT NOT NULL,
+        version {count} NOT NULL DEFAULT 0,
+        idempotency_key TEXT UNIQUE,
+        next_poll_at {time},
+        poll_count INTEGER NOT NULL DEFAULT 0,
+        not_found_count INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until {time}
+    );
+    CREATE INDEX jobs_state_id ON jobs (state, id);
+    CREATE INDEX jobs_due ON jobs (next_poll_at) WHERE next_poll_at IS NOT NULL;
+    CREATE INDEX jobs_upstream_id ON jobs (upstream_id) WHERE upstream_id IS NOT NULL;
+    CREATE TABLE events (
+        seq {serial_key},
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at {time} NOT NULL,
+        source TEXT NOT NULL,
+        state TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id, seq);
+    CREATE TABLE deliveries (
+        webhook_id TEXT PRIMARY KEY,
+        job_id TEXT,
+        received_at {time} NOT NULL
+    );
+    CREATE TABLE kept_callbacks (
+        id {serial_key},
+        webhook_id TEXT NOT NULL,
+        job_ref TEXT,
+        received_at {time} NOT NULL,
+        reason TEXT NOT NULL,
+        body {bytes} NOT NULL,
+        applied_at {time}
+    );
+    CREATE INDEX kept_pending ON kept_callbacks (job_ref) WHERE applied_at IS NULL;
+    """,
+    # 2: the dashboard: refused callbacks (never their bodies) and the indexes its
+    # live views and callbacks panel read by.
+    """
+    CREATE TABLE rejected_callbacks (
+        id {serial_key},
+        received_at {time} NOT NULL,
+        reason TEXT NOT NULL,
+        detail TEXT NOT NULL,
+        job_ref TEXT,
+        webhook_id TEXT
+    );
+    CREATE INDEX rejected_at ON rejected_callbacks (received_at);
+    CREATE INDEX rejected_job ON rejected_callbacks (job_ref) WHERE job_ref IS NOT NULL;
+    CREATE INDEX deliveries_at ON deliveries (received_at);
+    CREATE INDEX kept_webhook ON kept_callbacks (webhook_id);
+    CREATE INDEX jobs_updated ON jobs (updated_at, id);
+    """,
+    # 3: a signed body is about one job. Deliveries are deduplicated by the body's
+    # digest per job too (one more unique key on the callback path), refused ones
+    # carry their outcome, and kept bodies are deduplicated and bounded by size.
+    # One column per ALTER TABLE: SQLite adds no more at once. ``length`` of a BLOB
+    # (SQLite) or a BYTEA (PostgreSQL) counts its bytes.
+    """
+    ALTER TABLE deliveries ADD COLUMN digest TEXT;
+    ALTER TABLE deliveries ADD COLUMN outcome TEXT;
+    CREATE UNIQUE INDEX deliveries_body ON deliveries (job_id, digest);
+    ALTER TABLE kept_callbacks ADD COLUMN digest TEXT;
+    ALTER TABLE kept_callbacks ADD COLUMN size {count} NOT NULL DEFAULT 0;
+    UPDATE kept_callbacks SET size = length(body);
+    CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
+    """,
+)
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+# The states a job never leaves, in the order they are declared, as an SQL list of
+# string literals (``state NOT IN TERMINAL_SQL``): rendered from the enum, never from
+# anything received, so that a new terminal state reaches the queries by itself.
+TERMINAL_SQL = "({})".format(", ".join(_literal(state) for state in State if state in TERMINAL))
+
+
+def render(script: str, dialect: Dialect) -> str:
+    """A shared script with ``dialect``'s spelling of each type."""
+    return script.format(**asdict(dialect))
+
+
+def migrations(dialect: Dialect, own: Mapping[int, str] = MappingProxyType({})) -> tuple[str, ...]:
+    """A store's migration scripts, version 1 first: each shared version rendered for
+    ``dialect`` and followed by the store's own statements for that version (``own``,
+    by version number); the versions after the shared ones are the store's own alone."""
+    last = max((len(SHARED_MIGRATIONS), *own))
+    scripts = []
+    for version in range(1, last + 1):
+        shared = SHARED_MIGRATIONS[version - 1] if version <= len(SHARED_MIGRATIONS) else ""
+        script = render(shared, dialect) + own.get(version, "")
+        if not script.strip():
+            raise ValueError(f"migration {version} has no statements")
+        scripts.append(script)
+    return tuple(scripts)
