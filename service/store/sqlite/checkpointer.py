@@ -25,10 +25,10 @@ class Checkpointer:
 
     Left to SQLite, the COMMIT that takes the log past 1,000 pages runs the checkpoint
     itself, and every caller of that round waits while the pages are copied and the
-    file synced: measured, commits' p99 was 13-15 ms that way and 2-5 ms with the
-    copying here. One thing a checkpoint beside the writer cannot do alone is let the
-    log start over from its beginning: SQLite does that only when a transaction begins
-    with every page already copied, which back-to-back rounds never allow. So once the
+    file synced; here the copying runs beside the rounds. One thing a checkpoint beside
+    the writer cannot do alone is let the log start over from its beginning: SQLite does
+    that only when a transaction begins with every page already copied, which
+    back-to-back rounds never allow. So once the
     log is past ``RESTART_FRAMES`` pages, a commit waits for one pass that starts
     after it (the copy of a round or two), and the next transaction restarts the log.
 

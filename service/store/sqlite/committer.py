@@ -17,8 +17,8 @@ class Committer:
     """The thread that runs each round's COMMIT (its fsync) off the event loop.
 
     A thread of its own fed by a queue, rather than an executor: the hop there and
-    back is paid once per round, and an executor's future chained to one on the loop
-    cost ~110,000 more instructions per round of four writes (callgrind).
+    back is paid once per round, and the thread settles the loop's future directly
+    instead of chaining an executor's future to it, which costs more than the hop.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -13,7 +13,7 @@ work, in microseconds. The commit (its fsync) runs on a thread of its own
 any) is an ``asyncio.sleep``, never a block. Running the statements on a separate writer thread
 instead costs far more than it saves: every statement releases and re-takes the GIL,
 and with the event loop busy each re-take waits out a GIL switch interval, so a writer
-thread crawls exactly when load is high (measured: 27 times slower).
+thread crawls exactly when load is high.
 Reads use their own connections on reader threads (WAL lets them run beside writes).
 
 Checkpoints (copying the log's pages into the database file) run on a thread of their
@@ -183,8 +183,8 @@ def _run_together(
 
     Writes almost never fail, so the round runs without a savepoint: a savepoint
     around it would make SQLite copy every page the round changes into a statement
-    journal, which spills to a temporary file past 64 KiB (measured: a file created,
-    written and deleted per round). Undoing a failed round is a ROLLBACK instead.
+    journal, which spills to a temporary file past 64 KiB (a file created, written and
+    deleted per round). Undoing a failed round is a ROLLBACK instead.
     """
     try:
         return [(True, fn(conn)) for fn in batch]
