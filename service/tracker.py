@@ -63,6 +63,7 @@ class Tracker:
         store: Store,
         upstream: UpstreamClient,
         public_url: str,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -70,8 +71,8 @@ class Tracker:
         self.public_url = public_url.rstrip("/")
         self._tasks: set[asyncio.Task[Any]] = set()
         self.relays = 0  # relays whose upstream request is under way
-        # Set by the app to the poller's wake(): called when a job becomes due sooner.
-        self.wake: Callable[[], None] = lambda: None
+        # The poller's wake(), from the app: called when a job becomes due sooner.
+        self.wake = wake
 
     # -- schedule -----------------------------------------------------------------
 
