@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.callbacks import notification
+from service.callbacks.endpoint import JOB_CALLBACK_PATH
 from service.config import Settings
 from service.errors import ApiError, upstream_failure
 from service.jobs import Job, Observation, Source, State, SubmitRequest, iso_utc, new_job_id
@@ -77,7 +78,7 @@ class Tracker:
     # -- schedule -----------------------------------------------------------------
 
     def callback_url(self, job_id: str) -> str:
-        return f"{self.public_url}/callbacks/jobs/{job_id}"
+        return self.public_url + JOB_CALLBACK_PATH.format(job_id=job_id)
 
     def after_grace(self, now: float) -> float:
         return now + self.settings.callback_grace
