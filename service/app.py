@@ -1,5 +1,9 @@
-"""``create_app(settings)``: the routes, the error mapping, and the lifespan that owns
-the store, the upstream client, the poller and, in embedded mode, the sandbox."""
+"""``create_app(settings)``: the app's parts, each handed only what it uses; its routes
+and error mapping; and the lifespan that opens, starts and stops the parts in order.
+
+``Service`` is the app: Starlette, with the callback URLs answered ahead of its
+middleware (``callbacks.endpoint``). Its ``components`` show what it was built from.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -15,10 +20,12 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import Receive, Scope, Send
 
-from service.api import routes as api
 from service.api.guard import RequestGuard, ServedHosts, Tokens
-from service.callbacks.endpoint import CallbackEndpoint, Service
+from service.api.routes import JobApi, UploadLimits
+from service.callbacks.endpoint import CALLBACK_PATHS, CallbackEndpoint, callback_route
+from service.callbacks.receiving import CallbackReceiver
 from service.callbacks.signatures import Keyring
 from service.config import Settings, redact
 from service.dashboard.routes import Dashboard
@@ -29,18 +36,61 @@ from service.openapi import docs as apidocs
 from service.openapi.jobs import openapi_spec
 from service.poller import Poller
 from service.sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
-from service.state import AppState
-from service.store import open_store
+from service.store import Store, open_store
 from service.store.retention import Pruner
 from service.tracker import SENDING_CONNECTIONS, Tracker
-from service.uploads.spool import SpoolDirectory, default_root
+from service.uploads.spool import AppSpool, default_root
 from service.upstream.client import Credentials, RetryPolicy, UpstreamClient
 
-__all__ = ["create_app"]
+__all__ = ["Components", "Service", "create_app"]
 
 log = logging.getLogger("bulkhook")
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Components:
+    """What ``create_app`` built the app from, for tests and operators to look at.
+
+    Read-only: every handler was handed its own parts when it was built, so replacing
+    one here would change nothing (``create_app(store=...)`` takes a store instead).
+    """
+
+    settings: Settings
+    metrics: Metrics
+    store: Store
+    upstream: UpstreamClient
+    tracker: Tracker
+    poller: Poller
+    keyring: Keyring
+    tokens: Tokens
+    # ``spool.path`` is the app's own spool directory, claimed when it starts.
+    spool: AppSpool
+    sandbox: Sandbox | None
+
+
+class Service(Starlette):
+    """The app: Starlette, with the callback URLs answered before its middleware."""
+
+    def __init__(
+        self, *args: Any, callbacks: CallbackEndpoint, components: Components, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._callbacks = callbacks
+        self._components = components
+
+    @property
+    def components(self) -> Components:
+        return self._components
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            matched, job_id = callback_route(scope)
+            if matched:
+                await self._callbacks.handle(scope, receive, send, job_id)
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -68,28 +118,19 @@ def create_app(
     *,
     sandbox: SandboxOptions | None = None,
     upstream_retry: RetryPolicy | None = None,
+    store: Store | None = None,
 ) -> Service:
     """An independent app.
 
     ``sandbox`` tunes the embedded upstream (used only without OC_BASE_URL);
-    ``upstream_retry`` overrides the upstream client's retry policy (tests shorten it).
+    ``upstream_retry`` overrides the upstream client's retry policy (tests shorten it);
+    ``store`` is used instead of the one ``settings.database_url`` names (not opened
+    yet: the app opens and closes it, as its own; tests wrap the real one to watch it).
     """
     public_url = (settings.public_url or "http://127.0.0.1:8000").rstrip("/")
     keys = settings.signature_keys
-    dashboard = Dashboard()
-    callbacks = CallbackEndpoint()
-    routes: list[BaseRoute] = [
-        *api.routes,
-        Route("/callbacks/jobs/{job_id}", callbacks, methods=["POST"]),
-        Route("/callbacks", callbacks, methods=["POST"]),
-        Route("/openapi.json", _openapi, methods=["GET"]),
-        *dashboard.routes(),
-        *apidocs.routes(),
-    ]
     embedded: Sandbox | None = None
     control: str | None = None
-    # Refused tokens, hosts and cross-site requests: one line per kind and window.
-    repeats = Repeats(log)
     credentials = settings.credentials()
     if settings.embedded:
         options = sandbox or SandboxOptions()
@@ -101,49 +142,78 @@ def create_app(
             dataclasses.replace(options, signature_key=key, authorization=credentials.header())
         )
         keys = keys or (key,)
-        routes.append(Mount("/sandbox", app=embedded.app))
         control = f"/sandbox{CONTROL_PREFIX}"
         base_url = f"{public_url}/sandbox{API_PREFIX}"
     else:
         assert settings.oc_base_url is not None
         base_url = settings.oc_base_url
 
+    # Refused tokens, hosts and cross-site requests: one line per kind and window.
+    repeats = Repeats(log)
+    metrics = Metrics()
+    store = store if store is not None else open_store(settings.database_url)
+    upstream = UpstreamClient(
+        base_url,
+        credentials,
+        retry=upstream_retry,
+        on_call=metrics.upstream_call,
+        submit_connections=settings.max_relays + SENDING_CONNECTIONS,
+    )
+    # The tracker wakes the poller, which polls through the tracker: its wake looks the
+    # poller up when called, by which time it is built.
+    tracker = Tracker(settings, store, upstream, public_url, wake=lambda: poller.wake())
+    poller = Poller(store, tracker, metrics, settings.poll_rate, settings.poll_lease)
+    keyring = Keyring(keys)
+    tokens = Tokens(settings.api_tokens, metrics, repeats)
+    spool = AppSpool(settings.spool_dir or default_root())
+    # Old deliveries, refusals and timeline entries go, at start and hourly.
+    pruner = Pruner(store, settings.retention)
+
+    jobs = JobApi(
+        tracker=tracker,
+        store=store,
+        upstream=upstream,
+        tokens=tokens,
+        metrics=metrics,
+        hub=settings.oc_hub,
+        limits=UploadLimits(
+            max_bytes=settings.max_upload_bytes,
+            body_timeout=settings.body_timeout,
+            min_rate=settings.upload_min_rate,
+            rate_window=settings.upload_rate_window,
+        ),
+        spool=spool,
+    )
+    callbacks = CallbackEndpoint(
+        CallbackReceiver(
+            store=store,
+            keyring=keyring,
+            metrics=metrics,
+            wake=poller.wake,
+            callback_grace=settings.callback_grace,
+            max_bytes=settings.max_callback_bytes,
+        )
+    )
+    dashboard = Dashboard(store=store, metrics=metrics, tokens=tokens, upstream=upstream, jobs=jobs)
+    routes: list[BaseRoute] = [
+        *jobs.routes(),
+        *(Route(path, callbacks, methods=["POST"]) for path in CALLBACK_PATHS),
+        Route("/openapi.json", _openapi, methods=["GET"]),
+        *dashboard.routes(),
+        *apidocs.routes(),
+    ]
+    if embedded is not None:
+        routes.append(Mount("/sandbox", app=embedded.app))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        metrics = Metrics()
-        spool = SpoolDirectory.claim(settings.spool_dir or default_root())
-        store = open_store(settings.database_url)
+        spool.claim()
         try:
             await store.open()
         except BaseException:
             spool.close()
             raise
-        upstream = UpstreamClient(
-            base_url,
-            credentials,
-            retry=upstream_retry,
-            on_call=metrics.upstream_call,
-            submit_connections=settings.max_relays + SENDING_CONNECTIONS,
-        )
-        tracker = Tracker(settings, store, upstream, public_url)
-        poller = Poller(store, tracker, metrics, settings.poll_rate, settings.poll_lease)
-        tracker.wake = poller.wake
-        app.state.bulkhook = AppState(
-            settings=settings,
-            public_url=public_url,
-            keyring=Keyring(keys),
-            metrics=metrics,
-            store=store,
-            upstream=upstream,
-            tracker=tracker,
-            poller=poller,
-            tokens=Tokens(settings.api_tokens, metrics, repeats),
-            sandbox=embedded,
-            spool_dir=spool.path,
-        )
         poller.start()
-        # Old deliveries, refusals and timeline entries go, at start and hourly.
-        pruner = Pruner(store, settings.retention)
         pruner.start()
         try:
             yield
@@ -159,9 +229,27 @@ def create_app(
             repeats.flush()
             spool.close()
 
-    guard = Middleware(RequestGuard, hosts=ServedHosts(settings), repeats=repeats, control=control)
+    guard = Middleware(
+        RequestGuard,
+        hosts=ServedHosts(settings),
+        repeats=repeats,
+        control=control,
+        tokens=tokens,
+    )
     return Service(
         callbacks=callbacks,
+        components=Components(
+            settings=settings,
+            metrics=metrics,
+            store=store,
+            upstream=upstream,
+            tracker=tracker,
+            poller=poller,
+            keyring=keyring,
+            tokens=tokens,
+            spool=spool,
+            sandbox=embedded,
+        ),
         routes=routes,
         lifespan=lifespan,
         middleware=[guard],

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.callbacks import notification
+from service.callbacks.endpoint import JOB_CALLBACK_PATH
 from service.config import Settings
 from service.errors import ApiError, upstream_failure
 from service.jobs import Job, Observation, Source, State, SubmitRequest, iso_utc, new_job_id
@@ -63,6 +64,7 @@ class Tracker:
         store: Store,
         upstream: UpstreamClient,
         public_url: str,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -70,13 +72,13 @@ class Tracker:
         self.public_url = public_url.rstrip("/")
         self._tasks: set[asyncio.Task[Any]] = set()
         self.relays = 0  # relays whose upstream request is under way
-        # Set by the app to the poller's wake(): called when a job becomes due sooner.
-        self.wake: Callable[[], None] = lambda: None
+        # The poller's wake(), from the app: called when a job becomes due sooner.
+        self.wake = wake
 
     # -- schedule -----------------------------------------------------------------
 
     def callback_url(self, job_id: str) -> str:
-        return f"{self.public_url}/callbacks/jobs/{job_id}"
+        return self.public_url + JOB_CALLBACK_PATH.format(job_id=job_id)
 
     def after_grace(self, now: float) -> float:
         return now + self.settings.callback_grace

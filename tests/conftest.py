@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from starlette.applications import Starlette
@@ -22,6 +22,9 @@ from starlette.routing import Route
 
 from service.sandbox import API_PREFIX, Sandbox
 from service.server.thread import ServerThread
+
+if TYPE_CHECKING:
+    from service.app import Components, Service
 
 SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
 SIGNATURE_KEY = "test-instance-key"
@@ -174,8 +177,10 @@ class RunningService:
         return self.server.url
 
     @property
-    def state(self) -> Any:
-        return self.server.app.state.bulkhook
+    def components(self) -> Components:
+        """What the app was built from: its store, keyring, tracker, spool..."""
+        app: Service = self.server.app
+        return app.components
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run SQL straight on the service's database, whichever kind it is."""
@@ -281,6 +286,7 @@ def start_service(store_url: str) -> Iterator[Callable[..., RunningService]]:
         *,
         sandbox_options: Any = None,
         upstream_retry: Any = None,
+        store: Any = None,
         **overrides: Any,
     ) -> RunningService:
         server = ServerThread()
@@ -298,7 +304,10 @@ def start_service(store_url: str) -> Iterator[Callable[..., RunningService]]:
         }
         values.update(overrides)
         settings = Settings(**values)
-        server.start(create_app(settings, sandbox=sandbox_options, upstream_retry=upstream_retry))
+        app = create_app(
+            settings, sandbox=sandbox_options, upstream_retry=upstream_retry, store=store
+        )
+        server.start(app)
         service = RunningService(server, settings, httpx.Client(base_url=server.url, timeout=30))
         running.append(service)
         return service

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from service.dashboard import live
-from service.store import activity
+from service.store import activity, open_store
 
 from .conftest import RunningSandbox, RunningService
 from .sse import SSE, events, forged
@@ -37,12 +37,6 @@ class CountingStore:
     async def callback_counts_by_minute(self, since: float, until: float) -> Any:
         self.windows.append((since, until))
         return await self._store.callback_counts_by_minute(since, until)
-
-
-def counting(service: RunningService) -> CountingStore:
-    store = CountingStore(service.state.store)
-    service.state.store = store
-    return store
 
 
 INSERT_DELIVERY = "INSERT INTO deliveries (webhook_id, job_id, received_at)"
@@ -113,10 +107,10 @@ def test_the_24_hour_counts_are_right_as_deliveries_arrive(
 
 
 def test_a_render_after_100000_deliveries_reads_only_the_recent_ones(
-    start_service: Callable[..., RunningService],
+    start_service: Callable[..., RunningService], store_url: str
 ) -> None:
-    service = start_service(None)
-    store = counting(service)
+    store = CountingStore(open_store(store_url))
+    service = start_service(None, store=store)
     now = time.time()
     total, start, end = 100_000, now - 23 * HOUR, now - HOUR
     step = (end - start) / total
@@ -229,12 +223,13 @@ def test_fifty_open_streams_share_one_feed_and_all_see_a_callback_change(
     start_service: Callable[..., RunningService],
     contacts_csv: Path,
     monkeypatch: pytest.MonkeyPatch,
+    store_url: str,
 ) -> None:
     monkeypatch.setattr(live, "MAX_STREAM", 60.0)
-    service = start_service(start_sandbox(job_seconds=6.0), callback_grace=60)
+    store = ReadCounter(open_store(store_url))
+    service = start_service(start_sandbox(job_seconds=6.0), callback_grace=60, store=store)
     job = service.submit(contacts_csv).json()
-    store = ReadCounter(service.state.store)
-    service.state.store = store
+    store.reads.clear()  # the submission's own
     time.sleep(3 * live.TICK)
     assert not store.reads, "the feed runs with no stream open"
     since = time.time()

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from service.store import open_store
+
 from .conftest import RunningService
 from .sse import SSE
 
@@ -51,10 +53,12 @@ def service(start_service: Callable[..., RunningService], contacts_csv: Path) ->
 
 
 def test_a_path_id_that_cannot_be_a_job_is_not_found_without_asking_the_store(
-    service: RunningService,
+    start_service: Callable[..., RunningService], contacts_csv: Path, store_url: str
 ) -> None:
-    lookups = Lookups(service.state.store)
-    service.state.store = lookups
+    lookups = Lookups(open_store(store_url))
+    service = start_service(None, store=lookups)
+    assert service.submit(contacts_csv).status_code == 202
+    lookups.asked.clear()  # the submission's own
     for job_id in NOT_JOB_IDS:
         page = service.http.get(f"/ui/jobs/{raw(job_id)}")
         assert page.status_code == 404, job_id

@@ -35,7 +35,7 @@ def test_an_error_is_the_same_bytes_as_every_other_error(start_service) -> None:
 @pytest.mark.parametrize("chunks", [1, 7])
 def test_a_body_in_many_pieces_is_verified_whole(start_service, chunks: int) -> None:  # type: ignore[no-untyped-def]
     service: RunningService = start_service(None)
-    key = service.state.keyring.keys[0]
+    key = service.components.keyring.keys[0]
     body = json.dumps({"id": "nobody-knows", "status": "RUNNING", "pad": "x" * 5000}).encode()
     size = -(-len(body) // chunks)
     pieces = [body[i : i + size] for i in range(0, len(body), size)]

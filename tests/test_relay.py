@@ -278,7 +278,7 @@ def test_past_the_most_relays_an_upload_is_spooled_whole_and_sent_after(
         assert job["records_count"] == ROWS
     assert len(upstream.sandbox.jobs) == 2
     assert upstream.sandbox.uploads_cut == 0
-    assert service.state.tracker.relays == 0
+    assert service.components.tracker.relays == 0
 
 
 def test_a_relayed_upload_that_stalls_is_cut_and_makes_no_job_upstream(
@@ -300,4 +300,4 @@ def test_a_relayed_upload_that_stalls_is_cut_and_makes_no_job_upstream(
     eventually(lambda: upstream.sandbox.uploads_cut == 1)
     assert upstream.sandbox.jobs == {}
     assert service.http.get("/jobs").json()["jobs"] == []
-    eventually(lambda: service.state.tracker.relays == 0, within=5)
+    eventually(lambda: service.components.tracker.relays == 0, within=5)

@@ -40,8 +40,8 @@ def test_start_up_is_frozen_and_young_collections_are_rare(tmp_path: Path) -> No
             while not server.started:
                 assert not task.done(), "the server did not start"
                 await asyncio.sleep(0.01)
-            state = app.state.bulkhook
-            tracked = [obj for obj in gc.get_objects() if obj is state or obj is state.store]
+            parts = app.components
+            tracked = [obj for obj in gc.get_objects() if obj is parts or obj is parts.store]
             made_now = {"a": [1]}  # what is built after start-up is collected as usual
             return bool(tracked), any(obj is made_now for obj in gc.get_objects())
         finally:

@@ -101,7 +101,7 @@ def test_a_killed_process_leaves_its_spool_and_the_next_start_removes_it_only(
 ) -> None:
     root = tmp_path / "spool"
     live = start_service(start_sandbox(), spool_dir=str(root))
-    live_dir = live.state.spool_dir
+    live_dir = live.components.spool.path
     assert live_dir.parent == root
     in_progress = live_dir / "bulkhook-upload-in-progress.csv"
     in_progress.write_bytes(b"Email\r\n")  # an upload the live app is receiving
@@ -120,7 +120,7 @@ def test_a_killed_process_leaves_its_spool_and_the_next_start_removes_it_only(
     assert not any(path.exists() for path in left)
     assert not left[0].parent.exists()
     assert in_progress.read_bytes() == b"Email\r\n"  # the live app's file is untouched
-    assert {p.name for p in root.iterdir()} == {live_dir.name, restarted.state.spool_dir.name}
+    assert {p.name for p in root.iterdir()} == {live_dir.name, restarted.components.spool.path.name}
     assert live.http.get("/healthz").status_code == 200
 
 
@@ -145,7 +145,7 @@ def test_an_uploads_spool_file_is_in_the_apps_directory(
     client = start_upload(port, csv_bytes(2 << 20), declared=64 << 20)
     try:
         wait_until(lambda: bool(spooled(root)))
-        assert [p.parent for p in spooled(root)] == [service.state.spool_dir]
+        assert [p.parent for p in spooled(root)] == [service.components.spool.path]
     finally:
         client.close()
     wait_until(lambda: not spooled(root))  # the client went away: the file goes too

@@ -300,15 +300,23 @@ def _headers(scope: Scope) -> Mapping[bytes, str]:
 
 class RequestGuard:
     """ASGI middleware: the Host check, the cross-site refusal, and the bearer token on
-    the embedded sandbox's control routes (``control``: their path prefix, or None)."""
+    the embedded sandbox's control routes (``control``: their path prefix, or None;
+    they take the job API's ``tokens``)."""
 
     def __init__(
-        self, app: ASGIApp, *, hosts: ServedHosts, repeats: Repeats, control: str | None
+        self,
+        app: ASGIApp,
+        *,
+        hosts: ServedHosts,
+        repeats: Repeats,
+        control: str | None,
+        tokens: Tokens,
     ) -> None:
         self.app = app
         self._hosts = hosts
         self._repeats = repeats
         self._control = control
+        self._tokens = tokens
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -363,13 +371,12 @@ class RequestGuard:
         if self._control is not None and (
             path == self._control or path.startswith(self._control + "/")
         ):
-            return _control_refusal(scope, headers)
+            return _control_refusal(self._tokens, scope, headers)
         return None
 
 
-def _control_refusal(scope: Scope, headers: Mapping[bytes, str]) -> ApiError | None:
+def _control_refusal(tokens: Tokens, scope: Scope, headers: Mapping[bytes, str]) -> ApiError | None:
     """The sandbox's control routes (fault injection, stats) take the job API's tokens."""
-    tokens: Tokens = scope["app"].state.bulkhook.tokens
     if not tokens.required:
         return None
     try:

@@ -3,51 +3,40 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from service.api.guard import bearer
+from service.api.guard import Tokens, bearer
 from service.errors import ApiError, upstream_failure
 from service.jobs import Job, State, SubmitRequest
-from service.store import StoreError
+from service.metrics import Metrics
+from service.store import Store, StoreError
+from service.tracker import Tracker
 from service.uploads.receiving import FileStart, receive_upload
 from service.uploads.relay import RELAY_MIN_BYTES, Relay
-from service.upstream.client import UpstreamError
+from service.uploads.spool import AppSpool
+from service.upstream.client import UpstreamClient, UpstreamError
 from service.values import is_clean, job_id_ok, name_problem
 
-if TYPE_CHECKING:
-    from service.state import AppState
-
-__all__ = ["routes"]
+__all__ = ["JobApi", "UploadLimits"]
 
 _MAX_FIELD = 200
 _MAX_LIMIT = 500
 _MAX_PATH = 1000
 
 
-def _state(request: Request) -> AppState:
-    return request.app.state.bulkhook  # type: ignore[no-any-return]
+@dataclass(frozen=True, slots=True)
+class UploadLimits:
+    """How large an upload may be, and how slowly it may arrive before it is cut."""
 
-
-def _authorize(request: Request) -> AppState:
-    """Bearer-token check for the job API (``guard.Tokens``: constant time over every
-    configured token; a client that keeps guessing gets 429 instead)."""
-    state = _state(request)
-    if not state.tokens.required:
-        return state
-    given = bearer(request.headers.get("authorization", ""))
-    if not state.tokens.check(given, request.scope, "api"):
-        raise ApiError(
-            "a valid bearer token is required",
-            code="unauthorized",
-            status=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return state
+    max_bytes: int
+    body_timeout: float
+    min_rate: int
+    rate_window: float
 
 
 def _name(value: str | None, field: str, *, required: bool = False) -> str | None:
@@ -90,204 +79,233 @@ def _metadata(raw: str | None) -> dict[str, Any]:
     return value
 
 
-async def _job_or_404(state: AppState, job_id: str, *, with_events: bool = True) -> Job:
-    # An id this service cannot have issued is not looked up: no store has to carry
-    # a NUL, a lone surrogate or 15 KB of it, and the answer quotes none of it.
-    possible = job_id_ok(job_id)
-    job = await state.store.get_job(job_id, with_events=with_events) if possible else None
-    if job is None:
-        shown = repr(job_id) if possible else "with that id"
-        raise ApiError(f"no job {shown}", code="job_not_found", status=404)
-    return job
-
-
 def _job_response(job: Job, status: int = 200, **headers: str) -> JSONResponse:
     return JSONResponse(job.to_json(), status_code=status, headers=headers or None)
-
-
-def _submit_request(
-    state: AppState, fields: dict[str, str], filename: str, rows: int, key: str | None
-) -> SubmitRequest:
-    object_name = _name(fields.get("object"), "object", required=True)
-    hub = _name(fields.get("hub"), "hub") or state.settings.oc_hub
-    path = _path(fields.get("path"), filename)
-    return SubmitRequest(
-        hub=hub,
-        object=str(object_name),
-        path=path,
-        filename=filename,
-        rows=rows,
-        metadata=_metadata(fields.get("metadata")),
-        idempotency_key=key,
-    )
-
-
-async def submit_job(request: Request) -> Response:
-    state = _authorize(request)
-    key = request.headers.get("idempotency-key")
-    if key is not None and not (0 < len(key.strip()) <= _MAX_FIELD and key.isprintable()):
-        raise ApiError(
-            "Idempotency-Key must be 1 to 200 printable characters", code="bad_idempotency_key"
-        )
-    key = key.strip() if key else None
-    relay: Relay | None = None
-
-    async def on_file(start: FileStart) -> None:
-        # A large file whose fields came first, whose size is known and whose first
-        # RELAY_MIN_BYTES are in goes upstream while the rest arrives, if a relay is
-        # free; anything else is spooled whole and sent afterwards.
-        nonlocal relay
-        if start.size is None or start.size < RELAY_MIN_BYTES:
-            return
-        try:
-            early = _submit_request(state, start.fields, start.filename, 0, key)
-        except ApiError:
-            return  # reported once the whole body is in, in its usual order
-        relay = state.tracker.relay(early, start.spool, start.size)
-
-    settings = state.settings
-    try:
-        upload = await receive_upload(
-            request,
-            max_bytes=settings.max_upload_bytes,
-            directory=state.spool_dir,
-            on_file=on_file,
-            announce_after=RELAY_MIN_BYTES,
-            body_timeout=settings.body_timeout,
-            min_rate=settings.upload_min_rate,
-            rate_window=settings.upload_rate_window,
-        )
-    except BaseException:
-        if relay is not None:
-            await relay.abandon()
-        raise
-    try:
-        submit = _submit_request(state, upload.fields, upload.filename, upload.summary.rows, key)
-        if relay is not None and (
-            upload.summary.size != relay.size or replace(relay.request, rows=submit.rows) != submit
-        ):
-            # Not what was relayed (fields after the file, an unusual ending): send anew.
-            await relay.abandon()
-            relay = None
-    except BaseException:
-        if relay is not None:
-            await relay.abandon()
-        upload.path.unlink(missing_ok=True)
-        raise
-    # From here the tracker owns the temporary file (and the relay) and removes it.
-    job, created = await state.tracker.submit(submit, upload.path, relay)
-    if not created:
-        return _job_response(
-            job, 200, **{"Location": f"/jobs/{job.id}", "Idempotent-Replayed": "true"}
-        )
-    return _job_response(job, 202, Location=f"/jobs/{job.id}")
-
-
-async def list_jobs(request: Request) -> Response:
-    state = _authorize(request)
-    params = request.query_params
-    state_filter = params.get("state")
-    if state_filter is not None and (
-        not state_filter.isascii() or state_filter.upper() not in State.__members__
-    ):
-        shown = state_filter[:40] if is_clean(state_filter[:40]) else "given"
-        raise ApiError(f"unknown state {shown!r}", code="bad_state")
-    raw_limit = params.get("limit", "50")
-    # isascii: "²".isdigit() is true, and int("²") raises.
-    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4) or not (
-        1 <= int(raw_limit) <= _MAX_LIMIT
-    ):
-        raise ApiError(f"limit must be between 1 and {_MAX_LIMIT}", code="bad_limit")
-    cursor = params.get("cursor") or None
-    if cursor is not None and not job_id_ok(cursor):
-        raise ApiError("cursor is not valid", code="bad_cursor")
-    limit = int(raw_limit)
-    jobs = await state.store.list_jobs(
-        state=State(state_filter.upper()) if state_filter else None, limit=limit, before=cursor
-    )
-    next_cursor = jobs[-1].id if len(jobs) == limit else None
-    return JSONResponse(
-        {"jobs": [job.to_json(with_events=False) for job in jobs], "next_cursor": next_cursor}
-    )
-
-
-async def get_job(request: Request) -> Response:
-    state = _authorize(request)
-    return _job_response(await _job_or_404(state, request.path_params["job_id"]))
-
-
-async def job_errors(request: Request) -> Response:
-    state = _authorize(request)
-    job = await _job_or_404(state, request.path_params["job_id"], with_events=False)
-    if job.upstream_id is None:
-        raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
-    try:
-        errors = await state.upstream.errors(job.hub, job.upstream_id)
-    except UpstreamError as exc:
-        raise upstream_failure("the upstream could not list the failed records", exc) from exc
-    return JSONResponse({"job": job.id, "count": len(errors), "errors": errors})
-
-
-async def cancel_job(request: Request) -> Response:
-    state = _authorize(request)
-    job = await _job_or_404(state, request.path_params["job_id"], with_events=False)
-    job = await state.tracker.cancel(job)
-    return _job_response(await _job_or_404(state, job.id))
-
-
-async def refresh_job(request: Request) -> Response:
-    state = _authorize(request)
-    job = await _job_or_404(state, request.path_params["job_id"], with_events=False)
-    if not job.terminal:
-        await state.tracker.poll(job, manual=True)
-    return _job_response(await _job_or_404(state, job.id))
-
-
-async def objects(request: Request) -> Response:
-    state = _authorize(request)
-    hub = _name(request.query_params.get("hub"), "hub") or state.settings.oc_hub
-    try:
-        names = await state.upstream.objects(hub)
-    except UpstreamError as exc:
-        if exc.status == 404:
-            raise ApiError(
-                f"the upstream knows no hub {hub!r}: {exc.message}",
-                code="hub_not_found",
-                status=404,
-            ) from exc
-        raise upstream_failure("the upstream could not list objects", exc) from exc
-    return JSONResponse({"hub": hub, "objects": names})
 
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-async def readyz(request: Request) -> Response:
-    try:
-        await _state(request).store.ping()
-    except (StoreError, OSError) as exc:
-        raise ApiError(
-            f"the store is not reachable: {exc}", code="store_unavailable", status=503
-        ) from exc
-    return JSONResponse({"status": "ready"})
+class JobApi:
+    """The job API's routes, built with what they use."""
 
+    def __init__(
+        self,
+        *,
+        tracker: Tracker,
+        store: Store,
+        upstream: UpstreamClient,
+        tokens: Tokens,
+        metrics: Metrics,
+        hub: str,
+        limits: UploadLimits,
+        spool: AppSpool,
+    ) -> None:
+        self._tracker = tracker
+        self._store = store
+        self._upstream = upstream
+        self._tokens = tokens
+        self._metrics = metrics
+        # The hub of a request that names none (OC_HUB).
+        self._hub = hub
+        self._limits = limits
+        self._spool = spool
 
-async def metrics(request: Request) -> Response:
-    state = _state(request)
-    body = state.metrics.render(await state.store.count_by_state())
-    return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/jobs", self.submit_job, methods=["POST"]),
+            Route("/jobs", self.list_jobs, methods=["GET"]),
+            Route("/jobs/{job_id}", self.get_job, methods=["GET"]),
+            Route("/jobs/{job_id}/errors", self.job_errors, methods=["GET"]),
+            Route("/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
+            Route("/jobs/{job_id}/refresh", self.refresh_job, methods=["POST"]),
+            Route("/objects", self.objects, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ]
 
+    def _authorize(self, request: Request) -> None:
+        """Bearer-token check for the job API (``guard.Tokens``: constant time over every
+        configured token; a client that keeps guessing gets 429 instead)."""
+        if not self._tokens.required:
+            return
+        given = bearer(request.headers.get("authorization", ""))
+        if not self._tokens.check(given, request.scope, "api"):
+            raise ApiError(
+                "a valid bearer token is required",
+                code="unauthorized",
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
-routes = [
-    Route("/jobs", submit_job, methods=["POST"]),
-    Route("/jobs", list_jobs, methods=["GET"]),
-    Route("/jobs/{job_id}", get_job, methods=["GET"]),
-    Route("/jobs/{job_id}/errors", job_errors, methods=["GET"]),
-    Route("/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
-    Route("/jobs/{job_id}/refresh", refresh_job, methods=["POST"]),
-    Route("/objects", objects, methods=["GET"]),
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
-    Route("/metrics", metrics, methods=["GET"]),
-]
+    async def _job_or_404(self, job_id: str, *, with_events: bool = True) -> Job:
+        # An id this service cannot have issued is not looked up: no store has to carry
+        # a NUL, a lone surrogate or 15 KB of it, and the answer quotes none of it.
+        possible = job_id_ok(job_id)
+        job = await self._store.get_job(job_id, with_events=with_events) if possible else None
+        if job is None:
+            shown = repr(job_id) if possible else "with that id"
+            raise ApiError(f"no job {shown}", code="job_not_found", status=404)
+        return job
+
+    def _submit_request(
+        self, fields: dict[str, str], filename: str, rows: int, key: str | None
+    ) -> SubmitRequest:
+        object_name = _name(fields.get("object"), "object", required=True)
+        hub = _name(fields.get("hub"), "hub") or self._hub
+        path = _path(fields.get("path"), filename)
+        return SubmitRequest(
+            hub=hub,
+            object=str(object_name),
+            path=path,
+            filename=filename,
+            rows=rows,
+            metadata=_metadata(fields.get("metadata")),
+            idempotency_key=key,
+        )
+
+    async def submit_job(self, request: Request) -> Response:
+        self._authorize(request)
+        key = request.headers.get("idempotency-key")
+        if key is not None and not (0 < len(key.strip()) <= _MAX_FIELD and key.isprintable()):
+            raise ApiError(
+                "Idempotency-Key must be 1 to 200 printable characters", code="bad_idempotency_key"
+            )
+        key = key.strip() if key else None
+        relay: Relay | None = None
+
+        async def on_file(start: FileStart) -> None:
+            # A large file whose fields came first, whose size is known and whose first
+            # RELAY_MIN_BYTES are in goes upstream while the rest arrives, if a relay is
+            # free; anything else is spooled whole and sent afterwards.
+            nonlocal relay
+            if start.size is None or start.size < RELAY_MIN_BYTES:
+                return
+            try:
+                early = self._submit_request(start.fields, start.filename, 0, key)
+            except ApiError:
+                return  # reported once the whole body is in, in its usual order
+            relay = self._tracker.relay(early, start.spool, start.size)
+
+        limits = self._limits
+        try:
+            upload = await receive_upload(
+                request,
+                max_bytes=limits.max_bytes,
+                directory=self._spool.path,
+                on_file=on_file,
+                announce_after=RELAY_MIN_BYTES,
+                body_timeout=limits.body_timeout,
+                min_rate=limits.min_rate,
+                rate_window=limits.rate_window,
+            )
+        except BaseException:
+            if relay is not None:
+                await relay.abandon()
+            raise
+        try:
+            submit = self._submit_request(upload.fields, upload.filename, upload.summary.rows, key)
+            if relay is not None and (
+                upload.summary.size != relay.size
+                or replace(relay.request, rows=submit.rows) != submit
+            ):
+                # Not what was relayed (fields after the file, an unusual ending): send anew.
+                await relay.abandon()
+                relay = None
+        except BaseException:
+            if relay is not None:
+                await relay.abandon()
+            upload.path.unlink(missing_ok=True)
+            raise
+        # From here the tracker owns the temporary file (and the relay) and removes it.
+        job, created = await self._tracker.submit(submit, upload.path, relay)
+        if not created:
+            return _job_response(
+                job, 200, **{"Location": f"/jobs/{job.id}", "Idempotent-Replayed": "true"}
+            )
+        return _job_response(job, 202, Location=f"/jobs/{job.id}")
+
+    async def list_jobs(self, request: Request) -> Response:
+        self._authorize(request)
+        params = request.query_params
+        state_filter = params.get("state")
+        if state_filter is not None and (
+            not state_filter.isascii() or state_filter.upper() not in State.__members__
+        ):
+            shown = state_filter[:40] if is_clean(state_filter[:40]) else "given"
+            raise ApiError(f"unknown state {shown!r}", code="bad_state")
+        raw_limit = params.get("limit", "50")
+        # isascii: "²".isdigit() is true, and int("²") raises.
+        if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4) or not (
+            1 <= int(raw_limit) <= _MAX_LIMIT
+        ):
+            raise ApiError(f"limit must be between 1 and {_MAX_LIMIT}", code="bad_limit")
+        cursor = params.get("cursor") or None
+        if cursor is not None and not job_id_ok(cursor):
+            raise ApiError("cursor is not valid", code="bad_cursor")
+        limit = int(raw_limit)
+        jobs = await self._store.list_jobs(
+            state=State(state_filter.upper()) if state_filter else None, limit=limit, before=cursor
+        )
+        next_cursor = jobs[-1].id if len(jobs) == limit else None
+        return JSONResponse(
+            {"jobs": [job.to_json(with_events=False) for job in jobs], "next_cursor": next_cursor}
+        )
+
+    async def get_job(self, request: Request) -> Response:
+        self._authorize(request)
+        return _job_response(await self._job_or_404(request.path_params["job_id"]))
+
+    async def job_errors(self, request: Request) -> Response:
+        self._authorize(request)
+        job = await self._job_or_404(request.path_params["job_id"], with_events=False)
+        if job.upstream_id is None:
+            raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
+        try:
+            errors = await self._upstream.errors(job.hub, job.upstream_id)
+        except UpstreamError as exc:
+            raise upstream_failure("the upstream could not list the failed records", exc) from exc
+        return JSONResponse({"job": job.id, "count": len(errors), "errors": errors})
+
+    async def cancel_job(self, request: Request) -> Response:
+        self._authorize(request)
+        job = await self._job_or_404(request.path_params["job_id"], with_events=False)
+        job = await self._tracker.cancel(job)
+        return _job_response(await self._job_or_404(job.id))
+
+    async def refresh_job(self, request: Request) -> Response:
+        self._authorize(request)
+        job = await self._job_or_404(request.path_params["job_id"], with_events=False)
+        if not job.terminal:
+            await self._tracker.poll(job, manual=True)
+        return _job_response(await self._job_or_404(job.id))
+
+    async def objects(self, request: Request) -> Response:
+        self._authorize(request)
+        hub = _name(request.query_params.get("hub"), "hub") or self._hub
+        try:
+            names = await self._upstream.objects(hub)
+        except UpstreamError as exc:
+            if exc.status == 404:
+                raise ApiError(
+                    f"the upstream knows no hub {hub!r}: {exc.message}",
+                    code="hub_not_found",
+                    status=404,
+                ) from exc
+            raise upstream_failure("the upstream could not list objects", exc) from exc
+        return JSONResponse({"hub": hub, "objects": names})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            await self._store.ping()
+        except (StoreError, OSError) as exc:
+            raise ApiError(
+                f"the store is not reachable: {exc}", code="store_unavailable", status=503
+            ) from exc
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(self, request: Request) -> Response:
+        body = self._metrics.render(await self._store.count_by_state())
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")

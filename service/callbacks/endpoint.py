@@ -1,12 +1,13 @@
 """The callback routes as a bare ASGI endpoint, ahead of Starlette's middleware stack.
 
 Callbacks are the one hot path: every delivery is read, verified, committed and
-answered, often hundreds a second. ``Service`` hands ``POST /callbacks`` and
-``POST /callbacks/jobs/{id}`` straight to ``CallbackEndpoint``, which reads the body
-from ``receive`` (refusing past the size limit), calls ``callbacks.receive`` and
-writes the answer; everything else goes through Starlette as usual. The same endpoint
-is also mounted as a Starlette route, so other methods on those paths get the usual
-405 and the OpenAPI description stays the single list of routes.
+answered, often hundreds a second. The app (``service.app.Service``) hands
+``POST /callbacks`` and ``POST /callbacks/jobs/{id}`` straight to ``CallbackEndpoint``,
+which reads the body from ``receive`` (refusing past the size limit), calls
+``callbacks.receive`` and writes the answer; everything else goes through Starlette as
+usual. The same endpoint is also mounted as a Starlette route, so other methods on
+those paths get the usual 405. ``CALLBACK_PATHS`` declares both URLs once: the fast
+path's ``callback_route``, the app's routes and the OpenAPI description all read it.
 
 Errors keep the one JSON shape: ``ApiError`` becomes its 4xx, anything unexpected what
 ``errors.unexpected`` says (503 while the store is unavailable, else 500).
@@ -19,19 +20,31 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from service.callbacks import receiving as callbacks
-from service.callbacks.receiving import Answer, CallbackHeaders, refusal_log
+from service.callbacks.receiving import Answer, CallbackHeaders, CallbackReceiver, refusal_log
 from service.errors import ApiError, error_body, unexpected
 from service.logs import short
 
-__all__ = ["CallbackEndpoint", "Service", "read_body"]
+__all__ = [
+    "CALLBACK_PATHS",
+    "INSTANCE_CALLBACK_PATH",
+    "JOB_CALLBACK_PATH",
+    "CallbackEndpoint",
+    "callback_route",
+    "read_body",
+]
 
 log = logging.getLogger("bulkhook")
 
-_JOB_PREFIX = "/callbacks/jobs/"
+# The callback URLs (POST only): a job's own, handed upstream with its submission, and
+# the instance-wide one.
+JOB_CALLBACK_PATH = "/callbacks/jobs/{job_id}"
+INSTANCE_CALLBACK_PATH = "/callbacks"
+CALLBACK_PATHS = (JOB_CALLBACK_PATH, INSTANCE_CALLBACK_PATH)
+
+_JOB_PREFIX = JOB_CALLBACK_PATH.removesuffix("{job_id}")
 _SIGNATURE = b"elements-webhook-signature"
 _WEBHOOK_ID = b"elements-webhook-id"
 _CONTENT_LENGTH = b"content-length"
@@ -92,7 +105,8 @@ class CallbackEndpoint:
     ``create_app``), so that a flood of them writes a bounded number of lines.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, receiver: CallbackReceiver) -> None:
+        self._receiver = receiver
         self.refusals = refusal_log()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,7 +114,7 @@ class CallbackEndpoint:
         await self.handle(scope, receive, send, job_id)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, job_id: str | None) -> None:
-        state = scope["app"].state.bulkhook
+        receiver = self._receiver
         given: list[str] = []
         webhook_id: str | None = None
         declared: int | None = None
@@ -114,13 +128,13 @@ class CallbackEndpoint:
         headers = CallbackHeaders(tuple(given), webhook_id)
         try:
             try:
-                body = await read_body(receive, state.settings.max_callback_bytes, declared)
+                body = await read_body(receive, receiver.max_bytes, declared)
             except ApiError as exc:
                 answer = callbacks.refuse(
-                    state, job_id, webhook_id, "too_large", exc, self.refusals
+                    receiver, job_id, webhook_id, "too_large", exc, self.refusals
                 )
             else:
-                answer = await callbacks.receive(state, job_id, headers, body, self.refusals)
+                answer = await callbacks.receive(receiver, job_id, headers, body, self.refusals)
         except ApiError as exc:
             answer = _answer(exc)
         except ConnectionAbortedError:
@@ -133,30 +147,13 @@ class CallbackEndpoint:
             await answer.after()
 
 
-class Service(Starlette):
-    """The app: Starlette, with the callback URLs answered before its middleware."""
-
-    def __init__(self, *args: Any, callbacks: CallbackEndpoint, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._callbacks = callbacks
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            matched, job_id = _callback_route(scope)
-            if matched:
-                scope["app"] = self
-                await self._callbacks.handle(scope, receive, send, job_id)
-                return
-        await super().__call__(scope, receive, send)
-
-
-def _callback_route(scope: Scope) -> tuple[bool, str | None]:
+def callback_route(scope: Scope) -> tuple[bool, str | None]:
     """(is this a callback URL, the job id it names) as Starlette's router would match."""
     path: str = scope["path"]
     root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
-    if path == "/callbacks":
+    if path == INSTANCE_CALLBACK_PATH:
         return True, None
     if path.startswith(_JOB_PREFIX):
         job_id = path[len(_JOB_PREFIX) :]

@@ -42,22 +42,22 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from service import values
 from service.callbacks import notification, signatures
+from service.callbacks.signatures import Keyring
 from service.errors import ApiError, error_body
 from service.jobs import Observation
 from service.logs import Repeats, short
-from service.store import Applied, Delivery, StoreError
+from service.metrics import Metrics
+from service.store import Applied, Delivery, Store, StoreError
 from service.store.base import Claim, Rejection
-
-if TYPE_CHECKING:
-    from service.state import AppState
 
 __all__ = [
     "Answer",
     "CallbackHeaders",
+    "CallbackReceiver",
     "receive",
     "refusal_log",
     "refuse",
@@ -69,6 +69,21 @@ log = logging.getLogger("bulkhook.callbacks")
 def refusal_log() -> Repeats:
     """The log of refused callbacks: a line per kind and ten seconds, the rest counted."""
     return Repeats(log)
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackReceiver:
+    """What receiving a callback uses, handed over by the app that built them."""
+
+    store: Store
+    keyring: Keyring
+    metrics: Metrics
+    # Asks the poller to look now: a verified callback that carried no usable status.
+    wake: Callable[[], None]
+    # How long after an applied callback the job's next poll is due.
+    callback_grace: float
+    # The largest body read; a longer one is refused unread (413).
+    max_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +104,7 @@ class Answer:
 
 
 def refuse(
-    state: AppState,
+    receiver: CallbackReceiver,
     job_id: str | None,
     webhook_id: str | None,
     reason: str,
@@ -104,7 +119,7 @@ def refuse(
     kept, truncated: never the body, which is neither trusted nor parsed. A path id
     that cannot be a job id is not kept at all.
     """
-    state.metrics.callback(reason)
+    receiver.metrics.callback(reason)
     _log_refusal(repeats, reason, error.message, job_id, webhook_id)
     job_ref = job_id if job_id is not None and values.job_id_ok(job_id) else None
     rejection = Rejection(
@@ -117,7 +132,7 @@ def refuse(
 
     async def note() -> None:
         try:
-            await state.store.record_rejection(rejection)
+            await receiver.store.record_rejection(rejection)
         except Exception as exc:
             repeats.warning(
                 "note_failed",
@@ -143,26 +158,28 @@ def _log_refusal(
     )
 
 
-def _no_job(state: AppState, repeats: Repeats, job_id: str, webhook_id: str | None) -> Answer:
+def _no_job(
+    receiver: CallbackReceiver, repeats: Repeats, job_id: str, webhook_id: str | None
+) -> Answer:
     """A per-job URL that names no job: never genuine (a job's row exists before the
     upstream learns its URL), so nothing is stored, kept or verified further."""
     message = f"no job {short(job_id)!r}"
-    state.metrics.callback("job_not_found")
+    receiver.metrics.callback("job_not_found")
     _log_refusal(repeats, "job_not_found", message, job_id, webhook_id)
     return Answer(404, error_body("job_not_found", message))
 
 
-async def _may_exist(state: AppState, job_id: str) -> bool:
+async def _may_exist(receiver: CallbackReceiver, job_id: str) -> bool:
     """Whether the job may exist; True when the store cannot say (the refusal is then
     answered as before: promptly, even while the store is down)."""
     try:
-        return await state.store.get_job(job_id, with_events=False) is not None
+        return await receiver.store.get_job(job_id, with_events=False) is not None
     except Exception:
         return True
 
 
 def _wrong_job(
-    state: AppState,
+    receiver: CallbackReceiver,
     repeats: Repeats,
     job_id: str,
     webhook_id: str,
@@ -171,21 +188,21 @@ def _wrong_job(
 ) -> Answer:
     """A verified body about another job, refused by the store (in the job's timeline)."""
     message = f"the callback is not about job {job_id}: {why}; nothing changed"
-    state.metrics.callback("wrong_job")
-    state.metrics.callback_latency.observe(time.perf_counter() - started)
+    receiver.metrics.callback("wrong_job")
+    receiver.metrics.callback_latency.observe(time.perf_counter() - started)
     _log_refusal(repeats, "wrong_job", message, job_id, webhook_id)
     return Answer(409, error_body("wrong_job", message))
 
 
 def _answer(
-    state: AppState, applied: Applied, webhook_id: str, nudge: bool, started: float
+    receiver: CallbackReceiver, applied: Applied, webhook_id: str, nudge: bool, started: float
 ) -> Answer:
     job = applied.job
     outcome = "duplicate" if applied.duplicate else "accepted"
-    state.metrics.callback(outcome)
-    state.metrics.callback_latency.observe(time.perf_counter() - started)
+    receiver.metrics.callback(outcome)
+    receiver.metrics.callback_latency.observe(time.perf_counter() - started)
     if nudge and not applied.duplicate:
-        state.poller.wake()
+        receiver.wake()
     # Debug, as uvicorn's access log is off: a line per delivery cost a seventh of the
     # service's own work per callback, and every accepted or duplicate delivery is kept
     # anyway (the job's timeline, the dashboard's callback log, the metrics).
@@ -199,18 +216,20 @@ def _answer(
     return Answer(200, {"status": outcome, "job": job.id, "state": str(job.state)})
 
 
-async def _keep(state: AppState, delivery: Delivery, body: bytes, started: float) -> str | Answer:
+async def _keep(
+    receiver: CallbackReceiver, delivery: Delivery, body: bytes, started: float
+) -> str | Answer:
     """Keep a callback that cannot be applied yet: ``"known"`` means apply it instead."""
-    kept = await state.store.keep_callback(delivery, reason="unknown_job", body=body)
+    kept = await receiver.store.keep_callback(delivery, reason="unknown_job", body=body)
     if kept == "known":
         return kept
-    state.metrics.callback("unknown_job" if kept == "kept" else "duplicate")
-    state.metrics.callback_latency.observe(time.perf_counter() - started)
+    receiver.metrics.callback("unknown_job" if kept == "kept" else "duplicate")
+    receiver.metrics.callback_latency.observe(time.perf_counter() - started)
     return Answer(202, {"status": kept})
 
 
 async def receive(
-    state: AppState,
+    receiver: CallbackReceiver,
     job_id: str | None,
     headers: CallbackHeaders,
     body: bytes,
@@ -219,31 +238,31 @@ async def receive(
     """Verify, then record and apply one delivery; raises ApiError for a 4xx."""
     started = time.perf_counter()
     if job_id is not None and not values.job_id_ok(job_id):
-        return _no_job(state, repeats, job_id, headers.webhook_id)
+        return _no_job(receiver, repeats, job_id, headers.webhook_id)
     given = headers.signatures
     verdict = None
     if len(given) > 1:
         problem = f"the {signatures.HEADER} header was given {len(given)} times"
     else:
-        verdict = state.keyring.verify(given[0] if given else None, body)
+        verdict = receiver.keyring.verify(given[0] if given else None, body)
         problem = f"signature check failed: {verdict.reason}"
     if verdict is None or not verdict.ok:
-        if job_id is not None and not await _may_exist(state, job_id):
+        if job_id is not None and not await _may_exist(receiver, job_id):
             # Read only once the check failed: a forgery to a made-up URL stores nothing.
-            return _no_job(state, repeats, job_id, headers.webhook_id)
+            return _no_job(receiver, repeats, job_id, headers.webhook_id)
         error = ApiError(problem, code="bad_signature", status=401)
-        return refuse(state, job_id, headers.webhook_id, "bad_signature", error, repeats)
+        return refuse(receiver, job_id, headers.webhook_id, "bad_signature", error, repeats)
     digest = hashlib.sha256(body).hexdigest()
     webhook_id = (headers.webhook_id or "").strip()[:200] or f"sha256:{digest}"
     now = time.time()
     data = notification.parse(body)
     if data is None:
-        if job_id is not None and await state.store.get_job(job_id, with_events=False) is None:
-            return _no_job(state, repeats, job_id, webhook_id)
-        await state.store.keep_callback(
+        if job_id is not None and await receiver.store.get_job(job_id, with_events=False) is None:
+            return _no_job(receiver, repeats, job_id, webhook_id)
+        await receiver.store.keep_callback(
             Delivery(webhook_id, now, job_id, digest), reason="malformed", body=body
         )
-        state.metrics.callback("malformed")
+        receiver.metrics.callback("malformed")
         raise ApiError("the callback body is not a JSON object", code="malformed_callback")
     observation = notification.observation(
         data,
@@ -253,15 +272,15 @@ async def receive(
     claim = notification.claim(data)
     if job_id is not None:
         return await _at_job_url(
-            state, job_id, webhook_id, digest, observation, claim, body, repeats, started
+            receiver, job_id, webhook_id, digest, observation, claim, body, repeats, started
         )
     return await _at_instance_url(
-        state, webhook_id, digest, observation, claim, body, repeats, started
+        receiver, webhook_id, digest, observation, claim, body, repeats, started
     )
 
 
 async def _at_job_url(
-    state: AppState,
+    receiver: CallbackReceiver,
     job_id: str,
     webhook_id: str,
     digest: str,
@@ -276,10 +295,10 @@ async def _at_job_url(
     if not claim.names_a_job:
         observation = notification.nudge_only(observation)
     nudge = observation.target() is None
-    next_poll_at = now if nudge else now + state.settings.callback_grace
+    next_poll_at = now if nudge else now + receiver.callback_grace
     for _ in range(2):
         # One write does it all for a known job: check the claim, dedupe, decide, record.
-        applied = await state.store.apply(
+        applied = await receiver.store.apply(
             job_id,
             observation,
             delivery=delivery,
@@ -287,19 +306,19 @@ async def _at_job_url(
             claim=claim if claim.names_a_job else None,
         )
         if applied is None:
-            return _no_job(state, repeats, job_id, webhook_id)
+            return _no_job(receiver, repeats, job_id, webhook_id)
         if applied.refused:
-            return _wrong_job(state, repeats, job_id, webhook_id, applied.refused, started)
+            return _wrong_job(receiver, repeats, job_id, webhook_id, applied.refused, started)
         if not applied.waiting:
-            return _answer(state, applied, webhook_id, nudge, started)
-        kept = await _keep(state, delivery, body, started)
+            return _answer(receiver, applied, webhook_id, nudge, started)
+        kept = await _keep(receiver, delivery, body, started)
         if isinstance(kept, Answer):
             return kept
     raise StoreError(f"job {job_id} kept changing while a callback was applied")
 
 
 async def _at_instance_url(
-    state: AppState,
+    receiver: CallbackReceiver,
     webhook_id: str,
     digest: str,
     observation: Observation,
@@ -310,12 +329,12 @@ async def _at_instance_url(
 ) -> Answer:
     now = observation.at
     nudge = observation.target() is None
-    next_poll_at = now if nudge else now + state.settings.callback_grace
+    next_poll_at = now if nudge else now + receiver.callback_grace
     for _ in range(2):
         target: str | None = None
         if claim.upstream_id is not None:
             # Lookups by upstream id read the store once, as the payload's did before.
-            other = await state.store.find_by_upstream_id(claim.upstream_id)
+            other = await receiver.store.find_by_upstream_id(claim.upstream_id)
             if other is not None and claim.payload is not None and other.id != claim.payload:
                 why = (
                     f"its callback-payload names job {short(claim.payload)}, its id upstream"
@@ -326,12 +345,12 @@ async def _at_instance_url(
                     code="wrong_job",
                     status=409,
                 )
-                return refuse(state, None, webhook_id, "wrong_job", error, repeats)
+                return refuse(receiver, None, webhook_id, "wrong_job", error, repeats)
             target = other.id if other is not None else None
         if claim.payload is not None:
             target = claim.payload
         if target is not None and values.job_id_ok(target):
-            applied = await state.store.apply(
+            applied = await receiver.store.apply(
                 target,
                 observation,
                 delivery=Delivery(webhook_id, now, target, digest),
@@ -339,11 +358,11 @@ async def _at_instance_url(
                 claim=claim,
             )
             if applied is not None and applied.refused:
-                return _wrong_job(state, repeats, target, webhook_id, applied.refused, started)
+                return _wrong_job(receiver, repeats, target, webhook_id, applied.refused, started)
             if applied is not None and not applied.waiting:
-                return _answer(state, applied, webhook_id, nudge, started)
+                return _answer(receiver, applied, webhook_id, nudge, started)
         ref = claim.payload or claim.upstream_id
-        kept = await _keep(state, Delivery(webhook_id, now, ref, digest), body, started)
+        kept = await _keep(receiver, Delivery(webhook_id, now, ref, digest), body, started)
         if isinstance(kept, Answer):
             return kept
     # Its reference is a known job's, yet it binds to none: a payload that is not one
@@ -353,4 +372,4 @@ async def _at_instance_url(
         code="wrong_job",
         status=409,
     )
-    return refuse(state, None, webhook_id, "wrong_job", error, repeats)
+    return refuse(receiver, None, webhook_id, "wrong_job", error, repeats)

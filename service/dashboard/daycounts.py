@@ -25,20 +25,16 @@ _FUTURE = 10 * 365 * 86400.0
 
 
 class DayCounts:
-    """Deliveries of the last ``WINDOW`` seconds, by outcome, for one app: minutes
-    that started within the window count whole."""
+    """Deliveries of the last ``WINDOW`` seconds, by outcome, for one app (and so one
+    store): minutes that started within the window count whole."""
 
     def __init__(self) -> None:
         self._minutes: dict[int, dict[str, int]] = {}
         # Minutes before this one are counted and kept (None: nothing is kept yet).
         self._kept_until: int | None = None
-        self._owner: object = None
 
-    async def counts(self, owner: object, store: Store, now: float) -> dict[str, int]:
-        """The counts at ``now``, read from ``store``; ``owner`` is what the store
-        belongs to (an app's state): a new one, as in a new lifespan, starts over."""
-        if owner is not self._owner:
-            self._owner, self._minutes, self._kept_until = owner, {}, None
+    async def counts(self, store: Store, now: float) -> dict[str, int]:
+        """The counts at ``now``, read from ``store``, the app's own."""
         first = math.ceil((now - WINDOW) / 60)
         settled = math.floor((now - SETTLE) / 60)
         kept_from = first if self._kept_until is None else max(first, self._kept_until)

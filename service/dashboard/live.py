@@ -30,7 +30,7 @@ from service.dashboard.views import job_view
 from service.jobs import Job
 
 if TYPE_CHECKING:
-    from service.state import AppState
+    from service.store import Store
 
 __all__ = ["Streams", "all_jobs", "one_job", "resume_point"]
 
@@ -55,9 +55,9 @@ _BACKLOG = 100
 class Renderer(Protocol):
     def render(self, name: str, **context: Any) -> str: ...
 
-    async def detail(self, state: AppState, job: Job) -> dict[str, Any]: ...
+    async def detail(self, job: Job) -> dict[str, Any]: ...
 
-    async def panel(self, state: AppState) -> dict[str, Any]: ...
+    async def panel(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class Streams:
     def ending(self) -> bool:
         return self._closed or _server_exiting()
 
-    def subscribe(self, state: AppState, renderer: Renderer, job_id: str | None) -> _Subscriber:
+    def subscribe(self, store: Store, renderer: Renderer, job_id: str | None) -> _Subscriber:
         subscriber = _Subscriber(job_id)
         self._subscribers.add(subscriber)
         if job_id is not None:
@@ -117,7 +117,7 @@ class Streams:
         if self._task is None or self._task.done():
             self.read_from = time.time() - LOOKBACK
             self.panel = None
-            self._task = asyncio.create_task(self._run(state, renderer))
+            self._task = asyncio.create_task(self._run(store, renderer))
         return subscriber
 
     def unsubscribe(self, subscriber: _Subscriber) -> None:
@@ -136,10 +136,10 @@ class Streams:
             self._task.cancel()
             self._task = None
 
-    async def _run(self, state: AppState, renderer: Renderer) -> None:
+    async def _run(self, store: Store, renderer: Renderer) -> None:
         """Read the store once per tick and hand each stream what changed."""
         try:
-            await self._feed(state, renderer)
+            await self._feed(store, renderer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the store went away: end; the browsers reconnect
@@ -147,23 +147,23 @@ class Streams:
             for subscriber in list(self._subscribers):
                 _offer(subscriber, _END)
 
-    async def _feed(self, state: AppState, renderer: Renderer) -> None:
+    async def _feed(self, store: Store, renderer: Renderer) -> None:
         cursor = self.read_from + LOOKBACK
         seen: dict[str, tuple[int, float]] = {}
         # Entries written before the feed started are not news.
-        newest_seq, newest_refusal = await state.store.timeline_marks()
-        events, refused = await state.store.timeline_changes(
+        newest_seq, newest_refusal = await store.timeline_marks()
+        events, refused = await store.timeline_changes(
             max(0, newest_seq - ID_LOOKBACK), max(0, newest_refusal - ID_LOOKBACK), ID_LOOKBACK
         )
         seen_entries = {("event", n) for n, _ in events} | {("refusal", n) for n, _ in refused}
         panel_mark: Any = ()
         while True:
             everyone = any(s.job_id is None for s in self._subscribers)
-            changed, cursor = await _changed_jobs(state, self.read_from, cursor, seen)
+            changed, cursor = await _changed_jobs(store, self.read_from, cursor, seen)
             self.read_from = cursor - LOOKBACK
             seen = {k: v for k, v in seen.items() if v[1] >= cursor - 2 * LOOKBACK}
             touched = {job.id for job in changed}
-            events, refused = await state.store.timeline_changes(
+            events, refused = await store.timeline_changes(
                 max(0, newest_seq - ID_LOOKBACK),
                 max(0, newest_refusal - ID_LOOKBACK),
                 _PAGE * _PAGES_PER_TICK,
@@ -185,16 +185,16 @@ class Streams:
             if everyone:
                 now = time.time()
                 rows = [(job, _row(renderer, job, now)) for job in changed]
-                newest = await state.store.recent_callbacks(1)
+                newest = await store.recent_callbacks(1)
                 mark = (newest[0].received_at, newest[0].webhook_id) if newest else None
                 if mark != panel_mark or self.panel is None:
                     panel_mark = mark
-                    view = await renderer.panel(state)
+                    view = await renderer.panel()
                     panel = self.panel = renderer.render("_callbacks.html", panel=view)
             else:
                 panel_mark, self.panel = (), None
             details = {
-                job_id: await _detail(state, renderer, job_id)
+                job_id: await _detail(store, renderer, job_id)
                 for job_id in touched
                 if job_id in self._watched
             }
@@ -215,7 +215,7 @@ def _offer(subscriber: _Subscriber, item: Any) -> None:
 
 
 async def _changed_jobs(
-    state: AppState, after: float, cursor: float, seen: dict[str, tuple[int, float]]
+    store: Store, after: float, cursor: float, seen: dict[str, tuple[int, float]]
 ) -> tuple[list[Job], float]:
     """Jobs whose version is new to ``seen``, changed after ``after`` (paged), and the
     cursor moved past them: everything up to LOOKBACK ago counts as read even when
@@ -223,7 +223,7 @@ async def _changed_jobs(
     changed: list[Job] = []
     after_id = ""
     for _ in range(_PAGES_PER_TICK):
-        jobs = await state.store.jobs_changed_since(after, after_id, _PAGE)
+        jobs = await store.jobs_changed_since(after, after_id, _PAGE)
         for job in jobs:
             if seen.get(job.id, (-1, 0.0))[0] == job.version:
                 continue
@@ -237,12 +237,12 @@ async def _changed_jobs(
 
 
 async def _detail(
-    state: AppState, renderer: Renderer, job_id: str
+    store: Store, renderer: Renderer, job_id: str
 ) -> tuple[tuple[int, int], dict[str, Any]] | None:
-    job = await state.store.get_job(job_id)
+    job = await store.get_job(job_id)
     if job is None:
         return None
-    detail = await renderer.detail(state, job)
+    detail = await renderer.detail(job)
     view = detail["job"]
     data = {
         "job": job.to_json(with_events=False),
@@ -305,12 +305,12 @@ async def _messages(
 
 
 async def _catch_up(
-    state: AppState, since: float, until: float, seen: dict[str, tuple[int, float]]
+    store: Store, since: float, until: float, seen: dict[str, tuple[int, float]]
 ) -> AsyncIterator[Job]:
     """The jobs changed after a resumed stream's point, up to where the feed reads."""
     after, after_id = since - LOOKBACK, ""
     while True:
-        jobs = await state.store.jobs_changed_since(after, after_id, _PAGE)
+        jobs = await store.jobs_changed_since(after, after_id, _PAGE)
         for job in jobs:
             if seen.get(job.id, (-1, 0.0))[0] != job.version:
                 seen[job.id] = (job.version, job.updated_at)
@@ -321,17 +321,17 @@ async def _catch_up(
 
 
 async def all_jobs(
-    state: AppState, since: float, streams: Streams, renderer: Renderer
+    store: Store, since: float, streams: Streams, renderer: Renderer
 ) -> AsyncIterator[str]:
     """``job`` events (the job and its table row) for every job changed after
     ``since``, and a ``callbacks`` event (the panel) whenever a delivery arrives."""
     yield "retry: 1000\n\n"
-    subscriber = streams.subscribe(state, renderer, None)
+    subscriber = streams.subscribe(store, renderer, None)
     cursor = since
     seen: dict[str, tuple[int, float]] = {}
     try:
         if since < streams.read_from:  # resumed from before where the feed reads
-            async for job in _catch_up(state, since, streams.read_from + LOOKBACK, seen):
+            async for job in _catch_up(store, since, streams.read_from + LOOKBACK, seen):
                 cursor = max(cursor, job.updated_at)
                 data = {
                     "job": job.to_json(with_events=False),
@@ -365,15 +365,15 @@ async def all_jobs(
 
 
 async def one_job(
-    state: AppState, job_id: str, streams: Streams, renderer: Renderer
+    store: Store, job_id: str, streams: Streams, renderer: Renderer
 ) -> AsyncIterator[str]:
     """A ``job`` event (the job and its rendered detail) whenever the job or its
     timeline changes, starting with its current state; ``gone`` if it does not exist."""
     yield "retry: 1000\n\n"
     # Subscribed before the first read, so no change between the two is missed.
-    subscriber = streams.subscribe(state, renderer, job_id)
+    subscriber = streams.subscribe(store, renderer, job_id)
     try:
-        current = await _detail(state, renderer, job_id)
+        current = await _detail(store, renderer, job_id)
         if current is None:
             yield _event("gone", {"id": job_id[:100]})
             return

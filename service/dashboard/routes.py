@@ -14,7 +14,7 @@ import contextlib
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
@@ -30,8 +30,8 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from service.api import routes as api
-from service.api.guard import bearer
+from service.api.guard import Tokens, bearer
+from service.api.routes import JobApi
 from service.callbacks.endpoint import read_body
 from service.dashboard import failed, live
 from service.dashboard.daycounts import DayCounts
@@ -39,11 +39,10 @@ from service.dashboard.failed import FailedTable, csv_chunks
 from service.dashboard.views import callbacks_view, job_view, timeline_view
 from service.errors import ApiError, upstream_failure
 from service.jobs import Job, State
-from service.upstream.client import UpstreamError
+from service.metrics import Metrics
+from service.store import Store
+from service.upstream.client import UpstreamClient, UpstreamError
 from service.values import count, job_id_ok, safe_text
-
-if TYPE_CHECKING:
-    from service.state import AppState
 
 __all__ = ["COOKIE", "Dashboard", "failed_table"]
 
@@ -69,23 +68,6 @@ _HEADERS = {
 }
 
 
-def _state(request: Request) -> AppState:
-    return request.app.state.bulkhook  # type: ignore[no-any-return]
-
-
-def credential(request: Request) -> str | None:
-    """The valid token this request carries ("" when the API is open), else None: a
-    bearer header, or the login cookie. Checked by ``guard.Tokens``, like the job API's."""
-    tokens = _state(request).tokens
-    if not tokens.required:
-        return ""
-    given = bearer(request.headers.get("authorization", ""))
-    if given and tokens.check(given, request.scope, "dashboard"):
-        return given
-    cookie = request.cookies.get(COOKIE, "")
-    return cookie if cookie and tokens.check(cookie, request.scope, "dashboard") else None
-
-
 def _unauthorized() -> ApiError:
     return ApiError(
         "a valid bearer token or dashboard login is required",
@@ -93,13 +75,6 @@ def _unauthorized() -> ApiError:
         status=401,
         headers={"WWW-Authenticate": "Bearer"},
     )
-
-
-def _require(request: Request) -> AppState:
-    """For the JSON, CSV and event-stream routes: a 401 error without a token."""
-    if credential(request) is None:
-        raise _unauthorized()
-    return _state(request)
 
 
 def _older(state: State | None, search: str, last_id: str) -> str:
@@ -118,15 +93,31 @@ def _local_path(value: str | None) -> str:
 
 
 class Dashboard:
-    """The dashboard's routes and templates, and the live streams it must end."""
+    """The dashboard's routes and templates, and the live streams it must end.
 
-    def __init__(self) -> None:
+    Its job actions are the job API's own handlers (``jobs``), so they answer alike.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        metrics: Metrics,
+        tokens: Tokens,
+        upstream: UpstreamClient,
+        jobs: JobApi,
+    ) -> None:
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
         )
         self.templates = Jinja2Templates(env=env)
         self.streams = live.Streams()
         self.day_counts = DayCounts()
+        self._store = store
+        self._metrics = metrics
+        self._tokens = tokens
+        self._upstream = upstream
+        self._jobs = jobs
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -144,12 +135,32 @@ class Dashboard:
             Mount("/ui/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ]
 
+    # -- who may look -------------------------------------------------------------
+
+    def credential(self, request: Request) -> str | None:
+        """The valid token this request carries ("" when the API is open), else None: a
+        bearer header, or the login cookie. Checked by ``guard.Tokens``, like the job
+        API's."""
+        tokens = self._tokens
+        if not tokens.required:
+            return ""
+        given = bearer(request.headers.get("authorization", ""))
+        if given and tokens.check(given, request.scope, "dashboard"):
+            return given
+        cookie = request.cookies.get(COOKIE, "")
+        return cookie if cookie and tokens.check(cookie, request.scope, "dashboard") else None
+
+    def _require(self, request: Request) -> None:
+        """For the JSON, CSV and event-stream routes: a 401 error without a token."""
+        if self.credential(request) is None:
+            raise _unauthorized()
+
     # -- rendering ----------------------------------------------------------------
 
     def _page(
         self, request: Request, name: str, context: dict[str, Any], status: int = 200
     ) -> Response:
-        context = {"auth": bool(_state(request).settings.api_tokens), **context}
+        context = {"auth": self._tokens.required, **context}
         return self.templates.TemplateResponse(
             request, name, context, status_code=status, headers=_HEADERS
         )
@@ -161,18 +172,17 @@ class Dashboard:
     def render(self, name: str, **context: Any) -> str:
         return self.templates.get_template(name).render(**context)
 
-    async def panel(self, state: AppState) -> dict[str, Any]:
+    async def panel(self) -> dict[str, Any]:
         now = time.time()
-        recent = await state.store.recent_callbacks(20)
-        counts = await self.day_counts.counts(state, state.store, now)
-        return callbacks_view(recent, counts, state.metrics, now)
+        recent = await self._store.recent_callbacks(20)
+        counts = await self.day_counts.counts(self._store, now)
+        return callbacks_view(recent, counts, self._metrics, now)
 
     # -- pages --------------------------------------------------------------------
 
     async def index(self, request: Request) -> Response:
-        if credential(request) is None:
+        if self.credential(request) is None:
             return self._login_page(request, str(request.url.path))
-        state = _state(request)
         params = request.query_params
         chosen = (params.get("state") or "").upper()
         state_filter = State(chosen) if chosen in State.__members__ else None
@@ -184,7 +194,7 @@ class Dashboard:
         if search and not _SEARCH.fullmatch(search):
             problem = "Search by a job id (or its start) or an upstream job id."
         else:
-            jobs = await state.store.list_jobs(
+            jobs = await self._store.list_jobs(
                 state=state_filter, limit=PAGE, before=before, search=search or None
             )
         now = time.time()
@@ -198,32 +208,32 @@ class Dashboard:
             "older": _older(state_filter, search, jobs[-1].id) if len(jobs) == PAGE else None,
             "paged": before is not None,
             "since": f"{now:.3f}",
-            "panel": await self.panel(state),
+            "panel": await self.panel(),
         }
         return self._page(request, "index.html", context)
 
     async def job_page(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        if credential(request) is None:
+        if self.credential(request) is None:
             return self._login_page(request, f"/ui/jobs/{job_id}")
         # An id this service could never have made is not looked up.
-        job = await _state(request).store.get_job(job_id) if job_id_ok(job_id) else None
+        job = await self._store.get_job(job_id) if job_id_ok(job_id) else None
         if job is None:
             context = {"title": "No such job", "job_id": safe_text(job_id, 100)}
             return self._page(request, "missing.html", context, status=404)
-        detail = await self.detail(_state(request), job)
+        detail = await self.detail(job)
         return self._page(request, "job.html", {"title": f"Job {job.id}", **detail})
 
-    async def detail(self, state: AppState, job: Job) -> dict[str, Any]:
+    async def detail(self, job: Job) -> dict[str, Any]:
         """What the job page and its live updates render: the job and its timeline."""
-        rejected = await state.store.rejections_for(job.id)
+        rejected = await self._store.rejections_for(job.id)
         return {"job": job_view(job, time.time()), "timeline": timeline_view(job, rejected)}
 
     # -- login --------------------------------------------------------------------
 
     async def login_form(self, request: Request) -> Response:
         target = _local_path(request.query_params.get("next"))
-        if credential(request) is not None:
+        if self.credential(request) is not None:
             return RedirectResponse(target, status_code=303)
         return self._login_page(request, target)
 
@@ -232,7 +242,7 @@ class Dashboard:
         form = parse_qs((await read_body(request.receive, 8192)).decode("utf-8", "replace"))
         given = (form.get("token") or [""])[0].strip()
         target = _local_path((form.get("next") or ["/"])[0])
-        tokens = _state(request).tokens
+        tokens = self._tokens
         if not tokens.required:
             return RedirectResponse(target, status_code=303)
         try:
@@ -267,15 +277,15 @@ class Dashboard:
     ) -> tuple[Job, FailedTable, bool]:
         """The job and its failed records, read from the upstream page by page: all of
         them, or once more than ``upto`` are read. True when the table is complete."""
-        state = _require(request)
+        self._require(request)
         job_id = request.path_params["job_id"]
-        job = await state.store.get_job(job_id, with_events=False) if job_id_ok(job_id) else None
+        job = await self._store.get_job(job_id, with_events=False) if job_id_ok(job_id) else None
         if job is None:
             raise ApiError(f"no job {safe_text(job_id, 100)!r}", code="job_not_found", status=404)
         if job.upstream_id is None:
             raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
         table = FailedTable()
-        pages = state.upstream.error_pages(
+        pages = self._upstream.error_pages(
             job.hub, job.upstream_id, page_bytes=failed.UPSTREAM_PAGE_BYTES
         )
         try:
@@ -339,7 +349,7 @@ class Dashboard:
     async def _delegate(self, request: Request, handler: Any) -> Response:
         """Run the job API's own handler, carrying the dashboard's token as a bearer
         header: the same checks, answers and error codes as ``POST /jobs/{id}/...``."""
-        token = credential(request)
+        token = self.credential(request)
         if token is None:
             raise _unauthorized()
         if not job_id_ok(request.path_params["job_id"]):
@@ -351,17 +361,18 @@ class Dashboard:
         return await handler(Request(scope, request.receive))  # type: ignore[no-any-return]
 
     async def cancel(self, request: Request) -> Response:
-        return await self._delegate(request, api.cancel_job)
+        return await self._delegate(request, self._jobs.cancel_job)
 
     async def refresh(self, request: Request) -> Response:
-        return await self._delegate(request, api.refresh_job)
+        return await self._delegate(request, self._jobs.refresh_job)
 
     async def callbacks(self, request: Request) -> Response:
-        panel = await self.panel(_require(request))
+        self._require(request)
+        panel = await self.panel()
         return JSONResponse(panel["json"])
 
     async def stream(self, request: Request) -> Response:
-        state = _require(request)
+        self._require(request)
         if "text/event-stream" not in request.headers.get("accept", ""):
             raise ApiError(
                 "this is an event stream: send Accept: text/event-stream",
@@ -372,12 +383,12 @@ class Dashboard:
         if job_id and not job_id_ok(job_id):
             raise ApiError("no such job", code="job_not_found", status=404)
         if job_id:
-            events = live.one_job(state, job_id, self.streams, self)
+            events = live.one_job(self._store, job_id, self.streams, self)
         else:
             since = live.resume_point(
                 request.headers.get("last-event-id") or request.query_params.get("since")
             )
-            events = live.all_jobs(state, since, self.streams, self)
+            events = live.all_jobs(self._store, since, self.streams, self)
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from service import __version__
+from service.callbacks.endpoint import CALLBACK_PATHS, INSTANCE_CALLBACK_PATH, JOB_CALLBACK_PATH
 from service.jobs import Source, State
 from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
 from service.openapi.parts import (
@@ -311,12 +312,12 @@ def _paths() -> dict[str, Schema]:
             secured=True,
         )
     }
-    paths["/callbacks/jobs/{job_id}"] = {
+    paths[JOB_CALLBACK_PATH] = {
         "post": _callback(
             "jobCallback", "The per-job callback URL given upstream", [job_id_param()]
         )
     }
-    paths["/callbacks"] = {
+    paths[INSTANCE_CALLBACK_PATH] = {
         "post": _callback("instanceCallback", "The instance-wide callback URL", [])
     }
     paths["/healthz"] = {
@@ -356,7 +357,7 @@ def _guarded(paths: dict[str, Any]) -> dict[str, Any]:
     """The answers ``guard.RequestGuard`` and ``guard.Tokens`` give on every route they
     cover: all but the callbacks and the probes, which answer under any Host."""
     for path, item in paths.items():
-        if path.startswith("/callbacks") or path in ("/healthz", "/readyz"):
+        if path in CALLBACK_PATHS or path in ("/healthz", "/readyz"):
             continue
         for method, spec in item.items():
             responses = spec["responses"]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
+    "AppSpool",
     "Bytes",
     "Spool",
     "SpoolDirectory",
@@ -104,6 +105,29 @@ class SpoolDirectory:
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+class AppSpool:
+    """Where one app spools its uploads: a ``SpoolDirectory`` under ``root``, claimed
+    when the app starts (claiming sweeps and locks, so it waits for the lifespan) and
+    removed when it stops. Handlers read ``path`` at each upload."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = root
+        self._claimed: SpoolDirectory | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """The claimed directory; None before the app started (the system's temporary
+        directory is used then)."""
+        return self._claimed.path if self._claimed is not None else None
+
+    def claim(self) -> None:
+        self._claimed = SpoolDirectory.claim(self.root)
+
+    def close(self) -> None:
+        if self._claimed is not None:
+            self._claimed.close()
 
 
 def prepare_root(root: str | Path) -> Path:
