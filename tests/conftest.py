@@ -6,30 +6,28 @@ import contextlib
 import logging
 import os
 import secrets
-import sqlite3
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.sandbox import API_PREFIX, Sandbox
+from service.sandbox import Sandbox
 from service.server.thread import ServerThread
 
-if TYPE_CHECKING:
-    from service.app import Components, Service
+from .helpers import (
+    CONFIGURED_SECRETS,
+    SAMPLES,
+    SIGNATURE_KEY,
+    Receiver,
+    RunningSandbox,
+    RunningService,
+)
 
-SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
-SIGNATURE_KEY = "test-instance-key"
-# Every secret the suite configures: none may ever be logged (see suite_logs).
-CONFIGURED_SECRETS = (SIGNATURE_KEY, "user-secret", "org-secret", "element-token")
+if TYPE_CHECKING:
+    pass
 
 
 class _Collect(logging.Handler):
@@ -68,20 +66,6 @@ def contacts_csv() -> Path:
     return SAMPLES / "contacts.csv"
 
 
-@dataclass
-class RunningSandbox:
-    sandbox: Sandbox
-    server: ServerThread
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def api_url(self) -> str:
-        return self.server.url + API_PREFIX
-
-
 @pytest.fixture
 def start_sandbox() -> Iterator[Callable[..., RunningSandbox]]:
     """Start a sandbox with the given options on its own uvicorn server."""
@@ -106,49 +90,6 @@ def sandbox(start_sandbox: Callable[..., RunningSandbox]) -> RunningSandbox:
     return start_sandbox()
 
 
-@dataclass
-class Delivery:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    at: float
-
-
-@dataclass
-class Receiver:
-    """A bare callback endpoint that records every POST exactly as it arrived."""
-
-    server: ServerThread | None = None
-    deliveries: list[Delivery] = field(default_factory=list)
-    # Status codes to answer, in order; 200 once they run out.
-    answers: list[int] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return self.server.url + "/callbacks"
-
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[Delivery]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if len(self.deliveries) >= count:
-                    return list(self.deliveries)
-            time.sleep(0.01)
-        with self._lock:
-            return list(self.deliveries)
-
-    async def _endpoint(self, request: Request) -> Response:
-        body = await request.body()
-        with self._lock:
-            self.deliveries.append(
-                Delivery(request.url.path, dict(request.headers), body, time.monotonic())
-            )
-            status = self.answers.pop(0) if self.answers else 200
-        return JSONResponse({"received": True}, status_code=status)
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     recorder = Receiver()
@@ -156,63 +97,6 @@ def receiver() -> Iterator[Receiver]:
     recorder.server = ServerThread(app).start()
     yield recorder
     recorder.server.stop()
-
-
-def write_csv(path: Path, rows: list[list[str]]) -> Path:
-    """Write a small CSV with the given rows (the first is the header)."""
-    path.write_text("".join(",".join(row) + "\r\n" for row in rows), encoding="utf-8")
-    return path
-
-
-@dataclass
-class RunningService:
-    """A real bulkhook app on its own uvicorn server, with an HTTP client."""
-
-    server: ServerThread
-    settings: Any
-    http: Any
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def components(self) -> Components:
-        """What the app was built from: its store, keyring, tracker, spool..."""
-        app: Service = self.server.app
-        return app.components
-
-    def query(self, sql: str) -> list[tuple[Any, ...]]:
-        """Run SQL straight on the service's database, whichever kind it is."""
-        if self.settings.sqlite_path is not None:
-            with sqlite3.connect(self.settings.sqlite_path) as conn:
-                return conn.execute(sql).fetchall()
-        import psycopg
-
-        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
-            cursor = conn.execute(sql)  # type: ignore[arg-type]
-            rows = cursor.fetchall() if cursor.description else []
-        return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
-
-    def submit(self, file: Path, *, headers: dict[str, str] | None = None, **fields: str) -> Any:
-        fields.setdefault("object", "contact")
-        with file.open("rb") as handle:
-            return self.http.post(
-                "/jobs",
-                data=fields,
-                files={"file": (file.name, handle, "text/csv")},
-                headers=headers or {},
-            )
-
-    def wait_for(self, job_id: str, states: set[str], within: float = 15.0) -> dict[str, Any]:
-        deadline = time.monotonic() + within
-        job: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            job = self.http.get(f"/jobs/{job_id}").json()
-            if job.get("state") in states:
-                return job
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} stayed {job.get('state')}: {job}")
 
 
 POSTGRES_URL = os.environ.get(

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .conftest import RunningSandbox, RunningService
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
+from .helpers import RunningSandbox, RunningService, StartSandbox, StartService
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,12 @@ from service.callbacks.signatures import sign
 from service.sandbox import Sandbox
 from service.server.thread import ServerThread
 
-from .callback_helpers import (
+from .helpers import (
+    SIGNATURE_KEY,
+    RunningSandbox,
+    RunningService,
+    StartSandbox,
+    StartService,
     counted,
     deliver,
     essentials,
@@ -32,10 +37,6 @@ from .callback_helpers import (
     job_url,
     refusals,
 )
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
 
 
 @pytest.fixture

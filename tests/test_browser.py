@@ -20,7 +20,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .conftest import RunningSandbox, RunningService, write_csv
+from .helpers import RunningSandbox, RunningService, write_csv
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
-
-
-def signed(body: bytes, webhook_id: str, key: str = SIGNATURE_KEY) -> dict[str, str]:
-    return {
-        "Content-Type": "application/json",
-        "Elements-Webhook-Id": webhook_id,
-        "Elements-Webhook-Signature": sign(key, body),
-    }
+from .helpers import RunningSandbox, RunningService, StartSandbox, StartService, signed
 
 
 @pytest.fixture

@@ -7,21 +7,18 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import RunningSandbox, RunningService, write_csv
+from .helpers import RunningService, StartSandbox, StartService, free_port, write_csv
 
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
 # What a terminal draws besides text: colours, cursor moves, bracketed paste.
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -37,12 +34,6 @@ def bulkhook(*args: str, timeout: float = 60, **env: str) -> subprocess.Complete
         env=environment,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -21,9 +21,7 @@ import pytest
 
 from service.dashboard import live
 
-from .conftest import RunningSandbox, RunningService, write_csv
-from .sse import SSE, events, forged
-from .test_operations import serve
+from .helpers import SSE, RunningSandbox, RunningService, events, forged, make_job, serve, write_csv
 
 TOKEN = "dashboard-test-token"
 
@@ -408,8 +406,6 @@ def test_a_database_from_before_the_dashboard_gains_its_tables(
     from service.store.base import Rejection
     from service.store.postgres import store as postgres
     from service.store.sqlite import store as sqlite
-
-    from .test_store import make_job
 
     module: Any = sqlite if store_url.startswith("sqlite") else postgres
 

@@ -18,8 +18,7 @@ import pytest
 from service.dashboard import live
 from service.store import activity, open_store
 
-from .conftest import RunningSandbox, RunningService
-from .sse import SSE, events, forged
+from .helpers import SSE, RunningSandbox, RunningService, events, forged
 
 HOUR = 3600.0
 

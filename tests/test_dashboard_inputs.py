@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 from service.store import open_store
 
-from .conftest import RunningService
-from .sse import SSE
+from .helpers import SSE, RunningService
 
 FUZZ = settings(
     max_examples=40,

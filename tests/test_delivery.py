@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,8 @@ from service.callbacks.signatures import sign
 from service.jobs import TERMINAL
 from service.upstream.client import RetryPolicy
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService, write_csv
+from .helpers import SIGNATURE_KEY, RunningService, StartSandbox, StartService, write_csv
 
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
 DONE = {str(state) for state in TERMINAL}
 ORDER = ["SUBMITTING", "CREATED", "STARTED", "RUNNING", "CANCELLATION_PENDING"]
 

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,17 +23,11 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox
+from .helpers import SIGNATURE_KEY, RunningSandbox, free_port
 
 JOBS = 20
 CALLBACKS_PER_JOB = 12
 KILL_AFTER_ACKS = 80
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServiceProcess:

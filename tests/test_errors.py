@@ -12,7 +12,7 @@ import pytest
 from service.errors import ApiError, error_body, error_response, unexpected
 from service.store import StoreError
 
-from .conftest import RunningService
+from .helpers import RunningService, assert_error
 
 
 def test_error_body_shape() -> None:
@@ -69,15 +69,6 @@ def test_an_unavailable_store_is_a_503_to_retry_and_anything_else_a_500(
         error = unexpected(exc)
         assert (error.status, error.code) == (500, "internal_error"), exc
         assert str(exc) not in error.message  # the details go to the log only
-
-
-def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert set(body) == {"error"}
-    assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
 def test_every_kind_of_error_uses_the_shape(start_service) -> None:  # type: ignore[no-untyped-def]

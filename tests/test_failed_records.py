@@ -19,7 +19,7 @@ import pytest
 from service.dashboard.failed import neutralise
 from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
 
-from .conftest import RunningSandbox, RunningService, write_csv
+from .helpers import RunningSandbox, RunningService, write_csv
 
 ROWS, COLUMNS = 2000, 2000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -13,7 +13,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService
 
 BODY_FIELDS = {"status": "COMPLETED", "recordsCount": 10, "recordsFailedCount": 0}
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService
 
 FUZZ = settings(
     max_examples=60,

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,7 @@ from service.logs import Repeats
 from service.metrics import Metrics
 from service.openapi.jobs import openapi_spec
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService, StartSandbox, StartService
 
 TOKEN = "guard-test-token"
 EVIL = "https://evil.example"

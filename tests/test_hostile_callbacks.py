@@ -14,8 +14,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from .callback_helpers import deliver, essentials, job_now, job_url
-from .conftest import RunningSandbox, RunningService
+from .helpers import RunningSandbox, RunningService, deliver, essentials, job_now, job_url
 
 BIG = "1" + "0" * 5000  # json.loads refuses to convert it (ValueError)
 BAD_COUNTS = ["1e20", '"99999999999999999999"', '"\u00b2"', "-5", "true", '{"n": 1}', "[1]", "1.5"]

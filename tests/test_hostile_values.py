@@ -4,7 +4,6 @@ never a changed job, on both stores."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -16,10 +15,7 @@ from hypothesis import strategies as st
 
 from service.upstream.client import RetryPolicy
 
-from .conftest import RunningSandbox, RunningService
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
+from .helpers import RunningSandbox, RunningService, StartSandbox, StartService
 
 FUZZ = settings(
     max_examples=40,

@@ -9,8 +9,7 @@ import pytest
 from service.callbacks.signatures import sign
 from service.errors import error_response
 
-from .conftest import RunningService
-from .test_errors import assert_error
+from .helpers import RunningService, assert_error
 
 
 def test_other_methods_and_paths_still_get_starlettes_answers(start_service) -> None:  # type: ignore[no-untyped-def]

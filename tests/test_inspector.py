@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import random
 from collections.abc import Iterator
 from unittest.mock import patch
@@ -16,6 +15,8 @@ from hypothesis import strategies as st
 from service.errors import ApiError
 from service.uploads import csv_checks as inspection
 from service.uploads.receiving import CsvInspector, CsvSummary
+
+from .helpers import split_at
 
 # -- CsvInspector ----------------------------------------------------------------------
 
@@ -39,11 +40,6 @@ def outcome(chunks: list[bytes], **options: int) -> Outcome:
 
 def split_every(data: bytes, size: int) -> list[bytes]:
     return [data[start : start + size] for start in range(0, len(data), size)]
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    edges = [0, *sorted(cuts), len(data)]
-    return [data[start:end] for start, end in itertools.pairwise(edges)]
 
 
 def chunkings(data: bytes) -> Iterator[list[bytes]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import RunningSandbox, RunningService
+from .helpers import RunningSandbox, RunningService
 
 CALLBACK_LIMIT = 64 * 1024
 UPLOAD_LIMIT = 256 * 1024

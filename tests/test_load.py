@@ -12,7 +12,7 @@ import httpx
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService
 
 CONNECTIONS = 1000
 JOBS = 20

@@ -18,7 +18,7 @@ from service.config import Settings
 from service.jobs import State
 from service.openapi.jobs import openapi_spec
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService
 
 _METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
 _PUBLIC = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/callbacks"}

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,37 +17,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def serve(cwd: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
-    environment.update(env)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port)],
-        cwd=cwd,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("the service did not start")
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService, free_port, serve
 
 
 def run_one_job(tmp_path: Path, contacts_csv: Path, **env: str) -> tuple[dict, list[dict]]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from service.poller import RateLimiter
 from service.upstream.client import RetryPolicy
 
-from .conftest import RunningSandbox, RunningService
+from .helpers import StartSandbox, StartService
 
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
 DONE = {"COMPLETED", "ERROR", "ABORTED", "CANCELLED", "TIMED_OUT", "SUBMIT_FAILED"}
 ONE_TRY = RetryPolicy(attempts=1)
 

@@ -14,7 +14,7 @@ from service.store import Delivery
 from service.store.base import Claim
 from service.store.postgres.store import PostgresStore
 
-from .test_store import make_job
+from .helpers import make_job
 
 pytestmark = pytest.mark.anyio
 

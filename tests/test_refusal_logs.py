@@ -11,8 +11,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .callback_helpers import counted
-from .conftest import RunningSandbox, RunningService
+from .helpers import RunningSandbox, RunningService, counted
 
 
 class Lines(logging.Handler):

@@ -15,10 +15,7 @@ import pytest
 from service.sandbox import API_PREFIX
 from service.uploads.relay import RELAY_MIN_BYTES
 
-from .conftest import RunningSandbox, RunningService
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
+from .helpers import RunningSandbox, RunningService, StartSandbox, StartService, eventually
 
 BOUNDARY = "relay-test-boundary"
 HEADER = b"Email,First,Last\r\n"
@@ -67,14 +64,6 @@ class Upload:
             **headers,
         }
         return service.http.post("/jobs", content=self.chunks(wait), headers=headers)
-
-
-def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        time.sleep(0.02)
 
 
 def upstream_receiving(upstream: RunningSandbox) -> Callable[[], None]:

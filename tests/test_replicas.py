@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,11 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox
+from .helpers import SIGNATURE_KEY, RunningSandbox, free_port
 
 JOBS = 200
 REPLICAS = 3
 POLL_INTERVAL = 0.5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Replica:

@@ -16,8 +16,7 @@ from service.jobs import Job, Observation, Source, State, new_job_id
 from service.store import Delivery, Store, open_store
 from service.store.base import KEPT_BYTES, KEPT_MAX, Claim, Rejection
 
-from .callback_helpers import deliver, genuine, job_url
-from .conftest import RunningSandbox, RunningService
+from .helpers import RunningSandbox, RunningService, deliver, genuine, job_url
 
 pytestmark = pytest.mark.anyio
 DAY = 86400.0

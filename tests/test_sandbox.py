@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,9 +20,8 @@ import pytest
 
 from service.callbacks.signatures import Verdict, verify
 
-from .conftest import SIGNATURE_KEY, Receiver, RunningSandbox, write_csv
+from .helpers import SIGNATURE_KEY, Receiver, RunningSandbox, StartSandbox, free_port, write_csv
 
-StartSandbox = Callable[..., RunningSandbox]
 AUTH_VALUE = "User u, Organization o, Element e"
 AUTH = {"Authorization": AUTH_VALUE}
 TERMINAL = {"COMPLETED", "COMPLETE", "ERROR", "ABORTED", "CANCELLED", "CANCELED"}
@@ -119,12 +117,6 @@ def pages(http: httpx.Client, path: str, **params: Any) -> list[httpx.Response]:
         if token is None:
             return answered
     raise AssertionError("the pages never ended")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- the API surface ------------------------------------------------------------------

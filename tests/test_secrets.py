@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService, free_port
 
 SECRETS = {
     "OC_USER_SECRET": "user-Secret-1f9a",
@@ -76,12 +75,6 @@ def test_no_secret_in_logs_or_error_bodies(
     assert caplog.records, "nothing was logged: the check would prove nothing"
     assert_clean(caplog.text)
     assert_clean("\n".join(bodies))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_serve_prints_no_secret(tmp_path: Path, contacts_csv: Path) -> None:

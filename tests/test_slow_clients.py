@@ -28,7 +28,6 @@ import httpx
 import pytest
 
 from service.app import create_app
-from service.callbacks.signatures import sign
 from service.config import ConfigError, Settings
 from service.errors import ApiError
 from service.jobs import State, SubmitRequest
@@ -39,10 +38,7 @@ from service.tracker import Tracker
 from service.upstream.client import UpstreamClient, UpstreamUnavailable
 from service.upstream.multipart import FileStream
 
-from .conftest import SIGNATURE_KEY, RunningSandbox, RunningService, write_csv
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
+from .helpers import RunningSandbox, StartSandbox, StartService, eventually, signed, write_csv
 
 BOUNDARY = "slow-client-boundary"
 HEADER_ROW = b"Email,First,Last\r\n"
@@ -180,14 +176,6 @@ def spool_files() -> list[str]:
     return names
 
 
-def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        time.sleep(0.05)
-
-
 def uploads_in(directory: Path) -> list[Path]:
     """The upload files under ``directory``, in whichever app's spool directory."""
     return sorted(directory.glob("**/bulkhook-upload-*"))
@@ -267,14 +255,6 @@ def test_a_promised_size_alone_opens_no_upstream_connection(
 
 
 # -- the flood ------------------------------------------------------------------------
-
-
-def signed(body: bytes, webhook_id: str) -> dict[str, str]:
-    return {
-        "Content-Type": "application/json",
-        "Elements-Webhook-Id": webhook_id,
-        "Elements-Webhook-Signature": sign(SIGNATURE_KEY, body),
-    }
 
 
 def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:

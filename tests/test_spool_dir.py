@@ -19,10 +19,7 @@ import pytest
 
 from service.uploads.spool import SpoolDirectory
 
-from .conftest import RunningSandbox, RunningService
-
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
+from .helpers import StartSandbox, StartService, free_port
 
 BOUNDARY = "spool-test-boundary"
 ROW = b"someone@example.com,Someone Withalongername,Example Company Limited\r\n"
@@ -36,12 +33,6 @@ def csv_bytes(size: int) -> bytes:
 def spooled(root: Path) -> list[Path]:
     """The upload files under ``root``, whichever app they belong to."""
     return sorted(root.glob("*/bulkhook-upload-*"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # type: ignore[no-any-return]
 
 
 def wait_until(condition: Callable[[], bool], within: float = 30.0) -> None:

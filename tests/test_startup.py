@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import SIGNATURE_KEY, RunningSandbox
+from .helpers import SIGNATURE_KEY, RunningSandbox, free_port
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "bulkhook.env.example"
 CREDENTIALS = {
@@ -24,12 +24,6 @@ CREDENTIALS = {
     "OC_ORG_SECRET": "org-secret",
     "OC_ELEMENT_TOKEN": "element-token",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # type: ignore[no-any-return]
 
 
 def environment(**env: str) -> dict[str, str]:

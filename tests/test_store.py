@@ -10,29 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs import TERMINAL, Job, Observation, Source, State, new_job_id
+from service.jobs import TERMINAL, Observation, Source, State
 from service.store import Delivery, Store, StoreError, open_store
 from service.store.base import Claim
 
+from .helpers import make_job
+
 pytestmark = pytest.mark.anyio
-
-
-def make_job(**changes: object) -> Job:
-    now = time.time()
-    fields: dict[str, object] = {
-        "id": new_job_id(),
-        "hub": "marketing",
-        "object": "contact",
-        "path": "/contacts.csv",
-        "state": State.SUBMITTING,
-        "created_at": now,
-        "updated_at": now,
-        "last_source": "submit",
-        "filename": "contacts.csv",
-        "rows": 10,
-    }
-    fields.update(changes)
-    return Job(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture

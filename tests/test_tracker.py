@@ -6,13 +6,10 @@ Submission, the callback path, the polling fallback, restarts and idempotency.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from .conftest import RunningSandbox, RunningService, write_csv
+from .helpers import SIGNATURE_KEY, StartSandbox, StartService, write_csv
 
-StartSandbox = Callable[..., RunningSandbox]
-StartService = Callable[..., RunningService]
 DONE = {"COMPLETED", "ERROR", "ABORTED", "CANCELLED", "TIMED_OUT", "SUBMIT_FAILED"}
 
 
@@ -193,8 +190,6 @@ def test_a_callback_for_a_job_not_known_yet_is_kept_and_applied_when_it_appears(
     import json
 
     from service.callbacks.signatures import sign
-
-    from .conftest import SIGNATURE_KEY
 
     upstream = start_sandbox(drop_callbacks=1.0, job_seconds=30)
     service = start_service(upstream)

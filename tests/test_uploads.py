@@ -28,7 +28,7 @@ from service.errors import ApiError, error_body
 from service.server.thread import ServerThread
 from service.uploads.receiving import FileStart, ReceivedUpload, receive_upload
 
-from .test_inspector import split_at
+from .helpers import split_at
 
 # -- receive_upload over HTTP ----------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from service.upstream.client import (
 )
 from service.values import MAX_COUNT, is_clean
 
-from .conftest import Receiver, RunningSandbox, write_csv
+from .helpers import Receiver, RunningSandbox, free_port, write_csv
 
 pytestmark = pytest.mark.anyio
 
@@ -50,12 +49,6 @@ async def wait_terminal(client: UpstreamClient, job_id: str, within: float = 10.
             return status.status
         await asyncio.sleep(0.05)
     raise AssertionError("job did not finish")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_discovers_objects(sandbox: RunningSandbox) -> None:

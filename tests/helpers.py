@@ -1,0 +1,327 @@
+"""What the suite's tests share: real servers and the handles on them, free ports, a
+service started as a process, signed callbacks, Server-Sent Events, jobs and errors.
+
+Fixtures that build these live in ``conftest.py``; no test module imports another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from service.callbacks.signatures import sign
+from service.jobs import Job, State, new_job_id
+from service.sandbox import API_PREFIX, Sandbox
+from service.server.thread import ServerThread
+
+if TYPE_CHECKING:
+    from service.app import Components, Service
+
+SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
+SIGNATURE_KEY = "test-instance-key"
+# Every secret the suite configures: none may ever be logged (see suite_logs).
+CONFIGURED_SECRETS = (SIGNATURE_KEY, "user-secret", "org-secret", "element-token")
+
+
+# Servers and the handles on them -------------------------------------------------
+
+
+@dataclass
+class RunningSandbox:
+    sandbox: Sandbox
+    server: ServerThread
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def api_url(self) -> str:
+        return self.server.url + API_PREFIX
+
+
+@dataclass
+class Delivery:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class Receiver:
+    """A bare callback endpoint that records every POST exactly as it arrived."""
+
+    server: ServerThread | None = None
+    deliveries: list[Delivery] = field(default_factory=list)
+    # Status codes to answer, in order; 200 once they run out.
+    answers: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return self.server.url + "/callbacks"
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.deliveries) >= count:
+                    return list(self.deliveries)
+            time.sleep(0.01)
+        with self._lock:
+            return list(self.deliveries)
+
+    async def _endpoint(self, request: Request) -> Response:
+        body = await request.body()
+        with self._lock:
+            self.deliveries.append(
+                Delivery(request.url.path, dict(request.headers), body, time.monotonic())
+            )
+            status = self.answers.pop(0) if self.answers else 200
+        return JSONResponse({"received": True}, status_code=status)
+
+
+@dataclass
+class RunningService:
+    """A real bulkhook app on its own uvicorn server, with an HTTP client."""
+
+    server: ServerThread
+    settings: Any
+    http: Any
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def components(self) -> Components:
+        """What the app was built from: its store, keyring, tracker, spool..."""
+        app: Service = self.server.app
+        return app.components
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run SQL straight on the service's database, whichever kind it is."""
+        if self.settings.sqlite_path is not None:
+            with sqlite3.connect(self.settings.sqlite_path) as conn:
+                return conn.execute(sql).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            cursor = conn.execute(sql)  # type: ignore[arg-type]
+            rows = cursor.fetchall() if cursor.description else []
+        return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row) for row in rows]
+
+    def submit(self, file: Path, *, headers: dict[str, str] | None = None, **fields: str) -> Any:
+        fields.setdefault("object", "contact")
+        with file.open("rb") as handle:
+            return self.http.post(
+                "/jobs",
+                data=fields,
+                files={"file": (file.name, handle, "text/csv")},
+                headers=headers or {},
+            )
+
+    def wait_for(self, job_id: str, states: set[str], within: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + within
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/jobs/{job_id}").json()
+            if job.get("state") in states:
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} stayed {job.get('state')}: {job}")
+
+
+StartSandbox = Callable[..., RunningSandbox]
+StartService = Callable[..., RunningService]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve(cwd: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    environment.update(env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--port", str(port)],
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError("the service did not start")
+
+
+def eventually(check: Callable[[], bool], within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        time.sleep(0.02)
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    """Write a small CSV with the given rows (the first is the header)."""
+    path.write_text("".join(",".join(row) + "\r\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0, *sorted(cuts), len(data)]
+    return [data[start:end] for start, end in itertools.pairwise(edges)]
+
+
+# Callbacks ----------------------------------------------------------------------
+
+
+def signed(body: bytes, webhook_id: str, key: str = SIGNATURE_KEY) -> dict[str, str]:
+    """The headers Open Connectors sends with a body signed by ``key`` (the instance's)."""
+    return {
+        "Content-Type": "application/json",
+        "Elements-Webhook-Id": webhook_id,
+        "Elements-Webhook-Signature": sign(key, body),
+    }
+
+
+def genuine(job: dict[str, Any], **fields: Any) -> bytes:
+    """The body the upstream sends when ``job`` completes: its ids, status and counts."""
+    body = {
+        "id": job["upstream_id"],
+        "status": "COMPLETED",
+        "recordsCount": 10,
+        "recordsFailedCount": 0,
+        "callback-payload": job["id"],
+    }
+    body.update(fields)
+    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
+def deliver(service: RunningService, path: str, body: bytes, webhook_id: str) -> httpx.Response:
+    return service.http.post(path, content=body, headers=signed(body, webhook_id))
+
+
+def job_url(job: dict[str, Any]) -> str:
+    return f"/callbacks/jobs/{job['id']}"
+
+
+def job_now(service: RunningService, job_id: str) -> dict[str, Any]:
+    response = service.http.get(f"/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def essentials(job: dict[str, Any]) -> tuple[Any, ...]:
+    """What a callback about another job must never change."""
+    return (
+        job["state"],
+        job["upstream_id"],
+        job["records_count"],
+        job["records_failed_count"],
+        job["upstream_status"],
+    )
+
+
+def refusals(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in job["events"] if e["detail"].startswith("refused:")]
+
+
+def counted(service: RunningService, outcome: str) -> float:
+    """``bulkhook_callbacks_total{outcome=...}``, 0 when never counted."""
+    text = service.http.get("/metrics").text
+    match = re.search(rf'bulkhook_callbacks_total\{{outcome="{outcome}"\}} (\S+)', text)
+    return float(match.group(1)) if match else 0.0
+
+
+# Server-Sent Events ---------------------------------------------------------------
+
+
+SSE = {"Accept": "text/event-stream"}
+
+
+def events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event name, data) for each Server-Sent Event, as they arrive."""
+    name, data = "message", ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            data = line.removeprefix("data: ")
+        elif not line and data:
+            yield name, json.loads(data)
+            name, data = "message", ""
+
+
+def forged(service: RunningService, job_id: str, marker: str) -> httpx.Response:
+    """A callback signed with a key that is not the instance's: refused, and noted."""
+    body = json.dumps({"status": "ERROR", "marker": marker}).encode()
+    response: httpx.Response = service.http.post(
+        f"/callbacks/jobs/{job_id}",
+        content=body,
+        headers={
+            "Elements-Webhook-Signature": sign("not-the-instance-key", body),
+            "Elements-Webhook-Id": f"forged-{marker}",
+        },
+    )
+    return response
+
+
+# Jobs and errors ------------------------------------------------------------------
+
+
+def make_job(**changes: object) -> Job:
+    now = time.time()
+    fields: dict[str, object] = {
+        "id": new_job_id(),
+        "hub": "marketing",
+        "object": "contact",
+        "path": "/contacts.csv",
+        "state": State.SUBMITTING,
+        "created_at": now,
+        "updated_at": now,
+        "last_source": "submit",
+        "filename": "contacts.csv",
+        "rows": 10,
+    }
+    fields.update(changes)
+    return Job(**fields)  # type: ignore[arg-type]
+
+
+def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    assert body["error"]["code"] == code
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
