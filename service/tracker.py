@@ -86,7 +86,7 @@ class Tracker:
     def next_poll(self, job: Job, now: float, polls: int) -> float:
         """Doubling from the poll interval, capped, with jitter; never past the timeout."""
         interval = min(
-            self.settings.poll_max_interval, self.settings.poll_interval * 2 ** max(0, polls - 1)
+            self.settings.poll_max_interval, self.settings.poll_interval * 2.0 ** max(0, polls - 1)
         )
         interval *= random.uniform(0.8, 1.0)
         return min(now + interval, job.created_at + self.settings.job_timeout)

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 __all__ = [
     "AppSpool",
@@ -183,7 +183,7 @@ class SpoolError(Exception):
 
 class Spool:
     def __init__(self, directory: str | Path | None = None) -> None:
-        self._out: BinaryIO = tempfile.NamedTemporaryFile(  # noqa: SIM115 - see close/discard
+        self._out: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - see close/discard
             prefix="bulkhook-upload-", suffix=".csv", dir=directory, delete=False
         )
         self.path = Path(self._out.name)

@@ -25,7 +25,7 @@ from urllib.parse import quote
 import httpx
 
 from service import values
-from service.upstream.multipart import FileStream, MultipartFile
+from service.upstream.multipart import Chunk, FileStream, MultipartFile
 from service.upstream.statuses import normalize_status
 
 __all__ = [
@@ -74,7 +74,7 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
     def backoff(self, attempt: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
 
 
@@ -387,7 +387,7 @@ class UpstreamClient:
         *,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        content: Callable[[], AsyncIterator[bytes]] | None = None,
+        content: Callable[[], AsyncIterator[Chunk]] | None = None,
         idempotent: bool = True,
     ) -> httpx.Response:
         policy = self._retry
@@ -413,7 +413,7 @@ class UpstreamClient:
         url: str,
         params: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
-        content: Callable[[], AsyncIterator[bytes]] | None,
+        content: Callable[[], AsyncIterator[Chunk]] | None,
         idempotent: bool,
     ) -> tuple[httpx.Response | UpstreamError, bool]:
         """One try: the response, or the error and whether this call may be repeated."""
@@ -424,7 +424,8 @@ class UpstreamClient:
                 url,
                 params=params,
                 headers=headers,
-                content=content() if content is not None else None,
+                # httpx streams any buffer it is given; its annotation names only bytes.
+                content=content() if content is not None else None,  # type: ignore[arg-type]
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self._count(operation, None)

@@ -115,12 +115,12 @@ class PostgresStore(PostgresActivity, Store):
             await self._pool.open(wait=True, timeout=self._open_timeout)
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                await conn.execute(render(MIGRATIONS_TABLE, POSTGRES))  # type: ignore[arg-type]
+                await conn.execute(render(MIGRATIONS_TABLE, POSTGRES))
                 cursor = await conn.execute("SELECT version FROM schema_migrations")
                 done = {row["version"] for row in await cursor.fetchall()}
                 for version, script in enumerate(MIGRATIONS, start=1):
                     if version not in done:
-                        await conn.execute(script)  # type: ignore[arg-type]
+                        await conn.execute(script)
                         await conn.execute(
                             "INSERT INTO schema_migrations VALUES (%s, extract(epoch from now()))",
                             (version,),
@@ -215,7 +215,7 @@ class PostgresStore(PostgresActivity, Store):
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         async with self._pool.connection() as conn:
             cursor = await conn.execute(
-                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT %s",  # type: ignore[arg-type]
+                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT %s",
                 (*params, limit),
             )
             return [Job.from_row(row) for row in await cursor.fetchall()]
@@ -354,7 +354,7 @@ class PostgresStore(PostgresActivity, Store):
                 f"""UPDATE jobs SET next_poll_at = %s, lease_owner = NULL, lease_until = NULL,
                         not_found_count = CASE WHEN %s THEN not_found_count + 1 ELSE 0 END
                     WHERE id = %s AND state NOT IN {TERMINAL_SQL}
-                    RETURNING state""",  # type: ignore[arg-type]
+                    RETURNING state""",
                 (next_poll_at, not_found, job_id),
             )
             row = await cursor.fetchone()
@@ -394,7 +394,7 @@ class PostgresStore(PostgresActivity, Store):
             while True:
                 # One batch per transaction: no lock is held for long.
                 async with self._pool.connection() as conn:
-                    cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    cursor = await conn.execute(sql, params)
                     count = cursor.rowcount
                 removed[table] += count
                 if count < batch:
