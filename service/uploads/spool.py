@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import IO
 
+from service.errors import BulkhookError
+
 __all__ = [
     "AppSpool",
     "Bytes",
@@ -177,8 +179,11 @@ def sweep(root: Path) -> list[Path]:
     return removed
 
 
-class SpoolError(Exception):
+class SpoolError(BulkhookError):
     """The file cannot be followed to the size expected: discarded, or another size."""
+
+    code = "upload_unreadable"
+    http_status = 400
 
 
 class Spool:

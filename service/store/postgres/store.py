@@ -8,6 +8,9 @@ Concurrent applies share one transaction and commit (``apply``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -78,6 +81,25 @@ def _one_line(exc: BaseException) -> str:
     return redact(" ".join(str(exc).split())) or type(exc).__name__
 
 
+class _Pool(AsyncConnectionPool[Conn]):
+    """The connection pool, and the store's boundary with psycopg: every statement runs
+    on one of its connections, so an error that says the database cannot be used just
+    now (a lost connection, no connection free in time, a deadlock or serialisation
+    failure: ``OperationalError``) leaves it as ``StoreError``. Any other is a bug, and
+    is raised as it is."""
+
+    @contextlib.asynccontextmanager
+    async def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - the pool's own signature
+    ) -> AsyncIterator[Conn]:
+        try:
+            async with super().connection(timeout) as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise StoreError(_one_line(exc)) from exc
+
+
 class PostgresStore(PostgresActivity, Store):
     def __init__(
         self,
@@ -92,7 +114,7 @@ class PostgresStore(PostgresActivity, Store):
         # (most kept callbacks, most bytes of their bodies together)
         self.kept_limits = kept_limits
         self._open_timeout = open_timeout
-        self._pool = AsyncConnectionPool(
+        self._pool = _Pool(
             url,
             min_size=min_size,
             max_size=max_size,
@@ -125,7 +147,7 @@ class PostgresStore(PostgresActivity, Store):
                             "INSERT INTO schema_migrations VALUES (%s, extract(epoch from now()))",
                             (version,),
                         )
-        except (psycopg.Error, TimeoutError) as exc:
+        except (psycopg.Error, TimeoutError, StoreError) as exc:
             await self._pool.close()
             raise StoreError(f"cannot open the PostgreSQL store: {_one_line(exc)}") from exc
 
@@ -237,7 +259,12 @@ class PostgresStore(PostgresActivity, Store):
             # its own, which reads what the round's two round trips need not.
             async with self._pool.connection() as conn:
                 return await apply_one(conn, call)
-        return await self._applies.submit(call)  # type: ignore[no-any-return]
+        try:
+            return await self._applies.submit(call)  # type: ignore[no-any-return]
+        except psycopg.OperationalError as exc:
+            # A call that failed alone in its round: its error left the pool's connection
+            # as the call's outcome, not as an exception, so it is translated here.
+            raise StoreError(_one_line(exc)) from exc
 
     async def _apply_round(self, calls: list[ApplyCall]) -> list[Outcome]:
         async with self._pool.connection() as conn:
