@@ -29,7 +29,7 @@ from service.callbacks.receiving import CallbackReceiver
 from service.callbacks.signatures import Keyring
 from service.config import Settings, redact
 from service.dashboard.routes import Dashboard
-from service.errors import ApiError, error_response, unexpected
+from service.errors import ApiError, BulkhookError, error_response, unexpected
 from service.logs import Repeats
 from service.metrics import Metrics
 from service.openapi import docs as apidocs
@@ -93,9 +93,19 @@ class Service(Starlette):
         await super().__call__(scope, receive, send)
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, headers=exc.headers, **exc.extra)
+def _answer(error: ApiError) -> Response:
+    return error_response(
+        error.status, error.code, error.message, headers=error.headers, **error.extra
+    )
+
+
+async def _own_error(request: Request, exc: Exception) -> Response:
+    """The service's own errors, answered as ``unexpected`` maps them (as the callback
+    endpoint answers them); any but an ``ApiError`` (a store outage, say) is logged."""
+    assert isinstance(exc, BulkhookError)
+    if not isinstance(exc, ApiError):
+        log.error("%s on %s %s: %s", exc.code, request.method, request.url.path, redact(repr(exc)))
+    return _answer(unexpected(exc))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -106,7 +116,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s: %s", request.method, request.url.path, redact(repr(exc)))
-    return await _api_error(request, unexpected(exc))
+    return _answer(unexpected(exc))
 
 
 async def _openapi(request: Request) -> Response:
@@ -254,7 +264,7 @@ def create_app(
         lifespan=lifespan,
         middleware=[guard],
         exception_handlers={
-            ApiError: _api_error,
+            BulkhookError: _own_error,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from service.errors import BulkhookError
 from service.upstream.client import Credentials
 from service.values import is_clean, name_problem
 
@@ -101,8 +102,11 @@ _WANTED: Mapping[str, str] = MappingProxyType(
 )
 
 
-class ConfigError(Exception):
+class ConfigError(BulkhookError):
     """A setting is unusable; the message is one line fit to print before exiting."""
+
+    code = "bad_setting"
+    http_status = 503
 
 
 def redact(text: str) -> str:

@@ -1,32 +1,96 @@
-"""The one JSON error shape, and the typed exceptions that map onto it.
+"""The service's own errors, and the one JSON shape every error is answered in.
 
 Every error the service answers is ``{"error": {"code": "...", "message": "..."}}``,
 with optional extra fields beside ``code`` and ``message``. ``code`` strings are
 stable: clients may branch on them.
+
+Every error the service raises on purpose derives from ``BulkhookError``, which gives
+it a ``code`` and the HTTP status (``http_status``) it is answered with. The
+hierarchy, each with its code and status:
+
+* ``BulkhookError`` -- the base. Raised as such it is a bug: ``internal_error``, 500.
+
+  * ``ApiError`` -- an answer decided where it is raised: ``bad_request``, 400, unless
+    it names its own code and status (``job_not_found`` 404, ``bad_signature`` 401,
+    ``upstream_outcome_unknown`` 502, ...). Any extra fields go into the body.
+  * ``StoreError`` (``service.store``) -- the store cannot be reached or written just
+    now: ``store_unavailable``, 503, with ``Retry-After``. The stores raise it for
+    their driver's errors that say so (a lost connection, a locked or full database);
+    a driver error that says anything else is a bug.
+  * ``UpstreamError`` (``service.upstream.client``) -- Open Connectors answered with
+    an error: ``upstream_refused``, 502, with ``upstream_status`` and
+    ``upstream_request_id``; ``upstream_unavailable`` when no status came back.
+
+    * ``UpstreamUnavailable`` -- no HTTP response at all (connection refused,
+      timeout, dropped): ``upstream_unavailable``, 502.
+
+  * ``SpoolError`` (``service.uploads.spool``) -- an upload's temporary file cannot be
+    read to the size it was announced with: ``upload_unreadable``, 400.
+  * ``ConfigError`` (``service.config``) -- a setting is unusable:
+    ``bad_setting``, 503.
+  * ``StartupError`` (``service.server.serve``) -- ``bulkhook serve`` cannot start:
+    ``startup_failed``, 503.
+  * ``ServiceError`` (``service.cli.api_client``) -- the CLI's side of an error the
+    service answered: that answer's code and status (``service_error``, 502, by
+    default).
+  * ``ServiceUnreachable`` (``service.cli.api_client``) -- the CLI cannot reach the
+    service: ``service_unreachable``, 502.
+
+The client reads ``public_message`` (by default the exception's text; a store outage
+says only that it is one, its details go to the log) and ``fields``. The CLI ends a
+command with its own ``CommandError``, which carries an exit status, not an error
+kind; it reports the errors above.
+
+``unexpected`` is the one mapping from an exception to its answer: the app's
+exception handler and the callback endpoint both answer through it. What is not a
+``BulkhookError`` is a bug (``internal_error``, 500, details in the log only), unless a
+translation registered by the package that owns it says otherwise: the stores
+register their drivers', so a driver error that escapes a store still reads as the
+outage it is. This module imports none of those packages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from starlette.responses import JSONResponse
-
-from service.store import unavailable
-
 if TYPE_CHECKING:
-    from service.upstream.client import UpstreamError
+    from starlette.responses import JSONResponse
 
-__all__ = ["ApiError", "error_body", "error_response", "unexpected", "upstream_failure"]
+__all__ = [
+    "ApiError",
+    "BulkhookError",
+    "error_body",
+    "error_response",
+    "translate_with",
+    "unexpected",
+]
 
-# Seconds a client is asked to wait before retrying while the store is unavailable.
-STORE_RETRY_AFTER = 5
+
+class BulkhookError(Exception):
+    """The base of the service's own errors: a stable ``code`` and an ``http_status``."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+    # Headers the answer carries (``Retry-After``, say).
+    headers: Mapping[str, str] | None = None
+
+    @property
+    def public_message(self) -> str:
+        """What the client is told: the text, unless a subclass keeps details back."""
+        return str(self)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """Fields the error body carries beside ``code`` and ``message``."""
+        return {}
 
 
-class ApiError(Exception):
+class ApiError(BulkhookError):
     """An error with an HTTP status and a stable code; raise it anywhere in a request."""
 
-    status: int = 400
-    code: str = "bad_request"
+    code = "bad_request"
+    http_status = 400
 
     def __init__(
         self,
@@ -34,7 +98,7 @@ class ApiError(Exception):
         *,
         code: str | None = None,
         status: int | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         **extra: Any,
     ) -> None:
         super().__init__(message)
@@ -42,9 +106,32 @@ class ApiError(Exception):
         if code is not None:
             self.code = code
         if status is not None:
-            self.status = status
+            self.http_status = status
         self.headers = headers
         self.extra = extra
+
+    @property
+    def status(self) -> int:
+        """``http_status``, under the name request code reads it by."""
+        return self.http_status
+
+    @property
+    def public_message(self) -> str:
+        return self.message
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return self.extra
+
+
+# Translations of other packages' exceptions into the service's own errors: None for
+# one that is not theirs to say.
+_translations: list[Callable[[BaseException], BulkhookError | None]] = []
+
+
+def translate_with(translation: Callable[[BaseException], BulkhookError | None]) -> None:
+    """Have ``unexpected`` read exceptions through ``translation`` (see the module)."""
+    _translations.append(translation)
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -56,38 +143,41 @@ def error_response(
     code: str,
     message: str,
     *,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
+    # Imported here: the CLI's errors derive from this module too, and a command does
+    # not wait for Starlette to load.
+    from starlette.responses import JSONResponse
+
     return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
 
 
-def upstream_failure(what: str, exc: UpstreamError, **extra: Any) -> ApiError:
-    """A 502 for an upstream failure: ``upstream_refused`` when it answered with an
-    error, ``upstream_unavailable`` when no answer came."""
+def unexpected(exc: BaseException) -> ApiError:
+    """The answer to an exception the request's own code did not answer.
+
+    A ``BulkhookError`` is answered with its code, status, headers and fields:
+    ``503 store_unavailable`` (with ``Retry-After``) when the store cannot be reached
+    or written just now, so the client retries (Open Connectors redelivers a callback
+    by itself), ``502`` for the upstream, and so on. Anything else is a bug:
+    ``500 internal_error``, its details in the log only.
+    """
+    if isinstance(exc, ApiError):
+        return exc
+    error = exc if isinstance(exc, BulkhookError) else _translated(exc)
+    if error is None:
+        return ApiError("an unexpected error occurred", code="internal_error", status=500)
     return ApiError(
-        f"{what}: {exc.message}",
-        code="upstream_unavailable" if exc.status is None else "upstream_refused",
-        status=502,
-        upstream_status=exc.status,
-        upstream_request_id=exc.request_id,
-        **extra,
+        error.public_message,
+        code=error.code,
+        status=error.http_status,
+        headers=error.headers,
+        **error.fields,
     )
 
 
-def unexpected(exc: Exception) -> ApiError:
-    """The answer to an exception no code path expected.
-
-    ``503 store_unavailable`` (with ``Retry-After``) when the store cannot be reached or
-    written just now: the request was fine and a retry will work once the store is
-    back (Open Connectors redelivers a callback by itself). Anything else is a bug:
-    ``500 internal_error``, its details in the log only.
-    """
-    if unavailable(exc):
-        return ApiError(
-            "the store is unavailable just now; try again shortly",
-            code="store_unavailable",
-            status=503,
-            headers={"Retry-After": str(STORE_RETRY_AFTER)},
-        )
-    return ApiError("an unexpected error occurred", code="internal_error", status=500)
+def _translated(exc: BaseException) -> BulkhookError | None:
+    for translation in _translations:
+        if (error := translation(exc)) is not None:
+            return error
+    return None

@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 CONTEXT_FIELDS = ("job_id", "webhook_id", "upstream_id", "outcome")
-_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_string = json.encoder.encode_basestring_ascii
 
 
 class JsonFormatter(logging.Formatter):
@@ -175,7 +175,7 @@ def lighten_records() -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
 
 
 def log_config(fmt: str, level: str = "info") -> dict[str, Any]:

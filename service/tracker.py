@@ -18,13 +18,18 @@ from typing import Any
 from service.callbacks import notification
 from service.callbacks.endpoint import JOB_CALLBACK_PATH
 from service.config import Settings
-from service.errors import ApiError, upstream_failure
+from service.errors import ApiError
 from service.jobs import Job, Observation, Source, State, SubmitRequest, iso_utc, new_job_id
 from service.logs import short
 from service.store import Store
 from service.uploads.relay import Relay
 from service.uploads.spool import Spool
-from service.upstream.client import UpstreamClient, UpstreamError, UpstreamUnavailable
+from service.upstream.client import (
+    UpstreamClient,
+    UpstreamError,
+    UpstreamUnavailable,
+    upstream_failure,
+)
 
 __all__ = ["NOT_FOUND_LIMIT", "SENDING_CONNECTIONS", "SUBMIT_DEADLINE", "Tracker"]
 
@@ -86,7 +91,7 @@ class Tracker:
     def next_poll(self, job: Job, now: float, polls: int) -> float:
         """Doubling from the poll interval, capped, with jitter; never past the timeout."""
         interval = min(
-            self.settings.poll_max_interval, self.settings.poll_interval * 2 ** max(0, polls - 1)
+            self.settings.poll_max_interval, self.settings.poll_interval * 2.0 ** max(0, polls - 1)
         )
         interval *= random.uniform(0.8, 1.0)
         return min(now + interval, job.created_at + self.settings.job_timeout)

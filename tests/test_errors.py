@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
+import re
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from service.errors import ApiError, error_body, error_response, unexpected
+import service
+from service.cli.api_client import ServiceError, ServiceUnreachable
+from service.config import ConfigError
+from service.errors import ApiError, BulkhookError, error_body, error_response, unexpected
+from service.jobs import new_job_id
+from service.server.serve import StartupError
 from service.store import StoreError
+from service.uploads.spool import SpoolError
+from service.upstream.client import UpstreamError, UpstreamUnavailable
 
-from .helpers import RunningService, assert_error
+from .helpers import RunningService, assert_error, signed
 
 
 def test_error_body_shape() -> None:
@@ -80,3 +91,86 @@ def test_every_kind_of_error_uses_the_shape(start_service) -> None:  # type: ign
     assert_error(service.http.get("/jobs?state=DONE"), 400, "bad_state")
     assert_error(service.http.post("/jobs", json={}), 415, "unsupported_media_type")
     assert_error(service.http.post("/callbacks", content=b"{}"), 401, "bad_signature")
+
+
+# Each of the service's own errors, as raised, with the code and status it answers with:
+# the codes are part of the API, so changing one here is changing the API.
+OWN_ERRORS: dict[type[BulkhookError], tuple[BulkhookError, str, int]] = {
+    ApiError: (ApiError("no"), "bad_request", 400),
+    StoreError: (StoreError("database is locked"), "store_unavailable", 503),
+    UpstreamError: (UpstreamError("status", "no such job", status=404), "upstream_refused", 502),
+    UpstreamUnavailable: (
+        UpstreamUnavailable("status", "cannot connect"),
+        "upstream_unavailable",
+        502,
+    ),
+    SpoolError: (SpoolError("the file is 3 bytes, not 4"), "upload_unreadable", 400),
+    ConfigError: (ConfigError("BULKHOOK_POLL_RATE must be a number"), "bad_setting", 503),
+    StartupError: (StartupError("address already in use"), "startup_failed", 503),
+    ServiceError: (ServiceError(502, "service_error", "the service failed"), "service_error", 502),
+    ServiceUnreachable: (ServiceUnreachable("cannot reach it"), "service_unreachable", 502),
+}
+
+
+def _every_error_class() -> set[type[BulkhookError]]:
+    """Every subclass of BulkhookError in the package, each module imported first."""
+    for module in pkgutil.walk_packages(service.__path__, "service."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    found: set[type[BulkhookError]] = set()
+    pending = [BulkhookError]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            found.add(subclass)
+            pending.append(subclass)
+    return found
+
+
+def test_every_own_error_has_a_distinct_stable_code_and_a_status_that_is_not_500() -> None:
+    assert _every_error_class() == set(OWN_ERRORS), "a new error needs its code and status here"
+    codes = {cls: cls.code for cls in OWN_ERRORS}
+    assert len(set(codes.values())) == len(codes), codes
+    assert BulkhookError.code not in codes.values()  # internal_error: a bug's
+    for cls, (error, code, status) in OWN_ERRORS.items():
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", cls.code), cls
+        assert (error.code, error.http_status) == (code, status), cls
+        assert (cls.code, cls.http_status) == (code, status), cls
+        answer = unexpected(error)
+        assert (answer.status, answer.code) == (status, code), cls
+
+
+def test_an_upstream_error_without_a_status_is_answered_as_unavailable() -> None:
+    """An answer the service could not use says no more than none at all."""
+    error = UpstreamError("submit", "the upstream accepted the upload but returned no job id")
+    answer = unexpected(error)
+    assert (answer.status, answer.code) == (502, "upstream_unavailable")
+    assert answer.extra == {"upstream_status": None, "upstream_request_id": None}
+
+
+@pytest.mark.parametrize("cls", list(OWN_ERRORS), ids=lambda cls: cls.__name__)
+def test_no_route_answers_a_500_for_an_own_error(
+    start_service: Callable[..., RunningService],
+    monkeypatch: pytest.MonkeyPatch,
+    cls: type[BulkhookError],
+) -> None:
+    """Raised under a job API route and under the callback endpoint (the store's reads
+    raise it), each answers its own status and code in the one shape."""
+    error, code, status = OWN_ERRORS[cls]
+    service = start_service(None)
+    store = service.components.store
+
+    async def failing(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(store, "get_job", failing)
+    monkeypatch.setattr(store, "find_by_upstream_id", failing)
+    body = json.dumps({"id": "4242", "status": "RUNNING"}).encode()
+    answers = [
+        service.http.get(f"/jobs/{new_job_id()}"),
+        service.http.post("/callbacks", content=body, headers=signed(body, "w-1")),
+    ]
+    for response in answers:
+        assert_error(response, status, code)
+        if cls is StoreError:
+            assert int(response.headers["Retry-After"]) > 0
+            assert "locked" not in response.text  # the details go to the log only

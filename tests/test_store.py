@@ -329,3 +329,44 @@ async def test_a_kept_body_is_applied_once_and_a_kept_stranger_is_refused(store:
     assert again is not None and again.duplicate and again.refused
     fetched = await store.get_job(job.id)
     assert fetched is not None and len(fetched.events) == 4
+
+
+async def test_a_sqlite_file_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> None:
+    """SQLite's errors that mean the database cannot be used just now leave the store as
+    StoreError; its directory gone, a read cannot open the file."""
+    home = tmp_path / "home"
+    store = open_store(f"sqlite:///{home / 'bulkhook.db'}")
+    await store.open()
+    try:
+        home.rename(tmp_path / "moved")
+        with pytest.raises(StoreError, match="unable to open") as caught:
+            await store.get_job(new_job_id())
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    finally:
+        await store.close()
+
+
+async def test_a_connection_the_server_dropped_is_a_store_error(postgres_url: str) -> None:
+    """psycopg's errors that mean the database cannot be used just now leave the store as
+    StoreError, and the store recovers once the database answers again."""
+    import psycopg
+
+    from service.store.postgres.store import PostgresStore
+
+    name = f"bulkhook-{new_job_id()}"
+    store = PostgresStore(f"{postgres_url}&application_name={name}", min_size=1, max_size=1)
+    await store.open()
+    try:
+        job, _ = await store.create_job(make_job())
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as admin:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                (name,),
+            )
+        with pytest.raises(StoreError) as caught:
+            await store.get_job(job.id)
+        assert isinstance(caught.value.__cause__, psycopg.OperationalError)
+        assert await store.get_job(job.id) is not None
+    finally:
+        await store.close()

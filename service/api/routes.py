@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from service.api.guard import Tokens, bearer
-from service.errors import ApiError, upstream_failure
+from service.errors import ApiError
 from service.jobs import Job, State, SubmitRequest
 from service.metrics import Metrics
 from service.store import Store, StoreError
@@ -19,7 +19,7 @@ from service.tracker import Tracker
 from service.uploads.receiving import FileStart, receive_upload
 from service.uploads.relay import RELAY_MIN_BYTES, Relay
 from service.uploads.spool import AppSpool
-from service.upstream.client import UpstreamClient, UpstreamError
+from service.upstream.client import UpstreamClient, UpstreamError, upstream_failure
 from service.values import is_clean, job_id_ok, name_problem
 
 __all__ = ["JobApi", "UploadLimits"]

@@ -9,8 +9,10 @@ usual. The same endpoint is also mounted as a Starlette route, so other methods 
 those paths get the usual 405. ``CALLBACK_PATHS`` declares both URLs once: the fast
 path's ``callback_route``, the app's routes and the OpenAPI description all read it.
 
-Errors keep the one JSON shape: ``ApiError`` becomes its 4xx, anything unexpected what
-``errors.unexpected`` says (503 while the store is unavailable, else 500).
+Errors keep the one JSON shape and are mapped as the app's exception handler maps
+them: ``ApiError`` becomes its answer, any other exception what ``errors.unexpected``
+says (a ``BulkhookError`` its own code and status, such as 503 while the store is
+unavailable; anything else 500).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.callbacks import receiving as callbacks
 from service.callbacks.receiving import Answer, CallbackHeaders, CallbackReceiver, refusal_log
-from service.errors import ApiError, error_body, unexpected
+from service.errors import ApiError, BulkhookError, error_body, unexpected
 from service.logs import short
 
 __all__ = [
@@ -140,7 +142,8 @@ class CallbackEndpoint:
         except ConnectionAbortedError:
             return
         except Exception as exc:
-            log.error("unexpected error on POST %s: %r", short(scope["path"], 200), exc)
+            what = exc.code if isinstance(exc, BulkhookError) else "unexpected error"
+            log.error("%s on POST %s: %r", what, short(scope["path"], 200), exc)
             answer = _answer(unexpected(exc))
         await _send(send, answer)
         if answer.after is not None:

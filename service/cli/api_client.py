@@ -12,25 +12,34 @@ from urllib.parse import quote
 import httpx
 
 from service.config import redact
+from service.errors import BulkhookError
 from service.jobs import TERMINAL
 from service.upstream.multipart import MultipartFile
 
 __all__ = ["ServiceClient", "ServiceError", "ServiceUnreachable"]
 
 
-class ServiceError(Exception):
-    """The service answered with an error (its JSON ``code`` and ``message``)."""
+class ServiceError(BulkhookError):
+    """The service answered with an error: its HTTP ``status`` (``http_status`` too) and
+    its JSON ``code`` and ``message``."""
+
+    code = "service_error"
+    http_status = 502
 
     def __init__(self, status: int, code: str, message: str, body: Any = None) -> None:
         super().__init__(message)
         self.status = status
+        self.http_status = status
         self.code = code
         self.message = message
         self.body = body
 
 
-class ServiceUnreachable(Exception):
-    pass
+class ServiceUnreachable(BulkhookError):
+    """No answer from the service at all: not listening, or the connection failed."""
+
+    code = "service_unreachable"
+    http_status = 502
 
 
 class ServiceClient:

@@ -37,11 +37,11 @@ from service.dashboard import failed, live
 from service.dashboard.daycounts import DayCounts
 from service.dashboard.failed import FailedTable, csv_chunks
 from service.dashboard.views import callbacks_view, job_view, timeline_view
-from service.errors import ApiError, upstream_failure
+from service.errors import ApiError
 from service.jobs import Job, State
 from service.metrics import Metrics
 from service.store import Store
-from service.upstream.client import UpstreamClient, UpstreamError
+from service.upstream.client import UpstreamClient, UpstreamError, upstream_failure
 from service.values import count, job_id_ok, safe_text
 
 __all__ = ["COOKIE", "Dashboard", "failed_table"]

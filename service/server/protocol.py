@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -26,6 +26,8 @@ HEADER_TIMEOUT = 10.0
 
 
 if TYPE_CHECKING:
+    from uvicorn._types import HTTPScope
+
     _Protocol = H11Protocol  # what the mixin below needs of either uvicorn protocol
 else:
     _Protocol = object
@@ -82,7 +84,7 @@ class _HeaderDeadline(_Protocol):
             self.transport.close()
 
 
-def _is_upload(scope: Any) -> bool:
+def _is_upload(scope: HTTPScope) -> bool:
     return scope["method"] == "POST" and scope["path"].rstrip("/") == "/jobs"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import uvicorn
 
+from service import errors
 from service.app import create_app
 from service.config import Settings, redact
 from service.logs import chosen_format, lighten_records, log_config
@@ -72,8 +73,11 @@ def describe(settings: Settings, url: str) -> list[str]:
     return lines
 
 
-class StartupError(Exception):
+class StartupError(errors.BulkhookError):
     """The service cannot start; the message is one line saying what to fix."""
+
+    code = "startup_failed"
+    http_status = 503
 
 
 async def _check_store(settings: Settings) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 import sys
 
+from service import errors
+from service.config import redact
 from service.store.base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "Store",
     "StoreError",
     "open_store",
+    "store_error",
     "unavailable",
 ]
 
@@ -63,3 +66,19 @@ def unavailable(exc: BaseException) -> bool:
     psycopg = sys.modules.get("psycopg")  # imported only by the PostgreSQL store
     # Connection failures, a pool timeout, deadlocks and serialisation failures.
     return psycopg is not None and isinstance(exc, psycopg.OperationalError)
+
+
+def store_error(exc: BaseException) -> StoreError | None:
+    """``exc`` as the ``StoreError`` it means, if a driver's error says the store is
+    unavailable; None for any other (a wrong statement, a refused constraint: bugs).
+    The stores raise what this returns where they call their drivers."""
+    if isinstance(exc, StoreError):
+        return exc
+    if unavailable(exc):
+        # One line, and no password a connection string in it may carry.
+        return StoreError(redact(" ".join(str(exc).split())) or type(exc).__name__)
+    return None
+
+
+# A driver error that escapes a store all the same is answered as the outage it is.
+errors.translate_with(store_error)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from types import MappingProxyType
 
+from service.errors import BulkhookError
 from service.jobs import Decision, Job, Observation, State
 
 __all__ = [
@@ -49,8 +51,26 @@ KEEP = _Keep()
 """Passed as ``next_poll_at`` to leave a job's poll schedule as it is."""
 
 
-class StoreError(Exception):
-    """The store is unreachable or refused a write."""
+# Seconds a client is asked to wait before retrying while the store is unavailable.
+STORE_RETRY_AFTER = 5
+
+
+class StoreError(BulkhookError):
+    """The store cannot be reached or written just now; the text says why (for the log).
+
+    Each store raises it for its driver's errors that mean this, so callers never see
+    a driver's exception for an outage. A request is answered
+    ``503 store_unavailable``: nothing about it was wrong, and retrying later (as Open
+    Connectors does with a callback) works once the store is back.
+    """
+
+    code = "store_unavailable"
+    http_status = 503
+    headers = MappingProxyType({"Retry-After": str(STORE_RETRY_AFTER)})
+
+    @property
+    def public_message(self) -> str:
+        return "the store is unavailable just now; try again shortly"
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def _same(offset: int) -> int:
     return offset
 
 
-def _has_content(data: bytes, start: int = 0, end: int | None = None) -> bool:
+def _has_content(data: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
     """Whether ``data[start:end]`` holds anything but carriage returns (no copy)."""
     end = len(data) if end is None else end
     return data.count(b"\r", start, end) != end - start
@@ -84,7 +84,9 @@ class _Marks:
         return self._arrays[index][:size]
 
     def line_breaks(self, text: bytes | bytearray) -> np.ndarray:
-        return np.equal(np.frombuffer(text, np.uint8), _LF, out=self._array(0, len(text)))
+        is_lf = self._array(0, len(text))
+        np.equal(np.frombuffer(text, np.uint8), _LF, out=is_lf)
+        return is_lf
 
     def may_have_blank_lines(self, text: bytes | bytearray, is_lf: np.ndarray) -> bool:
         """Whether a line holding only "\r"s may lie between two line breaks: certainly
@@ -102,7 +104,7 @@ class _Marks:
         return bool(np.logical_and(pairs[:-1], is_lf[2:], out=pairs[:-1]).any())
 
 
-def _blank_lines(lines: bytes) -> int:
+def _blank_lines(lines: bytes | bytearray) -> int:
     """How many lines between the first and the last line break hold only "\r"s."""
     if b"\r" in lines:
         lines = lines.translate(None, b"\r")
@@ -177,7 +179,9 @@ class CsvInspector:
         if self._in_quotes:
             self._open = True
 
-    def _unquoted(self, window: bytes) -> tuple[bytes, Callable[[int], int]]:
+    def _unquoted(
+        self, window: bytes | bytearray
+    ) -> tuple[bytes | bytearray, Callable[[int], int]]:
         """The window with every quoted stretch collapsed to one '"' (so it holds exactly
         the line breaks that end records, and '"' counts as content), and a function
         mapping an offset in that text back to the window. Updates the quote state."""
@@ -193,7 +197,7 @@ class CsvInspector:
             return text, to_rest
         return text, lambda offset: offset if offset < 0 else skip + to_rest(offset)
 
-    def _collapse(self, rest: bytes) -> tuple[bytes, Callable[[int], int]]:
+    def _collapse(self, rest: bytes | bytearray) -> tuple[bytes | bytearray, Callable[[int], int]]:
         """``_unquoted`` for bytes that start outside quotes."""
         if b'"' not in rest:
             return rest, _same
@@ -220,7 +224,7 @@ class CsvInspector:
 
         return text, to_rest
 
-    def _take_header(self, window: bytes, end: int) -> tuple[int, ApiError] | None:
+    def _take_header(self, window: bytes | bytearray, end: int) -> tuple[int, ApiError] | None:
         """Keep the first record's bytes (``end``: where it ends in the window, or -1);
         a problem, at the byte past the limit, if it is longer than allowed."""
         length = len(window) if end < 0 else end
@@ -235,7 +239,7 @@ class CsvInspector:
             self._head = bytearray()
         return None
 
-    def _count(self, text: bytes) -> None:
+    def _count(self, text: bytes | bytearray) -> None:
         is_lf = self._marks.line_breaks(text)
         ends = int(np.count_nonzero(is_lf))
         if not ends:

@@ -26,7 +26,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
+
+from service.errors import BulkhookError
 
 __all__ = [
     "AppSpool",
@@ -177,13 +179,16 @@ def sweep(root: Path) -> list[Path]:
     return removed
 
 
-class SpoolError(Exception):
+class SpoolError(BulkhookError):
     """The file cannot be followed to the size expected: discarded, or another size."""
+
+    code = "upload_unreadable"
+    http_status = 400
 
 
 class Spool:
     def __init__(self, directory: str | Path | None = None) -> None:
-        self._out: BinaryIO = tempfile.NamedTemporaryFile(  # noqa: SIM115 - see close/discard
+        self._out: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - see close/discard
             prefix="bulkhook-upload-", suffix=".csv", dir=directory, delete=False
         )
         self.path = Path(self._out.name)

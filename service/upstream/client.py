@@ -25,7 +25,8 @@ from urllib.parse import quote
 import httpx
 
 from service import values
-from service.upstream.multipart import FileStream, MultipartFile
+from service.errors import ApiError, BulkhookError
+from service.upstream.multipart import Chunk, FileStream, MultipartFile
 from service.upstream.statuses import normalize_status
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "UpstreamClient",
     "UpstreamError",
     "UpstreamUnavailable",
+    "upstream_failure",
 ]
 
 _MAX_PAGES = 100_000
@@ -74,14 +76,17 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
     def backoff(self, attempt: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
 
 
-class UpstreamError(Exception):
-    """A call to the upstream failed. ``status`` is None when no response came back."""
+class UpstreamError(BulkhookError):
+    """A call to the upstream failed. ``status`` is the upstream's HTTP status: None when
+    no response came back, or none that could be used (answered ``upstream_unavailable``
+    then, ``upstream_refused`` otherwise; both 502)."""
 
-    code = "upstream_error"
+    code = "upstream_refused"
+    http_status = 502
 
     def __init__(
         self,
@@ -100,17 +105,35 @@ class UpstreamError(Exception):
         self.request_id = request_id
         self.retry_after = retry_after
         self.request_sent = request_sent
+        if status is None:
+            self.code = UpstreamUnavailable.code
 
     def __str__(self) -> str:
         status = f"HTTP {self.status}" if self.status is not None else "no response"
         request = f" (requestId {self.request_id})" if self.request_id else ""
         return f"upstream {self.operation} failed: {status}: {self.message}{request}"
 
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {"upstream_status": self.status, "upstream_request_id": self.request_id}
+
 
 class UpstreamUnavailable(UpstreamError):
     """No HTTP response: connection refused, DNS failure, timeout, dropped connection."""
 
     code = "upstream_unavailable"
+
+
+def upstream_failure(what: str, exc: UpstreamError, **extra: Any) -> ApiError:
+    """The answer to a request that needed the upstream: ``what`` failed, then the
+    upstream's message, with the error's code, status and fields (and ``extra``)."""
+    return ApiError(
+        f"{what}: {exc.message}",
+        code=exc.code,
+        status=exc.http_status,
+        **exc.fields,
+        **extra,
+    )
 
 
 @dataclass(frozen=True)
@@ -387,7 +410,7 @@ class UpstreamClient:
         *,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
-        content: Callable[[], AsyncIterator[bytes]] | None = None,
+        content: Callable[[], AsyncIterator[Chunk]] | None = None,
         idempotent: bool = True,
     ) -> httpx.Response:
         policy = self._retry
@@ -413,7 +436,7 @@ class UpstreamClient:
         url: str,
         params: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
-        content: Callable[[], AsyncIterator[bytes]] | None,
+        content: Callable[[], AsyncIterator[Chunk]] | None,
         idempotent: bool,
     ) -> tuple[httpx.Response | UpstreamError, bool]:
         """One try: the response, or the error and whether this call may be repeated."""
@@ -424,7 +447,8 @@ class UpstreamClient:
                 url,
                 params=params,
                 headers=headers,
-                content=content() if content is not None else None,
+                # httpx streams any buffer it is given; its annotation names only bytes.
+                content=content() if content is not None else None,  # type: ignore[arg-type]
             )
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             self._count(operation, None)

@@ -17,9 +17,11 @@ from urllib.parse import quote
 
 import anyio
 
-__all__ = ["CHUNK", "FileStream", "MultipartFile"]
+__all__ = ["CHUNK", "Chunk", "FileStream", "MultipartFile"]
 
 CHUNK = 1 << 20
+# A piece of a body: any buffer, so bytes still in the spool go out without a copy.
+Chunk = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class FileStream:
     """A file's ``size`` and a way to produce its bytes, from the start, each call."""
 
     size: int
-    chunks: Callable[[], AsyncIterator[bytes | bytearray | memoryview]]
+    chunks: Callable[[], AsyncIterator[Chunk]]
 
 
 def _part_head(boundary: str, disposition: str, content_type: str | None) -> str:
@@ -91,9 +93,7 @@ class MultipartFile:
                 yield chunk
         yield self.tail
 
-    async def aiter(
-        self, progress: Callable[[int], None] | None = None
-    ) -> AsyncIterator[bytes | bytearray | memoryview]:
+    async def aiter(self, progress: Callable[[int], None] | None = None) -> AsyncIterator[Chunk]:
         yield self.head
         async for chunk in self._file_chunks():
             if progress is not None:
@@ -101,7 +101,7 @@ class MultipartFile:
             yield chunk
         yield self.tail
 
-    async def _file_chunks(self) -> AsyncIterator[bytes | bytearray | memoryview]:
+    async def _file_chunks(self) -> AsyncIterator[Chunk]:
         if isinstance(self.file, FileStream):
             async for chunk in self.file.chunks():
                 yield chunk

@@ -111,7 +111,7 @@ async def _write(conn: Conn, call: ApplyCall, job: Job, plan: Plan) -> None:
     if "upstream_id" in plan.changes:
         await conn.execute(_LOCK_UPSTREAM_ID, (plan.changes["upstream_id"],))
     await conn.execute(
-        _write_sql(plan),  # type: ignore[arg-type]
+        _write_sql(plan),
         (*plan.changes.values(), job.id, job.version, call.observation.at, *plan.event),
     )
 

@@ -8,6 +8,9 @@ Concurrent applies share one transaction and commit (``apply``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -78,6 +81,25 @@ def _one_line(exc: BaseException) -> str:
     return redact(" ".join(str(exc).split())) or type(exc).__name__
 
 
+class _Pool(AsyncConnectionPool[Conn]):
+    """The connection pool, and the store's boundary with psycopg: every statement runs
+    on one of its connections, so an error that says the database cannot be used just
+    now (a lost connection, no connection free in time, a deadlock or serialisation
+    failure: ``OperationalError``) leaves it as ``StoreError``. Any other is a bug, and
+    is raised as it is."""
+
+    @contextlib.asynccontextmanager
+    async def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - the pool's own signature
+    ) -> AsyncIterator[Conn]:
+        try:
+            async with super().connection(timeout) as conn:
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise StoreError(_one_line(exc)) from exc
+
+
 class PostgresStore(PostgresActivity, Store):
     def __init__(
         self,
@@ -92,7 +114,7 @@ class PostgresStore(PostgresActivity, Store):
         # (most kept callbacks, most bytes of their bodies together)
         self.kept_limits = kept_limits
         self._open_timeout = open_timeout
-        self._pool = AsyncConnectionPool(
+        self._pool = _Pool(
             url,
             min_size=min_size,
             max_size=max_size,
@@ -115,17 +137,17 @@ class PostgresStore(PostgresActivity, Store):
             await self._pool.open(wait=True, timeout=self._open_timeout)
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-                await conn.execute(render(MIGRATIONS_TABLE, POSTGRES))  # type: ignore[arg-type]
+                await conn.execute(render(MIGRATIONS_TABLE, POSTGRES))
                 cursor = await conn.execute("SELECT version FROM schema_migrations")
                 done = {row["version"] for row in await cursor.fetchall()}
                 for version, script in enumerate(MIGRATIONS, start=1):
                     if version not in done:
-                        await conn.execute(script)  # type: ignore[arg-type]
+                        await conn.execute(script)
                         await conn.execute(
                             "INSERT INTO schema_migrations VALUES (%s, extract(epoch from now()))",
                             (version,),
                         )
-        except (psycopg.Error, TimeoutError) as exc:
+        except (psycopg.Error, TimeoutError, StoreError) as exc:
             await self._pool.close()
             raise StoreError(f"cannot open the PostgreSQL store: {_one_line(exc)}") from exc
 
@@ -215,7 +237,7 @@ class PostgresStore(PostgresActivity, Store):
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         async with self._pool.connection() as conn:
             cursor = await conn.execute(
-                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT %s",  # type: ignore[arg-type]
+                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT %s",
                 (*params, limit),
             )
             return [Job.from_row(row) for row in await cursor.fetchall()]
@@ -237,7 +259,12 @@ class PostgresStore(PostgresActivity, Store):
             # its own, which reads what the round's two round trips need not.
             async with self._pool.connection() as conn:
                 return await apply_one(conn, call)
-        return await self._applies.submit(call)  # type: ignore[no-any-return]
+        try:
+            return await self._applies.submit(call)  # type: ignore[no-any-return]
+        except psycopg.OperationalError as exc:
+            # A call that failed alone in its round: its error left the pool's connection
+            # as the call's outcome, not as an exception, so it is translated here.
+            raise StoreError(_one_line(exc)) from exc
 
     async def _apply_round(self, calls: list[ApplyCall]) -> list[Outcome]:
         async with self._pool.connection() as conn:
@@ -354,7 +381,7 @@ class PostgresStore(PostgresActivity, Store):
                 f"""UPDATE jobs SET next_poll_at = %s, lease_owner = NULL, lease_until = NULL,
                         not_found_count = CASE WHEN %s THEN not_found_count + 1 ELSE 0 END
                     WHERE id = %s AND state NOT IN {TERMINAL_SQL}
-                    RETURNING state""",  # type: ignore[arg-type]
+                    RETURNING state""",
                 (next_poll_at, not_found, job_id),
             )
             row = await cursor.fetchone()
@@ -394,7 +421,7 @@ class PostgresStore(PostgresActivity, Store):
             while True:
                 # One batch per transaction: no lock is held for long.
                 async with self._pool.connection() as conn:
-                    cursor = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    cursor = await conn.execute(sql, params)
                     count = cursor.rowcount
                 removed[table] += count
                 if count < batch:

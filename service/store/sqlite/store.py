@@ -447,7 +447,8 @@ class SQLiteStore(SQLiteActivity, Store):
             row = conn.execute(
                 "SELECT MIN(next_poll_at) FROM jobs WHERE next_poll_at IS NOT NULL"
             ).fetchone()
-            return row[0]
+            due: float | None = row[0]
+            return due
 
         return await self._sql.read(op)
 
@@ -473,11 +474,13 @@ class SQLiteStore(SQLiteActivity, Store):
         for table, sql in PRUNE_SQL.items():
             removed[table] = 0
             statement = sqlite_sql(sql)
+
+            def delete_batch(conn: sqlite3.Connection, statement: str = statement) -> int:
+                return conn.execute(statement, params).rowcount
+
             while True:
                 # One batch per write: other writes take their turn in between.
-                count: int = await self._sql.write(
-                    lambda conn, statement=statement: conn.execute(statement, params).rowcount
-                )
+                count = await self._sql.write(delete_batch)
                 removed[table] += count
                 if count < batch:
                     break

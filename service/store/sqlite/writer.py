@@ -18,6 +18,9 @@ Reads use their own connections on reader threads (WAL lets them run beside writ
 
 Checkpoints (copying the log's pages into the database file) run on a thread of their
 own, not inside a COMMIT (``checkpointer``).
+
+Every read and write goes through here, so this is where SQLite's errors that mean
+the database cannot be used just now (locked, full, unreadable) become ``StoreError``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from service.store import store_error
 from service.store.rounds import Outcome, Rounds
 from service.store.sqlite.checkpointer import RESTART_FRAMES, Checkpointer
 from service.store.sqlite.committer import Committer
@@ -91,11 +95,21 @@ class SQLiteConnections:
             # A caller on another loop (a test's, say) hands the write to the owner.
             handed = asyncio.run_coroutine_threadsafe(self.write(fn), self._loop)
             return await asyncio.wrap_future(handed)
-        return await self._rounds.submit(fn)  # type: ignore[no-any-return]
+        try:
+            return await self._rounds.submit(fn)  # type: ignore[no-any-return]
+        except sqlite3.Error as exc:
+            if (outage := store_error(exc)) is None:
+                raise
+            raise outage from exc
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run_read, fn)
+        try:
+            return await loop.run_in_executor(self._readers, self._run_read, fn)
+        except sqlite3.Error as exc:
+            if (outage := store_error(exc)) is None:
+                raise
+            raise outage from exc
 
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._local, "conn", None)
