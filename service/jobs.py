@@ -19,12 +19,12 @@ from typing import Any
 __all__ = [
     "TERMINAL",
     "Decision",
-    "Event",
     "Job",
     "Observation",
     "Source",
     "State",
     "SubmitRequest",
+    "TimelineEntry",
     "decide",
     "iso_utc",
     "new_job_id",
@@ -159,7 +159,9 @@ def decide(current: State, observation: Observation) -> Decision:
 
 
 @dataclass(frozen=True)
-class Event:
+class TimelineEntry:
+    """One line of a job's timeline: what was learnt, from where, and the state after."""
+
     at: float
     source: str
     state: str
@@ -196,7 +198,7 @@ class Job:
     poll_count: int = 0
     # Consecutive polls answered 404.
     not_found_count: int = 0
-    events: tuple[Event, ...] = ()
+    events: tuple[TimelineEntry, ...] = ()
 
     @property
     def terminal(self) -> bool:
@@ -233,7 +235,7 @@ class Job:
         return job
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any], events: tuple[Event, ...] = ()) -> Job:
+    def from_row(cls, row: Mapping[str, Any], events: tuple[TimelineEntry, ...] = ()) -> Job:
         """A job from a store row (a mapping with a column per field).
 
         Every field is set straight from its column, as ``evolve`` does: rows are read

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs import TERMINAL, Observation, Source, State
+from service.jobs import TERMINAL, Observation, Source, State, new_job_id
 from service.store import Delivery, Store, StoreError, open_store
 from service.store.base import Claim
 

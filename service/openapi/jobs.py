@@ -1,7 +1,7 @@
 """The API description served at ``/openapi.json`` (OpenAPI 3.1), built fresh per call.
 
 Everything here mirrors what ``service.api``, ``service.callbacks``, ``service.uploads`` and
-``service.tracker`` actually answer: the JSON shapes of ``Job.to_json``/``Event.to_json``,
+``service.tracker`` actually answer: the JSON shapes of ``Job.to_json``/``TimelineEntry.to_json``,
 and every error ``code`` a route can raise, listed in its response's description.
 The embedded sandbox (mounted at ``/sandbox``) is not part of this API; the
 dashboard's JSON, CSV and event-stream routes are, from ``dashboard``.
@@ -66,7 +66,7 @@ def _schemas() -> dict[str, Schema]:
         "updated_at": date_time,
         "last_source": enum_of(Source),
     }
-    timeline = {"type": "array", "items": ref("Event")}
+    timeline = {"type": "array", "items": ref("TimelineEntry")}
     error_detail = obj(
         {
             "code": {"type": "string", "description": "stable; see each response for its codes"},
@@ -78,7 +78,7 @@ def _schemas() -> dict[str, Schema]:
         required=["code", "message"],
     )
     return {
-        "Event": obj(
+        "TimelineEntry": obj(
             {
                 "at": date_time,
                 "source": enum_of(Source),

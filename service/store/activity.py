@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.jobs import Job
+from service.jobs import Job, State
 from service.store.base import REJECTIONS_KEPT, CallbackRecord, Rejection
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ __all__ = [
     "REJECTIONS_BY_MINUTE",
     "PostgresActivity",
     "SQLiteActivity",
+    "job_list_query",
     "like_prefix",
 ]
 
@@ -90,6 +91,26 @@ def like_prefix(text: str) -> str:
     """A LIKE pattern (escape character ``\\``) matching values that start with ``text``."""
     escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"{escaped}%"
+
+
+def job_list_query(
+    mark: str, state: State | None, limit: int, before: str | None, search: str | None
+) -> tuple[str, tuple[str | int, ...]]:
+    """``Store.list_jobs`` as SQL and its parameters; ``mark`` is the driver's
+    placeholder (``?`` or ``%s``). Newest first, served by the id and state indexes."""
+    clauses: list[str] = []
+    params: list[str | int] = []
+    if state is not None:
+        clauses.append(f"state = {mark}")
+        params.append(str(state))
+    if before is not None:
+        clauses.append(f"id < {mark}")
+        params.append(before)
+    if search:
+        clauses.append(f"(id LIKE {mark} ESCAPE '\\' OR upstream_id = {mark})")
+        params.extend((like_prefix(search.lower()), search))
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    return f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT {mark}", (*params, limit)
 
 
 def _delivery(row: Mapping[str, Any]) -> CallbackRecord:

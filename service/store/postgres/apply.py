@@ -25,8 +25,8 @@ import psycopg
 
 from service.jobs import Job, Observation
 from service.store.base import Applied, Claim, Delivery, StoreError, _Keep
+from service.store.group_commit import Outcome
 from service.store.plan import APPLY, Binding, Plan, bind, plan_apply, refusal_event
-from service.store.rounds import Outcome
 
 __all__ = ["ApplyCall", "Conn", "apply_one", "apply_round"]
 

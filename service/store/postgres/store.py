@@ -16,8 +16,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from service.config import redact
-from service.jobs import Event, Job, Observation, State
-from service.store.activity import PostgresActivity, like_prefix
+from service.jobs import Job, Observation, State, TimelineEntry
+from service.store.activity import PostgresActivity, job_list_query
 from service.store.base import (
     KEEP,
     KEPT_BYTES,
@@ -31,9 +31,9 @@ from service.store.base import (
     StoreError,
     _Keep,
 )
+from service.store.group_commit import Outcome, Rounds
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
 from service.store.retention import KEPT_OVER, PRUNE_SQL
-from service.store.rounds import Outcome, Rounds
 from service.store.schema import MIGRATIONS_TABLE, POSTGRES, TERMINAL_SQL, migrations, render
 
 __all__ = ["PostgresStore"]
@@ -45,11 +45,11 @@ _MIGRATION_LOCK = 0x62756C6B
 MIGRATIONS: tuple[str, ...] = migrations(POSTGRES)
 
 
-async def _events(conn: Conn, job_id: str) -> tuple[Event, ...]:
+async def _events(conn: Conn, job_id: str) -> tuple[TimelineEntry, ...]:
     cursor = await conn.execute(
         "SELECT at, source, state, detail FROM events WHERE job_id = %s ORDER BY seq", (job_id,)
     )
-    return tuple(Event(**row) for row in await cursor.fetchall())
+    return tuple(TimelineEntry(**row) for row in await cursor.fetchall())
 
 
 async def _job(
@@ -223,23 +223,9 @@ class PostgresStore(PostgresActivity, Store):
         before: str | None = None,
         search: str | None = None,
     ) -> list[Job]:
-        clauses: list[str] = []
-        params: list[str] = []
-        if state is not None:
-            clauses.append("state = %s")
-            params.append(str(state))
-        if before is not None:
-            clauses.append("id < %s")
-            params.append(before)
-        if search:
-            clauses.append("(id LIKE %s ESCAPE '\\' OR upstream_id = %s)")
-            params.extend((like_prefix(search.lower()), search))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql, params = job_list_query("%s", state, limit, before, search)
         async with self._pool.connection() as conn:
-            cursor = await conn.execute(
-                f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT %s",
-                (*params, limit),
-            )
+            cursor = await conn.execute(sql, params)
             return [Job.from_row(row) for row in await cursor.fetchall()]
 
     async def apply(

@@ -8,7 +8,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from service.store.rounds import settle
+from service.store.group_commit import settle
 
 __all__ = ["Committer"]
 

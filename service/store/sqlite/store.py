@@ -7,8 +7,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from service.jobs import Event, Job, Observation, State
-from service.store.activity import SQLiteActivity, like_prefix
+from service.jobs import Job, Observation, State, TimelineEntry
+from service.store.activity import SQLiteActivity, job_list_query
 from service.store.base import (
     KEEP,
     KEPT_BYTES,
@@ -94,11 +94,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
-def _events(conn: sqlite3.Connection, job_id: str) -> tuple[Event, ...]:
+def _events(conn: sqlite3.Connection, job_id: str) -> tuple[TimelineEntry, ...]:
     rows = conn.execute(
         "SELECT at, source, state, detail FROM events WHERE job_id = ? ORDER BY seq", (job_id,)
     )
-    return tuple(Event(*row) for row in rows)
+    return tuple(TimelineEntry(*row) for row in rows)
 
 
 def _job(conn: sqlite3.Connection, job_id: str, with_events: bool = True) -> Job | None:
@@ -260,22 +260,10 @@ class SQLiteStore(SQLiteActivity, Store):
         before: str | None = None,
         search: str | None = None,
     ) -> list[Job]:
-        clauses: list[str] = []
-        params: list[str] = []
-        if state is not None:
-            clauses.append("state = ?")
-            params.append(str(state))
-        if before is not None:
-            clauses.append("id < ?")
-            params.append(before)
-        if search:
-            clauses.append("(id LIKE ? ESCAPE '\\' OR upstream_id = ?)")
-            params.extend((like_prefix(search.lower()), search))
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?"
+        sql, params = job_list_query("?", state, limit, before, search)
 
         def op(conn: sqlite3.Connection) -> list[Job]:
-            return [Job.from_row(row) for row in conn.execute(sql, (*params, limit))]
+            return [Job.from_row(row) for row in conn.execute(sql, params)]
 
         return await self._sql.read(op)
 

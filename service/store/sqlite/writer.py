@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from service.store import store_error
-from service.store.rounds import Outcome, Rounds
+from service.store.group_commit import Outcome, Rounds
 from service.store.sqlite.checkpointer import RESTART_FRAMES, Checkpointer
 from service.store.sqlite.committer import Committer
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.store.rounds import Outcome, Rounds
+from service.store.group_commit import Outcome, Rounds
 
 pytestmark = pytest.mark.anyio
 
