@@ -98,7 +98,7 @@ class ServiceClient:
         return self._request("POST", "/jobs", content=body.iter(progress), headers=headers)  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/jobs/{job_id}")  # type: ignore[no-any-return]
+        return self._request("GET", f"/jobs/{quote(job_id, safe='')}")  # type: ignore[no-any-return]
 
     def jobs(self, *, state: str | None = None, limit: int = 50) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
