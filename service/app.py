@@ -36,7 +36,7 @@ from service.openapi import docs as apidocs
 from service.openapi.jobs import openapi_spec
 from service.poller import Poller
 from service.sandbox import API_PREFIX, CONTROL_PREFIX, Sandbox, SandboxOptions
-from service.store import Store, open_store
+from service.store import Store, open_store, store_error
 from service.store.retention import Pruner
 from service.tracker import SENDING_CONNECTIONS, Tracker
 from service.uploads.spool import AppSpool, default_root
@@ -105,7 +105,7 @@ async def _own_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BulkhookError)
     if not isinstance(exc, ApiError):
         log.error("%s on %s %s: %s", exc.code, request.method, request.url.path, redact(repr(exc)))
-    return _answer(unexpected(exc))
+    return _answer(unexpected(exc, store_error))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -116,7 +116,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s: %s", request.method, request.url.path, redact(repr(exc)))
-    return _answer(unexpected(exc))
+    return _answer(unexpected(exc, store_error))
 
 
 async def _openapi(request: Request) -> Response:

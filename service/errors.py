@@ -43,10 +43,9 @@ kind; it reports the errors above.
 
 ``unexpected`` is the one mapping from an exception to its answer: the app's
 exception handler and the callback endpoint both answer through it. What is not a
-``BulkhookError`` is a bug (``internal_error``, 500, details in the log only), unless a
-translation registered by the package that owns it says otherwise: the stores
-register their drivers', so a driver error that escapes a store still reads as the
-outage it is. This module imports none of those packages.
+``BulkhookError`` is a bug (``internal_error``, 500, details in the log only), unless the
+caller's ``translate`` says otherwise: the app passes the store's, so a driver error that
+escapes a store still reads as the outage it is. This module imports no feature.
 """
 
 from __future__ import annotations
@@ -60,9 +59,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ApiError",
     "BulkhookError",
+    "Translation",
     "error_body",
     "error_response",
-    "translate_with",
     "unexpected",
 ]
 
@@ -124,14 +123,8 @@ class ApiError(BulkhookError):
         return self.extra
 
 
-# Translations of other packages' exceptions into the service's own errors: None for
-# one that is not theirs to say.
-_translations: list[Callable[[BaseException], BulkhookError | None]] = []
-
-
-def translate_with(translation: Callable[[BaseException], BulkhookError | None]) -> None:
-    """Have ``unexpected`` read exceptions through ``translation`` (see the module)."""
-    _translations.append(translation)
+# Another package's exception as the service's own error; None for one it does not know.
+Translation = Callable[[BaseException], "BulkhookError | None"]
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -153,18 +146,22 @@ def error_response(
     return JSONResponse(error_body(code, message, **extra), status_code=status, headers=headers)
 
 
-def unexpected(exc: BaseException) -> ApiError:
+def unexpected(exc: BaseException, translate: Translation | None = None) -> ApiError:
     """The answer to an exception the request's own code did not answer.
 
     A ``BulkhookError`` is answered with its code, status, headers and fields:
     ``503 store_unavailable`` (with ``Retry-After``) when the store cannot be reached
     or written just now, so the client retries (Open Connectors redelivers a callback
     by itself), ``502`` for the upstream, and so on. Anything else is a bug:
-    ``500 internal_error``, its details in the log only.
+    ``500 internal_error``, its details in the log only, unless ``translate`` makes it
+    one of the service's own errors.
     """
     if isinstance(exc, ApiError):
         return exc
-    error = exc if isinstance(exc, BulkhookError) else _translated(exc)
+    if isinstance(exc, BulkhookError):
+        error: BulkhookError | None = exc
+    else:
+        error = translate(exc) if translate is not None else None
     if error is None:
         return ApiError("an unexpected error occurred", code="internal_error", status=500)
     return ApiError(
@@ -174,10 +171,3 @@ def unexpected(exc: BaseException) -> ApiError:
         headers=error.headers,
         **error.fields,
     )
-
-
-def _translated(exc: BaseException) -> BulkhookError | None:
-    for translation in _translations:
-        if (error := translation(exc)) is not None:
-            return error
-    return None

@@ -19,7 +19,7 @@ from service.config import ConfigError
 from service.errors import ApiError, BulkhookError, error_body, error_response, unexpected
 from service.jobs import new_job_id
 from service.server.serve import StartupError
-from service.store import StoreError
+from service.store import StoreError, store_error
 from service.uploads.spool import SpoolError
 from service.upstream.client import UpstreamError, UpstreamUnavailable
 
@@ -68,7 +68,7 @@ def test_an_unavailable_store_is_a_503_to_retry_and_anything_else_a_500(
         psycopg.OperationalError("connection refused"),
     ]
     for exc in outages:
-        error = unexpected(exc)
+        error = unexpected(exc, store_error)
         assert (error.status, error.code) == (503, "store_unavailable"), exc
         assert error.headers is not None and int(error.headers["Retry-After"]) > 0
     bugs = [
@@ -77,7 +77,7 @@ def test_an_unavailable_store_is_a_503_to_retry_and_anything_else_a_500(
         KeyError("x"),
     ]
     for exc in bugs:
-        error = unexpected(exc)
+        error = unexpected(exc, store_error)
         assert (error.status, error.code) == (500, "internal_error"), exc
         assert str(exc) not in error.message  # the details go to the log only
 

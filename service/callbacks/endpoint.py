@@ -28,6 +28,7 @@ from service.callbacks import receiving as callbacks
 from service.callbacks.receiving import Answer, CallbackHeaders, CallbackReceiver, refusal_log
 from service.errors import ApiError, BulkhookError, error_body, unexpected
 from service.logs import short
+from service.store import store_error
 
 __all__ = [
     "CALLBACK_PATHS",
@@ -144,7 +145,7 @@ class CallbackEndpoint:
         except Exception as exc:
             what = exc.code if isinstance(exc, BulkhookError) else "unexpected error"
             log.error("%s on POST %s: %r", what, short(scope["path"], 200), exc)
-            answer = _answer(unexpected(exc))
+            answer = _answer(unexpected(exc, store_error))
         await _send(send, answer)
         if answer.after is not None:
             await answer.after()

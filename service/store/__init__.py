@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import sys
 
-from service import errors
 from service.config import redact
 from service.store.base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError
 
@@ -78,7 +77,3 @@ def store_error(exc: BaseException) -> StoreError | None:
         # One line, and no password a connection string in it may carry.
         return StoreError(redact(" ".join(str(exc).split())) or type(exc).__name__)
     return None
-
-
-# A driver error that escapes a store all the same is answered as the outage it is.
-errors.translate_with(store_error)
