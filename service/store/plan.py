@@ -1,4 +1,5 @@
-"""What applying an observation changes in a job row: pure, shared by every store."""
+"""A new job's row, and what applying an observation changes in one: pure, shared by
+every store."""
 
 from __future__ import annotations
 
@@ -10,7 +11,41 @@ from service.jobs import TERMINAL, Decision, Job, Observation, Source, State, de
 from service.logs import short
 from service.store.base import Claim, _Keep
 
-__all__ = ["APPLY", "WAIT", "Binding", "Plan", "bind", "plan_apply", "refusal_event"]
+__all__ = [
+    "APPLY",
+    "NEW_JOB_COLUMNS",
+    "WAIT",
+    "Binding",
+    "Plan",
+    "bind",
+    "new_job_row",
+    "plan_apply",
+    "refusal_event",
+]
+
+# The columns a new job's row is written with, in the order of ``new_job_row``.
+NEW_JOB_COLUMNS = (
+    "id, hub, object, path, filename, rows, state, created_at, updated_at, last_source,"
+    " idempotency_key, next_poll_at"
+)
+
+
+def new_job_row(job: Job, idempotency_key: str | None) -> tuple[Any, ...]:
+    """A new job's row, as both stores insert it (``NEW_JOB_COLUMNS``)."""
+    return (
+        job.id,
+        job.hub,
+        job.object,
+        job.path,
+        job.filename,
+        job.rows,
+        str(job.state),
+        job.created_at,
+        job.updated_at,
+        job.last_source,
+        idempotency_key,
+        job.next_poll_at,
+    )
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from service.store.base import (
     _Keep,
 )
 from service.store.group_commit import Outcome, Rounds
+from service.store.plan import NEW_JOB_COLUMNS, new_job_row
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
 from service.store.retention import KEPT_OVER, PRUNE_SQL
 from service.store.schema import MIGRATIONS_TABLE, POSTGRES, TERMINAL_SQL, migrations, render
@@ -167,24 +168,9 @@ class PostgresStore(PostgresActivity, Store):
     ) -> tuple[Job, bool]:
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
-                """INSERT INTO jobs (id, hub, object, path, filename, rows, state, created_at,
-                       updated_at, last_source, idempotency_key, next_poll_at)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (idempotency_key) DO NOTHING RETURNING id""",
-                (
-                    job.id,
-                    job.hub,
-                    job.object,
-                    job.path,
-                    job.filename,
-                    job.rows,
-                    str(job.state),
-                    job.created_at,
-                    job.updated_at,
-                    job.last_source,
-                    idempotency_key,
-                    job.next_poll_at,
-                ),
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 12)})"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                new_job_row(job, idempotency_key),
             )
             if await cursor.fetchone() is None:
                 row = await (

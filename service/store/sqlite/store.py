@@ -22,7 +22,14 @@ from service.store.base import (
     StoreError,
     _Keep,
 )
-from service.store.plan import APPLY, bind, plan_apply, refusal_event
+from service.store.plan import (
+    APPLY,
+    NEW_JOB_COLUMNS,
+    bind,
+    new_job_row,
+    plan_apply,
+    refusal_event,
+)
 from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
 from service.store.schema import MIGRATIONS_TABLE, SQLITE, TERMINAL_SQL, migrations, render
 from service.store.sqlite.writer import SQLiteConnections, connect
@@ -214,23 +221,8 @@ class SQLiteStore(SQLiteActivity, Store):
                     assert existing is not None
                     return existing, False
             conn.execute(
-                """INSERT INTO jobs (id, hub, object, path, filename, rows, state, created_at,
-                       updated_at, last_source, idempotency_key, next_poll_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    job.id,
-                    job.hub,
-                    job.object,
-                    job.path,
-                    job.filename,
-                    job.rows,
-                    str(job.state),
-                    job.created_at,
-                    job.updated_at,
-                    job.last_source,
-                    idempotency_key,
-                    job.next_poll_at,
-                ),
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                new_job_row(job, idempotency_key),
             )
             _add_event(conn, job.id, job.created_at, job.last_source, str(job.state), detail)
             created = _job(conn, job.id)
