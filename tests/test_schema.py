@@ -10,6 +10,7 @@ never one already there).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -117,10 +118,15 @@ async def test_a_fresh_database_has_the_schema_it_always_had(kind: str, database
     assert schema == recorded(kind, len(STORES[kind].MIGRATIONS), schema)
 
 
+# A body's SHA-256 as version 4 kept it in the timeline: 64 hex digits.
+OLD_DIGEST = hashlib.sha256(b'{"id": "1", "status": "RUNNING"}').hexdigest()
+
+
 def write_old_rows(kind: str, url: str, version: int, job_id: str) -> None:
     """A job with its timeline, a delivery and a kept callback, written with the first
     schema's columns (every later version still has them). A version-4 SQLite
-    timeline also holds one body's digest twice, which version 5 no longer allows."""
+    timeline also holds one body's digest (as hex text) twice, which version 5 no
+    longer allows."""
     marker = "?" if kind == "sqlite" else "%s"
     statements: list[tuple[str, tuple[Any, ...]]] = [
         (
@@ -147,7 +153,7 @@ def write_old_rows(kind: str, url: str, version: int, job_id: str) -> None:
         ),
     ]
     if kind == "sqlite" and version == 4:
-        statements.append(("UPDATE events SET digest = 'd-twice' WHERE job_id = %s", (job_id,)))
+        statements.append(("UPDATE events SET digest = %s WHERE job_id = %s", (OLD_DIGEST, job_id)))
     if kind == "sqlite":
         with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
             for sql, params in statements:
@@ -217,4 +223,15 @@ async def test_a_database_at_every_earlier_version_upgrades(
             digests = conn.execute(
                 "SELECT digest FROM events WHERE job_id = ? ORDER BY seq LIMIT 2", (job_id,)
             ).fetchall()
-        assert digests == [("d-twice",), (None,)]  # the first entry keeps it
+        # The first entry keeps it, in the timeline's binary form, and it still tells a
+        # repeat of that body, whatever its webhook id.
+        assert digests == [(bytes.fromhex(OLD_DIGEST[:32]),), (None,)]
+        store = open_store(database)
+        await store.open()
+        try:
+            repeat = Observation(Source.CALLBACK, status="COMPLETED", at=time.time())
+            delivery = Delivery("w-repeat", time.time(), job_id, OLD_DIGEST)
+            applied = await store.apply(job_id, repeat, delivery=delivery)
+            assert applied is not None and applied.duplicate
+        finally:
+            await store.close()
