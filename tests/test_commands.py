@@ -390,6 +390,20 @@ def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
     assert "demo succeeded" in result.stdout
 
 
+def drained(primary: int) -> bytes:
+    """Everything written to a pseudo-terminal until the process on it closes it."""
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    return drawn
+
+
 def on_a_terminal(*args: str, columns: int) -> tuple[int, str]:
     """Run bulkhook with stdout and stderr on a terminal ``columns`` wide: what a person
     at that terminal reads, escape codes removed."""
@@ -409,15 +423,7 @@ def on_a_terminal(*args: str, columns: int) -> tuple[int, str]:
         env={**environment, "COLUMNS": str(columns), "TERM": "xterm"},
     )
     os.close(secondary)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(primary, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        drawn += chunk
+    drawn = drained(primary)
     process.wait(60)
     os.close(primary)
     return process.returncode, ESCAPES.sub("", drawn.decode()).replace("\r\n", "\n")
@@ -511,15 +517,7 @@ def test_the_upload_progress_bar_is_drawn_on_a_terminal(
         env={**environment, "COLUMNS": "100", "TERM": "xterm"},
     )
     os.close(secondary)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(primary, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        drawn += chunk
+    drawn = drained(primary)
     stdout, _ = process.communicate(timeout=60)
     os.close(primary)
     assert process.returncode == 0
