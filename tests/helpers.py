@@ -160,6 +160,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_bulkhook(
+    *args: str, stdin: bytes = b"", timeout: float = 60, text: bool = True, **env: str
+) -> subprocess.CompletedProcess[Any]:
+    """The ``bulkhook`` command run as a user runs it, without the suite's own ``OC_*`` and
+    ``BULKHOOK_*`` settings (``env`` adds some back); output as text unless ``text`` is
+    false."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
+    environment.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        input=stdin if not text else stdin.decode(),
+        capture_output=True,
+        text=text,
+        timeout=timeout,
+        env=environment,
+        check=False,
+    )
+
+
 def serve(cwd: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}

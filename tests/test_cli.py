@@ -5,29 +5,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from .helpers import run_bulkhook
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "cli-test-key"
 BODY = b'{"id":"77","status":"COMPLETED"}\n'
 
 
-def bulkhook(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None):
-    environment = {k: v for k, v in os.environ.items() if k != "OC_SIGNATURE_KEYS"}
-    environment.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        input=stdin,
-        capture_output=True,
-        env=environment,
-        timeout=30,
-        check=False,
-    )
+def bulkhook(*args: str, stdin: bytes = b"", env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """Bytes in and out: signatures are over exact bytes."""
+    return run_bulkhook(*args, stdin=stdin, text=False, timeout=30, **(env or {}))
 
 
 def reference(key: str, body: bytes, algo: str = "sha256") -> str:

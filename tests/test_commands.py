@@ -17,23 +17,20 @@ from typing import Any
 import httpx
 import pytest
 
-from .helpers import RunningService, StartSandbox, StartService, free_port, write_csv
+from .helpers import (
+    RunningService,
+    StartSandbox,
+    StartService,
+    free_port,
+    run_bulkhook,
+    write_csv,
+)
 
 # What a terminal draws besides text: colours, cursor moves, bracketed paste.
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def bulkhook(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
-    environment.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environment,
-        check=False,
-    )
+bulkhook = run_bulkhook
 
 
 @pytest.fixture
