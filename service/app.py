@@ -7,6 +7,7 @@ middleware (``callbacks.endpoint``). Its ``components`` show what it was built f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -169,10 +170,12 @@ def create_app(
         on_call=metrics.upstream_call,
         submit_connections=settings.max_relays + SENDING_CONNECTIONS,
     )
-    # The tracker wakes the poller, which polls through the tracker: its wake looks the
-    # poller up when called, by which time it is built.
-    tracker = Tracker(settings, store, upstream, public_url, wake=lambda: poller.wake())
-    poller = Poller(store, tracker, metrics, settings.poll_rate, settings.poll_lease)
+    # The tracker wakes the poller, which polls through the tracker: both share the event.
+    due_sooner = asyncio.Event()
+    tracker = Tracker(settings, store, upstream, public_url, wake=due_sooner.set)
+    poller = Poller(
+        store, tracker, metrics, settings.poll_rate, settings.poll_lease, wake=due_sooner
+    )
     keyring = Keyring(keys)
     tokens = Tokens(settings.api_tokens, metrics, repeats)
     spool = AppSpool(settings.spool_dir or default_root())

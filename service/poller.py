@@ -73,8 +73,17 @@ class RateLimiter:
 
 class Poller:
     def __init__(
-        self, store: Store, tracker: Tracker, metrics: Metrics, rate: float, lease: float = 120.0
+        self,
+        store: Store,
+        tracker: Tracker,
+        metrics: Metrics,
+        rate: float,
+        lease: float = 120.0,
+        *,
+        wake: asyncio.Event | None = None,
     ) -> None:
+        """``wake``, when given, is set by whoever learns that a job is due sooner (the
+        tracker, built before the poller, is handed its ``set``)."""
         self.store = store
         self.tracker = tracker
         self.metrics = metrics
@@ -84,7 +93,7 @@ class Poller:
         self._concurrency = asyncio.Semaphore(max(1, min(32, int(rate * 2))))
         # Jobs claimed but not yet polled, at most: about two seconds of the rate.
         self._backlog = max(1, min(_BATCH, math.ceil(rate * 2)))
-        self._wake = asyncio.Event()
+        self._wake = wake if wake is not None else asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
 
