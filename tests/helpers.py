@@ -6,6 +6,7 @@ Fixtures that build these live in ``conftest.py``; no test module imports anothe
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -192,15 +193,29 @@ def serve(cwd: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
+    try:
+        wait_healthy(url, process)
+    except AssertionError:
+        process.kill()
+        raise
+    return process, url
+
+
+def wait_healthy(
+    url: str, process: subprocess.Popen[Any] | None = None, within: float = 20
+) -> None:
+    """Until the service at ``url`` answers ``/healthz``; fails if ``process`` (the
+    service's, when given) exits first or ``within`` seconds pass."""
+    deadline = time.monotonic() + within
+    while True:
+        if process is not None and process.poll() is not None:
+            raise AssertionError("the service exited")
+        with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    process.kill()
-    raise AssertionError("the service did not start")
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError("the service did not start")
+        time.sleep(0.05)
 
 
 def eventually(check: Callable[[], bool], within: float = 15.0) -> None:

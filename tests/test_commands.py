@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from .helpers import (
     StartService,
     free_port,
     run_bulkhook,
+    wait_healthy,
     write_csv,
 )
 
@@ -266,13 +266,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(url, process)
         yield url, process
     finally:
         process.terminate()
@@ -331,13 +325,7 @@ def serve_on_a_terminal(cwd: Path, **env: str) -> tuple[str, str]:
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(f"http://127.0.0.1:{port}", process)
     finally:
         process.terminate()
         stdout = process.communicate(timeout=30)[0]

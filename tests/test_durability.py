@@ -23,7 +23,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .helpers import SIGNATURE_KEY, RunningSandbox, free_port
+from .helpers import SIGNATURE_KEY, RunningSandbox, free_port, wait_healthy
 
 JOBS = 20
 CALLBACKS_PER_JOB = 12
@@ -56,14 +56,7 @@ class ServiceProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise AssertionError("the service did not start")
+        wait_healthy(self.url, self.process)
 
     def kill(self) -> None:
         assert self.process is not None

@@ -29,7 +29,15 @@ from service.logs import Repeats
 from service.metrics import Metrics
 from service.openapi.jobs import openapi_spec
 
-from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService, StartSandbox, StartService
+from .helpers import (
+    SIGNATURE_KEY,
+    RunningSandbox,
+    RunningService,
+    StartSandbox,
+    StartService,
+    free_port,
+    wait_healthy,
+)
 
 TOKEN = "guard-test-token"
 EVIL = "https://evil.example"
@@ -275,16 +283,10 @@ def test_a_request_without_host_is_taken_for_the_bound_address(
     assert [listed["id"] for listed in json.loads(body)["jobs"]] == [job["id"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served_on_every_address(tmp_path: Path) -> Iterator[str]:
     """``bulkhook serve --host 0.0.0.0`` in its own process, with a token; its URL."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
     env.update(BULKHOOK_API_TOKENS=TOKEN, BULKHOOK_DATABASE_URL=f"sqlite:///{tmp_path}/b.db")
     process = subprocess.Popen(
@@ -296,15 +298,7 @@ def served_on_every_address(tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        wait_healthy(url, process)
         yield url
     finally:
         process.terminate()

@@ -16,7 +16,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService, free_port
+from .helpers import SIGNATURE_KEY, RunningSandbox, RunningService, free_port, wait_healthy
 
 SECRETS = {
     "OC_USER_SECRET": "user-Secret-1f9a",
@@ -91,13 +91,7 @@ def test_serve_prints_no_secret(tmp_path: Path, contacts_csv: Path) -> None:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_healthy(url, process)
         headers = {"Authorization": "Bearer api-Token-aa01"}
         httpx.get(f"{url}/jobs", headers=headers, timeout=10)
         httpx.get(f"{url}/jobs", timeout=10)

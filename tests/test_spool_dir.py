@@ -10,8 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 
 from service.uploads.spool import SpoolDirectory
 
-from .helpers import StartSandbox, StartService, free_port
+from .helpers import StartSandbox, StartService, eventually, free_port, wait_healthy
 
 BOUNDARY = "spool-test-boundary"
 ROW = b"someone@example.com,Someone Withalongername,Example Company Limited\r\n"
@@ -35,13 +34,6 @@ def spooled(root: Path) -> list[Path]:
     return sorted(root.glob("*/bulkhook-upload-*"))
 
 
-def wait_until(condition: Callable[[], bool], within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def serve_process(tmp_path: Path, port: int, **env: str) -> Iterator[subprocess.Popen[bytes]]:
     """``bulkhook serve`` on embedded defaults, ready to take requests."""
@@ -55,14 +47,7 @@ def serve_process(tmp_path: Path, port: int, **env: str) -> Iterator[subprocess.
         env=environment,
     )
     try:
-
-        def ready() -> bool:
-            assert process.poll() is None, "the service exited"
-            with contextlib.suppress(httpx.TransportError):
-                return httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
-            return False
-
-        wait_until(ready)
+        wait_healthy(f"http://127.0.0.1:{port}", process, within=30)
         yield process
     finally:
         if process.poll() is None:
@@ -100,7 +85,9 @@ def test_a_killed_process_leaves_its_spool_and_the_next_start_removes_it_only(
     port = free_port()
     with serve_process(tmp_path, port, BULKHOOK_SPOOL_DIR=str(root)) as process:
         client = start_upload(port, csv_bytes(3 << 20), declared=64 << 20)
-        wait_until(lambda: any(p.parent != live_dir and p.stat().st_size for p in spooled(root)))
+        eventually(
+            lambda: any(p.parent != live_dir and p.stat().st_size for p in spooled(root)), 30
+        )
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         client.close()
@@ -135,11 +122,11 @@ def test_an_uploads_spool_file_is_in_the_apps_directory(
     port = int(service.url.rsplit(":", 1)[1])
     client = start_upload(port, csv_bytes(2 << 20), declared=64 << 20)
     try:
-        wait_until(lambda: bool(spooled(root)))
+        eventually(lambda: bool(spooled(root)), 30)
         assert [p.parent for p in spooled(root)] == [service.components.spool.path]
     finally:
         client.close()
-    wait_until(lambda: not spooled(root))  # the client went away: the file goes too
+    eventually(lambda: not spooled(root), 30)  # the client went away: the file goes too
 
 
 # -- a full disk ----------------------------------------------------------------------
@@ -211,14 +198,7 @@ def test_a_file_size_limit_is_507_too(tmp_path: Path) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-
-        def ready() -> bool:
-            assert process.poll() is None, "the service exited"
-            with contextlib.suppress(httpx.TransportError):
-                return httpx.get(f"{url}/healthz").status_code == 200
-            return False
-
-        wait_until(ready)
+        wait_healthy(url, process, within=30)
         response = post_csv(url, csv_bytes(3 << 20))
         assert response.status_code == 507, response.text
         assert response.json()["error"]["code"] == "insufficient_storage"
