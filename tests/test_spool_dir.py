@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -35,8 +35,11 @@ def spooled(root: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def serve_process(tmp_path: Path, port: int, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``bulkhook serve`` on embedded defaults, ready to take requests."""
+def serve_process(
+    tmp_path: Path, port: int, preexec_fn: Callable[[], None] | None = None, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``bulkhook serve`` on embedded defaults, ready to take requests; ``preexec_fn``
+    runs in its process before it starts (to set a limit, say)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
     environment.update(BULKHOOK_DATABASE_URL=f"sqlite:///{tmp_path / 'served.db'}", **env)
     process = subprocess.Popen(
@@ -45,6 +48,7 @@ def serve_process(tmp_path: Path, port: int, **env: str) -> Iterator[subprocess.
         stderr=subprocess.DEVNULL,
         cwd=tmp_path,
         env=environment,
+        preexec_fn=preexec_fn,
     )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", process, within=30)
@@ -183,28 +187,12 @@ def test_a_file_size_limit_is_507_too(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     port = free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
-    environment.update(
-        BULKHOOK_DATABASE_URL=f"sqlite:///{tmp_path / 'served.db'}",
-        BULKHOOK_SPOOL_DIR=str(tmp_path / "spool"),
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-        env=environment,
-        preexec_fn=limit_file_size,
-    )
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, within=30)
+    spool = str(tmp_path / "spool")
+    with serve_process(tmp_path, port, limit_file_size, BULKHOOK_SPOOL_DIR=spool):
         response = post_csv(url, csv_bytes(3 << 20))
         assert response.status_code == 507, response.text
         assert response.json()["error"]["code"] == "insufficient_storage"
         assert spooled(tmp_path / "spool") == []
         assert httpx.get(f"{url}/jobs").json()["jobs"] == []
         assert post_csv(url, csv_bytes(100_000)).status_code == 202
-    finally:
-        process.kill()
-        process.wait(10)
