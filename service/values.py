@@ -20,10 +20,15 @@ __all__ = [
     "name_problem",
     "safe_text",
     "text",
+    "upstream_id",
 ]
 
 # Larger than any bulk job's record count, far below a 64-bit column's limit.
 MAX_COUNT = 10**12
+# An upstream job id given as a JSON number must be a whole number below this: it
+# fits a 64-bit integer on any platform that parsed it, so nothing upstream rounded it.
+_MAX_NUMERIC_ID = 10**18
+_MAX_ID_TEXT = 200
 
 _DIGITS = re.compile(r"[0-9]{1,13}")
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -90,6 +95,25 @@ def text(value: Any, limit: int = 200) -> str | None:
     if not result or len(result) > limit or not is_clean(result):
         return None
     return result
+
+
+def upstream_id(value: Any) -> str | None:
+    """An upstream job id, kept exactly as given: a JSON string as it is, a JSON integer
+    in its decimal digits (``1234`` is ``"1234"``); None when it cannot be an id.
+
+    Open Connectors answers ids as strings or as numbers, so the id is opaque text. A
+    bool, a float (``1234.0`` may be a rounded id), a negative or huge number, and text
+    that is empty, padded with whitespace, unprintable or longer than 200 characters
+    are not ids: the answer that carries one is malformed, not guessed at.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value) if 0 <= value < _MAX_NUMERIC_ID else None
+    if isinstance(value, str):
+        ok = 0 < len(value) <= _MAX_ID_TEXT and value == value.strip()
+        return value if ok and value.isprintable() and is_clean(value) else None
+    return None
 
 
 def job_id_ok(value: str) -> bool:

@@ -151,6 +151,113 @@ class RunningService:
         raise AssertionError(f"job {job_id} stayed {job.get('state')}: {job}")
 
 
+@dataclass(frozen=True)
+class RawRequest:
+    """One HTTP request exactly as its bytes arrived: the head and the body."""
+
+    head: bytes
+    body: bytes
+
+    @property
+    def request_line(self) -> str:
+        return self.head.split(b"\r\n", 1)[0].decode("ascii")
+
+    @property
+    def target(self) -> str:
+        return self.request_line.split(" ")[1]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        lines = self.head.decode("latin-1").split("\r\n")[1:]
+        pairs = (line.split(":", 1) for line in lines if line)
+        return {name.strip().lower(): value.strip() for name, value in pairs}
+
+
+@dataclass(frozen=True)
+class FormPart:
+    """One part of a ``multipart/form-data`` body: its header lines as sent, and its data."""
+
+    header_lines: tuple[bytes, ...]
+    data: bytes
+
+
+def form_parts(request: RawRequest) -> list[FormPart]:
+    """The parts of the request's multipart body, in the order they were sent; the body
+    must be exactly well-formed: each delimiter, the CRLFs and the closing boundary."""
+    match = re.search(r"boundary=([^;\s]+)", request.headers["content-type"])
+    assert match, request.headers["content-type"]
+    delimiter = b"--" + match.group(1).encode()
+    body = request.body
+    assert body.startswith(delimiter + b"\r\n"), body[:200]
+    assert body.endswith(b"\r\n" + delimiter + b"--\r\n"), body[-200:]
+    inner = body[len(delimiter) + 2 : -(len(delimiter) + 6)]
+    parts = []
+    for chunk in inner.split(b"\r\n" + delimiter + b"\r\n"):
+        head, _, data = chunk.partition(b"\r\n\r\n")
+        parts.append(FormPart(tuple(head.split(b"\r\n")), data))
+    return parts
+
+
+class RecordingUpstream:
+    """A bare HTTP/1.1 server on loopback that keeps every request's bytes exactly as
+    they arrived (no framework parses them first) and answers each with ``answer``.
+
+    ``received`` counts body bytes as they come in, so a test can see an upload arrive
+    before its client has sent all of it.
+    """
+
+    def __init__(self, answer: Any, status: int = 200) -> None:
+        self._answer = json.dumps(answer).encode()
+        self._status = status
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.requests: list[RawRequest] = []
+        self.received = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def posts(self) -> list[RawRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.request_line.startswith("POST ")]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            buffer = b""
+            while b"\r\n\r\n" not in buffer:
+                if not (data := connection.recv(1 << 16)):
+                    return
+                buffer += data
+            head, _, body = buffer.partition(b"\r\n\r\n")
+            length = int(RawRequest(head, b"").headers.get("content-length", "0"))
+            with self._lock:
+                self.received += len(body)
+            pieces = [body]
+            while sum(map(len, pieces)) < length:
+                if not (data := connection.recv(1 << 16)):
+                    return  # cut off before the end: no request, as upstream
+                pieces.append(data)
+                with self._lock:
+                    self.received += len(data)
+            with self._lock:
+                self.requests.append(RawRequest(head, b"".join(pieces)))
+            connection.sendall(
+                f"HTTP/1.1 {self._status} Answer\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(self._answer)}\r\nConnection: close\r\n\r\n".encode()
+                + self._answer
+            )
+
+
 StartSandbox = Callable[..., RunningSandbox]
 StartService = Callable[..., RunningService]
 

@@ -10,16 +10,18 @@ from collections.abc import Callable
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from service.sandbox import Sandbox
+from service.sandbox import API_PREFIX, Sandbox
 from service.server.thread import ServerThread
 from service.upstream.client import (
     Credentials,
     JobStatus,
+    ListedJob,
     RetryPolicy,
     UpstreamClient,
     UpstreamError,
@@ -28,7 +30,14 @@ from service.upstream.client import (
 )
 from service.values import MAX_COUNT, is_clean
 
-from .helpers import Receiver, RunningSandbox, free_port, write_csv
+from .helpers import (
+    Receiver,
+    RecordingUpstream,
+    RunningSandbox,
+    form_parts,
+    free_port,
+    write_csv,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -108,19 +117,117 @@ async def test_submit_then_follow_the_job_to_completed(
     assert status.id == submission.id
     assert (status.records_count, status.records_failed_count) == (10, 0)
     job = sandbox.sandbox.jobs[int(submission.id)]
-    assert job.path == "/contacts.csv"
+    assert job.path is None  # none given, none sent
     assert job.callback_url == receiver.url
     (delivery,) = receiver.wait_for(1)
     assert json.loads(delivery.body)["callback-payload"] == "bulkhook-job-1"
 
 
-async def test_submit_sets_the_path_and_filename(sandbox: RunningSandbox, tmp_path: Path) -> None:
+async def test_submit_sends_a_path_only_when_given(sandbox: RunningSandbox, tmp_path: Path) -> None:
     upload = write_csv(tmp_path / "people.csv", [["Email"], ["a@example.com"]])
     async with client_for(sandbox) as client:
         first = await client.submit("marketing", "contact", upload)
         second = await client.submit("marketing", "contact", upload, path="/imports/x.csv")
-    assert sandbox.sandbox.jobs[int(first.id)].path == "/people.csv"
+    assert sandbox.sandbox.jobs[int(first.id)].path is None
     assert sandbox.sandbox.jobs[int(second.id)].path == "/imports/x.csv"
+
+
+@pytest.mark.parametrize("path", [None, "/imports/x.csv"])
+async def test_the_upload_on_the_wire_sends_metadata_first_as_a_plain_field(
+    tmp_path: Path, path: str | None
+) -> None:
+    upload = write_csv(tmp_path / "people.csv", [["Email"], ["a@example.com"]])
+    metadata = {"identifierFieldName": "Email", "action": "upsert", "callback-payload": "job-1"}
+    upstream = RecordingUpstream({"id": 1234, "status": "CREATED", "instanceId": 987654})
+    try:
+        async with UpstreamClient(upstream.url + API_PREFIX, CREDENTIALS, retry=FAST) as client:
+            submission = await client.submit(
+                "marketing",
+                "contact",
+                upload,
+                path=path,
+                callback_url="https://hooks.example/callbacks/jobs/job-1",
+                metadata=metadata,
+            )
+    finally:
+        upstream.close()
+    [sent] = upstream.posts()
+    target = urlsplit(sent.target)
+    assert target.path == f"{API_PREFIX}/hubs/marketing/bulk/contact"
+    assert parse_qs(target.query) == ({"path": [path]} if path else {})
+    assert sent.headers["elements-async-callback-url"] == (
+        "https://hooks.example/callbacks/jobs/job-1"
+    )
+    assert sent.headers["authorization"] == CREDENTIALS.header()
+    assert int(sent.headers["content-length"]) == len(sent.body)
+    meta, file = form_parts(sent)
+    assert meta.header_lines == (b'Content-Disposition: form-data; name="metaData"',)
+    assert json.loads(meta.data) == metadata
+    assert file.header_lines == (
+        b'Content-Disposition: form-data; name="file"; filename="people.csv"',
+        b"Content-Type: text/csv",
+    )
+    assert file.data == upload.read_bytes()
+    assert (submission.id, submission.instance_id) == ("1234", "987654")
+
+
+@pytest.mark.parametrize(
+    ("answered", "kept"),
+    [
+        (1234, "1234"),
+        (10**17 + 1, "100000000000000001"),
+        ("0042", "0042"),
+        ("abc-123", "abc-123"),
+    ],
+)
+async def test_a_submitted_job_id_is_kept_as_text_exactly_as_given(
+    contacts_csv: Path, answered: object, kept: str
+) -> None:
+    upstream = RecordingUpstream({"id": answered, "status": "CREATED", "instanceId": "i-7"})
+    try:
+        async with UpstreamClient(upstream.url, CREDENTIALS, retry=FAST) as client:
+            submission = await client.submit("marketing", "contact", contacts_csv)
+    finally:
+        upstream.close()
+    assert (submission.id, submission.instance_id) == (kept, "i-7")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"status": "CREATED"},
+        {"id": None},
+        {"id": True},
+        {"id": 1234.0},
+        {"id": 1.5e3},
+        {"id": -1},
+        {"id": 10**18},
+        {"id": 10**40},
+        {"id": ""},
+        {"id": "   "},
+        {"id": " 12 "},
+        {"id": "12\n"},
+        {"id": "x" * 201},
+        {"id": [1234]},
+        {"id": {"value": 1234}},
+        [1234],
+        "1234",
+    ],
+)
+async def test_a_submit_answer_without_a_usable_job_id_is_a_protocol_error(
+    contacts_csv: Path, answer: object
+) -> None:
+    upstream = RecordingUpstream(answer)
+    try:
+        async with UpstreamClient(upstream.url, CREDENTIALS, retry=FAST) as client:
+            with pytest.raises(UpstreamError) as caught:
+                await client.submit("marketing", "contact", contacts_csv)
+    finally:
+        upstream.close()
+    assert "accepted the upload but returned" in caught.value.message
+    assert is_clean(caught.value.message) and len(caught.value.message) < 300
+    assert caught.value.status is None and caught.value.request_sent  # a job may exist
+    assert len(upstream.posts()) == 1  # never sent again
 
 
 async def test_status_normalises_legacy_names(
@@ -152,12 +259,65 @@ async def test_errors_follow_every_page(sandbox: RunningSandbox, tmp_path: Path)
     assert sandbox.sandbox.calls["errors"] == 4  # 2 + 2 + 2 + 1
 
 
-async def test_lists_upload_jobs_across_pages(sandbox: RunningSandbox, contacts_csv: Path) -> None:
+async def test_lists_upload_jobs_across_pages(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    rows = [["Email", "Name"], ["a@example.com", "a"], ["", "b"], ["b@example.com", "c"]]
+    mixed = write_csv(tmp_path / "mixed.csv", rows)
     async with client_for(sandbox) as client:
-        ids = [(await client.submit("marketing", "contact", contacts_csv)).id for _ in range(3)]
+        ids = [(await client.submit("marketing", "contact", mixed)).id for _ in range(3)]
+        for job_id in ids:
+            assert await wait_terminal(client, job_id) == "COMPLETED"
         listed = await client.jobs("marketing", page_size=2)
     assert sorted(job.id for job in listed) == sorted(ids)
+    assert {
+        (job.object_name, job.direction, job.status, job.records_count, job.records_failed_count)
+        for job in listed
+    } == {("contact", "UPLOAD", "COMPLETED", 3, 1)}
     assert sandbox.sandbox.calls["jobs"] == 2
+
+
+async def test_the_job_list_is_read_by_its_own_names_whichever_status_field_it_has(
+    sandbox: RunningSandbox,
+) -> None:
+    sandbox.sandbox.inject_fault(
+        "jobs",
+        200,
+        body=[
+            {"id": 77, "objectName": "contact", "jobDirection": "UPLOAD", "status": "COMPLETE"},
+            {"id": "78", "jobState": "RUNNING", "recordCount": 5, "errorCount": 2},
+            {"id": 79, "jobState": "CANCELED", "status": "RUNNING", "recordCount": "x"},
+            {"id": 80.0, "jobState": "COMPLETED"},
+            {"id": True, "jobState": "COMPLETED"},
+            {"jobState": "COMPLETED"},
+            "not a job",
+        ],
+    )
+    async with client_for(sandbox) as client:
+        listed = await client.jobs("marketing")
+    assert [(job.id, job.status, job.raw_status) for job in listed] == [
+        ("77", "COMPLETED", "COMPLETE"),
+        ("78", "RUNNING", "RUNNING"),
+        ("79", "CANCELLED", "CANCELED"),  # jobState wins when both are there
+    ]
+    assert (listed[0].object_name, listed[0].direction) == ("contact", "UPLOAD")
+    assert (listed[1].records_count, listed[1].records_failed_count) == (5, 2)
+    assert listed[2].records_count is None
+
+
+@pytest.mark.parametrize("after_processing", [True, False])
+async def test_the_job_list_tells_whether_a_failed_submit_made_a_job(
+    sandbox: RunningSandbox, contacts_csv: Path, after_processing: bool
+) -> None:
+    """A 500 after the body was sent leaves the outcome open; the list settles it."""
+    sandbox.sandbox.inject_fault("submit", 500, after_processing=after_processing)
+    async with client_for(sandbox) as client:
+        with pytest.raises(UpstreamError) as caught:
+            await client.submit("marketing", "contact", contacts_csv)
+        assert caught.value.request_sent
+        listed = await client.jobs("marketing")
+    made = [str(job.id) for job in sandbox.sandbox.jobs.values()]
+    assert [job.id for job in listed] == made
+    assert len(made) == (1 if after_processing else 0)
+    assert all((job.object_name, job.direction) == ("contact", "UPLOAD") for job in listed)
 
 
 async def test_cancel(start_sandbox: Callable[..., RunningSandbox], contacts_csv: Path) -> None:
@@ -370,3 +530,31 @@ def test_any_status_body_is_read_into_storable_values(body: dict[str, Any]) -> N
         ("recordsFailedCount", status.records_failed_count),
     ):
         assert (name in status.note) == (body.get(name) is not None and count is None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "id": json_values,
+            "jobState": json_values,
+            "status": json_values,
+            "recordCount": json_values,
+            "errorCount": json_values,
+            "objectName": json_values,
+        },
+    )
+)
+@example({"id": 10**20, "jobState": "COMPLETED"})
+@example({"id": "7\x00", "status": "RUN\ud800NING", "recordCount": 1e20})
+@example({"id": 7, "jobState": 7, "status": "RUNNING", "errorCount": "9" * 5000})
+def test_any_job_list_item_is_read_into_storable_values(item: dict[str, Any]) -> None:
+    listed = ListedJob.from_item(item)
+    if listed is None:
+        return
+    assert isinstance(item.get("id"), int | str) and not isinstance(item.get("id"), bool)
+    for text in (listed.id, listed.raw_status, listed.object_name, listed.direction):
+        assert text is None or is_clean(text)
+    for count in (listed.records_count, listed.records_failed_count):
+        assert count is None or (isinstance(count, int) and 0 <= count <= MAX_COUNT)

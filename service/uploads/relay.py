@@ -1,10 +1,13 @@
 """An upload relayed upstream while it is still arriving, with its end held back.
 
-Spooling a whole file before sending it on doubles a submit's wall time. A relay sends
-the file part as it arrives but keeps back the body's last bytes (the ``metaData`` part
-and the closing boundary) until the CSV has been checked and the job recorded. Without
-them the upstream has no complete request and so no job: a relay that is cut off
-creates nothing upstream, and the upload goes the ordinary way, sent again from its
+Spooling a whole file before sending it on doubles a submit's wall time. Everything
+the request carries besides the file is known before its first byte goes out: the
+query, the callback URL and the ``metaData`` field (with the job's own id as its
+``callback-payload``), which goes before the file part. A relay sends that and the file
+part as the file arrives, but keeps back the body's last bytes, the line break and the
+closing boundary after the file, until the CSV has been checked and the job recorded.
+Without them the upstream has no complete request and so no job: a relay that is cut
+off creates nothing upstream, and the upload goes the ordinary way, sent again from its
 spool with the submit retry rules.
 """
 
@@ -73,6 +76,7 @@ class Relay:
         self._ended = False
         async for chunk in self._spool.follow(self.size):
             yield chunk
+        # The body's closing boundary follows these chunks: it waits for the gate.
         await asyncio.shield(self._gate)
         self._ended = True
 

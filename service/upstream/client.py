@@ -32,6 +32,7 @@ from service.upstream.statuses import normalize_status
 __all__ = [
     "Credentials",
     "JobStatus",
+    "ListedJob",
     "RetryPolicy",
     "Submission",
     "UpstreamClient",
@@ -138,9 +139,14 @@ def upstream_failure(what: str, exc: UpstreamError, **extra: Any) -> ApiError:
 
 @dataclass(frozen=True)
 class Submission:
+    """The upstream's answer to a submit. ``id`` is the upstream job id as text, exactly
+    as given (a JSON number's digits); ``instance_id`` the connector instance the
+    upstream says holds the job, when it says so."""
+
     id: str
     status: str | None
     raw: Mapping[str, Any]
+    instance_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -180,9 +186,49 @@ class JobStatus:
         )
 
 
+@dataclass(frozen=True)
+class ListedJob:
+    """One item of the upstream's job list (``GET /bulk/jobs``).
+
+    The list names its fields unlike the status endpoint: ``recordCount`` and
+    ``errorCount`` for the counts, ``jobState`` (on some instances ``status``) for the
+    status, ``objectName`` and ``jobDirection``; its ``id`` is a JSON number. Read as
+    tolerantly as a status body: an item without a usable id is left out of the list.
+    """
+
+    id: str
+    object_name: str | None
+    direction: str | None
+    status: str | None
+    raw_status: str | None
+    records_count: int | None
+    records_failed_count: int | None
+    raw: Mapping[str, Any]
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> ListedJob | None:
+        job_id = _job_id(item.get("id"))
+        if job_id is None:
+            return None
+        raw_status = item.get("jobState")
+        if raw_status is None:
+            raw_status = item.get("status")
+        status_text = values.text(raw_status)
+        return cls(
+            id=job_id,
+            object_name=values.text(item.get("objectName")),
+            direction=values.text(item.get("jobDirection")),
+            status=normalize_status(status_text),
+            raw_status=status_text,
+            records_count=_count(item.get("recordCount")),
+            records_failed_count=_count(item.get("errorCount")),
+            raw=item,
+        )
+
+
 def _job_id(value: object) -> str | None:
-    """An upstream job id: a string or an integer, kept as opaque, storable text."""
-    return values.text(value)
+    """An upstream job id: a string or an integer, kept exactly as given, as text."""
+    return values.upstream_id(value)
 
 
 def _count(value: object) -> int | None:
@@ -300,9 +346,16 @@ class UpstreamClient:
         metadata: Mapping[str, Any] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Submission:
+        """Upload ``file`` as a new bulk job.
+
+        ``metaData`` is a plain form field before the file part, as Open Connectors'
+        own test client sends it, so the whole body but its closing boundary is known
+        before the file's first byte goes out. ``path`` is optional upstream and sent
+        only when given.
+        """
         filename = filename or (file.name if isinstance(file, Path) else "upload.csv")
-        trailing = {"metaData": (json.dumps(metadata), "application/json")} if metadata else {}
-        upload = MultipartFile(file, filename=filename, trailing_fields=trailing)
+        fields = {"metaData": json.dumps(metadata)} if metadata else {}
+        upload = MultipartFile(file, filename=filename, fields=fields)
         headers = upload.headers
         if callback_url:
             headers["Elements-Async-Callback-Url"] = callback_url
@@ -310,15 +363,27 @@ class UpstreamClient:
             "submit",
             "POST",
             f"/hubs/{_seg(hub)}/bulk/{_seg(object_name)}",
-            params={"path": path or f"/{filename}"},
+            params={"path": path} if path else None,
             headers=headers,
             content=lambda: upload.aiter(progress),
             idempotent=False,
         )
         body = _json(response, "submit")
-        if not isinstance(body, dict) or (job_id := _job_id(body.get("id"))) is None:
-            raise UpstreamError("submit", "the upstream accepted the upload but returned no job id")
-        return Submission(id=job_id, status=normalize_status(body.get("status")), raw=body)
+        if not isinstance(body, dict):
+            raise UpstreamError("submit", "the upstream accepted the upload but returned no job")
+        job_id = _job_id(body.get("id"))
+        if job_id is None:
+            given = "no job id" if body.get("id") is None else "a job id that is not one"
+            shown = "" if body.get("id") is None else f": {values.safe_text(repr(body['id']), 80)}"
+            raise UpstreamError(
+                "submit", f"the upstream accepted the upload but returned {given}{shown}"
+            )
+        return Submission(
+            id=job_id,
+            status=normalize_status(body.get("status")),
+            raw=body,
+            instance_id=_job_id(body.get("instanceId")),
+        )
 
     async def status(self, hub: str, job_id: str | int) -> JobStatus:
         response = await self._call("status", "GET", _job_url(hub, job_id, "status"))
@@ -364,10 +429,13 @@ class UpstreamClient:
             seen.add(token)
         raise UpstreamError("errors", f"more than {_MAX_PAGES} pages")
 
-    async def jobs(self, hub: str, *, page_size: int = 200) -> list[JobStatus]:
+    async def jobs(self, hub: str, *, page_size: int = 200) -> list[ListedJob]:
+        """The hub's upload jobs, every page: what proves whether a submit whose answer
+        was lost made a job upstream."""
         params = {"where": "job_direction='UPLOAD'"}
         items = await self._all_pages("jobs", f"/hubs/{_seg(hub)}/bulk/jobs", params, page_size)
-        return [JobStatus.from_body(item) for item in items if isinstance(item, dict)]
+        listed = (ListedJob.from_item(item) for item in items if isinstance(item, dict))
+        return [job for job in listed if job is not None]
 
     async def cancel(self, hub: str, job_id: str | int) -> JobStatus | None:
         response = await self._call("cancel", "PUT", _job_url(hub, job_id, "cancel"))

@@ -5,6 +5,10 @@ chunks (never whole), and the body can be produced again for a retry. Both the
 upstream client (async) and the CLI (sync, with a progress bar) send uploads this way.
 The file can also be a ``FileStream``: bytes of a known length that are still
 arriving (an upload relayed upstream while it is received).
+
+Plain form fields (no filename, no ``Content-Type``) all go before the file part, as
+Open Connectors' own test client sends ``metaData``: everything but the file is in
+``head``, so ``tail`` is only the line break and the closing boundary.
 """
 
 from __future__ import annotations
@@ -47,9 +51,8 @@ class MultipartFile:
         file_field: str = "file",
         filename: str | None = None,
         fields: Mapping[str, str] | None = None,
-        trailing_fields: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
-        """``fields`` go before the file; ``trailing_fields`` (value, content type) after."""
+        """``fields`` are plain form fields, sent in their order before the file."""
         self.file = file
         if isinstance(file, FileStream):
             self.file_size = file.size
@@ -64,12 +67,8 @@ class MultipartFile:
             for key, value in (fields or {}).items()
         )
         head += _part_head(self.boundary, f'name="{file_field}"; filename="{name}"', "text/csv")
-        tail = "\r\n" + "".join(
-            _part_head(self.boundary, f'name="{key}"', content_type) + f"{value}\r\n"
-            for key, (value, content_type) in (trailing_fields or {}).items()
-        )
         self.head = head.encode()
-        self.tail = (tail + f"--{self.boundary}--\r\n").encode()
+        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
         self.length = len(self.head) + self.file_size + len(self.tail)
 
     @property
