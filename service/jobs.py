@@ -123,7 +123,8 @@ class SubmitRequest:
 
     hub: str
     object: str
-    path: str
+    # The upstream's optional ``path``; None: not given, and not sent.
+    path: str | None
     filename: str
     rows: int
     metadata: Mapping[str, Any]
@@ -181,7 +182,8 @@ class Job:
     id: str
     hub: str
     object: str
-    path: str
+    # None when the upload named no path (stored as '': the column is NOT NULL).
+    path: str | None
     state: State
     created_at: float
     updated_at: float
@@ -243,7 +245,10 @@ class Job:
         """
         job = object.__new__(cls)
         job.__dict__.update(
-            {name: row[name] for name in _COLUMNS}, state=State(row["state"]), events=events
+            {name: row[name] for name in _COLUMNS},
+            path=row["path"] or None,
+            state=State(row["state"]),
+            events=events,
         )
         return job
 

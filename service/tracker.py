@@ -25,6 +25,7 @@ from service.store import Store
 from service.uploads.relay import Relay
 from service.uploads.spool import Spool
 from service.upstream.client import (
+    Submission,
     UpstreamClient,
     UpstreamError,
     UpstreamUnavailable,
@@ -60,6 +61,15 @@ def _metadata(job_id: str, request: SubmitRequest) -> dict[str, Any]:
     metadata = dict(request.metadata)
     metadata["callback-payload"] = job_id
     return metadata
+
+
+def _accepted(submission: Submission) -> str:
+    """The submit's timeline detail: the upstream job id, and the connector instance
+    when the upstream names one (kept there: the job has no column for it)."""
+    detail = f"upstream job {submission.id}"
+    if submission.instance_id is not None:
+        detail += f" (instanceId {submission.instance_id})"
+    return detail
 
 
 class Tracker:
@@ -183,7 +193,7 @@ class Tracker:
                     job.hub,
                     job.object,
                     file,
-                    path=job.path,
+                    path=request.path,
                     filename=request.filename,
                     callback_url=self.callback_url(job.id),
                     metadata=_metadata(job.id, request),
@@ -196,7 +206,7 @@ class Tracker:
                 Source.SUBMIT,
                 status=submission.status or "CREATED",
                 raw_status=str(submission.raw.get("status") or "") or None,
-                detail=f"upstream job {submission.id}",
+                detail=_accepted(submission),
             ),
             upstream_id=submission.id,
             next_poll_at=self.after_grace(time.time()),

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
-from .helpers import RunningSandbox, RunningService, StartSandbox, StartService
+from service.sandbox import API_PREFIX
+
+from .helpers import (
+    RecordingUpstream,
+    RunningSandbox,
+    RunningService,
+    StartSandbox,
+    StartService,
+    form_parts,
+)
 
 
 @pytest.fixture
@@ -93,6 +103,62 @@ def test_metadata_hub_and_path_reach_the_upstream(
     sent = upstream.sandbox.jobs[int(job["upstream_id"])]
     assert sent.metadata == {**metadata, "callback-payload": job["id"]}
     assert sent.path == "/imports/c.csv"
+
+
+@pytest.mark.parametrize("given", [None, "", "   "])
+def test_without_a_path_none_is_sent_and_the_job_shows_null(
+    service: RunningService, upstream: RunningSandbox, contacts_csv: Path, given: str | None
+) -> None:
+    fields = {} if given is None else {"path": given}
+    response = service.submit(contacts_csv, **fields)
+    assert response.status_code == 202, response.text
+    assert response.json()["path"] is None
+    job = service.wait_for(response.json()["id"], {"COMPLETED"})
+    assert job["path"] is None  # read back from the store
+    assert upstream.sandbox.jobs[int(job["upstream_id"])].path is None
+    [listed] = service.http.get("/jobs").json()["jobs"]
+    assert listed["path"] is None
+
+
+@pytest.mark.parametrize("path", [None, "/imports/c.csv"])
+def test_a_spooled_upload_on_the_wire_sends_metadata_first_and_a_path_only_if_given(
+    start_service: StartService, contacts_csv: Path, path: str | None
+) -> None:
+    upstream = RecordingUpstream({"id": 1234, "status": "CREATED", "instanceId": 987654})
+    try:
+        service = start_service(oc_base_url=upstream.url + API_PREFIX)
+        fields = {"metadata": json.dumps({"action": "upsert", "identifierFieldName": "Email"})}
+        if path:
+            fields["path"] = path
+        response = service.submit(contacts_csv, **fields)
+    finally:
+        upstream.close()
+    assert response.status_code == 202, response.text
+    job = response.json()
+    [sent] = upstream.posts()
+    target = urlsplit(sent.target)
+    assert target.path == f"{API_PREFIX}/hubs/marketing/bulk/contact"
+    assert parse_qs(target.query) == ({"path": [path]} if path else {})
+    assert (
+        sent.headers["elements-async-callback-url"] == f"{service.url}/callbacks/jobs/{job['id']}"
+    )
+    meta, file = form_parts(sent)
+    assert meta.header_lines == (b'Content-Disposition: form-data; name="metaData"',)
+    assert json.loads(meta.data) == {
+        "action": "upsert",
+        "identifierFieldName": "Email",
+        "callback-payload": job["id"],
+    }
+    assert (
+        file.header_lines[0]
+        == b'Content-Disposition: form-data; name="file"; filename="contacts.csv"'
+    )
+    assert file.data == contacts_csv.read_bytes()
+    # The numeric id is kept as its digits; instanceId, which the job has no field for,
+    # is in the submit's timeline entry.
+    assert (job["path"], job["upstream_id"], job["state"]) == (path, "1234", "CREATED")
+    [accepted] = [e for e in job["events"] if e["source"] == "submit" and e["state"] == "CREATED"]
+    assert accepted["detail"].endswith("upstream job 1234 (instanceId 987654)")
 
 
 def test_an_unknown_object_upstream_is_a_502_with_its_message(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -15,7 +17,15 @@ import pytest
 from service.sandbox import API_PREFIX
 from service.uploads.relay import RELAY_MIN_BYTES
 
-from .helpers import RunningSandbox, RunningService, StartSandbox, StartService, eventually
+from .helpers import (
+    RecordingUpstream,
+    RunningSandbox,
+    RunningService,
+    StartSandbox,
+    StartService,
+    eventually,
+    form_parts,
+)
 
 BOUNDARY = "relay-test-boundary"
 HEADER = b"Email,First,Last\r\n"
@@ -92,8 +102,46 @@ def test_a_large_upload_reaches_the_upstream_while_it_is_still_arriving(
     assert len(upstream.sandbox.jobs) == 1
     sent = upstream.sandbox.jobs[int(job["upstream_id"])]
     assert sent.metadata == {"callback-payload": job["id"]}
-    assert sent.path == "/big.csv"
+    assert (sent.path, job["path"]) == (None, None)  # none given, none sent
     assert upstream.sandbox.uploads_cut == 0
+
+
+@pytest.mark.parametrize("path", [None, "/imports/big.csv"])
+def test_a_relayed_upload_on_the_wire_sends_metadata_first_and_a_path_only_if_given(
+    start_service: StartService, path: str | None
+) -> None:
+    upstream = RecordingUpstream({"id": 4321, "status": "CREATED", "instanceId": "inst-9"})
+    try:
+        service = start_service(oc_base_url=upstream.url + API_PREFIX)
+        before = {"object": "contact", "metadata": '{"action": "upsert"}'}
+        if path:
+            before["path"] = path
+
+        def arrived() -> None:
+            """The rest is sent only once the upstream has most of the first part."""
+            eventually(lambda: upstream.received >= len(FIRST) - (3 << 20))
+
+        response = Upload(before=before).post(service, arrived)
+    finally:
+        upstream.close()
+    assert response.status_code == 202, response.text
+    job = response.json()
+    [sent] = upstream.posts()
+    target = urlsplit(sent.target)
+    assert target.path == f"{API_PREFIX}/hubs/marketing/bulk/contact"
+    assert parse_qs(target.query) == ({"path": [path]} if path else {})
+    assert (
+        sent.headers["elements-async-callback-url"] == f"{service.url}/callbacks/jobs/{job['id']}"
+    )
+    meta, file = form_parts(sent)
+    assert meta.header_lines == (b'Content-Disposition: form-data; name="metaData"',)
+    assert json.loads(meta.data) == {"action": "upsert", "callback-payload": job["id"]}
+    assert (
+        file.header_lines[0] == b'Content-Disposition: form-data; name="file"; filename="big.csv"'
+    )
+    assert file.data == FIRST + REST
+    assert (job["path"], job["upstream_id"]) == (path, "4321")
+    assert any(e["detail"].endswith("upstream job 4321 (instanceId inst-9)") for e in job["events"])
 
 
 def test_a_bad_row_found_late_leaves_no_job_upstream(

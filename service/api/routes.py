@@ -52,8 +52,12 @@ def _name(value: str | None, field: str, *, required: bool = False) -> str | Non
     return value
 
 
-def _path(value: str | None, filename: str) -> str:
-    path = (value or "").strip() or f"/{filename}"
+def _path(value: str | None) -> str | None:
+    """The upstream's optional ``path``: None when not given (blank counts as not given),
+    so the upstream decides what a file without one means, as it does for its own clients."""
+    path = (value or "").strip()
+    if not path:
+        return None
     if len(path) > _MAX_PATH or not path.isprintable() or not is_clean(path):
         raise ApiError(
             f"'path' must be printable text of at most {_MAX_PATH} characters", code="bad_path"
@@ -155,7 +159,7 @@ class JobApi:
     ) -> SubmitRequest:
         object_name = _name(fields.get("object"), "object", required=True)
         hub = _name(fields.get("hub"), "hub") or self._hub
-        path = _path(fields.get("path"), filename)
+        path = _path(fields.get("path"))
         return SubmitRequest(
             hub=hub,
             object=str(object_name),

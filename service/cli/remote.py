@@ -266,7 +266,7 @@ def add_job_commands(commands: Any) -> None:
     submit.add_argument("file", help="the CSV file")
     submit.add_argument("--object", required=True, help="the object to load, e.g. contact")
     submit.add_argument("--hub", help="the hub (default: the service's OC_HUB)")
-    submit.add_argument("--path", help="the path given to the upstream (default /<filename>)")
+    submit.add_argument("--path", help="the upstream's optional path (none sent unless given)")
     submit.add_argument("--metadata", help="JSON object passed upstream as metaData")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key makes no new job")
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends")

@@ -52,7 +52,9 @@ def _schemas() -> dict[str, Schema]:
         "upstream_id": nullable("string", description="the upstream bulk job id, once known"),
         "hub": {"type": "string"},
         "object": {"type": "string"},
-        "path": {"type": "string"},
+        "path": nullable(
+            "string", description="the upstream's `path`, as given; null when none was given"
+        ),
         "state": enum_of(State),
         "upstream_status": nullable("string", description="the upstream status, raw"),
         "records_count": count,
@@ -180,7 +182,12 @@ def _paths() -> dict[str, Schema]:
             },
             "object": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^/]+$"},
             "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
-            "path": {"type": "string", "description": "default `/<filename>`"},
+            "path": {
+                "type": "string",
+                "maxLength": 1000,
+                "description": "the upstream's optional `path` (a nested sub-resource); sent "
+                "upstream only when given, with a leading `/` added if missing",
+            },
             "metadata": {
                 "type": "string",
                 "contentMediaType": JSON,

@@ -36,7 +36,7 @@ def new_job_row(job: Job, idempotency_key: str | None) -> tuple[Any, ...]:
         job.id,
         job.hub,
         job.object,
-        job.path,
+        job.path or "",  # no path given: '' in a column that is NOT NULL
         job.filename,
         job.rows,
         str(job.state),
