@@ -24,6 +24,7 @@ from .helpers import SIGNATURE_KEY, Receiver, RunningSandbox, StartSandbox, free
 
 AUTH_VALUE = "User u, Organization o, Element e"
 AUTH = {"Authorization": AUTH_VALUE}
+JSON = "application/json"
 TERMINAL = {"COMPLETED", "COMPLETE", "ERROR", "ABORTED", "CANCELLED", "CANCELED"}
 
 
@@ -189,29 +190,66 @@ def test_an_unknown_hub_is_404(sandbox: RunningSandbox, contacts_csv: Path) -> N
     assert submit(sandbox, contacts_csv, hub="nowhere").status_code == 404
 
 
-def test_submit_needs_a_known_object_a_path_a_file_and_object_metadata(
+def test_submit_needs_a_known_object_a_file_and_object_metadata(
     sandbox: RunningSandbox, contacts_csv: Path
 ) -> None:
     assert submit(sandbox, contacts_csv, obj="widgets").status_code == 404
     with api(sandbox) as http:
         base = "/hubs/marketing/bulk/contact"
         no_file = http.post(base, params={"path": "/x.csv"}, files={"other": b"a,b\n"})
-        no_path = http.post(base, files={"file": b"a,b\n"})
         not_multipart = http.post(base, params={"path": "/x.csv"}, json={"file": "a,b"})
         bad_meta = [
-            http.post(
-                base, params={"path": "/x.csv"}, files={"file": b"a\n"}, data={"metaData": raw}
-            )
-            for raw in ("{not json", "[1, 2]", '"text"')
+            http.post(base, files={"file": b"a\n"}, data={"metaData": raw})
+            for raw in ("{not json", "[1, 2]", '"text"', "[" * 10_000)
         ]
-    assert (no_file.status_code, no_path.status_code, not_multipart.status_code) == (
-        400,
-        400,
-        415,
-    )
-    assert [r.status_code for r in bad_meta] == [400, 400, 400]
-    assert all(r.json()["message"] for r in [no_file, no_path, not_multipart, *bad_meta])
+        bad_meta_file = [
+            http.post(base, files={"file": b"a\n", "metaData": ("m.json", raw, JSON)})
+            for raw in (b"\xff{}", b"{}" + b" " * (64 << 10), b"[]")
+        ]
+    assert (no_file.status_code, not_multipart.status_code) == (400, 415)
+    assert [r.status_code for r in [*bad_meta, *bad_meta_file]] == [400] * 7
+    assert all(r.json()["message"] for r in [no_file, not_multipart, *bad_meta, *bad_meta_file])
     assert http_stats(sandbox)["jobs"] == 0, "a refused submission creates no job"
+
+
+def _form(boundary: str, parts: list[tuple[str, str | None, str | None, bytes]]) -> bytes:
+    """A multipart body of (name, filename, content type, data) parts, in that order."""
+    body = b""
+    for name, filename, content_type, data in parts:
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
+        head += f'; filename="{filename}"' if filename else ""
+        head += f"\r\nContent-Type: {content_type}" if content_type else ""
+        body += (head + "\r\n\r\n").encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "sent_as",
+    ["a plain field before the file", "a plain field after the file", "a file part of its own"],
+)
+def test_submit_reads_metadata_however_a_client_sends_it_and_needs_no_path(
+    sandbox: RunningSandbox, contacts_csv: Path, sent_as: str
+) -> None:
+    metadata = {"action": "upsert", "identifierFieldName": "C_EmailAddress", "callback-payload": 7}
+    text = json.dumps(metadata).encode()
+    meta = (
+        ("metaData", "metaData.json", JSON, text)
+        if "file" in sent_as
+        else ("metaData", None, None, text)
+    )
+    file = ("file", "contacts.csv", "text/csv", contacts_csv.read_bytes())
+    parts = [file, meta] if "after" in sent_as else [meta, file]
+    with api(sandbox) as http:
+        created = http.post(
+            "/hubs/marketing/bulk/contact",
+            content=_form("sandbox-test", parts),
+            headers={"Content-Type": "multipart/form-data; boundary=sandbox-test"},
+        )
+    assert created.status_code == 200, created.text
+    job = sandbox.sandbox.jobs[created.json()["id"]]
+    assert (job.metadata, job.path) == (metadata, None)
+    assert follow(sandbox, job.id)[-1] == "COMPLETED"
+    assert status(sandbox, job.id)["recordsCount"] == 10
 
 
 def test_an_unknown_job_is_404(sandbox: RunningSandbox) -> None:
@@ -240,6 +278,7 @@ def test_the_sample_contacts_run_asynchronously_to_completed(
     assert final["id"] == str(created["id"])
     assert (final["recordsCount"], final["recordsFailedCount"]) == (10, 0)
     assert (final["objectName"], final["jobDirection"]) == ("contact", "UPLOAD")
+    assert sandbox.sandbox.jobs[created["id"]].path == "/contacts.csv"  # as given
 
 
 def test_a_completed_job_calls_back_signed_with_the_instance_key(
@@ -402,20 +441,40 @@ def test_cancelling_a_finished_job_is_400(sandbox: RunningSandbox, contacts_csv:
     assert status(sandbox, job_id)["status"] == "COMPLETED"
 
 
-def test_the_jobs_list_pages_one_job_at_a_time(sandbox: RunningSandbox, contacts_csv: Path) -> None:
-    ids = [submit(sandbox, contacts_csv).json()["id"] for _ in range(3)]
+def test_the_jobs_list_pages_one_job_at_a_time(
+    sandbox: RunningSandbox, contacts_csv: Path, tmp_path: Path
+) -> None:
+    mixed = write_csv(
+        tmp_path / "mixed.csv", [["Email", "Name"], ["", "a"], ["b@example.com", "b"]]
+    )
+    ids = [submit(sandbox, file).json()["id"] for file in (contacts_csv, mixed, contacts_csv)]
     other = submit(sandbox, contacts_csv, hub="crm", obj="contacts")
     assert other.status_code == 200
+    for job_id in ids:
+        assert follow(sandbox, job_id)[-1] == "COMPLETED"
     with api(sandbox) as http:
         answered = pages(
             http, "/hubs/marketing/bulk/jobs", where="job_direction='UPLOAD'", pageSize=1
         )
+        unfiltered = http.get("/hubs/marketing/bulk/jobs")
         refused = http.get("/hubs/marketing/bulk/jobs", params={"where": "job_direction='X'"})
     assert len(answered) == 3
     assert [page.headers["elements-returned-count"] for page in answered] == ["1", "1", "1"]
     listed = [job for page in answered for job in page.json()]
-    assert sorted(int(job["id"]) for job in listed) == sorted(ids)
-    assert all(job["jobDirection"] == "UPLOAD" for job in listed)
+    assert unfiltered.json() == listed  # every job the sandbox runs is an upload
+    # The list's own names, not the status endpoint's: a numeric id, recordCount,
+    # errorCount, jobState.
+    assert [job["id"] for job in listed] == ids
+    assert all(isinstance(job["id"], int) for job in listed)
+    assert [
+        (j["objectName"], j["jobDirection"], j["jobState"], j["recordCount"], j["errorCount"])
+        for j in listed
+    ] == [
+        ("contact", "UPLOAD", "COMPLETED", 10, 0),
+        ("contact", "UPLOAD", "COMPLETED", 2, 1),
+        ("contact", "UPLOAD", "COMPLETED", 10, 0),
+    ]
+    assert not {"recordsCount", "recordsFailedCount"} & {key for job in listed for key in job}
     assert refused.status_code == 400
 
 
@@ -591,7 +650,7 @@ def test_legacy_status_names_say_complete_and_canceled(
     assert json.loads(delivery.body)["status"] == "COMPLETE"
     with api(sandbox) as http:
         [listed] = http.get("/hubs/marketing/bulk/jobs").json()
-    assert listed["status"] == "COMPLETE"
+    assert listed["jobState"] == "COMPLETE"
 
     slow = start_sandbox(legacy_status_names=True, job_seconds=2)
     slow_id = submit(slow, contacts_csv).json()["id"]

@@ -69,7 +69,7 @@ class SandboxJob:
     id: int
     hub: str
     object: str
-    path: str
+    path: str | None
     callback_url: str | None
     metadata: dict[str, Any]
     status: str = "CREATED"
@@ -193,7 +193,7 @@ class Simulator:
         *,
         hub: str,
         object_name: str,
-        path: str,
+        path: str | None,
         upload: BinaryIO,
         callback_url: str | None,
         metadata: dict[str, Any],

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Message
 
-from service.sandbox.instance import Fault, Simulator
+from service.sandbox.instance import Fault, SandboxJob, Simulator
 
 __all__ = ["API_PREFIX", "CONTROL_PREFIX", "build_app"]
 
@@ -94,17 +94,50 @@ def _page(request: Request, items: Sequence[Any]) -> Response:
     return JSONResponse(chunk, headers=headers)
 
 
-def _metadata(raw: object) -> dict[str, Any] | None:
-    """The ``metaData`` part is a JSON object sent as a string; absent means empty."""
+_MAX_METADATA = 64 * 1024
+
+
+async def _metadata(raw: object) -> dict[str, Any] | None:
+    """The ``metaData`` part: a JSON object sent as a string; absent means empty.
+
+    Clients differ: Open Connectors' own test client sends it as a plain form field
+    before the file, others after it, and some as a file part of its own (with a
+    filename and ``application/json``); all three are read alike.
+    """
     if raw is None:
         return {}
+    if isinstance(raw, UploadFile):
+        data = await raw.read(_MAX_METADATA + 1)
+        await raw.close()
+        if len(data) > _MAX_METADATA:
+            return None
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     if not isinstance(raw, str):
         return None
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _listed(job: SandboxJob, legacy: bool) -> dict[str, Any]:
+    """A job as the job list shows it: a numeric id and the list's own field names,
+    which are not the status endpoint's (``recordCount``, ``errorCount``, ``jobState``)."""
+    body = job.status_body(legacy)
+    return {
+        "id": job.id,
+        "objectName": job.object,
+        "jobDirection": "UPLOAD",
+        "jobState": body["status"],
+        "recordCount": body["recordsCount"],
+        "errorCount": body["recordsFailedCount"],
+        "createdDate": body["createdDate"],
+        "updatedDate": body["updatedDate"],
+    }
 
 
 def build_app(sandbox: Simulator) -> Starlette:
@@ -146,9 +179,8 @@ def build_app(sandbox: Simulator) -> Starlette:
         object_name = request.path_params["object"]
         if object_name not in sandbox.options.hubs[hub]:
             return _error(404, f"Object '{object_name}' is not available in hub '{hub}'")
-        path = request.query_params.get("path")
-        if not path:
-            return _error(400, "The 'path' query parameter is required")
+        # Optional, as upstream: a file without one loads the object itself.
+        path = request.query_params.get("path") or None
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("multipart/form-data"):
             return _error(415, "Expected multipart/form-data with a 'file' part")
@@ -160,7 +192,8 @@ def build_app(sandbox: Simulator) -> Starlette:
             return message
 
         try:
-            form = await Request(request.scope, counted).form(max_files=1, max_fields=10)
+            # Two files at most: the CSV, and metaData when a client sends it as one.
+            form = await Request(request.scope, counted).form(max_files=2, max_fields=10)
         except ClientDisconnect:
             sandbox.uploads_cut += 1
             return _error(400, "The upload ended before its body was complete")
@@ -168,7 +201,7 @@ def build_app(sandbox: Simulator) -> Starlette:
         if not isinstance(upload, UploadFile):
             await form.close()
             return _error(400, "The multipart part 'file' is required")
-        metadata = _metadata(form.get("metaData"))
+        metadata = await _metadata(form.get("metaData"))
         if metadata is None:
             await form.close()
             return _error(400, "metaData must be a JSON object encoded as a string")
@@ -223,7 +256,7 @@ def build_app(sandbox: Simulator) -> Starlette:
         ):
             return _error(400, "Only where=job_direction='UPLOAD' is supported")
         legacy = sandbox.options.legacy_status_names
-        listed = [job.status_body(legacy) for job in sandbox.jobs.values() if job.hub == hub]
+        listed = [_listed(job, legacy) for job in sandbox.jobs.values() if job.hub == hub]
         return _page(request, listed)
 
     async def root(request: Request) -> Response:
