@@ -161,6 +161,23 @@ def test_a_spooled_upload_on_the_wire_sends_metadata_first_and_a_path_only_if_gi
     assert accepted["detail"].endswith("upstream job 1234 (instanceId 987654)")
 
 
+@pytest.mark.parametrize("answered", [1234.0, True, "", 10**20])
+def test_a_submit_answered_with_an_unusable_job_id_fails_the_job_and_sends_nothing_again(
+    start_service: StartService, contacts_csv: Path, answered: object
+) -> None:
+    upstream = RecordingUpstream({"id": answered, "status": "CREATED"})
+    try:
+        service = start_service(oc_base_url=upstream.url + API_PREFIX)
+        response = service.submit(contacts_csv)
+    finally:
+        upstream.close()
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert "accepted the upload but returned" in error["message"]
+    assert (error["job"]["state"], error["job"]["upstream_id"]) == ("SUBMIT_FAILED", None)
+    assert len(upstream.posts()) == 1
+
+
 def test_an_unknown_object_upstream_is_a_502_with_its_message(
     service: RunningService, contacts_csv: Path
 ) -> None:

@@ -371,6 +371,8 @@ def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
     result = bulkhook("demo", timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "by a verified callback" in result.stdout
+    assert "up to a minute after a job ends" in result.stdout
+    assert "--callback-delay" in result.stdout
     assert "by polling" in result.stdout
     assert "demo succeeded" in result.stdout
 

@@ -74,6 +74,10 @@ def _run(url: str, sandbox: Sandbox, contacts: Path, upstream_url: str) -> int:
     ok = True
     with ServiceClient(url) as client:
         _say("\n1. Submit the sample contacts; the upstream calls back with a signed callback.")
+        _say(
+            "    (Open Connectors may call back up to a minute after a job ends; "
+            "`bulkhook sandbox --callback-delay 60` does the same.)"
+        )
         job = client.submit(contacts, object_name="contact")
         _say(f"    job {job['id']} accepted as upstream job {job['upstream_id']}")
         final = _follow(client, job)
