@@ -84,6 +84,20 @@ def test_pages_render_the_jobs_table_and_the_job_page(
     assert "EventSource" in static.text
 
 
+def test_the_job_page_shows_the_path_or_that_none_was_given(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    service = start_service(start_sandbox())
+    without = service.submit(contacts_csv).json()
+    given = service.submit(contacts_csv, path="/imports/c.csv").json()
+    pages = [service.http.get(f"/ui/jobs/{job['id']}").text for job in (without, given)]
+    assert '<dt>Path</dt><dd class="mono">\u2013</dd>' in pages[0]  # an en dash
+    assert '<dt>Path</dt><dd class="mono">/imports/c.csv</dd>' in pages[1]
+    assert ">None<" not in pages[0]
+
+
 def test_the_job_page_writes_times_in_utc_and_counts_in_words(
     start_sandbox: Callable[..., RunningSandbox],
     start_service: Callable[..., RunningService],
