@@ -21,7 +21,17 @@ import pytest
 
 from service.dashboard import live
 
-from .helpers import SSE, RunningSandbox, RunningService, events, forged, make_job, serve, write_csv
+from .helpers import (
+    SSE,
+    RunningSandbox,
+    RunningService,
+    events,
+    forged,
+    make_job,
+    serve,
+    upstream_error_shown,
+    write_csv,
+)
 
 TOKEN = "dashboard-test-token"
 
@@ -101,6 +111,28 @@ def test_the_job_page_writes_times_in_utc_and_counts_in_words(
     assert "1 record, 0 failed" in text
     assert not re.search(r"\b\d{10}\.\d+", text), "a raw epoch"
     assert "1 records" not in text and "1 rows" not in text
+
+
+def test_the_upstream_error_of_a_failed_job_is_shown_escaped_on_its_page_and_stream(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    message = "<img src=x onerror=alert(1)> & 'quoted'\nsecond line"
+    service = start_service(start_sandbox(fail_whole=1.0, fail_whole_message=message))
+    job = service.submit(contacts_csv).json()
+    done = service.wait_for(job["id"], {"ABORTED"})
+    assert done["upstream_error"] == message
+    page = service.http.get(f"/ui/jobs/{job['id']}")
+    assert "<img" not in page.text
+    assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#39;quoted&#39;" in page.text
+    assert upstream_error_shown(service, job["id"]) == message
+    assert '<span id="state" class="badge bad">ABORTED</span>' in page.text
+    with service.http.stream("GET", "/ui/stream", params={"job": job["id"]}, headers=SSE) as stream:
+        name, data = next(events(stream))
+    assert (name, data["job"]["upstream_error"]) == ("job", message)
+    assert "<img" not in data["detail"]
+    assert "&lt;img src=x onerror=alert(1)&gt;" in data["detail"]
 
 
 def test_the_table_filters_by_state_and_searches_by_id(
