@@ -445,27 +445,30 @@ def test_a_database_from_before_the_dashboard_gains_its_tables(
         monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
         old = open_store(store_url)
         await old.open()
+        await old.close()
         job = make_job()
+        # Written as the first schema has it: today's store reads and writes later columns.
+        insert = (
+            "INSERT INTO jobs (id, hub, object, path, state, created_at, updated_at,"
+            " last_source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        )
+        row = (
+            job.id,
+            job.hub,
+            job.object,
+            job.path,
+            str(job.state),
+            *[job.created_at] * 2,
+            job.last_source,
+        )
         if module is sqlite:
-            # Written as the first schema has it: today's store writes later columns.
-            await old.close()
             with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
-                conn.execute(
-                    "INSERT INTO jobs (id, hub, object, path, state, created_at, updated_at,"
-                    " last_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job.id,
-                        job.hub,
-                        job.object,
-                        job.path,
-                        str(job.state),
-                        *[job.created_at] * 2,
-                        job.last_source,
-                    ),
-                )
+                conn.execute(insert.replace("%s", "?"), row)
         else:
-            job, _ = await old.create_job(job)
-            await old.close()
+            import psycopg
+
+            with psycopg.connect(store_url) as conn:
+                conn.execute(insert, row)  # type: ignore[arg-type]
         monkeypatch.undo()
         store = open_store(store_url)
         await store.open()
