@@ -100,6 +100,8 @@ class Observation:
     ``status`` is a normalised upstream status or None (no readable status: a nudge).
     ``state`` forces a service-side state (``SUBMIT_FAILED``, ``TIMED_OUT``, or
     ``ABORTED`` when the upstream lost the job) and wins over ``status``.
+    ``upstream_error`` is the upstream's message (its ``error``), already made storable
+    (``values.message``); None when it gave none.
     """
 
     source: Source
@@ -108,6 +110,7 @@ class Observation:
     records_count: int | None = None
     records_failed_count: int | None = None
     detail: str = ""
+    upstream_error: str | None = None
     state: State | None = None
     at: float = field(default_factory=time.time)
 
@@ -194,6 +197,8 @@ class Job:
     records_failed_count: int | None = None
     filename: str | None = None
     rows: int | None = None
+    # The upstream's message about the job (why it failed), as last given.
+    upstream_error: str | None = None
     version: int = 0
     next_poll_at: float | None = None
     # Status polls since the last submit or callback (drives the doubling interval).
@@ -217,6 +222,7 @@ class Job:
             "upstream_status": self.upstream_status,
             "records_count": self.records_count,
             "records_failed_count": self.records_failed_count,
+            "upstream_error": self.upstream_error,
             "succeeded": _succeeded(self),
             "created_at": iso_utc(self.created_at),
             "updated_at": iso_utc(self.updated_at),

@@ -306,6 +306,7 @@ class Tracker:
             raw_status=status.raw_status,
             records_count=status.records_count,
             records_failed_count=status.records_failed_count,
+            upstream_error=status.error,
             detail="; ".join(part for part in (_why(job, manual), status.note) if part),
         )
         applied = await self.store.apply(
@@ -387,6 +388,7 @@ class Tracker:
                 Source.CANCEL,
                 status=(answer.status if answer and answer.status else "CANCELLATION_PENDING"),
                 raw_status=answer.raw_status if answer else None,
+                upstream_error=answer.error if answer else None,
                 detail="cancel requested",
             ),
             next_poll_at=now + self.settings.poll_interval,

@@ -14,9 +14,11 @@ from typing import Any
 
 __all__ = [
     "MAX_COUNT",
+    "MAX_MESSAGE",
     "count",
     "is_clean",
     "job_id_ok",
+    "message",
     "name_problem",
     "safe_text",
     "text",
@@ -29,6 +31,9 @@ MAX_COUNT = 10**12
 # fits a 64-bit integer on any platform that parsed it, so nothing upstream rounded it.
 _MAX_NUMERIC_ID = 10**18
 _MAX_ID_TEXT = 200
+# The most characters kept of an upstream's message: a real one is a sentence; more
+# would be kept in every row and timeline entry it reaches and shown on every page.
+MAX_MESSAGE = 2000
 
 _DIGITS = re.compile(r"[0-9]{1,13}")
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -114,6 +119,41 @@ def upstream_id(value: Any) -> str | None:
         ok = 0 < len(value) <= _MAX_ID_TEXT and value == value.strip()
         return value if ok and value.isprintable() and is_clean(value) else None
     return None
+
+
+def message(value: Any, limit: int = MAX_MESSAGE) -> tuple[str | None, str]:
+    """An upstream's message (a failed job's ``error``) made storable, and a note
+    saying what was done to it ("" when nothing was).
+
+    Text is stripped, cut to ``limit`` characters with the cut said in the text itself
+    (so whoever reads it knows there was more), and NUL and lone surrogates become
+    U+FFFD. An object is read for its ``message`` string. Anything else (a number, a
+    list, true) is not a message: ignored, with a note. Absent or blank: (None, "").
+    """
+    if isinstance(value, dict):
+        value = value.get("message")
+        if not isinstance(value, str):
+            return None, "error ignored: an object without a message string"
+    if value is None:
+        return None, ""
+    if not isinstance(value, str):
+        kind = "a list" if isinstance(value, list) else "true or false"
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            kind = "a number"
+        return None, f"error ignored: {kind} is not text"
+    kept = value.strip()
+    if not kept:
+        return None, ""
+    notes: list[str] = []
+    suffix = ""
+    if len(kept) > limit:
+        suffix = f"… (cut from {len(kept):,} characters)"
+        notes.append(f"error cut to {limit:,} of {len(kept):,} characters")
+        kept = kept[: limit - len(suffix)].rstrip()
+    if not is_clean(kept):
+        kept = safe_text(kept)
+        notes.append("NUL or lone surrogates in the error replaced by U+FFFD")
+    return kept + suffix, "; ".join(notes)
 
 
 def job_id_ok(value: str) -> bool:

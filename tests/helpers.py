@@ -7,6 +7,7 @@ Fixtures that build these live in ``conftest.py``; no test module imports anothe
 from __future__ import annotations
 
 import contextlib
+import html
 import itertools
 import json
 import os
@@ -466,3 +467,31 @@ def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-u
     assert set(body) == {"error"}
     assert body["error"]["code"] == code
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+def upstream_error_shown(service: RunningService, job_id: str) -> str | None:
+    """The upstream's message as the job page shows it (unescaped); None when absent."""
+    page = service.http.get(f"/ui/jobs/{job_id}")
+    assert page.status_code == 200, page.text
+    found = re.search(r'<dd class="upstream-error">(.*?)</dd>', page.text, re.DOTALL)
+    return html.unescape(found.group(1)) if found else None
+
+
+def assert_failure_shown(service: RunningService, job_id: str, message: str, source: str) -> None:
+    """A job the upstream failed as a whole is ABORTED with the upstream's ``message``
+    wherever a user looks: the job API, its timeline (the entry from ``source``), the
+    dashboard's job page and ``bulkhook status``."""
+    job = job_now(service, job_id)
+    assert (job["state"], job["upstream_error"], job["last_source"]) == ("ABORTED", message, source)
+    assert job["succeeded"] is False
+    assert any(
+        (event["source"], event["state"]) == (source, "ABORTED") and message in event["detail"]
+        for event in job["events"]
+    ), job["events"]
+    assert upstream_error_shown(service, job_id) == message
+    shown = run_bulkhook("status", job_id, "--url", service.url)
+    assert shown.returncode == 0, shown.stderr
+    first, second, *timeline = shown.stdout.splitlines()
+    assert first.startswith(f"job {job_id}  ABORTED  ")
+    assert second == f"  upstream error: {message}"
+    assert any("ABORTED" in line and message in line for line in timeline), shown.stdout

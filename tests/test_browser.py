@@ -282,3 +282,28 @@ def test_the_failed_records_page_through_without_leaving_the_job_page(
     browser.find_element(By.CSS_SELECTOR, "a[rel=prev]").click()
     wait_until(lambda: "records 1 to 100" in text_of(browser, ".records-summary"), "page 1")
     no_console_errors(browser)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_a_job_failing_whole_shows_the_upstream_error_on_its_page_as_text(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    browser: Any,
+    contacts_csv: Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    message = "Refused: <b>not bold</b> & 'quoted'"
+    upstream = start_sandbox(job_seconds=3.0, fail_whole=1.0, fail_whole_message=message)
+    service = start_service(upstream)
+    job = service.submit(contacts_csv).json()
+    browser.get(f"{service.url}/ui/jobs/{job['id']}")
+    browser.execute_script("window.notReloaded = true")
+    wait_until(lambda: text_of(browser, "#state") == "ABORTED", "ABORTED", 20)
+    shown = wait_until(lambda: text_of(browser, "dd.upstream-error"), "the upstream error")
+    assert shown == message
+    assert browser.find_elements(By.CSS_SELECTOR, "dd.upstream-error b") == []
+    assert text_of(browser, "dt.upstream-error") == "Upstream error"
+    assert browser.execute_script("return window.notReloaded") is True
+    screenshot(browser, "job-aborted")
+    no_console_errors(browser)

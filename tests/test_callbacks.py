@@ -11,7 +11,21 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .helpers import RunningSandbox, RunningService, StartSandbox, StartService, signed
+from .helpers import (
+    RunningSandbox,
+    RunningService,
+    StartSandbox,
+    StartService,
+    assert_failure_shown,
+    deliver,
+    genuine,
+    job_now,
+    signed,
+    write_csv,
+)
+
+DONE = {"COMPLETED", "ERROR", "ABORTED", "CANCELLED", "TIMED_OUT", "SUBMIT_FAILED"}
+WHOLE_FILE_ERROR = "All prospects require either 'email' or 'id'"
 
 
 @pytest.fixture
@@ -38,6 +52,32 @@ def test_a_verified_callback_completes_the_job(running: Any) -> None:
     assert response.status_code == 200
     assert response.json() == {"status": "accepted", "job": job["id"], "state": "COMPLETED"}
     assert snapshot(service, job["id"])["state"] == "COMPLETED"
+
+
+def test_a_job_the_upstream_fails_whole_shows_its_message_from_the_callback(
+    start_sandbox: StartSandbox, start_service: StartService, tmp_path: Path
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream, callback_grace=60)
+    people = write_csv(tmp_path / "people.csv", [["First", "Last"], ["Ada", "Lovelace"]])
+    job = service.submit(people).json()
+    done = service.wait_for(job["id"], DONE)
+    assert upstream.sandbox.status_calls[done["upstream_id"]] == 0, "no poll: the callback said it"
+    assert_failure_shown(service, job["id"], WHOLE_FILE_ERROR, "callback")
+
+
+def test_a_later_callback_without_a_message_keeps_the_one_recorded(running: Any) -> None:
+    _, service, job = running
+    failed = genuine(job, status="ABORTED", recordsCount=None, error="Quota exceeded")
+    assert deliver(service, f"/callbacks/jobs/{job['id']}", failed, "w-1").status_code == 200
+    again = genuine(job, status="ABORTED", recordsCount=None, recordsFailedCount=None)
+    assert deliver(service, "/callbacks", again, "w-2").status_code == 200
+    late = genuine(job, status="COMPLETED", error="something else")
+    assert deliver(service, "/callbacks", late, "w-3").status_code == 200
+    after = job_now(service, job["id"])
+    assert (after["state"], after["upstream_error"]) == ("ABORTED", "Quota exceeded")
+    last = after["events"][-1]["detail"]
+    assert "error: something else" in last and "ignored: job is already ABORTED" in last
 
 
 def test_the_instance_wide_url_finds_the_job_by_payload_or_upstream_id(running: Any) -> None:

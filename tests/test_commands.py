@@ -116,6 +116,29 @@ def test_wait_exits_non_zero_unless_completed(
     assert "Traceback" not in result.stderr
 
 
+def test_a_job_failed_upstream_shows_its_error_without_terminal_escapes(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    message = "Refused\x1b[2J\x1b]0;owned\x07 as a whole"
+    service = start_service(start_sandbox(fail_whole=1.0, fail_whole_message=message))
+    waited = bulkhook(
+        "submit", str(contacts_csv), "--object", "contact", "--wait", "--url", service.url
+    )
+    assert waited.returncode == 1, "ABORTED is not COMPLETED"
+    shown = "  upstream error: Refused [2J ]0;owned  as a whole"
+    lines = waited.stdout.splitlines()
+    assert states_printed(waited.stdout)[-1] == "ABORTED"
+    assert lines[-1] == shown and "ABORTED" in lines[-2]
+    job_id = lines[-2].split()[1]
+    status = bulkhook("status", job_id, "--url", service.url)
+    assert status.returncode == 0
+    assert status.stdout.splitlines()[1] == shown
+    assert "\x1b" not in waited.stdout + status.stdout
+    assert "\x07" not in waited.stdout + status.stdout
+    as_json = json.loads(bulkhook("status", job_id, "--json", "--url", service.url).stdout)
+    assert as_json["upstream_error"] == message
+
+
 def test_status_shows_the_timeline(service: RunningService, contacts_csv: Path) -> None:
     job = service.submit(contacts_csv).json()
     service.wait_for(job["id"], {"COMPLETED"})

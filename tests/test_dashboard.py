@@ -21,7 +21,17 @@ import pytest
 
 from service.dashboard import live
 
-from .helpers import SSE, RunningSandbox, RunningService, events, forged, make_job, serve, write_csv
+from .helpers import (
+    SSE,
+    RunningSandbox,
+    RunningService,
+    events,
+    forged,
+    make_job,
+    serve,
+    upstream_error_shown,
+    write_csv,
+)
 
 TOKEN = "dashboard-test-token"
 
@@ -115,6 +125,28 @@ def test_the_job_page_writes_times_in_utc_and_counts_in_words(
     assert "1 record, 0 failed" in text
     assert not re.search(r"\b\d{10}\.\d+", text), "a raw epoch"
     assert "1 records" not in text and "1 rows" not in text
+
+
+def test_the_upstream_error_of_a_failed_job_is_shown_escaped_on_its_page_and_stream(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    message = "<img src=x onerror=alert(1)> & 'quoted'\nsecond line"
+    service = start_service(start_sandbox(fail_whole=1.0, fail_whole_message=message))
+    job = service.submit(contacts_csv).json()
+    done = service.wait_for(job["id"], {"ABORTED"})
+    assert done["upstream_error"] == message
+    page = service.http.get(f"/ui/jobs/{job['id']}")
+    assert "<img" not in page.text
+    assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#39;quoted&#39;" in page.text
+    assert upstream_error_shown(service, job["id"]) == message
+    assert '<span id="state" class="badge bad">ABORTED</span>' in page.text
+    with service.http.stream("GET", "/ui/stream", params={"job": job["id"]}, headers=SSE) as stream:
+        name, data = next(events(stream))
+    assert (name, data["job"]["upstream_error"]) == ("job", message)
+    assert "<img" not in data["detail"]
+    assert "&lt;img src=x onerror=alert(1)&gt;" in data["detail"]
 
 
 def test_the_table_filters_by_state_and_searches_by_id(
@@ -427,27 +459,30 @@ def test_a_database_from_before_the_dashboard_gains_its_tables(
         monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
         old = open_store(store_url)
         await old.open()
+        await old.close()
         job = make_job()
+        # Written as the first schema has it: today's store reads and writes later columns.
+        insert = (
+            "INSERT INTO jobs (id, hub, object, path, state, created_at, updated_at,"
+            " last_source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+        )
+        row = (
+            job.id,
+            job.hub,
+            job.object,
+            job.path,
+            str(job.state),
+            *[job.created_at] * 2,
+            job.last_source,
+        )
         if module is sqlite:
-            # Written as the first schema has it: today's store writes later columns.
-            await old.close()
             with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
-                conn.execute(
-                    "INSERT INTO jobs (id, hub, object, path, state, created_at, updated_at,"
-                    " last_source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        job.id,
-                        job.hub,
-                        job.object,
-                        job.path,
-                        str(job.state),
-                        *[job.created_at] * 2,
-                        job.last_source,
-                    ),
-                )
+                conn.execute(insert.replace("%s", "?"), row)
         else:
-            job, _ = await old.create_job(job)
-            await old.close()
+            import psycopg
+
+            with psycopg.connect(store_url) as conn:
+                conn.execute(insert, row)  # type: ignore[arg-type]
         monkeypatch.undo()
         store = open_store(store_url)
         await store.open()

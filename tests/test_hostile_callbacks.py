@@ -14,7 +14,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from .helpers import RunningSandbox, RunningService, deliver, essentials, job_now, job_url
+from .helpers import (
+    RunningSandbox,
+    RunningService,
+    deliver,
+    essentials,
+    job_now,
+    job_url,
+    upstream_error_shown,
+)
 
 BIG = "1" + "0" * 5000  # json.loads refuses to convert it (ValueError)
 BAD_COUNTS = ["1e20", '"99999999999999999999"', '"\u00b2"', "-5", "true", '{"n": 1}', "[1]", "1.5"]
@@ -111,6 +119,51 @@ def test_nul_and_lone_surrogates_in_any_field_are_never_stored(
     assert essentials(job_now(service, b["id"])) == essentials(b)
 
 
+LONG = "e" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        pytest.param('"a\\u0000b"', "a\ufffdb", id="nul"),
+        pytest.param('"x\\ud800y"', "x\ufffdy", id="lone-surrogate"),
+        pytest.param('"\\udfff"', "\ufffd", id="only-a-surrogate"),
+        pytest.param('"<script>alert(1)</script>"', "<script>alert(1)</script>", id="markup"),
+        pytest.param('{"message": "nested\\u0000"}', "nested\ufffd", id="object-with-message"),
+        pytest.param(f'"{LONG}"', None, id="100-kb"),
+        pytest.param("42", None, id="number"),
+        pytest.param("1e400", None, id="huge-number"),
+        pytest.param('["a"]', None, id="list"),
+        pytest.param("true", None, id="bool"),
+        pytest.param('{"code": 7}', None, id="object"),
+    ],
+)
+def test_a_hostile_error_message_is_stored_safely_or_ignored_with_a_note(
+    jobs: Any, raw: str, stored: str | None
+) -> None:
+    service, a, b = jobs
+    body = body_for(a, f'"status": "ABORTED", "error": {raw}')
+    response = deliver(service, job_url(a), body, "hostile-error")
+    assert response.status_code == 200, response.text
+    after = job_now(service, a["id"])
+    assert after["state"] == "ABORTED"
+    text_now = json.dumps(after)
+    assert "\\u0000" not in text_now and not re.search(r"\\ud[89a-f]", text_now)
+    error, last = after["upstream_error"], after["events"][-1]["detail"]
+    if raw == f'"{LONG}"':
+        assert len(error) <= 2000 and error.startswith("eeee")
+        assert error.endswith("… (cut from 100,000 characters)")
+        assert "error cut to 2,000 of 100,000 characters" in last
+    elif stored is None:
+        assert error is None
+        assert "error ignored:" in last and len(last) < 400
+    else:
+        assert error == stored
+    assert upstream_error_shown(service, a["id"]) == error
+    b_now = job_now(service, b["id"])
+    assert essentials(b_now) == essentials(b) and b_now["upstream_error"] is None
+
+
 ODD = ['{"x": 1}', "[1, 2]", "true", "null", "1.5", "1e400", "-1", '""', '" "', BIG[:30]]
 
 
@@ -160,7 +213,10 @@ bodies = st.fixed_dictionaries(
         "status": st.sampled_from(["RUNNING", "COMPLETED", "ERROR", "x"]) | json_values,
         "recordsCount": json_values,
         "recordsFailedCount": json_values,
-        "message": st.fixed_dictionaries({}, optional={"id": ids, "status": json_values}),
+        "error": json_values,
+        "message": st.fixed_dictionaries(
+            {}, optional={"id": ids, "status": json_values, "error": json_values}
+        ),
         "other": json_values,
     },
 )

@@ -361,3 +361,37 @@ def test_an_upstream_error_message_with_nul_and_surrogates_is_stored_safely(
     done = service.wait_for(job["id"], {"COMPLETED"})
     details = [event["detail"] for event in done["events"]]
     assert any("down\ufffd for \ufffd maintenance" in detail for detail in details), details
+
+
+@pytest.mark.parametrize(
+    ("error", "stored", "note"),
+    [
+        ("no\x00pe \ud800" + "x" * 100_000, None, "error cut to 2,000 of 100,007 characters"),
+        ({"code": 7}, None, "error ignored: an object without a message string"),
+        (["a"], None, "error ignored: a list is not text"),
+        ({"message": "Quota\x00 exceeded"}, "Quota\ufffd exceeded", ""),
+    ],
+    ids=["nul-surrogate-100kb", "object", "list", "object-with-message"],
+)
+def test_a_hostile_error_in_a_status_body_is_stored_safely_or_ignored_with_a_note(
+    polled: tuple[RunningSandbox, RunningService],
+    contacts_csv: Path,
+    error: Any,
+    stored: str | None,
+    note: str,
+) -> None:
+    upstream, service = polled
+    body = {"status": "ABORTED", "error": error}
+    inject(upstream, operation="status", status=200, times=20, body=body)
+    job = service.submit(contacts_csv).json()
+    done = service.wait_for(job["id"], {"ABORTED"})
+    assert done["last_source"] == "poll"
+    if isinstance(error, str):
+        assert done["upstream_error"].startswith("no\ufffdpe \ufffdxxx")
+        assert done["upstream_error"].endswith("… (cut from 100,007 characters)")
+        assert len(done["upstream_error"]) <= 2000
+    else:
+        assert done["upstream_error"] == stored
+    details = [event["detail"] for event in done["events"]]
+    assert any(note in detail for detail in details), details
+    assert all("\x00" not in detail for detail in details)

@@ -157,10 +157,12 @@ def test_job_json_has_the_documented_fields() -> None:
         "upstream_status",
         "records_count",
         "records_failed_count",
+        "upstream_error",
         "created_at",
         "updated_at",
         "last_source",
         "events",
     ):
         assert name in body
+    assert body["upstream_error"] is None
     assert body["created_at"] == "1970-01-01T00:00:00.000Z"

@@ -190,3 +190,21 @@ def test_docs_render_the_description_from_local_assets(start_service) -> None:  
         response = service.http.get(asset)
         assert response.status_code == 200
         assert len(response.content) > 10_000
+
+
+def test_a_job_failed_upstream_matches_the_schema_with_its_message_cut_to_size(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    spec = openapi_spec()
+    upstream = start_sandbox(fail_whole=1.0, fail_whole_message="X" * 9000)
+    service = start_service(upstream)
+    job_id = service.submit(contacts_csv).json()["id"]
+    done = service.wait_for(job_id, {"ABORTED"})
+    assert (
+        len(done["upstream_error"])
+        == spec["components"]["schemas"]["Job"]["properties"]["upstream_error"]["maxLength"]
+    )
+    _conforms(spec, "Job", done)
+    _conforms(spec, "JobList", service.http.get("/jobs").json())

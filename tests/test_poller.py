@@ -11,7 +11,7 @@ from pathlib import Path
 from service.poller import RateLimiter
 from service.upstream.client import RetryPolicy
 
-from .helpers import StartSandbox, StartService
+from .helpers import StartSandbox, StartService, assert_failure_shown
 
 DONE = {"COMPLETED", "ERROR", "ABORTED", "CANCELLED", "TIMED_OUT", "SUBMIT_FAILED"}
 ONE_TRY = RetryPolicy(attempts=1)
@@ -79,7 +79,20 @@ def test_repeated_404_fails_the_job_with_the_reason(
     final = service.wait_for(job["id"], DONE, within=15)
     assert final["state"] == "ABORTED"
     assert "no longer knows" in final["events"][-1]["detail"]
+    assert final["upstream_error"] is None  # the service's own conclusion, not the upstream's
     assert upstream.sandbox.calls["status"] == 3
+
+
+def test_a_job_the_upstream_fails_whole_shows_its_message_from_a_poll(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    message = "All prospects require either 'email' or 'id'"
+    upstream = start_sandbox(drop_callbacks=1.0, fail_whole=1.0, fail_whole_message=message)
+    service = start_service(upstream, callback_grace=0.2, poll_interval=0.2)
+    job = service.submit(contacts_csv).json()
+    service.wait_for(job["id"], DONE)
+    assert upstream.sandbox.callbacks["dropped"] == 1
+    assert_failure_shown(service, job["id"], message, "poll")
 
 
 def test_a_job_that_never_ends_times_out(

@@ -19,6 +19,8 @@ import httpx
 import pytest
 
 from service.callbacks.signatures import Verdict, verify
+from service.sandbox import SandboxOptions
+from service.sandbox.options import WHOLE_FILE_ERROR
 
 from .helpers import SIGNATURE_KEY, Receiver, RunningSandbox, StartSandbox, free_port, write_csv
 
@@ -273,7 +275,7 @@ def test_the_sample_contacts_run_asynchronously_to_completed(
     created = response.json()
     assert isinstance(created["id"], int)
     assert created["status"] == "CREATED"
-    assert follow(sandbox, created["id"]) == ["CREATED", "RUNNING", "COMPLETED"]
+    assert follow(sandbox, created["id"]) == ["CREATED", "STARTED", "RUNNING", "COMPLETED"]
     final = status(sandbox, created["id"])
     assert final["id"] == str(created["id"])
     assert (final["recordsCount"], final["recordsFailedCount"]) == (10, 0)
@@ -358,6 +360,73 @@ def test_any_email_like_column_is_checked(sandbox: RunningSandbox, tmp_path: Pat
     assert error["record"]["Name"] == "b"
 
 
+def test_a_file_with_neither_an_email_nor_an_id_column_fails_whole(
+    start_sandbox: StartSandbox, receiver: Receiver, tmp_path: Path
+) -> None:
+    sandbox = start_sandbox(job_seconds=0.8)
+    upload = write_csv(tmp_path / "people.csv", [["First", "Last"], ["Ada", "Lovelace"]])
+    job_id = submit(sandbox, upload, callback=receiver.url).json()["id"]
+    # Refused once started: it never runs.
+    assert follow(sandbox, job_id)[-2:] == ["STARTED", "ABORTED"]
+    final = status(sandbox, job_id)
+    assert final["error"] == WHOLE_FILE_ERROR == "All prospects require either 'email' or 'id'"
+    assert "recordsCount" not in final and "recordsFailedCount" not in final
+    [delivery] = receiver.wait_for(1)
+    assert verify(delivery.headers["elements-webhook-signature"], delivery.body, [SIGNATURE_KEY]).ok
+    called_back = json.loads(delivery.body)
+    assert (called_back["status"], called_back["error"]) == ("ABORTED", WHOLE_FILE_ERROR)
+
+
+def test_an_id_column_is_enough_to_load_a_file(sandbox: RunningSandbox, tmp_path: Path) -> None:
+    upload = write_csv(tmp_path / "ids.csv", [["Id", "First"], ["17", "Ada"], ["18", "Grace"]])
+    job_id = submit(sandbox, upload).json()["id"]
+    assert follow(sandbox, job_id)[-1] == "COMPLETED"
+    final = status(sandbox, job_id)
+    assert (final["recordsCount"], final["recordsFailedCount"]) == (2, 0)
+    assert "error" not in final
+
+
+def test_fail_whole_aborts_a_good_file_with_the_message_given(
+    start_sandbox: StartSandbox, receiver: Receiver, contacts_csv: Path
+) -> None:
+    sandbox = start_sandbox(fail_whole=1.0, fail_whole_message="Daily API limit reached")
+    job_id = submit(sandbox, contacts_csv, callback=receiver.url).json()["id"]
+    seen = follow(sandbox, job_id)
+    assert seen[-1] == "ABORTED" and "RUNNING" not in seen
+    assert status(sandbox, job_id)["error"] == "Daily API limit reached"
+    [delivery] = receiver.wait_for(1)
+    assert json.loads(delivery.body)["error"] == "Daily API limit reached"
+    with api(sandbox) as http:
+        [listed] = http.get("/hubs/marketing/bulk/jobs").json()
+    assert (listed["status"], listed["error"]) == ("ABORTED", "Daily API limit reached")
+
+
+def test_fail_whole_fails_its_share_of_jobs_repeatably_with_a_seed(
+    start_sandbox: StartSandbox, contacts_csv: Path
+) -> None:
+    outcomes = []
+    for _ in range(2):
+        sandbox = start_sandbox(fail_whole=0.5, seed=11, job_seconds=0.05)
+        ids = [submit(sandbox, contacts_csv).json()["id"] for _ in range(12)]
+        outcomes.append([follow(sandbox, job_id)[-1] for job_id in ids])
+    assert outcomes[0] == outcomes[1]
+    assert set(outcomes[0]) == {"ABORTED", "COMPLETED"}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"fail_whole": 1.5},
+        {"fail_whole": -0.1},
+        {"fail_whole_message": ""},
+        {"fail_whole_message": "a\ud800b"},
+    ],
+)
+def test_bad_fail_whole_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="fail_whole"):
+        SandboxOptions(**options)
+
+
 def test_errors_paging_refuses_a_bad_token_or_page_size(
     sandbox: RunningSandbox, contacts_csv: Path
 ) -> None:
@@ -389,9 +458,11 @@ def test_a_non_utf8_file_or_one_without_a_header_row_ends_in_error(
     upload.write_bytes(content)
     job_id = submit(sandbox, upload, callback=receiver.url).json()["id"]
     assert follow(sandbox, job_id)[-1] == "ERROR"
-    assert status(sandbox, job_id)["errorMessage"]
+    said = status(sandbox, job_id)
+    assert said["error"]
     [delivery] = receiver.wait_for(1)
     assert json.loads(delivery.body)["status"] == "ERROR"
+    assert json.loads(delivery.body)["error"] == said["error"]
 
 
 def test_a_utf8_bom_is_not_part_of_the_header(sandbox: RunningSandbox, tmp_path: Path) -> None:
@@ -830,14 +901,61 @@ def test_the_sandbox_command_serves_the_api(receiver: Receiver, contacts_csv: Pa
     assert "signed with sha256" in output
 
 
-def test_the_sandbox_command_refuses_a_fail_rate_above_one() -> None:
+@pytest.mark.parametrize("flag", ["--fail-rate", "--fail-whole"])
+def test_the_sandbox_command_refuses_a_fraction_above_one(flag: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "sandbox", "--fail-rate", "2"],
+        [sys.executable, "-m", "service", "sandbox", flag, "2"],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
     assert result.returncode == 2
-    assert "--fail-rate" in result.stderr
+    assert flag in result.stderr
     assert result.stdout == ""
+
+
+def test_the_sandbox_command_fails_jobs_whole_with_the_message_given(
+    contacts_csv: Path,
+) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OC_")}
+    command = [sys.executable, "-m", "service", "sandbox", "--port", str(port)]
+    command += ["--job-seconds", "0.1", "--fail-whole", "1", "--fail-whole-message", "No quota"]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, "the sandbox exited"
+            try:
+                if httpx.get(url + "/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the sandbox did not start"
+            time.sleep(0.05)
+        with httpx.Client(base_url=url + "/elements/api-v2", headers=AUTH, timeout=10) as http:
+            with contacts_csv.open("rb") as handle:
+                created = http.post(
+                    "/hubs/marketing/bulk/contact",
+                    params={"path": "/contacts.csv"},
+                    files={"file": ("contacts.csv", handle, "text/csv")},
+                )
+            job_id = created.json()["id"]
+            deadline = time.monotonic() + 10
+            while (said := http.get(f"/hubs/marketing/bulk/{job_id}/status").json())[
+                "status"
+            ] not in TERMINAL:
+                assert time.monotonic() < deadline, "the job never ended"
+                time.sleep(0.02)
+        assert (said["status"], said["error"]) == ("ABORTED", "No quota")
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()

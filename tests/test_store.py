@@ -13,6 +13,7 @@ import pytest
 from service.jobs import TERMINAL, Observation, Source, State, new_job_id
 from service.store import Delivery, Store, StoreError, open_store
 from service.store.base import Claim
+from service.store.sqlite import store as sqlite_store
 
 from .helpers import make_job
 
@@ -91,6 +92,39 @@ async def test_stale_news_is_recorded_and_ignored(store: Store) -> None:
     assert fetched is not None and "ignored" in fetched.events[-1].detail
 
 
+async def test_the_upstream_error_is_recorded_and_never_erased_by_later_news(
+    store_url: str, store: Store
+) -> None:
+    job, _ = await store.create_job(make_job(state=State.RUNNING))
+    assert job.upstream_error is None
+    why = "All prospects require either 'email' or 'id'"
+    aborted = await store.apply(
+        job.id, Observation(Source.CALLBACK, status="ABORTED", upstream_error=why)
+    )
+    assert aborted is not None and (aborted.job.state, aborted.job.upstream_error) == (
+        State.ABORTED,
+        why,
+    )
+    # The same status again without a message, and news the state machine ignores.
+    await store.apply(job.id, Observation(Source.POLL, status="ABORTED"))
+    await store.apply(
+        job.id, Observation(Source.CALLBACK, status="COMPLETED", upstream_error="other")
+    )
+    reopened = open_store(store_url)
+    await reopened.open()
+    try:
+        fetched = await reopened.get_job(job.id)
+    finally:
+        await reopened.close()
+    assert fetched is not None and (fetched.state, fetched.upstream_error) == (State.ABORTED, why)
+    assert fetched.to_json()["upstream_error"] == why
+    details = [event.detail for event in fetched.events]
+    assert f"upstream says ABORTED; error: {why}" in details
+    assert any("error: other" in d and "ignored" in d for d in details), details
+    [listed] = await store.list_jobs()
+    assert listed.upstream_error == why
+
+
 async def test_apply_to_an_unknown_job_is_none(store: Store) -> None:
     assert await store.apply("nope", Observation(Source.POLL, status="RUNNING")) is None
 
@@ -144,13 +178,8 @@ async def test_sqlite_is_in_wal_mode_with_every_migration(tmp_path: Path) -> Non
     await store.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [
-            (1,),
-            (2,),
-            (3,),
-            (4,),
-            (5,),
-        ]
+        versions = conn.execute("SELECT version FROM schema_migrations").fetchall()
+    assert versions == [(version,) for version in range(1, len(sqlite_store.MIGRATIONS) + 1)]
 
 
 async def test_a_job_changed_outside_the_store_is_decided_on_its_real_row(

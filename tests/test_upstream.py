@@ -28,7 +28,7 @@ from service.upstream.client import (
     UpstreamUnavailable,
     parse_retry_after,
 )
-from service.values import MAX_COUNT, is_clean
+from service.values import MAX_COUNT, MAX_MESSAGE, is_clean
 
 from .helpers import (
     Receiver,
@@ -512,6 +512,7 @@ json_values = st.recursive(
             "status": json_values,
             "recordsCount": json_values,
             "recordsFailedCount": json_values,
+            "error": json_values,
         },
     )
 )
@@ -519,10 +520,13 @@ json_values = st.recursive(
 @example({"status": "COMPLETED", "recordsCount": "²", "recordsFailedCount": "9" * 5000})
 @example({"id": "a\x00", "status": "RUN\ud800NING", "recordsCount": 1e20})
 @example({"id": True, "status": 7, "recordsCount": -1, "recordsFailedCount": float("nan")})
+@example({"status": "ABORTED", "error": "x\ud800\x00" * 1000})
+@example({"status": "ABORTED", "error": {"message": ["not text"]}})
 def test_any_status_body_is_read_into_storable_values(body: dict[str, Any]) -> None:
     status = JobStatus.from_body(body, "fallback")
-    for text in (status.id, status.raw_status, status.note):
+    for text in (status.id, status.raw_status, status.note, status.error):
         assert text is None or is_clean(text)
+    assert status.error is None or 0 < len(status.error) <= MAX_MESSAGE
     for count in (status.records_count, status.records_failed_count):
         assert count is None or (isinstance(count, int) and 0 <= count <= MAX_COUNT)
     for name, count in (

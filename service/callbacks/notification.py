@@ -1,4 +1,5 @@
-"""What a verified callback body says: its status, counts and the job it names. Pure.
+"""What a verified callback body says: its status, counts, the upstream's message (a
+failed job's ``error``) and the job it names. Pure.
 
 A body is parsed only after its signature held; its values are still untrusted
 (``values``): an unusable count is ignored with a note, an unusable status makes the
@@ -86,14 +87,16 @@ def observation(data: dict[str, Any], at: float, detail: str = "") -> Observatio
     notes: list[str] = []
     records = _count(fields, "recordsCount", notes)
     failed = _count(fields, "recordsFailedCount", notes)
+    error, error_note = values.message(_first(fields, "error"))
     return Observation(
         Source.CALLBACK,
         status=normalize_status(raw_status),
         raw_status=raw_status,
         records_count=records,
         records_failed_count=failed,
+        upstream_error=error,
         at=at,
-        detail="; ".join(part for part in (detail, *notes) if part),
+        detail="; ".join(part for part in (detail, *notes, error_note) if part),
     )
 
 
@@ -130,5 +133,6 @@ def nudge_only(observation: Observation) -> Observation:
         raw_status=None,
         records_count=None,
         records_failed_count=None,
+        upstream_error=None,
         detail=detail,
     )

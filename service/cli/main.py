@@ -97,6 +97,12 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
             callback_delay=args.callback_delay,
             wrong_key=args.wrong_key,
             fail_rate=args.fail_rate,
+            fail_whole=args.fail_whole,
+            **(
+                {"fail_whole_message": args.fail_whole_message}
+                if args.fail_whole_message is not None
+                else {}
+            ),
             retry_after=args.retry_after,
             callback_retries=args.callback_retries,
             callback_retry_base=args.callback_retry_base,
@@ -208,6 +214,18 @@ def _parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="F",
         help="share of API calls failing 500/429",
+    )
+    sandbox.add_argument(
+        "--fail-whole",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="share of jobs failing as a whole: ABORTED, with an error",
+    )
+    sandbox.add_argument(
+        "--fail-whole-message",
+        metavar="TEXT",
+        help="the error of those jobs (default: \"All prospects require either 'email' or 'id'\")",
     )
     sandbox.add_argument("--retry-after", type=_seconds, default=1.0, metavar="S")
     sandbox.add_argument("--callback-retries", type=int, default=9, metavar="N")

@@ -72,6 +72,8 @@ def print_job(job: dict[str, Any], *, as_json: bool) -> None:
         f"via {job['last_source']}",
     ]
     print("  ".join(part for part in parts if part), flush=True)
+    if job.get("upstream_error"):
+        print(f"  upstream error: {_printable(job['upstream_error'])}", flush=True)
 
 
 def _wait(client: ServiceClient, job: dict[str, Any], as_json: bool) -> int:
@@ -123,9 +125,8 @@ def _status(args: argparse.Namespace) -> int:
         print_job(job, as_json=args.json)
         if not args.json and not args.wait:
             for event in job.get("events", []):
-                print(
-                    f"  {event['at']}  {event['source']:<8} {event['state']:<20} {event['detail']}"
-                )
+                detail = _printable(event["detail"])
+                print(f"  {event['at']}  {event['source']:<8} {event['state']:<20} {detail}")
         if args.wait:
             return _wait(client, job, args.json)
     return 0

@@ -67,6 +67,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "upstream_status": job.upstream_status,
         "records": job.records_count,
         "failed": job.records_failed_count,
+        "upstream_error": job.upstream_error,
         "rows": job.rows,
         "filename": job.filename,
         "last_source": job.last_source,

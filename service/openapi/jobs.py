@@ -28,6 +28,7 @@ from service.openapi.parts import (
     param,
     ref,
 )
+from service.values import MAX_MESSAGE
 
 __all__ = ["openapi_spec"]
 
@@ -59,6 +60,13 @@ def _schemas() -> dict[str, Schema]:
         "upstream_status": nullable("string", description="the upstream status, raw"),
         "records_count": count,
         "records_failed_count": count,
+        "upstream_error": nullable(
+            "string",
+            maxLength=MAX_MESSAGE,
+            description="the upstream's message about the job, e.g. why it failed as a whole "
+            f"(ABORTED or ERROR); null when it gave none. At most {MAX_MESSAGE:,} characters: "
+            "a longer one is cut, and says so at its end",
+        ),
         "succeeded": nullable(
             "boolean",
             description="true only for COMPLETED with no failed records; false for any other "

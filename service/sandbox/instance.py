@@ -1,9 +1,10 @@
 """The state of one simulated Open Connectors instance: its jobs, faults and callbacks.
 
 Jobs run on the event loop of the server that hosts the sandbox: each one is a task
-that walks ``CREATED`` → ``RUNNING`` → a terminal status and then delivers a signed
-callback, with the redelivery schedule of the real platform (scaled by
-``callback_retry_base``).
+that walks ``CREATED`` → ``STARTED`` → ``RUNNING`` → a terminal status and then
+delivers a signed callback, with the redelivery schedule of the real platform (scaled
+by ``callback_retry_base``). A job that fails as a whole ends ``ABORTED`` instead of
+``RUNNING``, with the platform's message as its ``error``.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class SandboxJob:
     updated_at: float = field(default_factory=time.time)
     scan: ScanResult | None = None
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set at submission when the fault dice (``fail_whole``) fail the job as a whole.
+    abort_with: str | None = None
+    # The platform's message for a job that failed (ERROR or ABORTED).
+    error: str | None = None
 
     def status_body(self, legacy: bool) -> dict[str, Any]:
         scan = self.scan or ScanResult()
@@ -91,8 +96,11 @@ class SandboxJob:
             "createdDate": _iso(self.created_at),
             "updatedDate": _iso(self.updated_at),
         }
-        if scan.error:
-            body["errorMessage"] = scan.error
+        if self.status == "ABORTED":
+            # Nothing of the file was loaded: no counts to give.
+            del body["recordsCount"], body["recordsFailedCount"]
+        if self.error:
+            body["error"] = self.error
         return body
 
 
@@ -206,6 +214,9 @@ class Simulator:
             callback_url=callback_url or self.options.callback_url,
             metadata=metadata,
         )
+        # Thrown here, in the order jobs are submitted, so a seed repeats which fail.
+        if self.options.fail_whole and self._rng.random() < self.options.fail_whole:
+            job.abort_with = self.options.fail_whole_message
         self._next_id += 1
         self.jobs[job.id] = job
         self._spawn(self._run(job, upload))
@@ -237,20 +248,33 @@ class Simulator:
         return True
 
     async def _run(self, job: SandboxJob, upload: BinaryIO) -> None:
-        half = self.options.job_seconds / 2
+        """A quarter of ``job_seconds`` each ``CREATED`` and ``STARTED``, then half
+        ``RUNNING``; a job failing as a whole ends ``ABORTED`` where it would have
+        started running, as the platform refuses such a file once it reads it."""
+        quarter = self.options.job_seconds / 4
         try:
             upload.seek(0)
             scan = job.scan = await anyio.to_thread.run_sync(scan_csv, upload)
         finally:
             upload.close()
-        if not await self._cancelled_within(job, half):
-            self._set_status(job, "RUNNING")
-            if not await self._cancelled_within(job, half):
-                self._set_status(job, "ERROR" if scan.error else "COMPLETED")
+        aborted = job.abort_with or scan.aborted
+        if not await self._cancelled_within(job, quarter):
+            self._set_status(job, "STARTED")
+            if not await self._cancelled_within(job, quarter):
+                if aborted:
+                    self._end(job, "ABORTED", aborted)
+                else:
+                    self._set_status(job, "RUNNING")
+                    if not await self._cancelled_within(job, 2 * quarter):
+                        self._end(job, "ERROR" if scan.error else "COMPLETED", scan.error)
         if job.status == "CANCELLATION_PENDING":
-            await asyncio.sleep(min(0.05, half))
+            await asyncio.sleep(min(0.05, quarter))
             self._set_status(job, "CANCELLED")
         await self._notify(job)
+
+    def _end(self, job: SandboxJob, status: str, error: str | None) -> None:
+        job.error = error
+        self._set_status(job, status)
 
     # -- callbacks ----------------------------------------------------------------
 

@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from service.callbacks.signatures import ALGORITHMS
 
-__all__ = ["DEFAULT_HUBS", "SandboxOptions"]
+__all__ = ["DEFAULT_HUBS", "WHOLE_FILE_ERROR", "SandboxOptions"]
+
+# What the platform says when a file of people has no column to tell them apart by.
+WHOLE_FILE_ERROR = "All prospects require either 'email' or 'id'"
 
 DEFAULT_HUBS: dict[str, tuple[str, ...]] = {
     "marketing": ("activities", "contact", "campaign", "list", "account"),
@@ -17,6 +20,14 @@ DEFAULT_HUBS: dict[str, tuple[str, ...]] = {
 def _fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be between 0 and 1, got {value}")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,10 @@ class SandboxOptions:
     callback_delay: float = 0.0
     wrong_key: bool = False
     fail_rate: float = 0.0
+    # Fraction of jobs that fail as a whole (``ABORTED``, with ``fail_whole_message`` as
+    # their ``error``) whatever their file holds.
+    fail_whole: float = 0.0
+    fail_whole_message: str = WHOLE_FILE_ERROR
     # Seconds announced in Retry-After on injected 429s.
     retry_after: float = 1.0
     # Redelivery of a callback that was not answered 2xx: attempt n waits base * 4**n.
@@ -53,10 +68,14 @@ class SandboxOptions:
     def __post_init__(self) -> None:
         if self.signature_algo not in ALGORITHMS:
             raise ValueError(f"signature_algo must be one of {ALGORITHMS}")
-        for name in ("drop_callbacks", "duplicate_callbacks", "fail_rate"):
+        for name in ("drop_callbacks", "duplicate_callbacks", "fail_rate", "fail_whole"):
             _fraction(name, getattr(self, name))
         for name in ("job_seconds", "callback_delay", "retry_after", "callback_retry_base"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.callback_retries < 0:
             raise ValueError("callback_retries must not be negative")
+        message = self.fail_whole_message
+        # Any text a JSON answer can carry (NUL included); a lone surrogate has no UTF-8.
+        if not isinstance(message, str) or not message or not _encodable(message):
+            raise ValueError("fail_whole_message must be non-empty text without lone surrogates")

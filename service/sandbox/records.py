@@ -1,4 +1,5 @@
-"""How the sandbox "loads" a CSV: count the data rows, fail those with a bad email."""
+"""How the sandbox "loads" a CSV: count the data rows, fail those with a bad email, and
+refuse as a whole a file with neither an email-like column nor an ``id`` column."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import io
 import re
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from service.sandbox.options import WHOLE_FILE_ERROR
 
 __all__ = ["ScanResult", "scan_csv"]
 
@@ -17,8 +20,10 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 class ScanResult:
     records: int = 0
     failed: list[dict[str, object]] = field(default_factory=list)
-    # Set when the file as a whole cannot be loaded: the job ends in ERROR.
+    # Set when the file as a whole cannot be read: the job ends in ERROR.
     error: str | None = None
+    # Set when the platform refuses the file as a whole: the job ends ABORTED.
+    aborted: str | None = None
 
 
 def scan_csv(data: BinaryIO) -> ScanResult:
@@ -32,6 +37,10 @@ def scan_csv(data: BinaryIO) -> ScanResult:
             result.error = "the file has no header row"
             return result
         email_columns = [i for i, name in enumerate(header) if "email" in name.lower()]
+        if not email_columns and not any(name.strip().lower() == "id" for name in header):
+            # Nothing tells one record from another: no row can be loaded.
+            result.aborted = WHOLE_FILE_ERROR
+            return result
         for row in reader:
             if not row:
                 continue

@@ -117,6 +117,8 @@ def _describe(observation: Observation) -> str:
             f"{total} record{'' if total == 1 else 's'}"
             + (f", {failed} failed" if failed is not None else "")
         )
+    if observation.upstream_error is not None:
+        parts.append(f"error: {observation.upstream_error}")
     if observation.detail:
         parts.append(observation.detail)
     return "; ".join(parts)
@@ -141,6 +143,10 @@ def plan_apply(
             changes["records_count"] = observation.records_count
         if observation.records_failed_count is not None:
             changes["records_failed_count"] = observation.records_failed_count
+        # Like the counts: news without a message keeps the one recorded, so a late
+        # status that says nothing about the failure cannot erase why it failed.
+        if observation.upstream_error is not None:
+            changes["upstream_error"] = observation.upstream_error
     if upstream_id is not None and job.upstream_id is None:
         changes["upstream_id"] = upstream_id
     if observation.source == Source.POLL:

@@ -35,6 +35,10 @@ What only one store has stays beside that store, in its own migration list:
   its first round trip, before any timeline entry, and a body seen before is a
   conflict right there.
 
+What both stores gained after their own versions is one script they each number in
+turn, after the versions they already have: ``JOBS_UPSTREAM_ERROR`` is SQLite's
+version 6 and PostgreSQL's version 4.
+
 ``TERMINAL_SQL`` lists the terminal states as the ``jobs.state`` column holds them,
 for the statements of both stores that must leave an ended job alone.
 """
@@ -48,6 +52,7 @@ from types import MappingProxyType
 from service.jobs import TERMINAL, State
 
 __all__ = [
+    "JOBS_UPSTREAM_ERROR",
     "MIGRATIONS_TABLE",
     "POSTGRES",
     "SHARED_MIGRATIONS",
@@ -172,6 +177,12 @@ SHARED_MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX kept_body ON kept_callbacks (digest, COALESCE(job_ref, ''));
     """,
 )
+
+# The upstream's message about a job (why it failed), nullable: jobs from before it
+# have none. Plain ``TEXT`` on both: at most ``values.MAX_MESSAGE`` characters.
+JOBS_UPSTREAM_ERROR = """
+    ALTER TABLE jobs ADD COLUMN upstream_error TEXT;
+    """
 
 
 def _literal(text: str) -> str:

@@ -157,6 +157,8 @@ class JobStatus:
     records_count: int | None
     records_failed_count: int | None
     raw: Mapping[str, Any]
+    # The upstream's message (a failed job's ``error``), made storable.
+    error: str | None = None
     # What in the body could not be used (a count out of range, a status that cannot
     # be stored), said so the job's timeline shows why a value is missing.
     note: str = ""
@@ -175,6 +177,9 @@ class JobStatus:
             counts.append(_count(body.get(name)))
             if body.get(name) is not None and counts[-1] is None:
                 notes.append(f"{name} ignored: not a count from 0 to {values.MAX_COUNT}")
+        error, error_note = values.message(body.get("error"))
+        if error_note:
+            notes.append(error_note)
         return cls(
             id=_job_id(body.get("id")) or (job_id or ""),
             status=normalize_status(status_text),
@@ -182,6 +187,7 @@ class JobStatus:
             records_count=counts[0],
             records_failed_count=counts[1],
             raw=body,
+            error=error,
             note="; ".join(notes),
         )
 

@@ -35,15 +35,28 @@ from service.store.group_commit import Outcome, Rounds
 from service.store.plan import NEW_JOB_COLUMNS, new_job_row
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
 from service.store.retention import KEPT_OVER, PRUNE_SQL
-from service.store.schema import MIGRATIONS_TABLE, POSTGRES, TERMINAL_SQL, migrations, render
+from service.store.schema import (
+    JOBS_UPSTREAM_ERROR,
+    MIGRATIONS_TABLE,
+    POSTGRES,
+    TERMINAL_SQL,
+    migrations,
+    render,
+)
 
 __all__ = ["PostgresStore"]
 
 # Any constant serialises concurrent migrations of replicas starting together.
 _MIGRATION_LOCK = 0x62756C6B
 
-# The shared schema (``schema``): PostgreSQL has nothing of its own so far.
-MIGRATIONS: tuple[str, ...] = migrations(POSTGRES)
+# The shared schema (``schema``), and the versions PostgreSQL numbers on its own.
+MIGRATIONS: tuple[str, ...] = migrations(
+    POSTGRES,
+    {
+        # 4: the upstream's message about a job (as SQLite's 6).
+        4: JOBS_UPSTREAM_ERROR,
+    },
+)
 
 
 async def _events(conn: Conn, job_id: str) -> tuple[TimelineEntry, ...]:

@@ -31,7 +31,14 @@ from service.store.plan import (
     refusal_event,
 )
 from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
-from service.store.schema import MIGRATIONS_TABLE, SQLITE, TERMINAL_SQL, migrations, render
+from service.store.schema import (
+    JOBS_UPSTREAM_ERROR,
+    MIGRATIONS_TABLE,
+    SQLITE,
+    TERMINAL_SQL,
+    migrations,
+    render,
+)
 from service.store.sqlite.writer import SQLiteConnections, connect
 
 __all__ = ["SQLiteStore"]
@@ -68,6 +75,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
     DROP INDEX events_job;
     CREATE UNIQUE INDEX events_job ON events (job_id, digest);
     """,
+        # 6: the upstream's message about a job (as PostgreSQL's 4).
+        6: JOBS_UPSTREAM_ERROR,
     },
 )
 
