@@ -398,7 +398,7 @@ def test_fail_whole_aborts_a_good_file_with_the_message_given(
     assert json.loads(delivery.body)["error"] == "Daily API limit reached"
     with api(sandbox) as http:
         [listed] = http.get("/hubs/marketing/bulk/jobs").json()
-    assert (listed["status"], listed["error"]) == ("ABORTED", "Daily API limit reached")
+    assert (listed["jobState"], listed["error"]) == ("ABORTED", "Daily API limit reached")
 
 
 def test_fail_whole_fails_its_share_of_jobs_repeatably_with_a_seed(

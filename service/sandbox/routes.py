@@ -128,16 +128,21 @@ def _listed(job: SandboxJob, legacy: bool) -> dict[str, Any]:
     """A job as the job list shows it: a numeric id and the list's own field names,
     which are not the status endpoint's (``recordCount``, ``errorCount``, ``jobState``)."""
     body = job.status_body(legacy)
-    return {
+    listed = {
         "id": job.id,
         "objectName": job.object,
         "jobDirection": "UPLOAD",
         "jobState": body["status"],
-        "recordCount": body["recordsCount"],
-        "errorCount": body["recordsFailedCount"],
         "createdDate": body["createdDate"],
         "updatedDate": body["updatedDate"],
     }
+    # A job that failed whole has no counts, only the upstream's message.
+    for name, field in (("recordCount", "recordsCount"), ("errorCount", "recordsFailedCount")):
+        if field in body:
+            listed[name] = body[field]
+    if "error" in body:
+        listed["error"] = body["error"]
+    return listed
 
 
 def build_app(sandbox: Simulator) -> Starlette:
