@@ -18,8 +18,9 @@ import pytest
 
 from service.dashboard.failed import neutralise
 from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
+from service.upstream.client import RetryPolicy
 
-from .helpers import RunningSandbox, RunningService, write_csv
+from .helpers import RunningSandbox, RunningService, eventually, write_csv
 
 ROWS, COLUMNS = 2000, 2000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -204,3 +205,187 @@ def test_the_failed_records_csv_neutralises_formulas_and_keeps_everything_else(
     assert names == notes == [f"'{value}" for value in hostile] + plain
     assert not [cell for row in rows for cell in row if cell.startswith(FORMULA_STARTS)]
     assert "=ok" not in download.text
+
+
+# Failed records kept by the service -------------------------------------------------
+
+AUTH = {"Authorization": "User user-secret, Organization org-secret, Element element-token"}
+
+
+def failing_csv(path: Path, failing: int, passing: int = 2) -> Path:
+    """A contacts file whose first ``failing`` rows have no email (they fail upstream),
+    each named by its number, and ``passing`` rows that load."""
+    rows = [["Name", "Email"]]
+    rows += [[f"bad{i}", ""] for i in range(failing)]
+    rows += [[f"good{i}", f"good{i}@example.com"] for i in range(passing)]
+    return write_csv(path, rows)
+
+
+def copied(service: RunningService, job_id: str, within: float = 30.0) -> dict[str, Any]:
+    """The job once the copy of its failed records has ended."""
+    seen: dict[str, Any] = {}
+
+    def ended() -> bool:
+        seen.update(service.http.get(f"/jobs/{job_id}").json())
+        status = (seen.get("failed_records") or {}).get("status")
+        return status in ("copied", "failed")
+
+    eventually(ended, within=within)
+    return seen
+
+
+def names(answer: httpx.Response) -> list[str]:
+    return [record["record"]["Name"] for record in answer.json()["errors"]]
+
+
+def upstream_errors(sandbox: RunningSandbox, upstream_id: str) -> httpx.Response:
+    return httpx.get(f"{sandbox.api_url}/hubs/marketing/bulk/{upstream_id}/errors", headers=AUTH)
+
+
+def test_failed_records_are_served_from_the_store_after_the_upstream_forgot_them(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox(retention=4.0)
+    service = start_service(sandbox)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 3))
+    assert job["records_failed_count"] == 3
+    job = copied(service, job["id"])
+    assert job["failed_records"] == {
+        "status": "copied",
+        "kept": 3,
+        "complete": True,
+        "detail": "",
+    }
+    eventually(lambda: upstream_errors(sandbox, job["upstream_id"]).status_code == 404)
+    status = httpx.get(
+        f"{sandbox.api_url}/hubs/marketing/bulk/{job['upstream_id']}/status", headers=AUTH
+    )
+    assert status.status_code == 404  # the upstream forgot the job altogether
+
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["source"] == "store" and body["count"] == 3 and body["complete"] is True
+    assert names(answer) == ["bad0", "bad1", "bad2"]
+    assert [record["lineNumber"] for record in body["errors"]] == [2, 3, 4]
+    assert body["errors"][0]["errorMessage"] == "Email is empty"
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert page.status_code == 200 and "3 failed records." in page.text
+    download = service.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    rows = list(csv.reader(io.StringIO(download.text, newline="")))
+    assert rows == [
+        ["lineNumber", "errorMessage", "Name", "Email"],
+        *([str(n), "Email is empty", f"bad{n - 2}", ""] for n in (2, 3, 4)),
+    ]
+    # The job itself is as it ended: the copy changes nothing of it.
+    assert service.http.get(f"/jobs/{job['id']}").json()["state"] == "COMPLETED"
+
+
+def test_failed_records_outlive_a_restart_of_the_embedded_sandbox(
+    start_service: Callable[..., RunningService], tmp_path: Path
+) -> None:
+    first = start_service()
+    job = copied(first, completed(first, failing_csv(tmp_path / "f.csv", 2))["id"])
+    assert job["failed_records"]["kept"] == 2
+    first.http.close()
+    first.server.stop()
+
+    again = start_service()  # the same store; a new embedded sandbox that knows no job
+    refresh = again.http.post(f"/jobs/{job['id']}/refresh")
+    assert refresh.status_code == 200 and refresh.json()["state"] == "COMPLETED"
+    answer = again.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200 and answer.json()["source"] == "store"
+    assert names(answer) == ["bad0", "bad1"]
+    download = again.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    assert download.status_code == 200 and download.text.count("Email is empty") == 2
+
+
+def test_failed_records_are_served_while_the_upstream_is_down(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox, upstream_retry=RetryPolicy(attempts=1))
+    job = copied(service, completed(service, failing_csv(tmp_path / "f.csv", 2))["id"])
+    sandbox.server.stop()
+    with pytest.raises(httpx.TransportError):
+        upstream_errors(sandbox, job["upstream_id"])
+
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200 and names(answer) == ["bad0", "bad1"]
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert page.status_code == 200 and "<td>bad1</td>" in page.text
+    assert service.http.get(f"/ui/jobs/{job['id']}/failed.csv").text.count("bad") == 2
+
+
+def test_a_job_keeps_at_most_the_bound_and_says_how_many(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    service = start_service(start_sandbox(), max_failed_records=3)
+    job = copied(service, completed(service, failing_csv(tmp_path / "f.csv", 7))["id"])
+    records = job["failed_records"]
+    assert (records["status"], records["kept"], records["complete"]) == ("copied", 3, False)
+    assert "first 3 of 7 failed records" in records["detail"]
+    assert "BULKHOOK_MAX_FAILED_RECORDS" in records["detail"]
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.json()["count"] == 3 and answer.json()["complete"] is False
+    assert names(answer) == ["bad0", "bad1", "bad2"]
+    rows = list(csv.reader(io.StringIO(service.http.get(f"/ui/jobs/{job['id']}/failed.csv").text)))
+    assert len(rows) == 4
+    stored = service.query(f"SELECT COUNT(*) FROM failed_records WHERE job_id = '{job['id']}'")
+    assert stored == [(3,)]
+
+
+def test_a_failing_copy_is_retried_until_it_succeeds_and_never_changes_the_job(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox, upstream_retry=RetryPolicy(attempts=1))
+    # Every call for failed records fails, four times over: three 503s and a 429.
+    sandbox.sandbox.inject_fault("errors", 503, times=3)
+    sandbox.sandbox.inject_fault("errors", 429, retry_after=0.5)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 2))
+    notes: list[str] = []
+
+    def note() -> bool:
+        now = service.http.get(f"/jobs/{job['id']}").json()
+        assert now["state"] == "COMPLETED" and now["updated_at"] == job["updated_at"]
+        assert now["events"] == job["events"]
+        notes.append((now["failed_records"] or {}).get("detail", ""))
+        return now["failed_records"]["status"] == "copied"
+
+    eventually(note, within=30)
+    assert sandbox.sandbox.calls["errors"] == 5  # four refused, then the one page
+    assert any("HTTP 503" in seen for seen in notes), notes
+    final = service.http.get(f"/jobs/{job['id']}").json()
+    assert final["failed_records"] == {
+        "status": "copied",
+        "kept": 2,
+        "complete": True,
+        "detail": "",
+    }
+    assert final["state"] == "COMPLETED" and final["events"] == job["events"]
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.json()["source"] == "store" and names(answer) == ["bad0", "bad1"]
+
+
+def test_a_job_without_failed_records_copies_nothing_and_asks_the_upstream(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox)
+    job = completed(service, contacts_csv)
+    assert job["records_failed_count"] == 0 and job["failed_records"] is None
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200
+    assert answer.json()["source"] == "upstream" and answer.json()["errors"] == []
+    assert service.query("SELECT COUNT(*) FROM failed_copies") == [(0,)]

@@ -75,6 +75,8 @@ class SandboxJob:
     status: str = "CREATED"
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    # When it reached a terminal status: it is forgotten ``retention`` seconds later.
+    ended_at: float | None = None
     scan: ScanResult | None = None
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -126,6 +128,8 @@ class Simulator:
         self.upload_bytes = 0
         self.uploads_cut = 0
         self.callback_log: list[dict[str, Any]] = []
+        # Jobs forgotten after their retention ran out (asked about afterwards).
+        self.forgotten = 0
 
     # -- faults -------------------------------------------------------------------
 
@@ -216,7 +220,19 @@ class Simulator:
             job = self.jobs.get(int(job_id))
         except ValueError:
             return None
+        if job is not None and self._expired(job, time.time()):
+            del self.jobs[job.id]
+            self.forgotten += 1
+            return None
         return job if job is not None and job.hub == hub else None
+
+    def kept_jobs(self) -> list[SandboxJob]:
+        """The jobs not forgotten yet, oldest first."""
+        now = time.time()
+        return [job for job in self.jobs.values() if not self._expired(job, now)]
+
+    def _expired(self, job: SandboxJob, now: float) -> bool:
+        return job.ended_at is not None and now - job.ended_at >= self.options.retention
 
     def request_cancel(self, job: SandboxJob) -> bool:
         if job.status in TERMINAL or job.status == "CANCELLATION_PENDING":
@@ -228,6 +244,8 @@ class Simulator:
     def _set_status(self, job: SandboxJob, status: str) -> None:
         job.status = status
         job.updated_at = time.time()
+        if status in TERMINAL and job.ended_at is None:
+            job.ended_at = job.updated_at
 
     async def _cancelled_within(self, job: SandboxJob, seconds: float) -> bool:
         try:
@@ -324,6 +342,7 @@ class Simulator:
             "status_calls_busiest_second": max(
                 Counter(int(at) for at, _ in self.status_log).values(), default=0
             ),
+            "forgotten": self.forgotten,
             "upload_bytes": self.upload_bytes,
             "uploads_cut": self.uploads_cut,
         }

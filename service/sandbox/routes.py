@@ -223,7 +223,7 @@ def build_app(sandbox: Simulator) -> Starlette:
         ):
             return _error(400, "Only where=job_direction='UPLOAD' is supported")
         legacy = sandbox.options.legacy_status_names
-        listed = [job.status_body(legacy) for job in sandbox.jobs.values() if job.hub == hub]
+        listed = [job.status_body(legacy) for job in sandbox.kept_jobs() if job.hub == hub]
         return _page(request, listed)
 
     async def root(request: Request) -> Response:
