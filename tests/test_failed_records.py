@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,14 @@ from service.dashboard.failed import neutralise
 from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
 from service.upstream.client import RetryPolicy
 
-from .helpers import RunningSandbox, RunningService, eventually, write_csv
+from .helpers import (
+    SIGNATURE_KEY,
+    RunningSandbox,
+    RunningService,
+    eventually,
+    serve,
+    write_csv,
+)
 
 ROWS, COLUMNS = 2000, 2000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -389,3 +398,67 @@ def test_a_job_without_failed_records_copies_nothing_and_asks_the_upstream(
     assert answer.status_code == 200
     assert answer.json()["source"] == "upstream" and answer.json()["errors"] == []
     assert service.query("SELECT COUNT(*) FROM failed_copies") == [(0,)]
+
+
+def test_a_copy_cut_off_by_kill_9_resumes_from_its_last_stored_page(
+    start_sandbox: Callable[..., RunningSandbox], store_url: str, tmp_path: Path
+) -> None:
+    """The first page is stored; the second is held up by a long Retry-After while the
+    copy holds its lease; the process is killed. Restarted, it takes the copy over
+    once the lease runs out and ends with every record once, in order."""
+    sandbox = start_sandbox()
+    sandbox.sandbox.inject_fault("errors", 429, retry_after=30, skip=1)
+    failing = 300
+    env = {
+        "OC_BASE_URL": sandbox.api_url,
+        "OC_USER_SECRET": "user-secret",
+        "OC_ORG_SECRET": "org-secret",
+        "OC_ELEMENT_TOKEN": "element-token",
+        "OC_SIGNATURE_KEYS": SIGNATURE_KEY,
+        "BULKHOOK_DATABASE_URL": store_url,
+        "BULKHOOK_POLL_INTERVAL": "0.3",
+        "BULKHOOK_POLL_MAX_INTERVAL": "1",
+        "BULKHOOK_POLL_LEASE": "2",
+    }
+    process, url = serve(tmp_path, **env)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            file = failing_csv(tmp_path / "f.csv", failing)
+            with file.open("rb") as handle:
+                submitted = http.post(
+                    "/jobs", data={"object": "contact"}, files={"file": ("f.csv", handle)}
+                )
+            job_id = submitted.json()["id"]
+            eventually(
+                lambda: (
+                    http.get(f"/jobs/{job_id}").json().get("failed_records")
+                    == {"status": "copying", "kept": 20, "complete": False, "detail": ""}
+                )
+            )
+            # The second page is asked for and held up: the copy is under way.
+            eventually(lambda: sandbox.sandbox.calls["errors"] == 2)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+    process, url = serve(tmp_path, **env)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            eventually(
+                lambda: http.get(f"/jobs/{job_id}").json()["failed_records"]["status"] == "copied",
+                within=30,
+            )
+            job = http.get(f"/jobs/{job_id}").json()
+            assert job["failed_records"]["kept"] == failing
+            assert job["failed_records"]["complete"] is True
+            answer = http.get(f"/jobs/{job_id}/errors").json()
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert answer["source"] == "store"
+    assert [record["record"]["Name"] for record in answer["errors"]] == [
+        f"bad{i}" for i in range(failing)
+    ]

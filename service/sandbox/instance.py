@@ -51,6 +51,8 @@ class Fault:
     # The exact body to answer (JSON text), for an upstream that says something odd
     # with any status, 200 included; None: an error body like Open Connectors' own.
     content: str | None = None
+    # Calls of its operation answered normally before it fires (a fault mid-way).
+    skip: int = 0
 
     def body(self) -> bytes:
         if self.content is not None:
@@ -143,10 +145,12 @@ class Simulator:
         after_processing: bool = False,
         body: Any = None,
         raw_body: str | None = None,
+        skip: int = 0,
     ) -> None:
         """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``,
         and with ``body`` (any JSON value) or ``raw_body`` (JSON text sent as it is, for
-        what a JSON encoder would refuse to write, e.g. a 5,000-digit number) if given."""
+        what a JSON encoder would refuse to write, e.g. a 5,000-digit number) if given;
+        the first ``skip`` calls are answered as usual (a failure mid-way)."""
         if operation is not None and operation not in OPERATIONS:
             raise ValueError(f"unknown operation {operation!r}")
         content = raw_body if raw_body is not None else None
@@ -173,12 +177,19 @@ class Simulator:
             raise ValueError(f"retry_after must be a non-negative number, got {retry_after!r}")
         if times < 1:
             raise ValueError(f"times must be at least 1, got {times!r}")
-        self._faults.append(Fault(operation, status, retry_after, after_processing, times, content))
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise ValueError(f"skip must be a whole number from 0, got {skip!r}")
+        self._faults.append(
+            Fault(operation, status, retry_after, after_processing, times, content, skip)
+        )
 
     def take_fault(self, operation: str) -> Fault | None:
         """Count the call and decide whether it fails: scripted faults first, then chance."""
         self.calls[operation] += 1
         for fault in self._faults:
+            if fault.operation in (None, operation) and fault.skip > 0:
+                fault.skip -= 1
+                continue
             if fault.operation in (None, operation) and fault.remaining > 0:
                 fault.remaining -= 1
                 if fault.remaining == 0:

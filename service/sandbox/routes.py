@@ -243,6 +243,7 @@ def build_app(sandbox: Simulator) -> Starlette:
                 after_processing=bool(spec.get("after_processing", False)),
                 body=spec.get("body"),
                 raw_body=spec.get("raw_body"),
+                skip=spec.get("skip", 0),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return _error(400, f"bad fault: {exc}")
