@@ -20,6 +20,7 @@ import pytest
 
 from service.dashboard.failed import neutralise
 from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
+from service.failed.rules import MAX_RECORD_BYTES
 from service.upstream.client import RetryPolicy
 
 from .helpers import (
@@ -462,3 +463,35 @@ def test_a_copy_cut_off_by_kill_9_resumes_from_its_last_stored_page(
     assert [record["record"]["Name"] for record in answer["errors"]] == [
         f"bad{i}" for i in range(failing)
     ]
+
+
+def test_odd_records_from_the_upstream_are_kept_safely_and_huge_ones_as_a_stub(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    """NUL, lone surrogates, a bare string and a record past the size bound: both
+    stores keep what can be kept, and the answer gives it back as JSON."""
+    sandbox = start_sandbox()
+    huge = "x" * (MAX_RECORD_BYTES + 1)
+    odd = (
+        '[{"lineNumber": 2, "errorMessage": "bad\\u0000", "record": {"Name": "\\ud800x"}},'
+        ' "only a message",'
+        f' {{"lineNumber": 3, "errorMessage": "too big", "record": {{"Note": "{huge}"}}}}]'
+    )
+    sandbox.sandbox.inject_fault("errors", 200, raw_body=odd)
+    service = start_service(sandbox)
+    job = copied(service, completed(service, failing_csv(tmp_path / "f.csv", 1))["id"])
+    assert job["failed_records"]["status"] == "copied" and job["failed_records"]["kept"] == 3
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200
+    first, message, stub = answer.json()["errors"]
+    assert first == {"lineNumber": 2, "errorMessage": "bad\x00", "record": {"Name": "\ud800x"}}
+    assert message == "only a message"
+    assert stub["lineNumber"] == 3 and stub["errorMessage"] == "too big"
+    assert f"at most {MAX_RECORD_BYTES} are kept" in stub["recordOmitted"]
+    assert len(answer.content) < MAX_RECORD_BYTES
+    download = service.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    assert download.status_code == 200 and "only a message" in download.text
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert page.status_code == 200 and "<td>\ufffdx</td>" in page.text

@@ -346,7 +346,9 @@ class Dashboard:
             previous=number - 1 if number > 1 else None,
             next=number + 1 if len(table) > start + FAILED_PAGE else None,
         )
-        return HTMLResponse(html, headers=_HEADERS)
+        # A record may hold a lone surrogate (JSON can escape one), which no encoding
+        # writes: shown as U+FFFD, as NUL is.
+        return HTMLResponse(safe_text(html), headers=_HEADERS)
 
     async def failed_csv(self, request: Request) -> Response:
         """Every failed record and column, streamed in bounded chunks: from the store a
