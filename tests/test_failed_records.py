@@ -347,6 +347,8 @@ def test_a_job_keeps_at_most_the_bound_and_says_how_many(
     assert names(answer) == ["bad0", "bad1", "bad2"]
     rows = list(csv.reader(io.StringIO(service.http.get(f"/ui/jobs/{job['id']}/failed.csv").text)))
     assert len(rows) == 4
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed").text
+    assert "3 failed records." in page and "the first 3 of 7 failed records are kept" in page
     stored = service.query(f"SELECT COUNT(*) FROM failed_records WHERE job_id = '{job['id']}'")
     assert stored == [(3,)]
 
