@@ -97,8 +97,7 @@ class Copier:
         while True:
             self._wake.clear()
             try:
-                await self.tick()
-                delay = await self._sleep_time()
+                delay = await self._sleep_time(await self.tick())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -124,13 +123,19 @@ class Copier:
         self._inflight.discard(task)
         self._wake.set()
 
-    async def _sleep_time(self) -> float:
+    async def _sleep_time(self, claimed: int) -> float:
+        """How long to sleep before the next tick, unless a copy ending wakes it."""
         if len(self._inflight) >= _CONCURRENCY:
             return _MAX_SLEEP
+        if claimed:
+            return 0.0  # there may be more due right now
         due = await self.store.next_copy_due()
         if due is None:
             return _MAX_SLEEP
-        return max(0.05, min(_MAX_SLEEP, due - time.time()))
+        wait = due - time.time()
+        # Due already but not claimable: leased, by our own copies (they wake us as
+        # they end) or by another replica's (look again now and then).
+        return _MAX_SLEEP if wait <= 0 else min(_MAX_SLEEP, wait)
 
     async def _copy_logged(self, state: CopyState) -> None:
         try:
