@@ -44,6 +44,8 @@ __all__ = [
 _MAX_PAGES = 100_000
 # Records asked for in the first page of a paged read whose record size is not known yet.
 _FIRST_PAGE = 20
+# The longest next-page token kept to resume a copy of failed records from.
+_MAX_TOKEN = 4096
 # An upstream message is shown and stored with the job; past this it is cut.
 _MAX_MESSAGE = 2000
 
@@ -391,6 +393,11 @@ class UpstreamClient:
         following = response.headers.get("elements-next-page-token") or None
         if following is not None and following == token:
             raise UpstreamError("errors", "the upstream repeated a page token")
+        if following is not None and (
+            len(following) > _MAX_TOKEN or not values.is_clean(following)
+        ):
+            # It is stored to resume from: it must be text a store takes, and short.
+            raise UpstreamError("errors", "the upstream's next page token is not usable")
         return ErrorPage(page, following if page else None, len(response.content))
 
     async def jobs(self, hub: str, *, page_size: int = 200) -> list[JobStatus]:
