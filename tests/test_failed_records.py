@@ -92,6 +92,8 @@ def test_a_huge_failed_table_is_paged_and_streamed_while_the_service_keeps_answe
     assert job["records_failed_count"] == ROWS
     base = f"/ui/jobs/{job['id']}"
     with HealthProbe(service.url) as probe:
+        # Copied into the store in the background; then every read comes from there.
+        records = copied(service, job["id"], within=120)["failed_records"]
         first = service.http.get(f"{base}/failed")
         last = service.http.get(f"{base}/failed", params={"page": ROWS // FAILED_PAGE})
         beyond = service.http.get(f"{base}/failed", params={"page": ROWS // FAILED_PAGE + 1})
@@ -101,6 +103,7 @@ def test_a_huge_failed_table_is_paged_and_streamed_while_the_service_keeps_answe
             chunks = [chunk for chunk in download.iter_bytes()]
     assert probe.answers > 10
     assert probe.slowest < 1.0, f"/healthz waited {probe.slowest:.2f} s"
+    assert records == {"status": "copied", "kept": ROWS, "complete": True, "detail": ""}
 
     # The job page shows a page of rows and the first columns, and says so.
     assert first.status_code == 200

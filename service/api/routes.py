@@ -29,8 +29,13 @@ __all__ = ["JobApi", "UploadLimits"]
 _MAX_FIELD = 200
 _MAX_LIMIT = 500
 _MAX_PATH = 1000
-# Kept failed records read from the store per chunk of an answer.
-_STORED_PAGE = 500
+# Kept failed records read from the store per page: the first page this many, each
+# next one as many as fit about _STORED_PAGE_BYTES of JSON at the size they had so
+# far. A record can be thousands of columns (30 KB), and turning a page into a table
+# holds the event loop: a page stays as small as an upstream page of them.
+_STORED_FIRST = 20
+_STORED_MOST = 500
+_STORED_PAGE_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,17 +92,22 @@ def _job_response(job: Job, status: int = 200, **headers: str) -> JSONResponse:
     return JSONResponse(job.to_json(), status_code=status, headers=headers or None)
 
 
-async def stored_records(
-    store: Store, job_id: str, *, page: int = _STORED_PAGE
-) -> AsyncIterator[list[str]]:
-    """A job's kept failed records (JSON text), a page at a time, in order."""
+async def stored_records(store: Store, job_id: str) -> AsyncIterator[list[str]]:
+    """A job's kept failed records (JSON text), a page of about 512 KiB at a time, in
+    order."""
     after = 0
+    page = _STORED_FIRST
     while True:
         rows = await store.failed_records(job_id, after, page)
         if rows:
-            yield [record for _, record in rows]
+            records = [record for _, record in rows]
+            yield records
             after = rows[-1][0]
-        if len(rows) < page:
+            per_record = max(1, sum(len(record) for record in records) // len(records))
+            if len(rows) < page:
+                return
+            page = max(1, min(_STORED_MOST, _STORED_PAGE_BYTES // per_record))
+        else:
             return
 
 
