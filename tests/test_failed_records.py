@@ -500,3 +500,23 @@ def test_odd_records_from_the_upstream_are_kept_safely_and_huge_ones_as_a_stub(
     assert download.status_code == 200 and "only a message" in download.text
     page = service.http.get(f"/ui/jobs/{job['id']}/failed")
     assert page.status_code == 200 and "<td>\ufffdx</td>" in page.text
+
+
+def test_before_the_copy_has_ended_the_upstream_answers_and_its_failure_says_so(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox, upstream_retry=RetryPolicy(attempts=1))
+    sandbox.sandbox.inject_fault("errors", 503, times=1000)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 2))
+    eventually(lambda: sandbox.sandbox.calls["errors"] >= 1)  # the copy tried and failed
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["code"] == "upstream_refused" and error["upstream_status"] == 503
+    assert "copy is not complete yet" in error["message"]
+    assert error["failed_records"]["status"] == "pending"
+    assert error["failed_records"]["kept"] == 0
+    assert service.http.get(f"/jobs/{job['id']}").json()["state"] == "COMPLETED"
