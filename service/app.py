@@ -31,6 +31,7 @@ from service.callbacks.signatures import Keyring
 from service.config import Settings, redact
 from service.dashboard.routes import Dashboard
 from service.errors import ApiError, BulkhookError, error_response, unexpected
+from service.failed.copier import Copier
 from service.logs import Repeats
 from service.metrics import Metrics
 from service.openapi import docs as apidocs
@@ -176,6 +177,15 @@ def create_app(
     poller = Poller(
         store, tracker, metrics, settings.poll_rate, settings.poll_lease, wake=due_sooner
     )
+    # Failed records copied into the store when a job ends with them, retried like polls.
+    copier = Copier(
+        store,
+        upstream,
+        max_records=settings.max_failed_records,
+        retry_first=settings.poll_interval,
+        retry_most=settings.poll_max_interval,
+        lease=settings.poll_lease,
+    )
     keyring = Keyring(keys)
     tokens = Tokens(settings.api_tokens, metrics, repeats)
     spool = AppSpool(settings.spool_dir or default_root())
@@ -227,6 +237,7 @@ def create_app(
             spool.close()
             raise
         poller.start()
+        copier.start()
         pruner.start()
         try:
             yield
@@ -234,6 +245,7 @@ def create_app(
             dashboard.streams.close()
             await pruner.stop()
             callbacks.refusals.flush()
+            await copier.stop()
             await poller.stop()
             if embedded is not None:
                 await embedded.aclose()

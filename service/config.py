@@ -36,6 +36,9 @@ _TRUE = frozenset({"1", "true", "yes"})
 _FALSE = frozenset({"0", "false", "no"})
 _SHOW_MAX = 40
 _MIN_RETENTION = 5 * 86400
+# Failed records kept per job, at most: each up to 256 KiB of JSON, so the bound keeps
+# one job's copy far below what a disk holds.
+_MOST_FAILED_RECORDS = 1_000_000
 # From "//" to the last "@" before the next space, quote or end: greedy, because a
 # password may itself hold "@" or "/".
 _USERINFO = re.compile(r"//[^\s'\"]*@")
@@ -83,6 +86,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "upload_rate_window": ("BULKHOOK_UPLOAD_RATE_WINDOW", "seconds"),
         "max_relays": ("BULKHOOK_MAX_RELAYS", "count"),
         "retention": ("BULKHOOK_RETENTION", "retention"),
+        "max_failed_records": ("BULKHOOK_MAX_FAILED_RECORDS", "records"),
         "spool_dir": ("BULKHOOK_SPOOL_DIR", "path"),
         "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
         "log_level": ("BULKHOOK_LOG_LEVEL", "log_level"),
@@ -96,6 +100,7 @@ _WANTED: Mapping[str, str] = MappingProxyType(
         " redelivers a callback for about four)",
         "bytes": "a positive whole number of bytes",
         "count": "a positive whole number",
+        "records": f"a whole number of records from 1 to {_MOST_FAILED_RECORDS}",
         "bool": "one of 1/true/yes/0/false/no",
         **{kind: f"one of {'/'.join(words)}" for kind, words in _CHOICES.items()},
     }
@@ -133,7 +138,7 @@ def _parse(var: str, kind: str, raw: str) -> Any:
     if kind in ("seconds", "rate", "retention"):
         with contextlib.suppress(ValueError):
             return float(raw)
-    elif kind in ("bytes", "count") and raw.isascii() and raw.isdigit():
+    elif kind in ("bytes", "count", "records") and raw.isascii() and raw.isdigit():
         return int(raw)
     elif kind == "bool" and raw.lower() in _TRUE | _FALSE:
         return raw.lower() in _TRUE
@@ -232,6 +237,8 @@ def _check(var: str, kind: str, value: Any) -> Any:
     whole = isinstance(value, int) and not isinstance(value, bool)
     if kind in ("bytes", "count") and whole and value > 0:
         return value
+    if kind == "records" and whole and 0 < value <= _MOST_FAILED_RECORDS:
+        return value
     # seconds / rate: a zero, negative, NaN or infinite interval would stall or spin.
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if kind in ("seconds", "rate") and number and math.isfinite(value) and value > 0:
@@ -294,6 +301,9 @@ class Settings:
     # Seconds deliveries, refused callbacks, applied kept callbacks and timeline entries
     # are kept (30 days); at least 5 days, past the upstream's redelivery window.
     retention: float = 2592000.0
+    # Failed records copied into the store per job (the upstream forgets them after
+    # three days); past it the job says how many were kept.
+    max_failed_records: int = 10_000
     # Where uploads are spooled while they arrive; None: bulkhook-spool in the
     # system's temporary directory. Each running app works in a locked directory of
     # its own below it, and removes those of apps that died.

@@ -9,6 +9,7 @@ to climb out of it (``..``) or add one (``/``).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "count",
     "is_clean",
     "job_id_ok",
+    "json_text",
     "message",
     "name_problem",
     "safe_text",
@@ -177,3 +179,12 @@ def name_problem(value: str) -> str | None:
     if value != value.strip():
         return "it starts or ends with whitespace"
     return None
+
+
+def json_text(value: Any) -> str:
+    """``value`` as JSON text a store can keep: UTF-8, no NUL (JSON escapes control
+    characters), and a lone surrogate written as its ``\\u`` escape rather than as a
+    character no encoding has. Raises ``ValueError`` or ``RecursionError`` for what
+    is not JSON or nests too deeply."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text if is_clean(text) else json.dumps(value, separators=(",", ":"), allow_nan=False)

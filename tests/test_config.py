@@ -28,6 +28,7 @@ FULL_ENV = {
     "BULKHOOK_MAX_CALLBACK_BYTES": "4096",
     "BULKHOOK_MAX_UPLOAD_BYTES": "1000000",
     "BULKHOOK_SPOOL_DIR": "/var/tmp/bulkhook-spool",
+    "BULKHOOK_MAX_FAILED_RECORDS": "2500",
     "BULKHOOK_LOG_FORMAT": "TEXT",
     "BULKHOOK_LOG_LEVEL": "Debug",
 }
@@ -55,6 +56,7 @@ def test_defaults_with_empty_environment(tmp_path: Path) -> None:
     assert settings.job_timeout == 259200.0
     assert settings.max_callback_bytes == 1024 * 1024
     assert settings.max_upload_bytes == 2 * 1024**3
+    assert settings.max_failed_records == 10_000
     assert settings.log_format == "auto"
     assert settings.log_level == "info"
     assert settings.credentials().header() is None
@@ -78,6 +80,7 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert settings.poll_max_interval == 120.0
     assert settings.poll_rate == 0.5
     assert settings.job_timeout == 3600.0
+    assert settings.max_failed_records == 2500
     assert settings.max_callback_bytes == 4096
     assert settings.max_upload_bytes == 1_000_000
     assert settings.spool_dir == "/var/tmp/bulkhook-spool"
@@ -175,6 +178,10 @@ def test_boolean_spellings(raw: str, expected: bool, tmp_path: Path) -> None:
         ("BULKHOOK_MAX_CALLBACK_BYTES", "-1"),
         ("BULKHOOK_MAX_UPLOAD_BYTES", "2GB"),
         ("BULKHOOK_MAX_UPLOAD_BYTES", "1e9"),
+        ("BULKHOOK_MAX_FAILED_RECORDS", "0"),
+        ("BULKHOOK_MAX_FAILED_RECORDS", "-5"),
+        ("BULKHOOK_MAX_FAILED_RECORDS", "1000001"),
+        ("BULKHOOK_MAX_FAILED_RECORDS", "10k"),
         ("BULKHOOK_ALLOW_OPEN_API", "maybe"),
         ("BULKHOOK_LOG_FORMAT", "xml"),
         ("BULKHOOK_LOG_LEVEL", "verbose"),
@@ -219,6 +226,7 @@ def test_poll_interval_above_maximum_names_both(tmp_path: Path) -> None:
         ({"callback_grace": True}, "BULKHOOK_CALLBACK_GRACE"),
         ({"max_upload_bytes": 1.5}, "BULKHOOK_MAX_UPLOAD_BYTES"),
         ({"max_callback_bytes": True}, "BULKHOOK_MAX_CALLBACK_BYTES"),
+        ({"max_failed_records": 2.5}, "BULKHOOK_MAX_FAILED_RECORDS"),
         ({"allow_open_api": "yes"}, "BULKHOOK_ALLOW_OPEN_API"),
         ({"oc_hub": ""}, "OC_HUB"),
         ({"oc_hub": ".."}, "OC_HUB"),

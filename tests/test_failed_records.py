@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +20,17 @@ import pytest
 
 from service.dashboard.failed import neutralise
 from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
+from service.failed.rules import MAX_RECORD_BYTES
+from service.upstream.client import RetryPolicy
 
-from .helpers import RunningSandbox, RunningService, write_csv
+from .helpers import (
+    SIGNATURE_KEY,
+    RunningSandbox,
+    RunningService,
+    eventually,
+    serve,
+    write_csv,
+)
 
 ROWS, COLUMNS = 2000, 2000
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -81,6 +92,8 @@ def test_a_huge_failed_table_is_paged_and_streamed_while_the_service_keeps_answe
     assert job["records_failed_count"] == ROWS
     base = f"/ui/jobs/{job['id']}"
     with HealthProbe(service.url) as probe:
+        # Copied into the store in the background; then every read comes from there.
+        records = copied(service, job["id"], within=120)["failed_records"]
         first = service.http.get(f"{base}/failed")
         last = service.http.get(f"{base}/failed", params={"page": ROWS // FAILED_PAGE})
         beyond = service.http.get(f"{base}/failed", params={"page": ROWS // FAILED_PAGE + 1})
@@ -90,6 +103,7 @@ def test_a_huge_failed_table_is_paged_and_streamed_while_the_service_keeps_answe
             chunks = [chunk for chunk in download.iter_bytes()]
     assert probe.answers > 10
     assert probe.slowest < 1.0, f"/healthz waited {probe.slowest:.2f} s"
+    assert records == {"status": "copied", "kept": ROWS, "complete": True, "detail": ""}
 
     # The job page shows a page of rows and the first columns, and says so.
     assert first.status_code == 200
@@ -204,3 +218,305 @@ def test_the_failed_records_csv_neutralises_formulas_and_keeps_everything_else(
     assert names == notes == [f"'{value}" for value in hostile] + plain
     assert not [cell for row in rows for cell in row if cell.startswith(FORMULA_STARTS)]
     assert "=ok" not in download.text
+
+
+# Failed records kept by the service -------------------------------------------------
+
+AUTH = {"Authorization": "User user-secret, Organization org-secret, Element element-token"}
+
+
+def failing_csv(path: Path, failing: int, passing: int = 2) -> Path:
+    """A contacts file whose first ``failing`` rows have no email (they fail upstream),
+    each named by its number, and ``passing`` rows that load."""
+    rows = [["Name", "Email"]]
+    rows += [[f"bad{i}", ""] for i in range(failing)]
+    rows += [[f"good{i}", f"good{i}@example.com"] for i in range(passing)]
+    return write_csv(path, rows)
+
+
+def copied(service: RunningService, job_id: str, within: float = 30.0) -> dict[str, Any]:
+    """The job once the copy of its failed records has ended."""
+    seen: dict[str, Any] = {}
+
+    def ended() -> bool:
+        seen.update(service.http.get(f"/jobs/{job_id}").json())
+        status = (seen.get("failed_records") or {}).get("status")
+        return status in ("copied", "failed")
+
+    eventually(ended, within=within)
+    return seen
+
+
+def names(answer: httpx.Response) -> list[str]:
+    return [record["record"]["Name"] for record in answer.json()["errors"]]
+
+
+def upstream_errors(sandbox: RunningSandbox, upstream_id: str) -> httpx.Response:
+    return httpx.get(f"{sandbox.api_url}/hubs/marketing/bulk/{upstream_id}/errors", headers=AUTH)
+
+
+def test_failed_records_are_served_from_the_store_after_the_upstream_forgot_them(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox(retention=4.0)
+    service = start_service(sandbox)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 3))
+    assert job["records_failed_count"] == 3
+    job = copied(service, job["id"])
+    assert job["failed_records"] == {
+        "status": "copied",
+        "kept": 3,
+        "complete": True,
+        "detail": "",
+    }
+    eventually(lambda: upstream_errors(sandbox, job["upstream_id"]).status_code == 404)
+    status = httpx.get(
+        f"{sandbox.api_url}/hubs/marketing/bulk/{job['upstream_id']}/status", headers=AUTH
+    )
+    assert status.status_code == 404  # the upstream forgot the job altogether
+
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["source"] == "store" and body["count"] == 3 and body["complete"] is True
+    assert names(answer) == ["bad0", "bad1", "bad2"]
+    assert [record["lineNumber"] for record in body["errors"]] == [2, 3, 4]
+    assert body["errors"][0]["errorMessage"] == "Email is empty"
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert page.status_code == 200 and "3 failed records." in page.text
+    download = service.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    rows = list(csv.reader(io.StringIO(download.text, newline="")))
+    assert rows == [
+        ["lineNumber", "errorMessage", "Name", "Email"],
+        *([str(n), "Email is empty", f"bad{n - 2}", ""] for n in (2, 3, 4)),
+    ]
+    # The job itself is as it ended: the copy changes nothing of it.
+    assert service.http.get(f"/jobs/{job['id']}").json()["state"] == "COMPLETED"
+
+
+def test_failed_records_outlive_a_restart_of_the_embedded_sandbox(
+    start_service: Callable[..., RunningService], tmp_path: Path
+) -> None:
+    first = start_service()
+    job = copied(first, completed(first, failing_csv(tmp_path / "f.csv", 2))["id"])
+    assert job["failed_records"]["kept"] == 2
+    first.http.close()
+    first.server.stop()
+
+    again = start_service()  # the same store; a new embedded sandbox that knows no job
+    refresh = again.http.post(f"/jobs/{job['id']}/refresh")
+    assert refresh.status_code == 200 and refresh.json()["state"] == "COMPLETED"
+    answer = again.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200 and answer.json()["source"] == "store"
+    assert names(answer) == ["bad0", "bad1"]
+    download = again.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    assert download.status_code == 200 and download.text.count("Email is empty") == 2
+
+
+def test_failed_records_are_served_while_the_upstream_is_down(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox, upstream_retry=RetryPolicy(attempts=1))
+    job = copied(service, completed(service, failing_csv(tmp_path / "f.csv", 2))["id"])
+    sandbox.server.stop()
+    with pytest.raises(httpx.TransportError):
+        upstream_errors(sandbox, job["upstream_id"])
+
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200 and names(answer) == ["bad0", "bad1"]
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert page.status_code == 200 and "<td>bad1</td>" in page.text
+    assert service.http.get(f"/ui/jobs/{job['id']}/failed.csv").text.count("bad") == 2
+
+
+def test_a_job_keeps_at_most_the_bound_and_says_how_many(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    service = start_service(start_sandbox(), max_failed_records=3)
+    job = copied(service, completed(service, failing_csv(tmp_path / "f.csv", 7))["id"])
+    records = job["failed_records"]
+    assert (records["status"], records["kept"], records["complete"]) == ("copied", 3, False)
+    assert "first 3 of 7 failed records" in records["detail"]
+    assert "BULKHOOK_MAX_FAILED_RECORDS" in records["detail"]
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.json()["count"] == 3 and answer.json()["complete"] is False
+    assert names(answer) == ["bad0", "bad1", "bad2"]
+    rows = list(csv.reader(io.StringIO(service.http.get(f"/ui/jobs/{job['id']}/failed.csv").text)))
+    assert len(rows) == 4
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed").text
+    assert "3 failed records." in page and "the first 3 of 7 failed records are kept" in page
+    stored = service.query(f"SELECT COUNT(*) FROM failed_records WHERE job_id = '{job['id']}'")
+    assert stored == [(3,)]
+
+
+def test_a_failing_copy_is_retried_until_it_succeeds_and_never_changes_the_job(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox, upstream_retry=RetryPolicy(attempts=1))
+    # Every call for failed records fails, four times over: three 503s and a 429.
+    sandbox.sandbox.inject_fault("errors", 503, times=3)
+    sandbox.sandbox.inject_fault("errors", 429, retry_after=0.5)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 2))
+    notes: list[str] = []
+
+    def note() -> bool:
+        now = service.http.get(f"/jobs/{job['id']}").json()
+        assert now["state"] == "COMPLETED" and now["updated_at"] == job["updated_at"]
+        assert now["events"] == job["events"]
+        notes.append((now["failed_records"] or {}).get("detail", ""))
+        return now["failed_records"]["status"] == "copied"
+
+    eventually(note, within=30)
+    assert sandbox.sandbox.calls["errors"] == 5  # four refused, then the one page
+    assert any("HTTP 503" in seen for seen in notes), notes
+    final = service.http.get(f"/jobs/{job['id']}").json()
+    assert final["failed_records"] == {
+        "status": "copied",
+        "kept": 2,
+        "complete": True,
+        "detail": "",
+    }
+    assert final["state"] == "COMPLETED" and final["events"] == job["events"]
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.json()["source"] == "store" and names(answer) == ["bad0", "bad1"]
+
+
+def test_a_job_without_failed_records_copies_nothing_and_asks_the_upstream(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox)
+    job = completed(service, contacts_csv)
+    assert job["records_failed_count"] == 0 and job["failed_records"] is None
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200
+    assert answer.json()["source"] == "upstream" and answer.json()["errors"] == []
+    assert service.query("SELECT COUNT(*) FROM failed_copies") == [(0,)]
+
+
+def test_a_copy_cut_off_by_kill_9_resumes_from_its_last_stored_page(
+    start_sandbox: Callable[..., RunningSandbox], store_url: str, tmp_path: Path
+) -> None:
+    """The first page is stored; the second is held up by a long Retry-After while the
+    copy holds its lease; the process is killed. Restarted, it takes the copy over
+    once the lease runs out and ends with every record once, in order."""
+    sandbox = start_sandbox()
+    sandbox.sandbox.inject_fault("errors", 429, retry_after=30, skip=1)
+    failing = 300
+    env = {
+        "OC_BASE_URL": sandbox.api_url,
+        "OC_USER_SECRET": "user-secret",
+        "OC_ORG_SECRET": "org-secret",
+        "OC_ELEMENT_TOKEN": "element-token",
+        "OC_SIGNATURE_KEYS": SIGNATURE_KEY,
+        "BULKHOOK_DATABASE_URL": store_url,
+        "BULKHOOK_POLL_INTERVAL": "0.3",
+        "BULKHOOK_POLL_MAX_INTERVAL": "1",
+        "BULKHOOK_POLL_LEASE": "2",
+    }
+    process, url = serve(tmp_path, **env)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            file = failing_csv(tmp_path / "f.csv", failing)
+            with file.open("rb") as handle:
+                submitted = http.post(
+                    "/jobs", data={"object": "contact"}, files={"file": ("f.csv", handle)}
+                )
+            job_id = submitted.json()["id"]
+            eventually(
+                lambda: (
+                    http.get(f"/jobs/{job_id}").json().get("failed_records")
+                    == {"status": "copying", "kept": 20, "complete": False, "detail": ""}
+                )
+            )
+            # The second page is asked for and held up: the copy is under way.
+            eventually(lambda: sandbox.sandbox.calls["errors"] == 2)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+    process, url = serve(tmp_path, **env)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            eventually(
+                lambda: http.get(f"/jobs/{job_id}").json()["failed_records"]["status"] == "copied",
+                within=30,
+            )
+            job = http.get(f"/jobs/{job_id}").json()
+            assert job["failed_records"]["kept"] == failing
+            assert job["failed_records"]["complete"] is True
+            answer = http.get(f"/jobs/{job_id}/errors").json()
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert answer["source"] == "store"
+    assert [record["record"]["Name"] for record in answer["errors"]] == [
+        f"bad{i}" for i in range(failing)
+    ]
+
+
+def test_odd_records_from_the_upstream_are_kept_safely_and_huge_ones_as_a_stub(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    """NUL, lone surrogates, a bare string and a record past the size bound: both
+    stores keep what can be kept, and the answer gives it back as JSON."""
+    sandbox = start_sandbox()
+    huge = "x" * (MAX_RECORD_BYTES + 1)
+    odd = (
+        '[{"lineNumber": 2, "errorMessage": "bad\\u0000", "record": {"Name": "\\ud800x"}},'
+        ' "only a message",'
+        f' {{"lineNumber": 3, "errorMessage": "too big", "record": {{"Note": "{huge}"}}}}]'
+    )
+    sandbox.sandbox.inject_fault("errors", 200, raw_body=odd)
+    service = start_service(sandbox)
+    job = copied(service, completed(service, failing_csv(tmp_path / "f.csv", 1))["id"])
+    assert job["failed_records"]["status"] == "copied" and job["failed_records"]["kept"] == 3
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 200
+    first, message, stub = answer.json()["errors"]
+    assert first == {"lineNumber": 2, "errorMessage": "bad\x00", "record": {"Name": "\ud800x"}}
+    assert message == "only a message"
+    assert stub["lineNumber"] == 3 and stub["errorMessage"] == "too big"
+    assert f"at most {MAX_RECORD_BYTES} are kept" in stub["recordOmitted"]
+    assert len(answer.content) < MAX_RECORD_BYTES
+    download = service.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    assert download.status_code == 200 and "only a message" in download.text
+    page = service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert page.status_code == 200 and "<td>\ufffdx</td>" in page.text
+
+
+def test_before_the_copy_has_ended_the_upstream_answers_and_its_failure_says_so(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox, upstream_retry=RetryPolicy(attempts=1))
+    sandbox.sandbox.inject_fault("errors", 503, times=1000)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 2))
+    eventually(lambda: sandbox.sandbox.calls["errors"] >= 1)  # the copy tried and failed
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["code"] == "upstream_refused" and error["upstream_status"] == 503
+    assert "copy is not complete yet" in error["message"]
+    assert error["failed_records"]["status"] == "pending"
+    assert error["failed_records"]["kept"] == 0
+    assert service.http.get(f"/jobs/{job['id']}").json()["state"] == "COMPLETED"

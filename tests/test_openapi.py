@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,29 @@ def test_a_job_failed_upstream_matches_the_schema_with_its_message_cut_to_size(
     )
     _conforms(spec, "Job", done)
     _conforms(spec, "JobList", service.http.get("/jobs").json())
+
+
+def test_a_job_with_kept_failed_records_matches_the_schemas(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    spec = openapi_spec()
+    service = start_service(start_sandbox())
+    file = tmp_path / "failing.csv"
+    file.write_text("Name,Email\r\nA,\r\nB,b@x.io\r\n", encoding="utf-8")
+    job_id = service.submit(file).json()["id"]
+    service.wait_for(job_id, {"COMPLETED"})
+    upstream = service.http.get(f"/jobs/{job_id}/errors").json()
+    _conforms(spec, "FailedRecords", upstream)
+    deadline = time.monotonic() + 30
+    job = service.http.get(f"/jobs/{job_id}").json()
+    while job["failed_records"]["status"] != "copied":
+        assert time.monotonic() < deadline, job["failed_records"]
+        time.sleep(0.05)
+        job = service.http.get(f"/jobs/{job_id}").json()
+    _conforms(spec, "Job", job)
+    stored = service.http.get(f"/jobs/{job_id}/errors")
+    assert stored.headers["content-type"] == "application/json"
+    _conforms(spec, "FailedRecords", stored.json())
+    assert stored.json()["source"] == "store" and stored.json()["errors"] == upstream["errors"]

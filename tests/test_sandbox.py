@@ -959,3 +959,31 @@ def test_the_sandbox_command_fails_jobs_whole_with_the_message_given(
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+def test_a_job_is_forgotten_after_its_retention_and_kept_until_then(
+    start_sandbox: StartSandbox, tmp_path: Path
+) -> None:
+    sandbox = start_sandbox(retention=2.0, job_seconds=0.1)
+    upload = write_csv(tmp_path / "rows.csv", [["Name", "Email"], ["a", ""], ["b", "b@x.io"]])
+    job_id = submit(sandbox, upload).json()["id"]
+    assert follow(sandbox, job_id)[-1] == "COMPLETED"
+    with api(sandbox) as http:
+        kept = http.get(f"/hubs/marketing/bulk/{job_id}/errors")
+        assert kept.status_code == 200 and len(kept.json()) == 1
+        deadline = time.monotonic() + 15
+        while http.get(f"/hubs/marketing/bulk/{job_id}/errors").status_code == 200:
+            assert time.monotonic() < deadline, "the job was never forgotten"
+            time.sleep(0.1)
+        forgotten = http.get(f"/hubs/marketing/bulk/{job_id}/errors")
+        assert forgotten.status_code == 404
+        assert f"No bulk job found with id {job_id}" in forgotten.json()["message"]
+        assert http.get(f"/hubs/marketing/bulk/{job_id}/status").status_code == 404
+        listed = http.get("/hubs/marketing/bulk/jobs").json()
+    assert str(job_id) not in [str(item["id"]) for item in listed]
+    assert sandbox.sandbox.stats()["forgotten"] == 1
+
+
+def test_a_negative_retention_is_refused(start_sandbox: StartSandbox) -> None:
+    with pytest.raises(ValueError, match="retention"):
+        start_sandbox(retention=-1.0)

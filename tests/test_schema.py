@@ -235,3 +235,46 @@ async def test_a_database_at_every_earlier_version_upgrades(
             assert applied is not None and applied.duplicate
         finally:
             await store.close()
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+async def test_jobs_that_ended_with_failed_records_before_the_copies_have_theirs_scheduled(
+    kind: str, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version that keeps failed records schedules a copy for every job that had
+    ended with some (or ERROR/ABORTED without a count) and none for any other."""
+    module = STORES[kind]
+    monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:-1])
+    await migrate(database)
+    monkeypatch.undo()
+    jobs = {
+        "failed": ("COMPLETED", "u-1", 3),
+        "clean": ("COMPLETED", "u-2", 0),
+        "unknown": ("ABORTED", "u-3", None),
+        "running": ("RUNNING", "u-4", 2),
+        "never": ("SUBMIT_FAILED", None, None),
+        "cancelled": ("CANCELLED", "u-5", None),
+    }
+    insert = (
+        "INSERT INTO jobs (id, upstream_id, hub, object, path, state, records_failed_count,"
+        " created_at, updated_at, last_source)"
+        " VALUES (%s, %s, 'h', 'o', '/p', %s, %s, 1, 2, 'poll')"
+    )
+    rows = [(name, upstream, state, failed) for name, (state, upstream, failed) in jobs.items()]
+    if kind == "sqlite":
+        with sqlite3.connect(database.removeprefix("sqlite:///")) as conn:
+            conn.executemany(insert.replace("%s", "?"), rows)
+    else:
+        import psycopg
+
+        with psycopg.connect(database) as conn, conn.cursor() as cursor:
+            cursor.executemany(insert, rows)  # type: ignore[arg-type]
+    store = open_store(database)
+    await store.open()
+    try:
+        scheduled = {name for name in jobs if await store.copy_state(name) is not None}
+        state = await store.copy_state("failed")
+    finally:
+        await store.close()
+    assert scheduled == {"failed", "unknown"}
+    assert state is not None and (state.status, state.kept, state.due_at) == ("pending", 0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -399,3 +400,67 @@ async def test_a_connection_the_server_dropped_is_a_store_error(postgres_url: st
         assert await store.get_job(job.id) is not None
     finally:
         await store.close()
+
+
+# Copies of failed records -------------------------------------------------------------
+
+
+async def ended_with_failures(
+    store: Store, failed: int | None = 2, status: str = "COMPLETED"
+) -> str:
+    job, _ = await store.create_job(make_job())
+    await store.apply(job.id, Observation(Source.SUBMIT, status="CREATED"), upstream_id="u-9")
+    await store.apply(
+        job.id, Observation(Source.CALLBACK, status=status, records_failed_count=failed)
+    )
+    return job.id
+
+
+async def test_a_job_ending_with_failed_records_schedules_their_copy_once(store: Store) -> None:
+    job_id = await ended_with_failures(store)
+    state = await store.copy_state(job_id)
+    assert state is not None and (state.status, state.kept, state.next_page) == ("pending", 0, None)
+    assert state.due_at is not None and state.due_at <= time.time()
+    late = Observation(Source.CALLBACK, status="COMPLETED", records_failed_count=5)
+    await store.apply(job_id, late)
+    assert await store.copy_state(job_id) == state
+    clean = await ended_with_failures(store, failed=0)
+    running, _ = await store.create_job(make_job())
+    assert await store.copy_state(clean) is None and await store.copy_state(running.id) is None
+    assert await store.copy_state(await ended_with_failures(store, None, "ERROR")) is not None
+    assert await store.copy_state(await ended_with_failures(store, None, "CANCELLED")) is None
+
+
+async def test_a_copy_is_claimed_once_and_stored_only_by_its_lease_holder(store: Store) -> None:
+    job_id = await ended_with_failures(store)
+    now = time.time()
+    [claimed] = await store.claim_copies(now, 10, "a", 60)
+    assert await store.claim_copies(now, 10, "b", 60) == []  # leased to "a"
+    page = dataclasses.replace(claimed, status="copying", kept=2, next_page="t2", due_at=now)
+    assert not await store.save_copy(page, "b", ['{"n":1}', '{"n":2}'], lease_until=now + 60)
+    assert await store.save_copy(page, "a", ['{"n":1}', '{"n":2}'], lease_until=now + 60)
+    # The same page again (a retry from stale progress) is refused, and writes nothing.
+    assert not await store.save_copy(page, "a", ['{"n":1}', '{"n":2}'], lease_until=now + 60)
+    done = dataclasses.replace(page, status="copied", kept=3, complete=True, due_at=None)
+    assert await store.save_copy(done, "a", ['"three"'])
+    assert await store.copy_state(job_id) == dataclasses.replace(done, next_page="t2")
+    assert await store.failed_records(job_id, 0, 10) == [
+        (1, '{"n":1}'),
+        (2, '{"n":2}'),
+        (3, '"three"'),
+    ]
+    assert await store.failed_records(job_id, 1, 1) == [(2, '{"n":2}')]
+    assert await store.next_copy_due() is None
+    assert await store.claim_copies(time.time() + 3600, 10, "b", 60) == []
+
+
+async def test_a_dead_owners_copy_is_taken_over_when_its_lease_runs_out(store: Store) -> None:
+    job_id = await ended_with_failures(store)
+    now = time.time()
+    [claimed] = await store.claim_copies(now, 10, "dead", 5)
+    assert await store.claim_copies(now + 1, 10, "alive", 5) == []
+    [taken] = await store.claim_copies(now + 6, 10, "alive", 5)
+    assert taken.job_id == job_id == claimed.job_id
+    assert not await store.save_copy(dataclasses.replace(taken, kept=1), "dead", ['"x"'])
+    await store.release_copy_leases("alive")
+    assert [state.job_id for state in await store.claim_copies(now + 6, 10, "x", 5)] == [job_id]

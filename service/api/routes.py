@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from service.api.guard import Tokens, bearer
 from service.errors import ApiError
+from service.failed.rules import CopyState
 from service.jobs import Job, State, SubmitRequest
 from service.metrics import Metrics
 from service.store import Store, StoreError
@@ -27,6 +29,13 @@ __all__ = ["JobApi", "UploadLimits"]
 _MAX_FIELD = 200
 _MAX_LIMIT = 500
 _MAX_PATH = 1000
+# Kept failed records read from the store per page: the first page this many, each
+# next one as many as fit about _STORED_PAGE_BYTES of JSON at the size they had so
+# far. A record can be thousands of columns (30 KB), and turning a page into a table
+# holds the event loop: a page stays as small as an upstream page of them.
+_STORED_FIRST = 20
+_STORED_MOST = 500
+_STORED_PAGE_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,44 @@ def _metadata(raw: str | None) -> dict[str, Any]:
 
 def _job_response(job: Job, status: int = 200, **headers: str) -> JSONResponse:
     return JSONResponse(job.to_json(), status_code=status, headers=headers or None)
+
+
+async def stored_records(store: Store, job_id: str) -> AsyncIterator[list[str]]:
+    """A job's kept failed records (JSON text), a page of about 512 KiB at a time, in
+    order."""
+    after = 0
+    page = _STORED_FIRST
+    while True:
+        rows = await store.failed_records(job_id, after, page)
+        if rows:
+            records = [record for _, record in rows]
+            yield records
+            after = rows[-1][0]
+            per_record = max(1, sum(len(record) for record in records) // len(records))
+            if len(rows) < page:
+                return
+            page = max(1, min(_STORED_MOST, _STORED_PAGE_BYTES // per_record))
+        else:
+            return
+
+
+async def _stored_errors(store: Store, job: Job, copy: CopyState) -> AsyncIterator[bytes]:
+    """The errors answer, written from the store a page of records at a time: the
+    records are stored as JSON text, so they go out as they were stored."""
+    head = {
+        "job": job.id,
+        "count": copy.kept,
+        "source": "store",
+        "complete": copy.complete,
+        "failed_records": copy.to_json(),
+    }
+    yield (json.dumps(head)[:-1] + ', "errors": [').encode()
+    first = True
+    async for records in stored_records(store, job.id):
+        joined = ",".join(records)
+        yield (joined if first else "," + joined).encode()
+        first = False
+    yield b"]}"
 
 
 async def healthz(request: Request) -> Response:
@@ -258,33 +305,60 @@ class JobApi:
             {"jobs": [job.to_json(with_events=False) for job in jobs], "next_cursor": next_cursor}
         )
 
+    async def _job_answer(self, job: Job) -> JSONResponse:
+        """One job's JSON, with where the copy of its failed records stands."""
+        copy = await self._store.copy_state(job.id)
+        body = job.to_json()
+        body["failed_records"] = copy.to_json() if copy is not None else None
+        return JSONResponse(body)
+
     async def get_job(self, request: Request) -> Response:
         self._authorize(request)
-        return _job_response(await self._job_or_404(request.path_params["job_id"]))
+        return await self._job_answer(await self._job_or_404(request.path_params["job_id"]))
 
     async def job_errors(self, request: Request) -> Response:
+        """From the store once the copy has ended with what it kept; before that (or
+        without one: a job still running) from the upstream, every page."""
         self._authorize(request)
         job = await self._job_or_404(request.path_params["job_id"], with_events=False)
+        copy = await self._store.copy_state(job.id)
+        if copy is not None and copy.served_from_store:
+            return StreamingResponse(
+                _stored_errors(self._store, job, copy), media_type="application/json"
+            )
         if job.upstream_id is None:
             raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
+        shown = copy.to_json() if copy is not None else None
         try:
             errors = await self._upstream.errors(job.hub, job.upstream_id)
         except UpstreamError as exc:
-            raise upstream_failure("the upstream could not list the failed records", exc) from exc
-        return JSONResponse({"job": job.id, "count": len(errors), "errors": errors})
+            what = "the upstream could not list the failed records"
+            if copy is not None and not copy.ended:
+                what += " (the service's own copy is not complete yet)"
+            raise upstream_failure(what, exc, failed_records=shown) from exc
+        return JSONResponse(
+            {
+                "job": job.id,
+                "count": len(errors),
+                "source": "upstream",
+                "complete": True,
+                "failed_records": shown,
+                "errors": errors,
+            }
+        )
 
     async def cancel_job(self, request: Request) -> Response:
         self._authorize(request)
         job = await self._job_or_404(request.path_params["job_id"], with_events=False)
         job = await self._tracker.cancel(job)
-        return _job_response(await self._job_or_404(job.id))
+        return await self._job_answer(await self._job_or_404(job.id))
 
     async def refresh_job(self, request: Request) -> Response:
         self._authorize(request)
         job = await self._job_or_404(request.path_params["job_id"], with_events=False)
         if not job.terminal:
             await self._tracker.poll(job, manual=True)
-        return _job_response(await self._job_or_404(job.id))
+        return await self._job_answer(await self._job_or_404(job.id))
 
     async def objects(self, request: Request) -> Response:
         self._authorize(request)

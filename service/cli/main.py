@@ -108,6 +108,7 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
             callback_retry_base=args.callback_retry_base,
             legacy_status_names=args.legacy_status_names,
             callback_url=args.callback_url,
+            retention=args.retention,
             seed=args.seed,
         )
     except ValueError as exc:
@@ -232,6 +233,13 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--callback-retry-base", type=_seconds, default=1.0, metavar="S")
     sandbox.add_argument("--legacy-status-names", action="store_true")
     sandbox.add_argument("--callback-url", help="the instance-wide callback URL")
+    sandbox.add_argument(
+        "--retention",
+        type=_seconds,
+        default=3 * 86400.0,
+        metavar="S",
+        help="seconds a job's status and failed records are kept after it ends",
+    )
     sandbox.add_argument("--seed", type=int, help="seed for the fault dice")
     sandbox.set_defaults(run=_sandbox)
 

@@ -12,7 +12,7 @@ import asyncio
 import csv
 import io
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "FailedTable",
     "csv_chunks",
     "neutralise",
+    "parsed",
+    "stored_csv_chunks",
 ]
 
 # JSON read per upstream page of failed records: parsing it takes a few milliseconds
@@ -98,6 +100,10 @@ class FailedTable:
             values[position[key]] = value
         return tuple(values)
 
+    def forget_rows(self) -> None:
+        """Drop the rows, keeping the columns (a CSV written a page at a time)."""
+        self._rows.clear()
+
     def row(self, index: int, width: int | None = None) -> list[str]:
         """Row ``index`` with a value for each of the first ``width`` columns (all)."""
         width = len(self.columns) if width is None else min(width, len(self.columns))
@@ -111,11 +117,18 @@ class FailedTable:
 async def csv_chunks(table: FailedTable) -> AsyncIterator[bytes]:
     """The table as CSV (every column, cells neutralised), a bounded number of cells
     per chunk, handing the event loop back between chunks."""
+    async for chunk in _chunks(table, header=True):
+        yield chunk
+
+
+async def _chunks(table: FailedTable, header: bool) -> AsyncIterator[bytes]:
+    """The table's rows as CSV (after the header row, if ``header``)."""
     width = max(1, len(table.columns))
     step = max(1, min(_CSV_CHUNK_ROWS, CSV_CHUNK_CELLS // width))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow([neutralise(column) for column in table.columns])
+    if header:
+        writer.writerow([neutralise(column) for column in table.columns])
     for start in range(0, len(table), step):
         for row in table.rows(start, start + step):
             writer.writerow([neutralise(value) for value in row])
@@ -125,3 +138,32 @@ async def csv_chunks(table: FailedTable) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)
     if out.tell():
         yield out.getvalue().encode("utf-8", "replace")
+
+
+async def parsed(pages: AsyncIterator[list[str]]) -> AsyncIterator[list[Any]]:
+    """Pages of stored records (JSON text) as the values they hold."""
+    async for page in pages:
+        yield [json.loads(record) for record in page]
+        await asyncio.sleep(0)
+
+
+async def stored_csv_chunks(
+    read: Callable[[], AsyncIterator[list[Any]]],
+) -> AsyncIterator[bytes]:
+    """The records that ``read()`` gives page by page as CSV, holding one page at a
+    time: a first reading finds every column (the header comes first), the second
+    writes the rows, in chunks as ``csv_chunks`` does."""
+    table = FailedTable()
+    async for page in read():
+        table.add(page)
+        table.forget_rows()
+    header = True
+    async for page in read():
+        table.add(page)
+        async for chunk in _chunks(table, header):
+            yield chunk
+        header = False
+        table.forget_rows()
+    if header:
+        async for chunk in _chunks(table, header):
+            yield chunk

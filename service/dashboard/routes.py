@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -31,13 +32,14 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from service.api.guard import Tokens, bearer
-from service.api.routes import JobApi
+from service.api.routes import JobApi, stored_records
 from service.callbacks.endpoint import read_body
 from service.dashboard import failed, live
 from service.dashboard.daycounts import DayCounts
-from service.dashboard.failed import FailedTable, csv_chunks
+from service.dashboard.failed import FailedTable, csv_chunks, stored_csv_chunks
 from service.dashboard.views import callbacks_view, job_view, timeline_view
 from service.errors import ApiError
+from service.failed.rules import CopyState
 from service.jobs import Job, State
 from service.metrics import Metrics
 from service.store import Store
@@ -272,32 +274,49 @@ class Dashboard:
 
     # -- failed records -----------------------------------------------------------
 
-    async def _failed_table(
-        self, request: Request, upto: int | None = None
-    ) -> tuple[Job, FailedTable, bool]:
-        """The job and its failed records, read from the upstream page by page: all of
-        them, or once more than ``upto`` are read. True when the table is complete."""
+    async def _failed_job(self, request: Request) -> tuple[Job, CopyState | None]:
+        """The job, and its copy of failed records when they are read from the store
+        (the copy has ended with what it kept); None: read from the upstream."""
         self._require(request)
         job_id = request.path_params["job_id"]
         job = await self._store.get_job(job_id, with_events=False) if job_id_ok(job_id) else None
         if job is None:
             raise ApiError(f"no job {safe_text(job_id, 100)!r}", code="job_not_found", status=404)
+        copy = await self._store.copy_state(job.id)
+        if copy is not None and copy.served_from_store:
+            return job, copy
         if job.upstream_id is None:
             raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
-        table = FailedTable()
-        pages = self._upstream.error_pages(
+        return job, None
+
+    def _pages(self, job: Job, stored: bool) -> AsyncIterator[list[Any]]:
+        """The failed records page by page, from the store or from the upstream."""
+        if stored:
+            return failed.parsed(stored_records(self._store, job.id))
+        assert job.upstream_id is not None
+        return self._upstream.error_pages(
             job.hub, job.upstream_id, page_bytes=failed.UPSTREAM_PAGE_BYTES
         )
+
+    async def _failed_table(
+        self, request: Request, upto: int | None = None
+    ) -> tuple[Job, FailedTable, bool, CopyState | None]:
+        """The job and its failed records, read page by page: all of them, or once more
+        than ``upto`` are read. True when the table is complete; and the copy they were
+        read from, if they were."""
+        job, copy = await self._failed_job(request)
+        table = FailedTable()
+        pages = self._pages(job, copy is not None)
         try:
-            async with contextlib.aclosing(pages):
+            async with contextlib.aclosing(pages):  # type: ignore[type-var]
                 async for page in pages:
                     table.add(page)
                     if upto is not None and len(table) > upto:
-                        return job, table, False
+                        return job, table, False, copy
         except UpstreamError as exc:
             what = "the upstream could not list the failed records"
             raise upstream_failure(what, exc) from exc
-        return job, table, True
+        return job, table, True, copy
 
     async def failed_fragment(self, request: Request) -> Response:
         """One page of the failed records as an HTML table (its first columns), loaded
@@ -305,7 +324,7 @@ class Dashboard:
         try:
             number = _page_number(request.query_params.get("page"))
             start = (number - 1) * FAILED_PAGE
-            job, table, complete = await self._failed_table(request, upto=start + FAILED_PAGE)
+            job, table, complete, copy = await self._failed_table(request, upto=start + FAILED_PAGE)
         except ApiError as exc:
             html = self.render("_failed.html", error=exc.message, rows=[], columns=[])
             return HTMLResponse(html, status_code=exc.status, headers=_HEADERS)
@@ -328,14 +347,24 @@ class Dashboard:
             page=number,
             previous=number - 1 if number > 1 else None,
             next=number + 1 if len(table) > start + FAILED_PAGE else None,
+            # What the service's copy left out (past the bound, or given up part way).
+            kept_note=copy.detail if copy is not None and not copy.complete else "",
         )
-        return HTMLResponse(html, headers=_HEADERS)
+        # A record may hold a lone surrogate (JSON can escape one), which no encoding
+        # writes: shown as U+FFFD, as NUL is.
+        return HTMLResponse(safe_text(html), headers=_HEADERS)
 
     async def failed_csv(self, request: Request) -> Response:
-        """Every failed record and column, streamed in bounded chunks."""
-        job, table, _ = await self._failed_table(request)
+        """Every failed record and column, streamed in bounded chunks: from the store a
+        page at a time (read twice: the columns first), else from the upstream."""
+        job, copy = await self._failed_job(request)
+        if copy is not None:
+            chunks = stored_csv_chunks(lambda: self._pages(job, True))
+        else:
+            _, table, _, _ = await self._failed_table(request)
+            chunks = csv_chunks(table)
         return StreamingResponse(
-            csv_chunks(table),
+            chunks,
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": f'attachment; filename="bulkhook-{job.id}-failed.csv"',

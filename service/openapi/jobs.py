@@ -13,6 +13,7 @@ from typing import Any
 
 from service import __version__
 from service.callbacks.endpoint import CALLBACK_PATHS, INSTANCE_CALLBACK_PATH, JOB_CALLBACK_PATH
+from service.failed.rules import STATUSES
 from service.jobs import Source, State
 from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
 from service.openapi.parts import (
@@ -97,7 +98,38 @@ def _schemas() -> dict[str, Schema]:
             }
         ),
         "JobSummary": obj(job_fields),
-        "Job": obj({**job_fields, "events": timeline}),
+        "Job": obj(
+            {
+                **job_fields,
+                "events": timeline,
+                "failed_records": {
+                    "oneOf": [ref("FailedRecordsCopy"), {"type": "null"}],
+                    "description": "the copy of the job's failed records kept by the "
+                    "service; null when none is made (no failed records, or not ended)",
+                },
+            },
+            required=[*job_fields, "events"],
+        ),
+        "FailedRecordsCopy": obj(
+            {
+                "status": {
+                    "type": "string",
+                    "enum": list(STATUSES),
+                    "description": "pending: not started; copying: under way (or a retry "
+                    "is due); copied: ended; failed: given up (detail says why)",
+                },
+                "kept": {"type": "integer", "minimum": 0, "description": "records stored"},
+                "complete": {
+                    "type": "boolean",
+                    "description": "true when every failed record the upstream had is kept; "
+                    "false while copying, past BULKHOOK_MAX_FAILED_RECORDS, or given up",
+                },
+                "detail": {
+                    "type": "string",
+                    "description": "what was left out and why, or the last failed try",
+                },
+            }
+        ),
         "JobList": obj(
             {
                 "jobs": {"type": "array", "items": ref("JobSummary")},
@@ -108,7 +140,23 @@ def _schemas() -> dict[str, Schema]:
             {
                 "job": {"type": "string"},
                 "count": {"type": "integer", "minimum": 0},
-                "errors": {"type": "array", "items": {}, "description": "as the upstream sent"},
+                "source": {
+                    "type": "string",
+                    "enum": ["store", "upstream"],
+                    "description": "store: the service's copy; upstream: read from the "
+                    "upstream now, every page (before the copy has ended)",
+                },
+                "complete": {
+                    "type": "boolean",
+                    "description": "false when the store keeps only part of them",
+                },
+                "failed_records": {"oneOf": [ref("FailedRecordsCopy"), {"type": "null"}]},
+                "errors": {
+                    "type": "array",
+                    "items": {},
+                    "description": "as the upstream sent them; a record larger than 256 KiB "
+                    "is kept as lineNumber, errorMessage and recordOmitted",
+                },
             }
         ),
         "Objects": obj(
@@ -286,7 +334,8 @@ def _paths() -> dict[str, Schema]:
         "/jobs/{job_id}/errors": {
             "get": operation(
                 "getJobErrors",
-                "The job's failed records, from every page of the upstream errors endpoint",
+                "The job's failed records: from the store once the service's copy has "
+                "ended, else from every page of the upstream errors endpoint",
                 {
                     "200": json_response(ref("FailedRecords"), "The failed records"),
                     "404": job_404,

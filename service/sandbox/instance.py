@@ -52,6 +52,8 @@ class Fault:
     # The exact body to answer (JSON text), for an upstream that says something odd
     # with any status, 200 included; None: an error body like Open Connectors' own.
     content: str | None = None
+    # Calls of its operation answered normally before it fires (a fault mid-way).
+    skip: int = 0
 
     def body(self) -> bytes:
         if self.content is not None:
@@ -76,6 +78,8 @@ class SandboxJob:
     status: str = "CREATED"
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    # When it reached a terminal status: it is forgotten ``retention`` seconds later.
+    ended_at: float | None = None
     scan: ScanResult | None = None
     cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
     # Set at submission when the fault dice (``fail_whole``) fail the job as a whole.
@@ -134,6 +138,8 @@ class Simulator:
         self.upload_bytes = 0
         self.uploads_cut = 0
         self.callback_log: list[dict[str, Any]] = []
+        # Jobs forgotten after their retention ran out (asked about afterwards).
+        self.forgotten = 0
 
     # -- faults -------------------------------------------------------------------
 
@@ -147,10 +153,12 @@ class Simulator:
         after_processing: bool = False,
         body: Any = None,
         raw_body: str | None = None,
+        skip: int = 0,
     ) -> None:
         """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``,
         and with ``body`` (any JSON value) or ``raw_body`` (JSON text sent as it is, for
-        what a JSON encoder would refuse to write, e.g. a 5,000-digit number) if given."""
+        what a JSON encoder would refuse to write, e.g. a 5,000-digit number) if given;
+        the first ``skip`` calls are answered as usual (a failure mid-way)."""
         if operation is not None and operation not in OPERATIONS:
             raise ValueError(f"unknown operation {operation!r}")
         content = raw_body if raw_body is not None else None
@@ -177,12 +185,19 @@ class Simulator:
             raise ValueError(f"retry_after must be a non-negative number, got {retry_after!r}")
         if times < 1:
             raise ValueError(f"times must be at least 1, got {times!r}")
-        self._faults.append(Fault(operation, status, retry_after, after_processing, times, content))
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise ValueError(f"skip must be a whole number from 0, got {skip!r}")
+        self._faults.append(
+            Fault(operation, status, retry_after, after_processing, times, content, skip)
+        )
 
     def take_fault(self, operation: str) -> Fault | None:
         """Count the call and decide whether it fails: scripted faults first, then chance."""
         self.calls[operation] += 1
         for fault in self._faults:
+            if fault.operation in (None, operation) and fault.skip > 0:
+                fault.skip -= 1
+                continue
             if fault.operation in (None, operation) and fault.remaining > 0:
                 fault.remaining -= 1
                 if fault.remaining == 0:
@@ -227,7 +242,19 @@ class Simulator:
             job = self.jobs.get(int(job_id))
         except ValueError:
             return None
+        if job is not None and self._expired(job, time.time()):
+            del self.jobs[job.id]
+            self.forgotten += 1
+            return None
         return job if job is not None and job.hub == hub else None
+
+    def kept_jobs(self) -> list[SandboxJob]:
+        """The jobs not forgotten yet, oldest first."""
+        now = time.time()
+        return [job for job in self.jobs.values() if not self._expired(job, now)]
+
+    def _expired(self, job: SandboxJob, now: float) -> bool:
+        return job.ended_at is not None and now - job.ended_at >= self.options.retention
 
     def request_cancel(self, job: SandboxJob) -> bool:
         if job.status in TERMINAL or job.status == "CANCELLATION_PENDING":
@@ -239,6 +266,8 @@ class Simulator:
     def _set_status(self, job: SandboxJob, status: str) -> None:
         job.status = status
         job.updated_at = time.time()
+        if status in TERMINAL and job.ended_at is None:
+            job.ended_at = job.updated_at
 
     async def _cancelled_within(self, job: SandboxJob, seconds: float) -> bool:
         try:
@@ -348,6 +377,7 @@ class Simulator:
             "status_calls_busiest_second": max(
                 Counter(int(at) for at, _ in self.status_log).values(), default=0
             ),
+            "forgotten": self.forgotten,
             "upload_bytes": self.upload_bytes,
             "uploads_cut": self.uploads_cut,
         }

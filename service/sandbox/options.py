@@ -62,6 +62,9 @@ class SandboxOptions:
     # When set, the exact Authorization header value required; otherwise any
     # well-formed "User …, Organization …, Element …" header is accepted.
     authorization: str | None = None
+    # Seconds a job's status and failed records are kept after it ends, as the real
+    # platform keeps them three days; then both answer 404 as for a job never made.
+    retention: float = 3 * 86400.0
     hubs: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_HUBS))
     seed: int | None = None
 
@@ -70,7 +73,13 @@ class SandboxOptions:
             raise ValueError(f"signature_algo must be one of {ALGORITHMS}")
         for name in ("drop_callbacks", "duplicate_callbacks", "fail_rate", "fail_whole"):
             _fraction(name, getattr(self, name))
-        for name in ("job_seconds", "callback_delay", "retry_after", "callback_retry_base"):
+        for name in (
+            "job_seconds",
+            "callback_delay",
+            "retry_after",
+            "callback_retry_base",
+            "retention",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.callback_retries < 0:

@@ -261,7 +261,7 @@ def build_app(sandbox: Simulator) -> Starlette:
         ):
             return _error(400, "Only where=job_direction='UPLOAD' is supported")
         legacy = sandbox.options.legacy_status_names
-        listed = [_listed(job, legacy) for job in sandbox.jobs.values() if job.hub == hub]
+        listed = [_listed(job, legacy) for job in sandbox.kept_jobs() if job.hub == hub]
         return _page(request, listed)
 
     async def root(request: Request) -> Response:
@@ -281,6 +281,7 @@ def build_app(sandbox: Simulator) -> Starlette:
                 after_processing=bool(spec.get("after_processing", False)),
                 body=spec.get("body"),
                 raw_body=spec.get("raw_body"),
+                skip=spec.get("skip", 0),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return _error(400, f"bad fault: {exc}")

@@ -9,10 +9,12 @@ decides, compares-and-sets the row and appends to the timeline in one transactio
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from service.errors import BulkhookError
+from service.failed.rules import CopyState
 from service.jobs import Decision, Job, Observation, State
 
 __all__ = [
@@ -336,3 +338,39 @@ class Store(abc.ABC):
         """Remove what is older than ``before``: deliveries, refusals, applied kept
         callbacks and timeline entries, ``batch`` rows per transaction so that no
         write waits long behind it. Jobs themselves stay."""
+
+    # -- failed records kept after the upstream forgets them (``store.copies``) -----
+
+    @abc.abstractmethod
+    async def claim_copies(
+        self, now: float, limit: int, owner: str, lease: float
+    ) -> list[CopyState]:
+        """Copies of failed records due now and not leased, leased to ``owner``."""
+
+    @abc.abstractmethod
+    async def save_copy(
+        self,
+        state: CopyState,
+        owner: str,
+        records: Sequence[str] = (),
+        *,
+        lease_until: float | None = None,
+    ) -> bool:
+        """Record a copy's progress and append ``records`` (JSON text, storable) after
+        the ``state.kept - len(records)`` kept before, in one transaction; the lease is
+        kept until ``lease_until``, or given up. False, with nothing written, when
+        ``owner`` no longer holds the lease or another wrote the same page."""
+
+    @abc.abstractmethod
+    async def copy_state(self, job_id: str) -> CopyState | None:
+        """The copy of a job's failed records; None when none was scheduled."""
+
+    @abc.abstractmethod
+    async def failed_records(self, job_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        """Kept failed records numbered after ``after``, in order: (number, JSON text)."""
+
+    @abc.abstractmethod
+    async def next_copy_due(self) -> float | None: ...
+
+    @abc.abstractmethod
+    async def release_copy_leases(self, owner: str) -> None: ...

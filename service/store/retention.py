@@ -7,7 +7,10 @@ Deliveries, refusals, applied kept callbacks and timeline entries older than the
 retention (``BULKHOOK_RETENTION``, 30 days by default, at least 5: Open Connectors
 redelivers a callback for about four days, and a redelivery must still be recognised)
 are removed at start-up and then hourly, a bounded batch per transaction, so that the
-callback path never waits long behind the pruning. Jobs themselves are kept.
+callback path never waits long behind the pruning. Jobs themselves are kept, and so
+are the failed records copied for them (``failed_records``, ``failed_copies``): the
+upstream forgets them, so the store's copy is the only one. Both tables reference
+their job with ``ON DELETE CASCADE``, so whatever removes a job removes them with it.
 
 Kept callbacks are bounded apart from that, by count and bytes (``base.KEPT_MAX``,
 ``base.KEPT_BYTES``), when one is kept.

@@ -37,7 +37,7 @@ What only one store has stays beside that store, in its own migration list:
 
 What both stores gained after their own versions is one script they each number in
 turn, after the versions they already have: ``JOBS_UPSTREAM_ERROR`` is SQLite's
-version 6 and PostgreSQL's version 4.
+version 6 and PostgreSQL's version 4, ``FAILED_RECORDS`` SQLite's 7 and PostgreSQL's 5.
 
 ``TERMINAL_SQL`` lists the terminal states as the ``jobs.state`` column holds them,
 for the statements of both stores that must leave an ended job alone.
@@ -52,6 +52,7 @@ from types import MappingProxyType
 from service.jobs import TERMINAL, State
 
 __all__ = [
+    "FAILED_RECORDS",
     "JOBS_UPSTREAM_ERROR",
     "MIGRATIONS_TABLE",
     "POSTGRES",
@@ -193,6 +194,50 @@ def _literal(text: str) -> str:
 # string literals (``state NOT IN TERMINAL_SQL``): rendered from the enum, never from
 # anything received, so that a new terminal state reaches the queries by itself.
 TERMINAL_SQL = "({})".format(", ".join(_literal(state) for state in State if state in TERMINAL))
+
+
+# Failed records copied from the upstream, which forgets them three days after a job
+# ends, and the copy's bookkeeping: one row per job whose records are to be kept, due
+# for a (next) attempt at ``due_at`` and leased like a poll. ``next_page`` is the
+# upstream's token for the page after the last one stored, so a copy resumes where it
+# stopped. Records are the upstream's JSON, as text, numbered from 1 in its order.
+# Both go with their job. The jobs that ended with failed records before this version
+# are scheduled at once (``due_at`` 0): the upstream may still have them.
+#
+# Written after the stores' version numbers parted (SQLite has versions of its own),
+# so each store appends it to its own list as its next version.
+FAILED_RECORDS = (
+    """
+    CREATE TABLE failed_copies (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        kept {count} NOT NULL DEFAULT 0,
+        complete INTEGER NOT NULL DEFAULT 0,
+        next_page TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        since {time} NOT NULL,
+        due_at {time},
+        lease_owner TEXT,
+        lease_until {time},
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX failed_copies_due ON failed_copies (due_at) WHERE due_at IS NOT NULL;
+    CREATE TABLE failed_records (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        seq {count} NOT NULL,
+        record TEXT NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    INSERT INTO failed_copies (job_id, status, since, due_at)
+        SELECT id, 'pending', updated_at, 0 FROM jobs
+        WHERE upstream_id IS NOT NULL AND state <> 'SUBMIT_FAILED'
+            AND state IN """
+    + TERMINAL_SQL
+    + """
+            AND (records_failed_count > 0
+                 OR (records_failed_count IS NULL AND state IN ('ERROR', 'ABORTED')));
+    """
+)
 
 
 def render(script: str, dialect: Dialect) -> str:

@@ -31,6 +31,7 @@ from service.upstream.statuses import normalize_status
 
 __all__ = [
     "Credentials",
+    "ErrorPage",
     "JobStatus",
     "ListedJob",
     "RetryPolicy",
@@ -44,6 +45,8 @@ __all__ = [
 _MAX_PAGES = 100_000
 # Records asked for in the first page of a paged read whose record size is not known yet.
 _FIRST_PAGE = 20
+# The longest next-page token kept to resume a copy of failed records from.
+_MAX_TOKEN = 4096
 # An upstream message is shown and stored with the job; past this it is cut.
 _MAX_MESSAGE = 2000
 
@@ -135,6 +138,16 @@ def upstream_failure(what: str, exc: UpstreamError, **extra: Any) -> ApiError:
         **exc.fields,
         **extra,
     )
+
+
+@dataclass(frozen=True)
+class ErrorPage:
+    """One page of a job's failed records, as the upstream sent them."""
+
+    records: list[Any]
+    next_token: str | None
+    # The page's size on the wire, for sizing the next one.
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -434,6 +447,29 @@ class UpstreamClient:
                 raise UpstreamError("errors", "the upstream repeated a page token")
             seen.add(token)
         raise UpstreamError("errors", f"more than {_MAX_PAGES} pages")
+
+    async def error_page(
+        self, hub: str, job_id: str | int, *, token: str | None, page_size: int
+    ) -> ErrorPage:
+        """One page of failed records: the first, or the one ``token`` names (an
+        ``Elements-Next-Page-Token`` the upstream gave before), and the next page's
+        token, None after the last page."""
+        query = {"pageSize": str(page_size)}
+        if token:
+            query["nextPage"] = token
+        response = await self._call("errors", "GET", _job_url(hub, job_id, "errors"), params=query)
+        page = _json(response, "errors")
+        if not isinstance(page, list):
+            raise UpstreamError("errors", "expected a JSON array")
+        following = response.headers.get("elements-next-page-token") or None
+        if following is not None and following == token:
+            raise UpstreamError("errors", "the upstream repeated a page token")
+        if following is not None and (
+            len(following) > _MAX_TOKEN or not values.is_clean(following)
+        ):
+            # It is stored to resume from: it must be text a store takes, and short.
+            raise UpstreamError("errors", "the upstream's next page token is not usable")
+        return ErrorPage(page, following if page else None, len(response.content))
 
     async def jobs(self, hub: str, *, page_size: int = 200) -> list[ListedJob]:
         """The hub's upload jobs, every page: what proves whether a submit whose answer

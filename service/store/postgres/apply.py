@@ -25,6 +25,7 @@ import psycopg
 
 from service.jobs import Job, Observation
 from service.store.base import Applied, Claim, Delivery, StoreError, _Keep
+from service.store.copies import ENQUEUE, newly_failed
 from service.store.group_commit import Outcome
 from service.store.plan import APPLY, Binding, Plan, bind, plan_apply, refusal_event
 
@@ -114,6 +115,10 @@ async def _write(conn: Conn, call: ApplyCall, job: Job, plan: Plan) -> None:
         _write_sql(plan),
         (*plan.changes.values(), job.id, job.version, call.observation.at, *plan.event),
     )
+    if newly_failed(job, plan.applied_to(job)):
+        # The copy of its failed records, in the transaction that ends the job.
+        at = call.observation.at
+        await conn.execute(ENQUEUE, (job.id, at, at))
 
 
 async def _refuse(conn: Conn, call: ApplyCall, job: Job, refused: str) -> None:

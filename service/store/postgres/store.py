@@ -9,13 +9,14 @@ Concurrent applies share one transaction and commit (``apply``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from service.config import redact
+from service.failed.rules import CopyState
 from service.jobs import Job, Observation, State, TimelineEntry
 from service.store.activity import PostgresActivity, job_list_query
 from service.store.base import (
@@ -31,11 +32,23 @@ from service.store.base import (
     StoreError,
     _Keep,
 )
+from service.store.copies import (
+    CLAIM_COPIES_POSTGRES,
+    INSERT_RECORD,
+    NEXT_DUE,
+    READ_COPY,
+    READ_RECORDS,
+    RELEASE,
+    SAVE_COPY,
+    copy_state,
+    save_params,
+)
 from service.store.group_commit import Outcome, Rounds
 from service.store.plan import NEW_JOB_COLUMNS, new_job_row
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
 from service.store.retention import KEPT_OVER, PRUNE_SQL
 from service.store.schema import (
+    FAILED_RECORDS,
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
     POSTGRES,
@@ -55,6 +68,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
     {
         # 4: the upstream's message about a job (as SQLite's 6).
         4: JOBS_UPSTREAM_ERROR,
+        # 5: failed records kept after the upstream forgets them (as SQLite's 7).
+        5: render(FAILED_RECORDS, POSTGRES),
     },
 )
 
@@ -412,3 +427,54 @@ class PostgresStore(PostgresActivity, Store):
                 if count < batch:
                     break
         return Pruned(**removed)
+
+    # -- failed records -------------------------------------------------------------
+
+    async def claim_copies(
+        self, now: float, limit: int, owner: str, lease: float
+    ) -> list[CopyState]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                CLAIM_COPIES_POSTGRES, (now, now, limit, owner, now + lease)
+            )
+            rows = await cursor.fetchall()
+        return sorted((copy_state(row) for row in rows), key=lambda state: state.due_at or 0.0)
+
+    async def save_copy(
+        self,
+        state: CopyState,
+        owner: str,
+        records: Sequence[str] = (),
+        *,
+        lease_until: float | None = None,
+    ) -> bool:
+        before = state.kept - len(records)
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(SAVE_COPY, save_params(state, owner, lease_until, before))
+            if not cursor.rowcount:
+                return False
+            async with conn.cursor() as many:
+                await many.executemany(
+                    INSERT_RECORD,
+                    [(state.job_id, before + n, record) for n, record in enumerate(records, 1)],
+                )
+        return True
+
+    async def copy_state(self, job_id: str) -> CopyState | None:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(READ_COPY, (job_id,))).fetchone()
+            return copy_state(row) if row is not None else None
+
+    async def failed_records(self, job_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(READ_RECORDS, (job_id, after, limit))
+            return [(row["seq"], row["record"]) for row in await cursor.fetchall()]
+
+    async def next_copy_due(self) -> float | None:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(NEXT_DUE)).fetchone()
+            return row["due"] if row else None
+
+    async def release_copy_leases(self, owner: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(RELEASE, (owner,))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
+from service.failed.rules import CopyState
 from service.jobs import Job, Observation, State, TimelineEntry
 from service.store.activity import SQLiteActivity, job_list_query
 from service.store.base import (
@@ -22,6 +24,20 @@ from service.store.base import (
     StoreError,
     _Keep,
 )
+from service.store.copies import (
+    CLAIM_COPIES_SQLITE,
+    ENQUEUE,
+    INSERT_RECORD,
+    LEASE,
+    NEXT_DUE,
+    READ_COPY,
+    READ_RECORDS,
+    RELEASE,
+    SAVE_COPY,
+    copy_state,
+    newly_failed,
+    save_params,
+)
 from service.store.plan import (
     APPLY,
     NEW_JOB_COLUMNS,
@@ -32,6 +48,7 @@ from service.store.plan import (
 )
 from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
 from service.store.schema import (
+    FAILED_RECORDS,
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
     SQLITE,
@@ -77,6 +94,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
     """,
         # 6: the upstream's message about a job (as PostgreSQL's 4).
         6: JOBS_UPSTREAM_ERROR,
+        # 7: failed records kept after the upstream forgets them (as PostgreSQL's 5).
+        7: render(FAILED_RECORDS, SQLITE),
     },
 )
 
@@ -348,6 +367,8 @@ class SQLiteStore(SQLiteActivity, Store):
                 if job is None or attempt:
                     raise StoreError(f"job {job_id} changed underneath (compare-and-set failed)")
             fresh = plan.applied_to(job)
+            if newly_failed(job, fresh):
+                conn.execute(sqlite_sql(ENQUEUE), (job_id, observation.at, observation.at))
             self._remember(fresh)
             return Applied(fresh, plan.decision)
 
@@ -495,6 +516,70 @@ class SQLiteStore(SQLiteActivity, Store):
                 if count < batch:
                     break
         return Pruned(**removed)
+
+    # -- failed records -------------------------------------------------------------
+
+    async def claim_copies(
+        self, now: float, limit: int, owner: str, lease: float
+    ) -> list[CopyState]:
+        def op(conn: sqlite3.Connection) -> list[CopyState]:
+            ids = [
+                row[0] for row in conn.execute(sqlite_sql(CLAIM_COPIES_SQLITE), (now, now, limit))
+            ]
+            conn.executemany(sqlite_sql(LEASE), [(owner, now + lease, job_id) for job_id in ids])
+            rows = [conn.execute(sqlite_sql(READ_COPY), (job_id,)).fetchone() for job_id in ids]
+            return [copy_state(row) for row in rows if row is not None]
+
+        return await self._sql.write(op)
+
+    async def save_copy(
+        self,
+        state: CopyState,
+        owner: str,
+        records: Sequence[str] = (),
+        *,
+        lease_until: float | None = None,
+    ) -> bool:
+        before = state.kept - len(records)
+        params = save_params(state, owner, lease_until, before)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            if not conn.execute(sqlite_sql(SAVE_COPY), params).rowcount:
+                return False
+            conn.executemany(
+                sqlite_sql(INSERT_RECORD),
+                [(state.job_id, before + n, record) for n, record in enumerate(records, 1)],
+            )
+            return True
+
+        return await self._sql.write(op)
+
+    async def copy_state(self, job_id: str) -> CopyState | None:
+        def op(conn: sqlite3.Connection) -> CopyState | None:
+            row = conn.execute(sqlite_sql(READ_COPY), (job_id,)).fetchone()
+            return copy_state(row) if row is not None else None
+
+        return await self._sql.read(op)
+
+    async def failed_records(self, job_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        def op(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+            rows = conn.execute(sqlite_sql(READ_RECORDS), (job_id, after, limit))
+            return [(row[0], row[1]) for row in rows]
+
+        return await self._sql.read(op)
+
+    async def next_copy_due(self) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            due: float | None = conn.execute(NEXT_DUE).fetchone()[0]
+            return due
+
+        return await self._sql.read(op)
+
+    async def release_copy_leases(self, owner: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(sqlite_sql(RELEASE), (owner,))
+
+        await self._sql.write(op)
 
 
 def _claim_kept(
