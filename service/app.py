@@ -31,7 +31,7 @@ from service.callbacks.signatures import Keyring
 from service.config import Settings, redact
 from service.dashboard.routes import Dashboard
 from service.errors import ApiError, BulkhookError, error_response, unexpected
-from service.failed.copier import Copier
+from service.failed_records.copier import Copier
 from service.logs import Repeats
 from service.metrics import Metrics
 from service.openapi import docs as apidocs

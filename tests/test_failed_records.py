@@ -20,7 +20,7 @@ import pytest
 
 from service.dashboard.failed import neutralise
 from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
-from service.failed.rules import MAX_RECORD_BYTES
+from service.failed_records.rules import MAX_RECORD_BYTES
 from service.upstream.client import RetryPolicy
 
 from .helpers import (

@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute, Route
 
 from service.api.guard import Tokens, bearer
 from service.errors import ApiError
-from service.failed.rules import CopyState
+from service.failed_records.rules import CopyState
 from service.jobs import Job, State, SubmitRequest
 from service.metrics import Metrics
 from service.store import Store, StoreError

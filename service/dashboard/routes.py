@@ -39,7 +39,7 @@ from service.dashboard.daycounts import DayCounts
 from service.dashboard.failed import FailedTable, csv_chunks, stored_csv_chunks
 from service.dashboard.views import callbacks_view, job_view, timeline_view
 from service.errors import ApiError
-from service.failed.rules import CopyState
+from service.failed_records.rules import CopyState
 from service.jobs import Job, State
 from service.metrics import Metrics
 from service.store import Store

@@ -13,7 +13,7 @@ from typing import Any
 
 from service import __version__
 from service.callbacks.endpoint import CALLBACK_PATHS, INSTANCE_CALLBACK_PATH, JOB_CALLBACK_PATH
-from service.failed.rules import STATUSES
+from service.failed_records.rules import STATUSES
 from service.jobs import Source, State
 from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
 from service.openapi.parts import (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from service.errors import BulkhookError
-from service.failed.rules import CopyState
+from service.failed_records.rules import CopyState
 from service.jobs import Decision, Job, Observation, State
 
 __all__ = [

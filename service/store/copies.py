@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.failed.rules import CopyState, keeps_failed_records
+from service.failed_records.rules import CopyState, keeps_failed_records
 from service.jobs import Job
 
 __all__ = [

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from service.config import redact
-from service.failed.rules import CopyState
+from service.failed_records.rules import CopyState
 from service.jobs import Job, Observation, State, TimelineEntry
 from service.store.activity import PostgresActivity, job_list_query
 from service.store.base import (

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.failed.rules import CopyState
+from service.failed_records.rules import CopyState
 from service.jobs import Job, Observation, State, TimelineEntry
 from service.store.activity import SQLiteActivity, job_list_query
 from service.store.base import (

@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 
-from service.failed.rules import UPSTREAM_KEEPS, CopyState, backoff, stored_record
+from service.failed_records.rules import UPSTREAM_KEEPS, CopyState, backoff, stored_record
 from service.jobs import Job
 from service.store import Store
 from service.upstream.client import UpstreamClient, UpstreamError
