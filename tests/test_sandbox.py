@@ -269,13 +269,15 @@ def test_an_unknown_job_is_404(sandbox: RunningSandbox) -> None:
 def test_the_sample_contacts_run_asynchronously_to_completed(
     start_sandbox: StartSandbox, contacts_csv: Path
 ) -> None:
-    sandbox = start_sandbox(job_seconds=0.3)
+    sandbox = start_sandbox(job_seconds=2)
     response = submit(sandbox, contacts_csv)
     assert response.status_code == 200
     created = response.json()
     assert isinstance(created["id"], int)
     assert created["status"] == "CREATED"
-    assert follow(sandbox, created["id"]) == ["CREATED", "STARTED", "RUNNING", "COMPLETED"]
+    # The submit answer says CREATED; the first look may come after that stage ended.
+    seen = follow(sandbox, created["id"])
+    assert [s for s in seen if s != "CREATED"] == ["STARTED", "RUNNING", "COMPLETED"]
     final = status(sandbox, created["id"])
     assert final["id"] == str(created["id"])
     assert (final["recordsCount"], final["recordsFailedCount"]) == (10, 0)
