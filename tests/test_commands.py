@@ -20,6 +20,7 @@ from .helpers import (
     RunningService,
     StartSandbox,
     StartService,
+    eventually,
     free_port,
     run_bulkhook,
     wait_healthy,
@@ -185,7 +186,8 @@ def test_an_unreachable_service_says_so_and_hints_at_serve() -> None:
 def failed_job(
     start_sandbox: StartSandbox, start_service: StartService, tmp_path: Path
 ) -> tuple[RunningService, dict[str, Any]]:
-    """A COMPLETED job whose upstream failed two of its three records."""
+    """A COMPLETED job whose upstream failed two of its three records, copied into the
+    store (so every later look at them reads the same place)."""
     service = start_service(start_sandbox(), api_tokens=("cli-token",))
     rows = [["Name", "Email"], ["Ada", "ada@example.com"], ["Bad", "=not-an-email"], ["No", ""]]
     with write_csv(tmp_path / "contacts.csv", rows).open("rb") as handle:
@@ -197,7 +199,12 @@ def failed_job(
         )
     assert submitted.status_code == 202, submitted.text
     service.http.headers["Authorization"] = "Bearer cli-token"
-    return service, service.wait_for(submitted.json()["id"], {"COMPLETED"})
+    job_id = submitted.json()["id"]
+    service.wait_for(job_id, {"COMPLETED"})
+    eventually(
+        lambda: service.http.get(f"/jobs/{job_id}").json()["failed_records"]["status"] == "copied"
+    )
+    return service, service.http.get(f"/jobs/{job_id}").json()
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
