@@ -325,7 +325,8 @@ class SQLiteStore(SQLiteActivity, Store):
                         "UPDATE events SET source = ?, state = ?, detail = ? WHERE seq = ?",
                         (*plan.event, seq),
                     )
-                assignments = ", ".join(f"{name} = ?" for name in plan.changes)
+                # One join, no generator: this runs for every callback.
+                assignments = " = ?, ".join(plan.changes) + " = ?"
                 updated = conn.execute(
                     f"UPDATE jobs SET {assignments}, version = version + 1 "
                     "WHERE id = ? AND version = ?",
