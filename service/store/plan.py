@@ -157,6 +157,7 @@ def plan_apply(
     if "next_poll_at" in changes or observation.source == Source.POLL:
         changes["lease_owner"] = None
         changes["lease_until"] = None
+    described = _describe(observation)
     note = decision.note if not decision.changed else ""
-    detail = "; ".join(part for part in (_describe(observation), note) if part)
+    detail = f"{described}; {note}" if described and note else described or note
     return Plan(decision, changes, (str(observation.source), str(decision.state), detail))
