@@ -265,6 +265,15 @@ class Job:
         job.__dict__.update(self.__dict__, **changes)
         return job
 
+    def updated(self, changes: Mapping[str, Any]) -> Job:
+        """``evolve(**changes)`` for changes already in a mapping, without copying them
+        into keyword arguments and back (twice): once per callback."""
+        job = object.__new__(Job)
+        fields = job.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
+        return job
+
     @classmethod
     def from_row(cls, row: Mapping[str, Any], events: tuple[TimelineEntry, ...] = ()) -> Job:
         """A job from a store row (a mapping with a column per field).

@@ -103,7 +103,8 @@ class Plan:
         fields = {name: value for name, value in self.changes.items() if name in _JOB_FIELDS}
         if "state" in fields:
             fields["state"] = State(fields["state"])
-        return job.evolve(**fields, version=job.version + 1)
+        fields["version"] = job.version + 1
+        return job.updated(fields)
 
 
 _JOB_FIELDS = frozenset(field.name for field in dataclasses.fields(Job))
