@@ -253,10 +253,10 @@ class Tracker:
         for item in kept:
             if item.reason != "unknown_job":
                 continue
-            observation = notification.observation_from_body(item.body, item.received_at)
-            claim = notification.claim_from_body(item.body)
-            if observation is None or claim is None or not claim.names_a_job:
+            read = notification.read_body(item.body, item.received_at)
+            if read is None or not read[1].names_a_job:
                 continue  # bound to no job: never applied
+            observation, claim = read
             detail = f"kept callback, delivery {item.webhook_id}"
             observation = dataclasses.replace(
                 observation, detail="; ".join(p for p in (detail, observation.detail) if p)

@@ -51,6 +51,9 @@ def count(value: Any) -> int | None:
     Accepts JSON integers, integral floats (``10.0``) and ASCII decimal strings; a
     bool, a negative, ``1e20``, ``"²"`` or a 5,000-digit number are not counts.
     """
+    # A plain int first: what nearly every body sends (``type`` rules out a bool).
+    if type(value) is int:
+        return value if 0 <= value <= MAX_COUNT else None
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -71,6 +74,9 @@ def is_clean(value: str) -> bool:
     """Whether ``value`` can be stored as text: no NUL, no lone surrogate."""
     if "\x00" in value:
         return False
+    if value.isascii():
+        # No surrogate in ASCII: skip encoding a copy just to find one (callbacks).
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -94,11 +100,16 @@ def safe_text(value: str, limit: int | None = None) -> str:
 def text(value: Any, limit: int = 200) -> str | None:
     """An identifier or status from a JSON body: a string or an integer, stripped, at
     most ``limit`` characters; None when absent, empty or not storable."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if type(value) is str:
+        # The common case first, without the checks a number needs (callbacks).
+        result = value.strip()
+    elif isinstance(value, str) or (
+        isinstance(value, int) and not isinstance(value, bool) and -(10**18) < value < 10**18
+    ):
+        result = str(value).strip()
+    else:
+        # Anything else: a bool, a float, a list, an object, a huge number.
         return None
-    if isinstance(value, int) and not -(10**18) < value < 10**18:
-        return None
-    result = str(value).strip()
     if not result or len(result) > limit or not is_clean(result):
         return None
     return result

@@ -20,24 +20,19 @@ from service.logs import short
 from service.store.base import Claim
 from service.upstream.statuses import normalize_status
 
-__all__ = [
-    "claim",
-    "claim_from_body",
-    "nudge_only",
-    "observation",
-    "observation_from_body",
-    "parse",
-]
+__all__ = ["nudge_only", "parse", "read", "read_body"]
+
+# Each field's names, in the order they are looked for.
+_STATUS = ("status", "jobStatus")
+_RECORDS = ("recordsCount",)
+_FAILED = ("recordsFailedCount",)
+_ERROR = ("error",)
+_PAYLOAD = ("callback-payload", "callbackPayload")
+_UPSTREAM_ID = ("id", "jobId")
 
 
-def _fields(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The body's top level, and the ``message`` object event-style bodies nest under."""
-    message = data.get("message")
-    return data, message if isinstance(message, dict) else {}
-
-
-def _first(fields: tuple[dict[str, Any], dict[str, Any]], *names: str) -> Any:
-    for source in fields:
+def _first(sources: tuple[dict[str, Any], ...], names: tuple[str, ...]) -> Any:
+    for source in sources:
         for name in names:
             value = source.get(name)
             if value is not None and value != "":
@@ -59,10 +54,7 @@ def _shown(value: Any) -> str:
     return values.safe_text(short(text, 40) or "")
 
 
-def _count(
-    fields: tuple[dict[str, Any], dict[str, Any]], name: str, notes: list[str]
-) -> int | None:
-    value = _first(fields, name)
+def _count(value: Any, name: str, notes: list[str]) -> int | None:
     if value is None:
         return None
     number = values.count(value)
@@ -81,43 +73,44 @@ def parse(body: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def observation(data: dict[str, Any], at: float, detail: str = "") -> Observation:
-    fields = _fields(data)
-    raw_status = values.text(_first(fields, "status", "jobStatus"))
+def read(data: dict[str, Any], at: float, detail: str = "") -> tuple[Observation, Claim]:
+    """What a body says (its status, counts and message) and the job it names, in one pass.
+
+    Event-style bodies nest their fields under ``message``; a top-level field wins.
+    Every callback comes through here, so the fields are looked up once each and the
+    observation is built without the frozen dataclass's per-field ``__init__``.
+    """
+    message = data.get("message")
+    sources = (data, message) if isinstance(message, dict) else (data,)
+    raw_status = values.text(_first(sources, _STATUS))
     notes: list[str] = []
-    records = _count(fields, "recordsCount", notes)
-    failed = _count(fields, "recordsFailedCount", notes)
-    error, error_note = values.message(_first(fields, "error"))
-    return Observation(
+    records = _count(_first(sources, _RECORDS), "recordsCount", notes)
+    failed = _count(_first(sources, _FAILED), "recordsFailedCount", notes)
+    error, error_note = values.message(_first(sources, _ERROR))
+    if error_note:
+        notes.append(error_note)
+    if notes:
+        detail = "; ".join(part for part in (detail, *notes) if part)
+    observation = Observation.of(
         Source.CALLBACK,
         status=normalize_status(raw_status),
         raw_status=raw_status,
         records_count=records,
         records_failed_count=failed,
-        upstream_error=error,
+        detail=detail,
         at=at,
-        detail="; ".join(part for part in (detail, *notes, error_note) if part),
+        upstream_error=error,
     )
+    claim = Claim(
+        values.text(_first(sources, _PAYLOAD)), values.text(_first(sources, _UPSTREAM_ID))
+    )
+    return observation, claim
 
 
-def observation_from_body(body: bytes, at: float) -> Observation | None:
-    """What a verified callback body says; None when it is not a JSON object."""
+def read_body(body: bytes, at: float) -> tuple[Observation, Claim] | None:
+    """``read`` of a raw verified body; None when it is not a JSON object."""
     data = parse(body)
-    return None if data is None else observation(data, at)
-
-
-def claim(data: dict[str, Any]) -> Claim:
-    """The job (our id, from callback-payload) and upstream job a body names."""
-    fields = _fields(data)
-    payload = values.text(_first(fields, "callback-payload", "callbackPayload"))
-    upstream = values.text(_first(fields, "id", "jobId"))
-    return Claim(payload, upstream)
-
-
-def claim_from_body(body: bytes) -> Claim | None:
-    """What a verified callback body says it is about; None when not a JSON object."""
-    data = parse(body)
-    return None if data is None else claim(data)
+    return None if data is None else read(data, at)
 
 
 def nudge_only(observation: Observation) -> Observation:

@@ -264,12 +264,11 @@ async def receive(
         )
         receiver.metrics.callback("malformed")
         raise ApiError("the callback body is not a JSON object", code="malformed_callback")
-    observation = notification.observation(
+    observation, claim = notification.read(
         data,
         now,
         f"signature verified ({verdict.algorithm}, key {verdict.key_index}); delivery {webhook_id}",
     )
-    claim = notification.claim(data)
     if job_id is not None:
         return await _at_job_url(
             receiver, job_id, webhook_id, digest, observation, claim, body, repeats, started

@@ -140,6 +140,14 @@ class Keyring:
     def __init__(self, keys: Sequence[str | bytes]) -> None:
         self.keys = tuple(keys)
         self._keyed = {name: tuple(_mac(key, name) for key in self.keys) for name in _HASHES}
+        # A match's verdict is one of these few, built once instead of per callback.
+        self._matches = {
+            name: tuple(
+                Verification(Verdict.VALID, "signature matches", name, index)
+                for index in range(len(self.keys))
+            )
+            for name in _HASHES
+        }
 
     def verify(self, header: str | None, body: bytes) -> Verification:
         """Check ``header`` against ``body`` under each key in turn, in constant time per key."""
@@ -158,7 +166,7 @@ class Keyring:
                 mac.verify(digest)
             except InvalidSignature:
                 continue
-            return Verification(Verdict.VALID, "signature matches", algorithm, index)
+            return self._matches[algorithm][index]
         return Verification(
             Verdict.MISMATCH, "signature does not match the body under any key", algorithm
         )

@@ -55,7 +55,14 @@ class _HeaderDeadline(_Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._awaiting_request():
+        # A read that completed a request, as nearly every callback's single read does,
+        # is settled by the first test, inline: ``_awaiting_request`` is called only
+        # after a partial read or once the response is complete.
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            if self._header_timer is not None:
+                self._stop_header_timer()
+        elif self._awaiting_request():
             if self._header_timer is None and not self.transport.is_closing():
                 self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
         elif self._header_timer is not None:

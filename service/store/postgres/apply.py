@@ -93,7 +93,8 @@ def _write_sql(plan: Plan) -> str:
     The entry names the job through the update: a failed compare-and-set leaves it
     NULL, which the NOT NULL column refuses, failing the statement and its round.
     """
-    assignments = ", ".join(f"{name} = %s" for name in plan.changes)
+    # One join, no generator: this runs for every callback.
+    assignments = " = %s, ".join(plan.changes) + " = %s"
     return (
         f"WITH updated AS (UPDATE jobs SET {assignments}, version = version + 1 "
         "WHERE id = %s AND version = %s RETURNING id) "

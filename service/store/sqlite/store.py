@@ -328,18 +328,17 @@ class SQLiteStore(SQLiteActivity, Store):
                 return Applied(job, None, waiting=True)
             adopt = claim.upstream_id if claim is not None else upstream_id
             digest = delivery.digest if delivery is not None else None
-            duplicate = Applied(job, None, duplicate=True, refused=binding.refused)
             if kept_id is not None:
                 claimed, digest = _claim_kept(
                     conn, job_id, kept_id, observation.at, binding.refused
                 )
                 if not claimed:
-                    return duplicate
+                    return Applied(job, None, duplicate=True, refused=binding.refused)
             if binding.refused:
                 entry = refusal_event(job, binding.refused, observation.detail)
                 if _record(conn, job_id, observation.at, entry, digest, delivery, "wrong_job"):
                     return Applied(job, None, refused=binding.refused)
-                return duplicate
+                return Applied(job, None, duplicate=True, refused=binding.refused)
             seq: int | None = None
             for attempt in range(2):
                 plan = plan_apply(job, observation, upstream_id=adopt, next_poll_at=next_poll_at)
@@ -347,13 +346,14 @@ class SQLiteStore(SQLiteActivity, Store):
                     # Written first: finding it written already is the duplicate check.
                     seq = _record(conn, job_id, observation.at, plan.event, digest, delivery, None)
                     if seq is None:
-                        return duplicate
+                        return Applied(job, None, duplicate=True)
                 else:
                     conn.execute(
                         "UPDATE events SET source = ?, state = ?, detail = ? WHERE seq = ?",
                         (*plan.event, seq),
                     )
-                assignments = ", ".join(f"{name} = ?" for name in plan.changes)
+                # One join, no generator: this runs for every callback.
+                assignments = " = ?, ".join(plan.changes) + " = ?"
                 updated = conn.execute(
                     f"UPDATE jobs SET {assignments}, version = version + 1 "
                     "WHERE id = ? AND version = ?",
