@@ -7,8 +7,7 @@ arrives, with the copy's progress, so memory holds one page at a time. A copy st
 at ``max_records`` and says so. A failed page is retried later like a poll, doubling
 from the poll interval to the largest one and honouring ``Retry-After``; a refusal
 (a 4xx other than 429) ends the copy ``failed`` once ``REFUSALS`` tries in a row have
-failed, and
-nothing is retried once the upstream has surely forgotten the records
+failed, and nothing is retried once the upstream has surely forgotten the records
 (``rules.UPSTREAM_KEEPS`` after the job ended). Nothing here changes a job's state.
 """
 
