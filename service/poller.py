@@ -13,13 +13,13 @@ its own polls drain rather than asking the store again and again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import secrets
 import time
 from collections import deque
 
+from service.background import DueWork
 from service.jobs import Job
 from service.metrics import Metrics
 from service.store import Store
@@ -71,7 +71,7 @@ class RateLimiter:
             self._recent.append(time.monotonic())
 
 
-class Poller:
+class Poller(DueWork):
     def __init__(
         self,
         store: Store,
@@ -84,6 +84,7 @@ class Poller:
     ) -> None:
         """``wake``, when given, is set by whoever learns that a job is due sooner (the
         tracker, built before the poller, is handed its ``set``)."""
+        super().__init__("poller", log, wake)
         self.store = store
         self.tracker = tracker
         self.metrics = metrics
@@ -93,44 +94,6 @@ class Poller:
         self._concurrency = asyncio.Semaphore(max(1, min(32, int(rate * 2))))
         # Jobs claimed but not yet polled, at most: about two seconds of the rate.
         self._backlog = max(1, min(_BATCH, math.ceil(rate * 2)))
-        self._wake = wake if wake is not None else asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="poller")
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for task in list(self._inflight):
-            task.cancel()
-        for task in list(self._inflight):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(Exception):
-            await self.store.release_leases(self.owner)
-
-    async def _run(self) -> None:
-        while True:
-            # Cleared before the tick: a wake-up while it runs is not lost.
-            self._wake.clear()
-            try:
-                delay = await self._sleep_time(await self.tick())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("poller tick failed; retrying")
-                delay = 1.0
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
     async def tick(self) -> int:
         """Claim the jobs due now (as many as the backlog has room for) and start polling
@@ -143,15 +106,14 @@ class Poller:
         for job in jobs:
             if job.next_poll_at is not None:
                 self.metrics.poll_lag.observe(max(0.0, now - job.next_poll_at))
-            task = asyncio.get_running_loop().create_task(self._poll(job))
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
+            self._spawn(self._poll(job))
         return len(jobs)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        if len(self._inflight) <= self._backlog // 2:
-            self._wake.set()  # room for the next slice
+    def _room_opened(self) -> bool:
+        return len(self._inflight) <= self._backlog // 2  # room for the next slice
+
+    async def _release(self) -> None:
+        await self.store.release_leases(self.owner)
 
     async def _sleep_time(self, claimed: int) -> float:
         """How long to sleep before the next tick, unless woken sooner."""

@@ -13,13 +13,12 @@ failed, and nothing is retried once the upstream has surely forgotten the record
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
 import secrets
 import time
 
+from service.background import DueWork
 from service.failed_records.rules import UPSTREAM_KEEPS, CopyState, backoff, stored_record
 from service.jobs import Job
 from service.store import Store
@@ -53,7 +52,7 @@ def _bounded_detail(kept: int, job: Job) -> str:
     )
 
 
-class Copier:
+class Copier(DueWork):
     def __init__(
         self,
         store: Store,
@@ -64,6 +63,7 @@ class Copier:
         retry_most: float,
         lease: float,
     ) -> None:
+        super().__init__("copier", log, None)
         self.store = store
         self.upstream = upstream
         self.max_records = max_records
@@ -71,40 +71,6 @@ class Copier:
         self.retry_most = retry_most
         self.lease = lease
         self.owner = f"copier-{secrets.token_hex(4)}"
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._wake = asyncio.Event()
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="copier")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        for task in list(self._inflight):
-            task.cancel()
-        for task in list(self._inflight):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(Exception):
-            await self.store.release_copy_leases(self.owner)
-
-    async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                delay = await self._sleep_time(await self.tick())
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("looking for failed records to copy failed: %r", exc)
-                delay = _MAX_SLEEP
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
 
     async def tick(self) -> int:
         """Claim the copies due now (as many as there is room for) and start them."""
@@ -113,14 +79,11 @@ class Copier:
             return 0
         claimed = await self.store.claim_copies(time.time(), room, self.owner, self.lease)
         for state in claimed:
-            task = asyncio.get_running_loop().create_task(self._copy_logged(state))
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
+            self._spawn(self._copy_logged(state))
         return len(claimed)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._wake.set()
+    async def _release(self) -> None:
+        await self.store.release_copy_leases(self.owner)
 
     async def _sleep_time(self, claimed: int) -> float:
         """How long to sleep before the next tick, unless a copy ending wakes it."""
