@@ -310,16 +310,20 @@ def serve(cwd: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
 
 
 def wait_healthy(
-    url: str, process: subprocess.Popen[Any] | None = None, within: float = 20
+    url: str,
+    process: subprocess.Popen[Any] | None = None,
+    within: float = 20,
+    path: str = "/healthz",
 ) -> None:
-    """Until the service at ``url`` answers ``/healthz``; fails if ``process`` (the
-    service's, when given) exits first or ``within`` seconds pass."""
+    """Until the server at ``url`` answers ``path`` (the service's ``/healthz``);
+    fails if ``process`` (the server's, when given) exits first or ``within`` seconds
+    pass."""
     deadline = time.monotonic() + within
     while True:
         if process is not None and process.poll() is not None:
             raise AssertionError("the service exited")
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
                 return
         if time.monotonic() > deadline:
             raise AssertionError("the service did not start")

@@ -6,12 +6,13 @@ land on a real receiver that records the bytes exactly as they arrived.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,16 @@ from service.callbacks.signatures import Verdict, verify
 from service.sandbox import SandboxOptions
 from service.sandbox.options import WHOLE_FILE_ERROR
 
-from .helpers import SIGNATURE_KEY, Receiver, RunningSandbox, StartSandbox, free_port, write_csv
+from .helpers import (
+    SIGNATURE_KEY,
+    Receiver,
+    RunningSandbox,
+    StartSandbox,
+    eventually,
+    free_port,
+    wait_healthy,
+    write_csv,
+)
 
 AUTH_VALUE = "User u, Organization o, Element e"
 AUTH = {"Authorization": AUTH_VALUE}
@@ -855,44 +865,22 @@ def test_a_bad_fault_spec_is_400_and_changes_nothing(
 # -- the CLI --------------------------------------------------------------------------
 
 
-def test_the_sandbox_command_serves_the_api(receiver: Receiver, contacts_csv: Path) -> None:
+@contextlib.contextmanager
+def sandbox_command(*flags: str) -> Iterator[tuple[httpx.Client, list[str]]]:
+    """``bulkhook sandbox`` run with ``flags`` on a free port: a client of its API, and
+    the lines it printed (filled in once it has stopped)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OC_")}
-    command = [sys.executable, "-m", "service", "sandbox", "--port", str(port)]
-    command += ["--job-seconds", "0.1", "--signature-key", "k"]
+    command = [sys.executable, "-m", "service", "sandbox", "--port", str(port), *flags]
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    printed: list[str] = []
+    url = f"http://127.0.0.1:{port}"
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, "the sandbox exited"
-            try:
-                if httpx.get(url + "/", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the sandbox did not start"
-            time.sleep(0.05)
+        wait_healthy(url, process, path="/")
         with httpx.Client(base_url=url + "/elements/api-v2", headers=AUTH, timeout=10) as http:
-            with contacts_csv.open("rb") as handle:
-                created = http.post(
-                    "/hubs/marketing/bulk/contact",
-                    params={"path": "/contacts.csv"},
-                    files={"file": ("contacts.csv", handle, "text/csv")},
-                    headers={"Elements-Async-Callback-Url": receiver.url},
-                )
-            assert created.status_code == 200
-            job_id = created.json()["id"]
-            deadline = time.monotonic() + 10
-            while http.get(f"/hubs/marketing/bulk/{job_id}/status").json()["status"] != (
-                "COMPLETED"
-            ):
-                assert time.monotonic() < deadline, "the job never completed"
-                time.sleep(0.02)
-        [delivery] = receiver.wait_for(1)
-        assert verify(delivery.headers["elements-webhook-signature"], delivery.body, ["k"]).ok
+            yield http, printed
     finally:
         process.terminate()
         try:
@@ -900,7 +888,33 @@ def test_the_sandbox_command_serves_the_api(receiver: Receiver, contacts_csv: Pa
         except subprocess.TimeoutExpired:
             process.kill()
             output = process.communicate()[0]
-    assert "signed with sha256" in output
+        printed.extend(output.splitlines())
+
+
+def submit_through(http: httpx.Client, upload: Path, **headers: str) -> Any:
+    """Submit ``upload`` to a sandbox started by ``sandbox_command``; its job id."""
+    with upload.open("rb") as handle:
+        created = http.post(
+            "/hubs/marketing/bulk/contact",
+            files={"file": (upload.name, handle, "text/csv")},
+            headers=headers,
+        )
+    assert created.status_code == 200, created.text
+    return created.json()["id"]
+
+
+def test_the_sandbox_command_serves_the_api(receiver: Receiver, contacts_csv: Path) -> None:
+    with sandbox_command("--job-seconds", "0.1", "--signature-key", "k") as (http, printed):
+        job_id = submit_through(http, contacts_csv, **{"Elements-Async-Callback-Url": receiver.url})
+        eventually(
+            lambda: (
+                http.get(f"/hubs/marketing/bulk/{job_id}/status").json()["status"] == "COMPLETED"
+            ),
+            within=10,
+        )
+        [delivery] = receiver.wait_for(1)
+        assert verify(delivery.headers["elements-webhook-signature"], delivery.body, ["k"]).ok
+    assert any("signed with sha256" in line for line in printed)
 
 
 @pytest.mark.parametrize("flag", ["--fail-rate", "--fail-whole"])
@@ -920,47 +934,15 @@ def test_the_sandbox_command_refuses_a_fraction_above_one(flag: str) -> None:
 def test_the_sandbox_command_fails_jobs_whole_with_the_message_given(
     contacts_csv: Path,
 ) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OC_")}
-    command = [sys.executable, "-m", "service", "sandbox", "--port", str(port)]
-    command += ["--job-seconds", "0.1", "--fail-whole", "1", "--fail-whole-message", "No quota"]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, "the sandbox exited"
-            try:
-                if httpx.get(url + "/", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the sandbox did not start"
-            time.sleep(0.05)
-        with httpx.Client(base_url=url + "/elements/api-v2", headers=AUTH, timeout=10) as http:
-            with contacts_csv.open("rb") as handle:
-                created = http.post(
-                    "/hubs/marketing/bulk/contact",
-                    params={"path": "/contacts.csv"},
-                    files={"file": ("contacts.csv", handle, "text/csv")},
-                )
-            job_id = created.json()["id"]
-            deadline = time.monotonic() + 10
-            while (said := http.get(f"/hubs/marketing/bulk/{job_id}/status").json())[
-                "status"
-            ] not in TERMINAL:
-                assert time.monotonic() < deadline, "the job never ended"
-                time.sleep(0.02)
-        assert (said["status"], said["error"]) == ("ABORTED", "No quota")
-    finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+    flags = ("--job-seconds", "0.1", "--fail-whole", "1", "--fail-whole-message", "No quota")
+    with sandbox_command(*flags) as (http, _):
+        job_id = submit_through(http, contacts_csv)
+        eventually(
+            lambda: http.get(f"/hubs/marketing/bulk/{job_id}/status").json()["status"] in TERMINAL,
+            within=10,
+        )
+        said = http.get(f"/hubs/marketing/bulk/{job_id}/status").json()
+    assert (said["status"], said["error"]) == ("ABORTED", "No quota")
 
 
 def test_a_job_is_forgotten_after_its_retention_and_kept_until_then(
