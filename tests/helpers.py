@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from starlette.requests import Request
@@ -197,6 +198,22 @@ def form_parts(request: RawRequest) -> list[FormPart]:
         head, _, data = chunk.partition(b"\r\n\r\n")
         parts.append(FormPart(tuple(head.split(b"\r\n")), data))
     return parts
+
+
+def sent_upload(
+    request: RawRequest, service_url: str, job: dict[str, Any], path: str | None
+) -> tuple[dict[str, Any], FormPart]:
+    """Check a submit as the upstream received it (the URL, ``path`` as a query
+    parameter only when given, the job's callback URL, ``metaData`` first as a plain
+    field) and return the ``metaData`` it carried and the file part."""
+    target = urlsplit(request.target)
+    assert target.path == f"{API_PREFIX}/hubs/marketing/bulk/contact"
+    assert parse_qs(target.query) == ({"path": [path]} if path else {})
+    callback_url = request.headers["elements-async-callback-url"]
+    assert callback_url == f"{service_url}/callbacks/jobs/{job['id']}"
+    meta, file = form_parts(request)
+    assert meta.header_lines == (b'Content-Disposition: form-data; name="metaData"',)
+    return json.loads(meta.data), file
 
 
 class RecordingUpstream:

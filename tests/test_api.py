@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ from .helpers import (
     RunningService,
     StartSandbox,
     StartService,
-    form_parts,
+    sent_upload,
 )
 
 
@@ -136,15 +135,8 @@ def test_a_spooled_upload_on_the_wire_sends_metadata_first_and_a_path_only_if_gi
     assert response.status_code == 202, response.text
     job = response.json()
     [sent] = upstream.posts()
-    target = urlsplit(sent.target)
-    assert target.path == f"{API_PREFIX}/hubs/marketing/bulk/contact"
-    assert parse_qs(target.query) == ({"path": [path]} if path else {})
-    assert (
-        sent.headers["elements-async-callback-url"] == f"{service.url}/callbacks/jobs/{job['id']}"
-    )
-    meta, file = form_parts(sent)
-    assert meta.header_lines == (b'Content-Disposition: form-data; name="metaData"',)
-    assert json.loads(meta.data) == {
+    meta, file = sent_upload(sent, service.url, job, path)
+    assert meta == {
         "action": "upsert",
         "identifierFieldName": "Email",
         "callback-payload": job["id"],

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -24,7 +22,7 @@ from .helpers import (
     StartSandbox,
     StartService,
     eventually,
-    form_parts,
+    sent_upload,
 )
 
 BOUNDARY = "relay-test-boundary"
@@ -127,15 +125,8 @@ def test_a_relayed_upload_on_the_wire_sends_metadata_first_and_a_path_only_if_gi
     assert response.status_code == 202, response.text
     job = response.json()
     [sent] = upstream.posts()
-    target = urlsplit(sent.target)
-    assert target.path == f"{API_PREFIX}/hubs/marketing/bulk/contact"
-    assert parse_qs(target.query) == ({"path": [path]} if path else {})
-    assert (
-        sent.headers["elements-async-callback-url"] == f"{service.url}/callbacks/jobs/{job['id']}"
-    )
-    meta, file = form_parts(sent)
-    assert meta.header_lines == (b'Content-Disposition: form-data; name="metaData"',)
-    assert json.loads(meta.data) == {"action": "upsert", "callback-payload": job["id"]}
+    meta, file = sent_upload(sent, service.url, job, path)
+    assert meta == {"action": "upsert", "callback-payload": job["id"]}
     assert (
         file.header_lines[0] == b'Content-Disposition: form-data; name="file"; filename="big.csv"'
     )
