@@ -454,6 +454,7 @@ def test_serving_the_whole_result(served: tuple[str, bytes, str]) -> None:
         ("bytes=10-", 10, None),
         ("bytes=-7", -7, None),
         ("bytes=5-99999", 5, None),
+        ("bytes=-99999", 0, None),  # a suffix longer than the file is all of it
     ],
 )
 def test_serving_one_byte_range(

@@ -6,7 +6,9 @@ module adds what it leaves out: the ETag is the file's SHA-256 (so it is the sam
 every replica reading a shared volume, and a client can check the bytes against it),
 ``If-None-Match`` is answered ``304``, and a ``Range`` header that cannot be parsed, or
 asks for several ranges, is ignored (the whole file, ``200``) as HTTP allows, instead of
-Starlette's ``400`` or multipart answer.
+Starlette's ``400`` or multipart answer. (``FileResponse`` answers ranges from Starlette
+0.39; the project needs 0.49.1, the first whose range parsing is not quadratic, and
+only a header of one well-formed range reaches it anyway.)
 
 Content types: ``text/csv; charset=utf-8``, ``application/json``, and
 ``application/x-ndjson`` for JSON Lines (the name most tools that stream JSON Lines
