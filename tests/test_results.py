@@ -191,6 +191,24 @@ def test_jsonl_counts_lines_that_are_not_blank(
     assert counted("jsonl", split_at(raw, cuts)) == Count(expected)
 
 
+@PROPERTIES
+@given(
+    st.sampled_from(["csv", "json", "jsonl"]),
+    st.binary(max_size=0)
+    | st.lists(st.sampled_from(list(b'ab,"\r\n []{}\\:')), max_size=40).map(bytes),
+    st.data(),
+)
+@example("csv", b'a\n"x""', [4])
+@example("json", b'["\\\\"]', [3])
+def test_any_bytes_count_the_same_however_they_are_split(
+    fmt: Format, raw: bytes, data: Any
+) -> None:
+    """Well-formed or not, where the chunks break changes nothing."""
+    cuts = data if isinstance(data, list) else data.draw(st.lists(st.integers(0, len(raw))))
+    assert counted(fmt, split_at(raw, cuts)) == counted(fmt, [raw])
+    assert counted(fmt, [raw[i : i + 1] for i in range(len(raw))]) == counted(fmt, [raw])
+
+
 # Writing ------------------------------------------------------------------------------
 
 CSV = b'id,name\r\n1,"Doe, Jane"\r\n2,"multi\r\nline"\r\n3,\xc3\xa9\r\n'

@@ -51,6 +51,12 @@ _BACKSLASH = 92
 # A blank CSV line inside a stretch without quotes: its line feed is preceded by another
 # (with at most a CR between). The lookahead lets runs of blank lines all be found.
 _CSV_BLANK = re.compile(rb"\n\r?(?=\n)")
+# A whole quoted field, doubled quotes and line breaks inside it, in one match.
+_QUOTED_FIELD = re.compile(rb'"[^"]*+(?:""[^"]*+)*+"')
+# Once each quoted field is a lone quote: one not at a field's start, or followed by
+# anything but a field's or row's end.
+_QUOTE_INSIDE = re.compile(rb'[^,\n]"')
+_TEXT_AFTER = re.compile(rb'"[^,\r\n]')
 _JSONL_BLANK = re.compile(rb"\n[ \t\r]*(?=\n)")
 # Outside a string: everything up to the next bracket (or comma, at the array's own
 # level) that is not inside a string, whole strings included, in one match. It stops
@@ -130,18 +136,42 @@ class CsvCounter:
                     continue
                 if following not in (_COMMA, _CR, _LF) and self._detail is None:
                     self._detail = "text follows a closing quote"
-            j = data.find(b'"', i)
-            end = n if j < 0 else j
-            if end > i:
-                self._unquoted(data, i, end)
-            if j < 0:
+            quotes = data.count(b'"', i)
+            if quotes == 0:
+                self._unquoted(data, i, n)
                 return
-            if self._prev not in (_COMMA, _LF) and self._detail is None:
+            # An odd count leaves the last quote open: its field goes on past this chunk.
+            end = n if quotes % 2 == 0 else data.rfind(b'"')
+            if end > i:
+                self._fields(data[i:end])
+            if end < n:
+                # After a closing quote, the open one doubles it: the field goes on.
+                doubled = end > i and data[end - 1] == _QUOTE
+                if not doubled and self._prev not in (_COMMA, _LF) and self._detail is None:
+                    self._detail = "a quote inside an unquoted field"
+                self._in_quotes = True
+                self._line = _CONTENT
+                self._prev = _QUOTE
+                i = end + 1
+                continue
+            # A closing quote last: the next chunk may start with its other half.
+            self._after_close = data[n - 1] == _QUOTE
+            return
+
+    def _fields(self, stretch: bytes) -> None:
+        """A stretch whose quoted fields all close in it.
+
+        Each quoted field becomes a lone quote, in one pass in C, so the line feeds
+        left are the ones that end rows; what remains is counted like a stretch
+        without quotes.
+        """
+        flat = _QUOTED_FIELD.sub(b'"', stretch)
+        if self._detail is None:
+            if _QUOTE_INSIDE.search(bytes((self._prev,)) + flat[:1]) or _QUOTE_INSIDE.search(flat):
                 self._detail = "a quote inside an unquoted field"
-            self._in_quotes = True
-            self._line = _CONTENT
-            self._prev = _QUOTE
-            i = j + 1
+            elif _TEXT_AFTER.search(flat):
+                self._detail = "text follows a closing quote"
+        self._unquoted(flat, 0, len(flat))
 
     def _unquoted(self, data: bytes, start: int, end: int) -> None:
         """A stretch without quotes: its line feeds all end rows."""
