@@ -363,6 +363,38 @@ def test_a_killed_write_is_never_served_and_removed_at_start_up(tmp_path: Path) 
     assert names(tmp_path) == []
 
 
+FULL_DISK = textwrap.dedent(
+    """
+    import errno, resource, sys, anyio
+    from pathlib import Path
+    from service.downloads.results import ResultFiles
+
+    async def chunks():
+        for _ in range(10):
+            yield b"x" * (1 << 20)
+
+    # Files may not grow past 3 MiB: the write fails as on a full disk.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (3 << 20, 3 << 20))
+    try:
+        anyio.run(ResultFiles(Path(sys.argv[1])).write, sys.argv[2], "csv", chunks())
+    except OSError as exc:
+        print(errno.errorcode[exc.errno])
+    """
+)
+
+
+def test_a_full_disk_fails_the_write_and_leaves_nothing(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path), JOB],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "EFBIG", out.stderr
+    assert names(tmp_path) == []
+
+
 def test_removing_a_result(tmp_path: Path) -> None:
     results = ResultFiles(tmp_path)
     stored = anyio.run(results.write, JOB, "csv", stream(CSV, 100))
