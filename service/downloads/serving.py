@@ -1,0 +1,99 @@
+"""A stored result as an HTTP response: its type, length, ETag and byte ranges.
+
+Starlette's ``FileResponse`` streams the file and answers ``Range`` (one range: ``206``
+with ``Content-Range``; a range past the end: ``416``) and ``If-Range``. Around it, this
+module adds what it leaves out: the ETag is the file's SHA-256 (so it is the same on
+every replica reading a shared volume, and a client can check the bytes against it),
+``If-None-Match`` is answered ``304``, and a ``Range`` header that cannot be parsed, or
+asks for several ranges, is ignored (the whole file, ``200``) as HTTP allows, instead of
+Starlette's ``400`` or multipart answer. (``FileResponse`` answers ranges from Starlette
+0.39; the project needs 0.49.1, the first whose range parsing is not quadratic, and
+only a header of one well-formed range reaches it anyway.)
+
+Content types: ``text/csv; charset=utf-8``, ``application/json``, and
+``application/x-ndjson`` for JSON Lines (the name most tools that stream JSON Lines
+send and accept).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from starlette.responses import FileResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from service.downloads.records import Format
+from service.errors import ApiError
+
+__all__ = ["CONTENT_TYPES", "result_response"]
+
+CONTENT_TYPES: dict[Format, str] = {
+    "csv": "text/csv; charset=utf-8",
+    "json": "application/json",
+    "jsonl": "application/x-ndjson",
+}
+
+_ONE_RANGE = re.compile(r"bytes=[ \t]*(?:([0-9]+)-([0-9]*)|-[0-9]+)[ \t]*")
+
+
+def _one_range(value: bytes) -> bool:
+    """Whether a Range header asks for exactly one valid range of bytes."""
+    match = _ONE_RANGE.fullmatch(value.decode("latin-1"))
+    if match is None:
+        return False
+    first, last = match.groups()
+    return not (first and last and int(first) > int(last))
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """Whether an ``If-None-Match`` list names ``etag`` (weak comparison, or ``*``)."""
+    for candidate in header.split(","):
+        tag = candidate.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+class _ResultFile(FileResponse):
+    """A ``FileResponse`` that hands Starlette only a Range header of one range."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope.get("headers", [])
+        if any(name == b"range" for name, _ in headers):
+            ranges = [value for name, value in headers if name == b"range"]
+            if not (len(ranges) == 1 and _one_range(ranges[0])):
+                kept = [(name, value) for name, value in headers if name != b"range"]
+                scope = {**scope, "headers": kept}
+        await super().__call__(scope, receive, send)
+
+
+def result_response(
+    path: Path,
+    fmt: Format,
+    sha256: str,
+    request_headers: Mapping[str, str],
+    *,
+    filename: str | None = None,
+) -> Response:
+    """The answer to a GET or HEAD of the stored result at ``path``."""
+    etag = f'"{sha256}"'
+    if_none_match = request_headers.get("if-none-match")
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers={"etag": etag, "accept-ranges": "bytes"})
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise ApiError(
+            "the job's result is not stored", code="result_not_found", status=404
+        ) from None
+    return _ResultFile(
+        path,
+        media_type=CONTENT_TYPES[fmt],
+        headers={"etag": etag, "cache-control": "private, no-cache"},
+        filename=filename or path.name,
+        stat_result=stat,
+        content_disposition_type="attachment",
+    )
