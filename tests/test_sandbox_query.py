@@ -7,6 +7,8 @@ import asyncio
 import csv
 import io
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,14 @@ from service.upstream.client import (
     UpstreamError,
 )
 
-from .helpers import SIGNATURE_KEY, Receiver, RunningSandbox, StartSandbox, write_csv
+from .helpers import (
+    SIGNATURE_KEY,
+    Receiver,
+    RunningSandbox,
+    StartSandbox,
+    free_port,
+    write_csv,
+)
 
 AUTH = {"Authorization": "User u, Organization o, Element e"}
 ACCEPT = {"csv": "text/csv", "json": "application/json", "jsonl": "application/jsonl"}
@@ -427,3 +436,41 @@ async def test_the_client_download_of_results_not_there_is_an_upstream_error(
         with pytest.raises(ValueError, match="format"):
             async with client.download("marketing", "1", "contact", format="xml"):
                 pass
+
+
+def test_the_sandbox_command_offers_generated_records(tmp_path: Path) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "service", "sandbox", "--port", str(port)]
+    command += ["--job-seconds", "0.1", "--generated-records", "25"]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, "the sandbox exited"
+            try:
+                if httpx.get(url + "/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the sandbox did not start"
+            time.sleep(0.05)
+        with httpx.Client(base_url=url + "/elements/api-v2", headers=AUTH, timeout=10) as http:
+            job_id = http.post(
+                "/hubs/crm/bulk/query", params={"q": "select id from generated limit 30"}
+            ).json()["id"]
+            deadline = time.monotonic() + 10
+            while http.get(f"/hubs/crm/bulk/{job_id}/status").json()["status"] != "COMPLETED":
+                assert time.monotonic() < deadline, "the query never completed"
+                time.sleep(0.02)
+            answer = http.get(f"/hubs/crm/bulk/{job_id}/generated")
+        assert answer.text.splitlines() == ["id", *(str(i) for i in range(1, 26))]
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
