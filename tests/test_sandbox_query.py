@@ -176,6 +176,18 @@ def test_failed_rows_are_not_exported_and_uploads_upsert_by_email(
     ]
 
 
+def test_an_object_holds_at_most_max_records(start_sandbox: StartSandbox, tmp_path: Path) -> None:
+    sandbox = start_sandbox(max_records=2)
+    rows = [["C_EmailAddress"], ["a@x.io"], ["b@x.io"], ["c@x.io"]]
+    upload(sandbox, write_csv(tmp_path / "three.csv", rows))
+    upload(sandbox, write_csv(tmp_path / "again.csv", [["C_EmailAddress"], ["d@x.io"]]))
+    job_id = query(sandbox, "select * from contact")
+    assert results(sandbox, job_id, fmt="json") == [
+        {"C_EmailAddress": "a@x.io"},
+        {"C_EmailAddress": "b@x.io"},
+    ]
+
+
 @pytest.mark.parametrize(
     "q",
     [

@@ -82,7 +82,7 @@ class ObjectRecords:
             if existing is not None:
                 existing.update(row)
             elif len(self.rows) < most:
-                self.rows[key] = dict(row)
+                self.rows[key] = row
 
 
 def _csv_line(cells: Iterable[str]) -> str:

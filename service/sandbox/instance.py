@@ -280,7 +280,9 @@ class Simulator:
     async def _load(self, job: SandboxJob, upload: BinaryIO) -> ScanResult:
         try:
             upload.seek(0)
-            return await anyio.to_thread.run_sync(lambda: scan_csv(upload, keep_rows=True))
+            return await anyio.to_thread.run_sync(
+                lambda: scan_csv(upload, keep_rows=self.options.max_records)
+            )
         finally:
             upload.close()
 

@@ -68,8 +68,9 @@ class SandboxOptions:
     # Records of the object ``generated`` every hub answers bulk queries for (0: no
     # such object); each is computed from its index, so any number costs no memory.
     generated_records: int = 0
-    # The most records one object keeps from its uploads; later new ones are not kept.
-    max_records: int = 1_000_000
+    # The most records one object holds from its uploads (and rows one upload keeps for
+    # it): the sandbox holds them in memory, so a load test's files cannot exhaust it.
+    max_records: int = 100_000
     hubs: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_HUBS))
     seed: int | None = None
 

@@ -30,9 +30,9 @@ class ScanResult:
     rows: list[dict[str, str]] = field(default_factory=list)
 
 
-def scan_csv(data: BinaryIO, *, keep_rows: bool = False) -> ScanResult:
-    """Read the upload once, row by row, so a large file never sits in memory (unless
-    ``keep_rows`` asks for the loaded rows)."""
+def scan_csv(data: BinaryIO, *, keep_rows: int = 0) -> ScanResult:
+    """Read the upload once, row by row, so a large file never sits in memory; only its
+    first ``keep_rows`` loaded rows are kept, for the object to hold."""
     result = ScanResult()
     text = io.TextIOWrapper(data, encoding="utf-8-sig", newline="")
     try:
@@ -65,7 +65,7 @@ def scan_csv(data: BinaryIO, *, keep_rows: bool = False) -> ScanResult:
                     )
                     failed = True
                     break
-            if keep_rows and not failed:
+            if not failed and len(result.rows) < keep_rows:
                 padded = row + [""] * (len(header) - len(row))
                 result.rows.append(dict(zip(header, padded, strict=False)))
     except UnicodeDecodeError:
