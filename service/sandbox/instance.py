@@ -63,6 +63,9 @@ class Fault:
     content: str | None = None
     # Calls of its operation answered normally before it fires (a fault mid-way).
     skip: int = 0
+    # For a download: answer it as usual but drop the connection after this many bytes
+    # of the file, as a transfer cut mid-way (the status is then the usual 200).
+    cut_after: int | None = None
 
     def body(self) -> bytes:
         if self.content is not None:
@@ -171,11 +174,14 @@ class Simulator:
         body: Any = None,
         raw_body: str | None = None,
         skip: int = 0,
+        cut_after: int | None = None,
     ) -> None:
         """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``,
         and with ``body`` (any JSON value) or ``raw_body`` (JSON text sent as it is, for
         what a JSON encoder would refuse to write, e.g. a 5,000-digit number) if given;
-        the first ``skip`` calls are answered as usual (a failure mid-way)."""
+        the first ``skip`` calls are answered as usual (a failure mid-way). With
+        ``cut_after`` (downloads only, ``status`` 200) the result file is sent as usual
+        but the connection drops after that many bytes of it."""
         if operation is not None and operation not in OPERATIONS:
             raise ValueError(f"unknown operation {operation!r}")
         content = raw_body if raw_body is not None else None
@@ -185,9 +191,21 @@ class Simulator:
             content = json.dumps(body)  # escapes NUL and lone surrogates as \u sequences
         if content is not None and not isinstance(content, str):
             raise ValueError("raw_body must be a string")
+        if cut_after is not None and (
+            isinstance(cut_after, bool)
+            or not isinstance(cut_after, int)
+            or cut_after < 0
+            or operation != "download"
+            or status != 200
+            or content is not None
+        ):
+            raise ValueError(
+                "cut_after must be a whole number of bytes from 0, for the operation"
+                f" download with status 200 and no body, got {cut_after!r}"
+            )
         # Checked here, not when the fault fires: a bad spec must be refused up front
         # instead of breaking the response of some later, unrelated call.
-        lowest = 200 if content is not None else 400
+        lowest = 200 if content is not None or cut_after is not None else 400
         if isinstance(status, bool) or not isinstance(status, int) or not lowest <= status <= 599:
             raise ValueError(
                 f"status must be an HTTP status from {lowest} to 599"
@@ -205,7 +223,7 @@ class Simulator:
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
             raise ValueError(f"skip must be a whole number from 0, got {skip!r}")
         self._faults.append(
-            Fault(operation, status, retry_after, after_processing, times, content, skip)
+            Fault(operation, status, retry_after, after_processing, times, content, skip, cut_after)
         )
 
     def take_fault(self, operation: str) -> Fault | None:

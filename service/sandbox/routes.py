@@ -14,7 +14,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
@@ -51,6 +51,23 @@ def _fault_response(fault: Fault) -> Response:
         headers=fault.headers(),
         media_type="application/json",
     )
+
+
+class _Cut(Exception):
+    """Raised mid-response: the server drops the connection, as a transfer cut off."""
+
+
+async def _cut(body: AsyncIterable[str | bytes | memoryview], after: int) -> AsyncIterator[bytes]:
+    sent = 0
+    async for piece in body:
+        data = piece.encode() if isinstance(piece, str) else bytes(piece)
+        if sent + len(data) > after:
+            if after > sent:
+                yield data[: after - sent]
+            raise _Cut(f"download cut after {after} bytes, as injected")
+        sent += len(data)
+        yield data
+    raise _Cut(f"download cut after {sent} bytes, as injected")
 
 
 def _authorized(sandbox: Simulator, request: Request) -> bool:
@@ -188,6 +205,11 @@ def build_app(sandbox: Simulator) -> Starlette:
                 if hub not in sandbox.options.hubs:
                     return _error(404, f"No element instance found for hub '{hub}'")
                 fault = sandbox.take_fault(name)
+                if fault is not None and fault.cut_after is not None:
+                    response = await handler(request)
+                    if isinstance(response, StreamingResponse):
+                        response.body_iterator = _cut(response.body_iterator, fault.cut_after)
+                    return response
                 if fault is not None and not fault.after_processing:
                     # Read what the client sent, as a real server would before answering.
                     async for _ in request.stream():
@@ -358,6 +380,7 @@ def build_app(sandbox: Simulator) -> Starlette:
                 body=spec.get("body"),
                 raw_body=spec.get("raw_body"),
                 skip=spec.get("skip", 0),
+                cut_after=spec.get("cut_after"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return _error(400, f"bad fault: {exc}")
