@@ -212,6 +212,29 @@ def test_a_query_that_does_not_parse_is_400(sandbox: RunningSandbox, q: str) -> 
     assert sandbox.sandbox.jobs == {}
 
 
+@pytest.mark.parametrize("fmt", ["csv", "json", "jsonl"])
+def test_an_object_nothing_was_loaded_into_exports_an_empty_file(
+    sandbox: RunningSandbox, fmt: str
+) -> None:
+    job_id = query(sandbox, "select * from account")
+    with api(sandbox) as http:
+        answer = http.get(f"/hubs/marketing/bulk/{job_id}/account", headers={"Accept": ACCEPT[fmt]})
+    assert answer.status_code == 200
+    assert answer.content == {"csv": b"", "json": b"[]", "jsonl": b""}[fmt]
+
+
+@pytest.mark.parametrize(
+    "raw", ["select%FF%FE", "select%00*", "%27%27%27", "select+*+from+contact+limit+" + "9" * 40]
+)
+def test_a_query_of_undecodable_or_odd_text_is_400_not_500(
+    sandbox: RunningSandbox, raw: str
+) -> None:
+    with api(sandbox) as http:
+        answer = http.post(f"/hubs/marketing/bulk/query?q={raw}")
+    assert answer.status_code == 400
+    assert answer.json()["message"].startswith("Error parsing query: ")
+
+
 def test_a_query_of_an_unknown_object_is_400(sandbox: RunningSandbox) -> None:
     answer = start_query(sandbox, "select * from widgets")
     assert answer.status_code == 400

@@ -99,7 +99,8 @@ def encode(
     names = list(columns)
     parts: list[str] = []
     size = 0
-    if fmt == "csv":
+    if fmt == "csv" and names:
+        # An object nothing was loaded into has no columns: its file is empty.
         parts.append(_csv_line(names))
     elif fmt == "json":
         parts.append("[")
