@@ -5,6 +5,9 @@ that walks ``CREATED`` → ``STARTED`` → ``RUNNING`` → a terminal status and
 delivers a signed callback, with the redelivery schedule of the real platform (scaled
 by ``callback_retry_base``). A job that fails as a whole ends ``ABORTED`` instead of
 ``RUNNING``, with the platform's message as its ``error``.
+
+A bulk query is a job of the same kind whose work is reading the records its object
+holds (those completed uploads loaded) instead of reading a file.
 """
 
 from __future__ import annotations
@@ -316,7 +319,9 @@ class Simulator:
             return ScanResult(records=await anyio.to_thread.run_sync(counted))
         held = self.objects.get((job.hub, query.object)) or ObjectRecords()
         job.columns = list(query.fields or held.columns)
-        job.matched = list(query.select(list(held.rows.values())))
+        # Taken on the loop, where uploads change the object; matched off it.
+        records = list(held.rows.values())
+        job.matched = await anyio.to_thread.run_sync(lambda: list(query.select(records)))
         return ScanResult(records=len(job.matched))
 
     def result(self, job: SandboxJob, fmt: str) -> Iterator[bytes]:
