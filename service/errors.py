@@ -23,7 +23,11 @@ hierarchy, each with its code and status:
 
     * ``UpstreamUnavailable`` -- no HTTP response at all (connection refused,
       timeout, dropped): ``upstream_unavailable``, 502.
+    * ``QueryRefused`` -- the upstream refused a bulk query with 400 (its CEQL does
+      not parse): ``upstream_query_refused``, 400, with the upstream's message.
 
+  * ``QueryError`` (``service.sandbox.ceql``) -- the sandbox cannot parse a bulk
+    query: ``query_invalid``, 400 (the sandbox answers it as the platform does).
   * ``SpoolError`` (``service.uploads.spool``) -- an upload's temporary file cannot be
     read to the size it was announced with: ``upload_unreadable``, 400.
   * ``ConfigError`` (``service.config``) -- a setting is unusable:

@@ -18,10 +18,11 @@ from service.cli.api_client import ServiceError, ServiceUnreachable
 from service.config import ConfigError
 from service.errors import ApiError, BulkhookError, error_body, error_response, unexpected
 from service.jobs import new_job_id
+from service.sandbox.ceql import QueryError
 from service.server.serve import StartupError
 from service.store import StoreError, store_error
 from service.uploads.spool import SpoolError
-from service.upstream.client import UpstreamError, UpstreamUnavailable
+from service.upstream.client import QueryRefused, UpstreamError, UpstreamUnavailable
 
 from .helpers import RunningService, assert_error, signed
 
@@ -104,6 +105,12 @@ OWN_ERRORS: dict[type[BulkhookError], tuple[BulkhookError, str, int]] = {
         "upstream_unavailable",
         502,
     ),
+    QueryRefused: (
+        QueryRefused("query", "Error parsing query: expected 'from'", status=400),
+        "upstream_query_refused",
+        400,
+    ),
+    QueryError: (QueryError("expected 'from' at the end of the query"), "query_invalid", 400),
     SpoolError: (SpoolError("the file is 3 bytes, not 4"), "upload_unreadable", 400),
     ConfigError: (ConfigError("BULKHOOK_POLL_RATE must be a number"), "bad_setting", 503),
     StartupError: (StartupError("address already in use"), "startup_failed", 503),

@@ -109,6 +109,7 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
             legacy_status_names=args.legacy_status_names,
             callback_url=args.callback_url,
             retention=args.retention,
+            generated_records=args.generated_records,
             seed=args.seed,
         )
     except ValueError as exc:
@@ -239,6 +240,13 @@ def _parser() -> argparse.ArgumentParser:
         default=3 * 86400.0,
         metavar="S",
         help="seconds a job's status and failed records are kept after it ends",
+    )
+    sandbox.add_argument(
+        "--generated-records",
+        type=int,
+        default=0,
+        metavar="N",
+        help="offer the object 'generated' with N computed records to bulk queries",
     )
     sandbox.add_argument("--seed", type=int, help="seed for the fault dice")
     sandbox.set_defaults(run=_sandbox)

@@ -5,6 +5,9 @@ that walks ``CREATED`` → ``STARTED`` → ``RUNNING`` → a terminal status and
 delivers a signed callback, with the redelivery schedule of the real platform (scaled
 by ``callback_retry_base``). A job that fails as a whole ends ``ABORTED`` instead of
 ``RUNNING``, with the platform's message as its ``error``.
+
+A bulk query is a job of the same kind whose work is reading the records its object
+holds (those completed uploads loaded) instead of reading a file.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -26,12 +30,20 @@ import httpx
 
 from service.callbacks.signatures import HEADER as SIGNATURE_HEADER
 from service.callbacks.signatures import sign
+from service.sandbox.ceql import Query
+from service.sandbox.exports import (
+    GENERATED,
+    GENERATED_COLUMNS,
+    ObjectRecords,
+    encode,
+    generated_records,
+)
 from service.sandbox.options import SandboxOptions
 from service.sandbox.records import ScanResult, scan_csv
 
 __all__ = ["OPERATIONS", "Fault", "SandboxJob", "Simulator"]
 
-OPERATIONS = ("objects", "submit", "status", "errors", "cancel", "jobs")
+OPERATIONS = ("objects", "submit", "status", "errors", "cancel", "jobs", "query", "download")
 TERMINAL = frozenset({"COMPLETED", "ERROR", "ABORTED", "CANCELLED"})
 _LEGACY = {"COMPLETED": "COMPLETE", "CANCELLED": "CANCELED"}
 
@@ -54,6 +66,9 @@ class Fault:
     content: str | None = None
     # Calls of its operation answered normally before it fires (a fault mid-way).
     skip: int = 0
+    # For a download: answer it as usual but drop the connection after this many bytes
+    # of the file, as a transfer cut mid-way (the status is then the usual 200).
+    cut_after: int | None = None
 
     def body(self) -> bytes:
         if self.content is not None:
@@ -86,6 +101,12 @@ class SandboxJob:
     abort_with: str | None = None
     # The platform's message for a job that failed (ERROR or ABORTED).
     error: str | None = None
+    # "UPLOAD", or "DOWNLOAD" for a bulk query, whose query and matched records (read
+    # when it runs; None for the generated object, computed again when downloaded).
+    direction: str = "UPLOAD"
+    query: Query | None = None
+    matched: list[dict[str, str]] | None = None
+    columns: list[str] = field(default_factory=list)
 
     def status_body(self, legacy: bool) -> dict[str, Any]:
         scan = self.scan or ScanResult()
@@ -94,7 +115,7 @@ class SandboxJob:
             "id": str(self.id),
             "status": status,
             "objectName": self.object,
-            "jobDirection": "UPLOAD",
+            "jobDirection": self.direction,
             "recordsCount": scan.records,
             "recordsFailedCount": len(scan.failed),
             "createdDate": _iso(self.created_at),
@@ -121,6 +142,8 @@ class Simulator:
         self.options = options or SandboxOptions(**kwargs)
         self._rng = random.Random(self.options.seed)
         self.jobs: dict[int, SandboxJob] = {}
+        # What each (hub, object) holds: the rows its completed uploads loaded.
+        self.objects: dict[tuple[str, str], ObjectRecords] = {}
         self._next_id = 1000 + self._rng.randrange(9000)
         self._faults: list[Fault] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -154,11 +177,14 @@ class Simulator:
         body: Any = None,
         raw_body: str | None = None,
         skip: int = 0,
+        cut_after: int | None = None,
     ) -> None:
         """Answer the next ``times`` calls of ``operation`` (None: any) with ``status``,
         and with ``body`` (any JSON value) or ``raw_body`` (JSON text sent as it is, for
         what a JSON encoder would refuse to write, e.g. a 5,000-digit number) if given;
-        the first ``skip`` calls are answered as usual (a failure mid-way)."""
+        the first ``skip`` calls are answered as usual (a failure mid-way). With
+        ``cut_after`` (downloads only, ``status`` 200) the result file is sent as usual
+        but the connection drops after that many bytes of it."""
         if operation is not None and operation not in OPERATIONS:
             raise ValueError(f"unknown operation {operation!r}")
         content = raw_body if raw_body is not None else None
@@ -168,9 +194,21 @@ class Simulator:
             content = json.dumps(body)  # escapes NUL and lone surrogates as \u sequences
         if content is not None and not isinstance(content, str):
             raise ValueError("raw_body must be a string")
+        if cut_after is not None and (
+            isinstance(cut_after, bool)
+            or not isinstance(cut_after, int)
+            or cut_after < 0
+            or operation != "download"
+            or status != 200
+            or content is not None
+        ):
+            raise ValueError(
+                "cut_after must be a whole number of bytes from 0, for the operation"
+                f" download with status 200 and no body, got {cut_after!r}"
+            )
         # Checked here, not when the fault fires: a bad spec must be refused up front
         # instead of breaking the response of some later, unrelated call.
-        lowest = 200 if content is not None else 400
+        lowest = 200 if content is not None or cut_after is not None else 400
         if isinstance(status, bool) or not isinstance(status, int) or not lowest <= status <= 599:
             raise ValueError(
                 f"status must be an HTTP status from {lowest} to 599"
@@ -188,7 +226,7 @@ class Simulator:
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
             raise ValueError(f"skip must be a whole number from 0, got {skip!r}")
         self._faults.append(
-            Fault(operation, status, retry_after, after_processing, times, content, skip)
+            Fault(operation, status, retry_after, after_processing, times, content, skip, cut_after)
         )
 
     def take_fault(self, operation: str) -> Fault | None:
@@ -234,8 +272,66 @@ class Simulator:
             job.abort_with = self.options.fail_whole_message
         self._next_id += 1
         self.jobs[job.id] = job
-        self._spawn(self._run(job, upload))
+        self._spawn(self._run(job, lambda: self._load(job, upload)))
         return job
+
+    def object_names(self, hub: str) -> tuple[str, ...]:
+        names = self.options.hubs[hub]
+        return (*names, GENERATED) if self.options.generated_records else names
+
+    def create_query_job(
+        self, *, hub: str, query: Query, callback_url: str | None, metadata: dict[str, Any]
+    ) -> SandboxJob:
+        """A bulk query: it runs like an upload and then holds the matching records."""
+        job = SandboxJob(
+            id=self._next_id,
+            hub=hub,
+            object=query.object,
+            path=None,
+            callback_url=callback_url or self.options.callback_url,
+            metadata=metadata,
+            direction="DOWNLOAD",
+            query=query,
+        )
+        self._next_id += 1
+        self.jobs[job.id] = job
+        self._spawn(self._run(job, lambda: self._select(job, query)))
+        return job
+
+    async def _load(self, job: SandboxJob, upload: BinaryIO) -> ScanResult:
+        try:
+            upload.seek(0)
+            return await anyio.to_thread.run_sync(
+                lambda: scan_csv(upload, keep_rows=self.options.max_records)
+            )
+        finally:
+            upload.close()
+
+    async def _select(self, job: SandboxJob, query: Query) -> ScanResult:
+        """Read the records the query matches now, as the platform does when it runs."""
+        if query.object == GENERATED:
+            job.columns = list(query.fields or GENERATED_COLUMNS)
+            count = self.options.generated_records
+
+            def counted() -> int:
+                return sum(1 for _ in query.select(generated_records(count)))
+
+            return ScanResult(records=await anyio.to_thread.run_sync(counted))
+        held = self.objects.get((job.hub, query.object)) or ObjectRecords()
+        job.columns = list(query.fields or held.columns)
+        # Taken on the loop, where uploads change the object; matched off it.
+        records = list(held.rows.values())
+        job.matched = await anyio.to_thread.run_sync(lambda: list(query.select(records)))
+        return ScanResult(records=len(job.matched))
+
+    def result(self, job: SandboxJob, fmt: str) -> Iterator[bytes]:
+        """The query's result file, piece by piece."""
+        if job.matched is not None:
+            records: Iterable[dict[str, str]] = job.matched
+        else:
+            assert job.query is not None
+            records = job.query.select(generated_records(self.options.generated_records))
+        return encode(records, job.columns, fmt)
 
     def find_job(self, hub: str, job_id: str) -> SandboxJob | None:
         try:
@@ -276,16 +372,12 @@ class Simulator:
             return False
         return True
 
-    async def _run(self, job: SandboxJob, upload: BinaryIO) -> None:
+    async def _run(self, job: SandboxJob, load: Callable[[], Awaitable[ScanResult]]) -> None:
         """A quarter of ``job_seconds`` each ``CREATED`` and ``STARTED``, then half
         ``RUNNING``; a job failing as a whole ends ``ABORTED`` where it would have
         started running, as the platform refuses such a file once it reads it."""
         quarter = self.options.job_seconds / 4
-        try:
-            upload.seek(0)
-            scan = job.scan = await anyio.to_thread.run_sync(scan_csv, upload)
-        finally:
-            upload.close()
+        scan = job.scan = await load()
         aborted = job.abort_with or scan.aborted
         if not await self._cancelled_within(job, quarter):
             self._set_status(job, "STARTED")
@@ -296,6 +388,12 @@ class Simulator:
                     self._set_status(job, "RUNNING")
                     if not await self._cancelled_within(job, 2 * quarter):
                         self._end(job, "ERROR" if scan.error else "COMPLETED", scan.error)
+        if job.status == "COMPLETED" and job.direction == "UPLOAD":
+            held = self.objects.setdefault((job.hub, job.object), ObjectRecords())
+            identifier = job.metadata.get("identifierFieldName")
+            held.upsert(scan.header, scan.rows, identifier, self.options.max_records)
+        # The object holds them now; the job keeps only its counts and failed rows.
+        scan.rows = []
         if job.status == "CANCELLATION_PENDING":
             await asyncio.sleep(min(0.05, quarter))
             self._set_status(job, "CANCELLED")

@@ -65,6 +65,12 @@ class SandboxOptions:
     # Seconds a job's status and failed records are kept after it ends, as the real
     # platform keeps them three days; then both answer 404 as for a job never made.
     retention: float = 3 * 86400.0
+    # Records of the object ``generated`` every hub answers bulk queries for (0: no
+    # such object); each is computed from its index, so any number costs no memory.
+    generated_records: int = 0
+    # The most records one object holds from its uploads (and rows one upload keeps for
+    # it): the sandbox holds them in memory, so a load test's files cannot exhaust it.
+    max_records: int = 100_000
     hubs: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_HUBS))
     seed: int | None = None
 
@@ -82,6 +88,10 @@ class SandboxOptions:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        for name in ("generated_records", "max_records"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a whole number from 0, got {value!r}")
         if self.callback_retries < 0:
             raise ValueError("callback_retries must not be negative")
         message = self.fail_whole_message

@@ -24,10 +24,15 @@ class ScanResult:
     error: str | None = None
     # Set when the platform refuses the file as a whole: the job ends ABORTED.
     aborted: str | None = None
+    # The file's header and the rows it loads (those that did not fail), kept only when
+    # asked: what the object holds once the job completes.
+    header: list[str] = field(default_factory=list)
+    rows: list[dict[str, str]] = field(default_factory=list)
 
 
-def scan_csv(data: BinaryIO) -> ScanResult:
-    """Read the upload once, row by row, so a large file never sits in memory."""
+def scan_csv(data: BinaryIO, *, keep_rows: int = 0) -> ScanResult:
+    """Read the upload once, row by row, so a large file never sits in memory; only its
+    first ``keep_rows`` loaded rows are kept, for the object to hold."""
     result = ScanResult()
     text = io.TextIOWrapper(data, encoding="utf-8-sig", newline="")
     try:
@@ -41,10 +46,12 @@ def scan_csv(data: BinaryIO) -> ScanResult:
             # Nothing tells one record from another: no row can be loaded.
             result.aborted = WHOLE_FILE_ERROR
             return result
+        result.header = list(header)
         for row in reader:
             if not row:
                 continue
             result.records += 1
+            failed = False
             for i in email_columns:
                 value = row[i].strip() if i < len(row) else ""
                 if not _EMAIL.match(value):
@@ -56,7 +63,11 @@ def scan_csv(data: BinaryIO) -> ScanResult:
                             "record": dict(zip(header, row, strict=False)),
                         }
                     )
+                    failed = True
                     break
+            if not failed and len(result.rows) < keep_rows:
+                padded = row + [""] * (len(header) - len(row))
+                result.rows.append(dict(zip(header, padded, strict=False)))
     except UnicodeDecodeError:
         result.error = "the file is not UTF-8 text"
     except csv.Error as exc:

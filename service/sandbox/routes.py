@@ -14,16 +14,18 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.types import Message
 
+from service.sandbox.ceql import QueryError, parse
+from service.sandbox.exports import FORMATS
 from service.sandbox.instance import Fault, SandboxJob, Simulator
 
 __all__ = ["API_PREFIX", "CONTROL_PREFIX", "build_app"]
@@ -49,6 +51,23 @@ def _fault_response(fault: Fault) -> Response:
         headers=fault.headers(),
         media_type="application/json",
     )
+
+
+class _Cut(Exception):
+    """Raised mid-response: the server drops the connection, as a transfer cut off."""
+
+
+async def _cut(body: AsyncIterable[str | bytes | memoryview], after: int) -> AsyncIterator[bytes]:
+    sent = 0
+    async for piece in body:
+        data = piece.encode() if isinstance(piece, str) else bytes(piece)
+        if sent + len(data) > after:
+            if after > sent:
+                yield data[: after - sent]
+            raise _Cut(f"download cut after {after} bytes, as injected")
+        sent += len(data)
+        yield data
+    raise _Cut(f"download cut after {sent} bytes, as injected")
 
 
 def _authorized(sandbox: Simulator, request: Request) -> bool:
@@ -131,7 +150,7 @@ def _listed(job: SandboxJob, legacy: bool) -> dict[str, Any]:
     listed = {
         "id": job.id,
         "objectName": job.object,
-        "jobDirection": "UPLOAD",
+        "jobDirection": job.direction,
         "jobState": body["status"],
         "createdDate": body["createdDate"],
         "updatedDate": body["updatedDate"],
@@ -143,6 +162,32 @@ def _listed(job: SandboxJob, legacy: bool) -> dict[str, Any]:
     if "error" in body:
         listed["error"] = body["error"]
     return listed
+
+
+def _accepted(header: str | None) -> str | None:
+    """The result format an ``Accept`` header asks for: CSV when it names none (or
+    any type), None when it names only types the platform does not write."""
+    if not header or not header.strip():
+        return "csv"
+    for part in header.split(","):
+        media = part.split(";", 1)[0].strip().lower()
+        if media in FORMATS:
+            return FORMATS[media]
+        if media in ("*/*", "text/*"):
+            return "csv"
+    return None
+
+
+_MEDIA = {
+    "csv": "text/csv; charset=utf-8",
+    "json": "application/json",
+    "jsonl": "application/jsonl",
+}
+_DIRECTIONS = {
+    "": None,
+    "job_direction='upload'": "UPLOAD",
+    "job_direction='download'": "DOWNLOAD",
+}
 
 
 def build_app(sandbox: Simulator) -> Starlette:
@@ -160,6 +205,11 @@ def build_app(sandbox: Simulator) -> Starlette:
                 if hub not in sandbox.options.hubs:
                     return _error(404, f"No element instance found for hub '{hub}'")
                 fault = sandbox.take_fault(name)
+                if fault is not None and fault.cut_after is not None:
+                    response = await handler(request)
+                    if isinstance(response, StreamingResponse):
+                        response.body_iterator = _cut(response.body_iterator, fault.cut_after)
+                    return response
                 if fault is not None and not fault.after_processing:
                     # Read what the client sent, as a real server would before answering.
                     async for _ in request.stream():
@@ -176,7 +226,7 @@ def build_app(sandbox: Simulator) -> Starlette:
 
     @operation("objects")
     async def objects(request: Request) -> Response:
-        return JSONResponse(list(sandbox.options.hubs[request.path_params["hub"]]))
+        return JSONResponse(list(sandbox.object_names(request.path_params["hub"])))
 
     @operation("submit")
     async def submit(request: Request) -> Response:
@@ -220,6 +270,52 @@ def build_app(sandbox: Simulator) -> Starlette:
         )
         return JSONResponse({"id": job.id, "status": job.status})
 
+    @operation("query")
+    async def query(request: Request) -> Response:
+        hub = request.path_params["hub"]
+        metadata: dict[str, Any] | None = {}
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            try:
+                form = await request.form(max_files=1, max_fields=10)
+            except ClientDisconnect:
+                return _error(400, "The request ended before its body was complete")
+            metadata = await _metadata(form.get("metaData"))
+            await form.close()
+            if metadata is None:
+                return _error(400, "metaData must be a JSON object encoded as a string")
+        else:
+            async for _ in request.stream():
+                pass
+        # lastRunDate, from and to are accepted and ignored: records carry no dates here.
+        try:
+            parsed = parse(request.query_params.get("q", ""))
+        except QueryError as exc:
+            return _error(400, f"Error parsing query: {exc}")
+        if parsed.object not in sandbox.object_names(hub):
+            return _error(400, f"Object '{parsed.object}' is not available in hub '{hub}'")
+        job = sandbox.create_query_job(
+            hub=hub,
+            query=parsed,
+            callback_url=request.headers.get("elements-async-callback-url"),
+            metadata=metadata or {},
+        )
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    @operation("download")
+    async def download(request: Request) -> Response:
+        job = _job_or_404(request)
+        if isinstance(job, Response):
+            return job
+        if job.direction != "DOWNLOAD" or job.object != request.path_params["object"]:
+            return _error(404, f"No {request.path_params['object']} results for bulk job {job.id}")
+        if job.status != "COMPLETED":
+            return _error(404, f"Bulk job {job.id} is {job.status}: its results are not ready")
+        fmt = _accepted(request.headers.get("accept"))
+        if fmt is None:
+            return _error(406, "Accept must be text/csv, application/json or application/jsonl")
+        # A sync iterator: Starlette takes each piece in a worker thread, off the loop.
+        return StreamingResponse(sandbox.result(job, fmt), media_type=_MEDIA[fmt])
+
     def _job_or_404(request: Request) -> Any:
         job = sandbox.find_job(request.path_params["hub"], request.path_params["job_id"])
         if job is None:
@@ -255,13 +351,15 @@ def build_app(sandbox: Simulator) -> Starlette:
     async def jobs(request: Request) -> Response:
         where = request.query_params.get("where", "")
         hub = request.path_params["hub"]
-        if where and where.replace(" ", "").lower() not in (
-            "job_direction='upload'",
-            'job_direction="upload"',
-        ):
-            return _error(400, "Only where=job_direction='UPLOAD' is supported")
+        direction = where.replace(" ", "").replace('"', "'").lower()
+        if direction not in _DIRECTIONS:
+            return _error(400, "Only where=job_direction='UPLOAD' or 'DOWNLOAD' is supported")
         legacy = sandbox.options.legacy_status_names
-        listed = [_listed(job, legacy) for job in sandbox.kept_jobs() if job.hub == hub]
+        listed = [
+            _listed(job, legacy)
+            for job in sandbox.kept_jobs()
+            if job.hub == hub and _DIRECTIONS[direction] in (None, job.direction)
+        ]
         return _page(request, listed)
 
     async def root(request: Request) -> Response:
@@ -282,6 +380,7 @@ def build_app(sandbox: Simulator) -> Starlette:
                 body=spec.get("body"),
                 raw_body=spec.get("raw_body"),
                 skip=spec.get("skip", 0),
+                cut_after=spec.get("cut_after"),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return _error(400, f"bad fault: {exc}")
@@ -294,6 +393,8 @@ def build_app(sandbox: Simulator) -> Starlette:
         Route(bulk + "/{job_id}/status", status, methods=["GET"]),
         Route(bulk + "/{job_id}/errors", errors, methods=["GET"]),
         Route(bulk + "/{job_id}/cancel", cancel, methods=["PUT"]),
+        Route(bulk + "/{job_id}/{object}", download, methods=["GET"]),
+        Route(bulk + "/query", query, methods=["POST"]),
         Route(bulk + "/{object}", submit, methods=["POST"]),
     ]
 

@@ -1,7 +1,8 @@
 """The Open Connectors bulk API client, with its retry rules.
 
 Reads (and cancel, which is safe to repeat) retry on 429, 5xx and timeouts with
-bounded, jittered backoff that honours ``Retry-After``. A submit creates a job
+bounded, jittered backoff that honours ``Retry-After``; a download retries the same
+way until its body starts, never after. A submit (or a bulk query) creates a job
 upstream and is not idempotent, so it is retried only when the request surely never
 reached the upstream (connection refused, DNS) or when the upstream said 429/503 with
 a ``Retry-After``. Every other failure is raised as an ``UpstreamError`` whose
@@ -11,9 +12,11 @@ a ``Retry-After``. Every other failure is raised as an ``UpstreamError`` whose
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import random
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,10 +33,13 @@ from service.upstream.multipart import Chunk, FileStream, MultipartFile
 from service.upstream.statuses import normalize_status
 
 __all__ = [
+    "DOWNLOAD_FORMATS",
     "Credentials",
+    "Download",
     "ErrorPage",
     "JobStatus",
     "ListedJob",
+    "QueryRefused",
     "RetryPolicy",
     "Submission",
     "UpstreamClient",
@@ -126,6 +132,50 @@ class UpstreamUnavailable(UpstreamError):
     """No HTTP response: connection refused, DNS failure, timeout, dropped connection."""
 
     code = "upstream_unavailable"
+
+
+class QueryRefused(UpstreamError):
+    """The upstream refused a bulk query (400): most often its CEQL does not parse. The
+    upstream's message says why; the caller's request was wrong, so it is a 400 too."""
+
+    code = "upstream_query_refused"
+    http_status = 400
+
+
+# A result format → the Accept header that asks the upstream for it.
+DOWNLOAD_FORMATS = {
+    "csv": "text/csv",
+    "json": "application/json",
+    "jsonl": "application/jsonl",
+}
+# The most of an error answer's body read while a download is refused.
+_MAX_ERROR_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Download:
+    """A result file as it arrives: its headers now, its bytes as they are read."""
+
+    response: httpx.Response
+
+    @property
+    def headers(self) -> httpx.Headers:
+        return self.response.headers
+
+    @property
+    def content_type(self) -> str | None:
+        value: str | None = self.response.headers.get("content-type")
+        return value
+
+    @property
+    def content_length(self) -> int | None:
+        """The announced size, None when the upstream streams without one."""
+        value = self.response.headers.get("content-length", "")
+        return int(value) if value.isdigit() and len(value) <= 18 else None
+
+    def aiter_bytes(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        """The body, piece by piece, as it comes off the wire: never all of it at once."""
+        return self.response.aiter_bytes(chunk_size)
 
 
 def upstream_failure(what: str, exc: UpstreamError, **extra: Any) -> ApiError:
@@ -288,6 +338,32 @@ def _error_from(operation: str, response: httpx.Response) -> UpstreamError:
         status=response.status_code,
         request_id=request_id,
         retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+def _error_of(
+    operation: str, status: int, content: bytes, headers: httpx.Headers, reason: str
+) -> UpstreamError:
+    """The error a streamed error answer says, from the start of its body: its
+    ``message`` and ``requestId`` when that is the usual JSON, else its first text."""
+    message, request_id = "", None
+    try:
+        body = json.loads(content)
+    except (ValueError, RecursionError):
+        body = None
+    if isinstance(body, dict):
+        if isinstance(body.get("message"), str):
+            message = values.safe_text(body["message"], _MAX_MESSAGE).strip()
+        request_id = values.text(body.get("requestId"))
+    if not message:
+        text = content[:800].decode("utf-8", "replace")
+        message = values.safe_text(text[:200]).strip() or reason
+    return UpstreamError(
+        operation,
+        message,
+        status=status,
+        request_id=request_id,
+        retry_after=parse_retry_after(headers.get("retry-after")),
     )
 
 
@@ -486,6 +562,147 @@ class UpstreamClient:
         except (ValueError, RecursionError):
             return None
         return JobStatus.from_body(body, str(job_id)) if isinstance(body, dict) else None
+
+    async def start_query(
+        self,
+        hub: str,
+        query: str,
+        *,
+        callback_url: str | None = None,
+        payload: Any = None,
+        file_name: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> Submission:
+        """Start a bulk query (a download job) for the CEQL ``query``.
+
+        ``payload`` goes out as ``metaData.callback-payload`` (any JSON value) so the
+        job's callback names its job; ``params`` may carry ``lastRunDate``, ``from`` and
+        ``to``. A query the upstream refuses with 400 raises ``QueryRefused``.
+        """
+        metadata: dict[str, Any] = {}
+        if payload is not None:
+            metadata["callback-payload"] = payload
+        if file_name is not None:
+            metadata["fileName"] = file_name
+        headers: dict[str, str] = {}
+        body: bytes | None = None
+        if metadata:
+            boundary = secrets.token_hex(16)
+            headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+            body = (
+                f"--{boundary}\r\n"
+                'Content-Disposition: form-data; name="metaData"\r\n\r\n'
+                f"{json.dumps(metadata)}\r\n--{boundary}--\r\n"
+            ).encode()
+        if callback_url:
+            headers["Elements-Async-Callback-Url"] = callback_url
+
+        async def once() -> AsyncIterator[Chunk]:
+            if body is not None:
+                yield body
+
+        try:
+            response = await self._call(
+                "query",
+                "POST",
+                f"/hubs/{_seg(hub)}/bulk/query",
+                params={**(params or {}), "q": query},
+                headers=headers,
+                content=once if body is not None else None,
+                idempotent=False,
+            )
+        except UpstreamError as exc:
+            if exc.status != 400:
+                raise
+            raise QueryRefused("query", exc.message, status=400, request_id=exc.request_id) from exc
+        body_json = _json(response, "query")
+        job_id = _job_id(body_json.get("id")) if isinstance(body_json, dict) else None
+        if job_id is None:
+            raise UpstreamError("query", "the upstream accepted the query but returned no job id")
+        return Submission(
+            id=job_id,
+            status=normalize_status(body_json.get("status")),
+            raw=body_json,
+            instance_id=_job_id(body_json.get("instanceId")),
+        )
+
+    @contextlib.asynccontextmanager
+    async def download(
+        self, hub: str, job_id: str | int, object_name: str, *, format: str = "csv"
+    ) -> AsyncIterator[Download]:
+        """Open a query job's result file: ``async with client.download(...) as d`` then
+        ``async for piece in d.aiter_bytes()``. The body is never buffered.
+
+        Refusals before the body (429, 5xx, a timeout) are retried like any read, with
+        ``Retry-After`` honoured; a failure while the body streams is the caller's to
+        retry, from the start.
+        """
+        if format not in DOWNLOAD_FORMATS:
+            raise ValueError(f"format must be one of {sorted(DOWNLOAD_FORMATS)}, got {format!r}")
+        url = _job_url(hub, job_id, object_name)
+        headers = {"Accept": DOWNLOAD_FORMATS[format]}
+        policy = self._retry
+        attempt = 0
+        while True:
+            attempt += 1
+            outcome, retryable = await self._open(url, headers)
+            if isinstance(outcome, httpx.Response):
+                break
+            if not retryable or attempt >= policy.attempts:
+                raise outcome
+            delay = (
+                outcome.retry_after if outcome.retry_after is not None else policy.backoff(attempt)
+            )
+            if delay > policy.max_retry_after:
+                raise outcome
+            await asyncio.sleep(delay)
+        try:
+            yield Download(outcome)
+        except httpx.TransportError as exc:
+            what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+            raise UpstreamUnavailable("download", f"{what} mid-file: {type(exc).__name__}") from exc
+        finally:
+            await outcome.aclose()
+
+    async def _open(
+        self, url: str, headers: Mapping[str, str]
+    ) -> tuple[httpx.Response | UpstreamError, bool]:
+        """One try at a download's answer: the open response, or the error and whether
+        it may be tried again."""
+        request = self._client.build_request("GET", url, headers=headers)
+        try:
+            response = await self._client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            self._count("download", None)
+            message = f"cannot connect: {exc}" if str(exc) else "cannot connect"
+            return UpstreamUnavailable("download", message, request_sent=False), True
+        except httpx.PoolTimeout:
+            self._count("download", None)
+            message = "no connection to the upstream came free in time; nothing was sent"
+            return UpstreamUnavailable("download", message, request_sent=False), False
+        except httpx.TransportError as exc:
+            self._count("download", None)
+            what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
+            return UpstreamUnavailable("download", f"{what}: {type(exc).__name__}"), True
+        self._count("download", response.status_code)
+        if response.is_success:
+            return response, False
+        try:
+            # Only the start of an error answer: it is a message, not a file.
+            kept = bytearray()
+            async for piece in response.aiter_bytes():
+                kept += piece
+                if len(kept) >= _MAX_ERROR_BODY:
+                    break
+        except httpx.TransportError:
+            kept = bytearray()
+        finally:
+            await response.aclose()
+        error = _error_of(
+            "download", response.status_code, bytes(kept), response.headers, response.reason_phrase
+        )
+        status = response.status_code
+        return error, status == 429 or status >= 500
 
     # -- plumbing -----------------------------------------------------------------
 
