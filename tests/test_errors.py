@@ -16,6 +16,7 @@ import pytest
 import service
 from service.cli.api_client import ServiceError, ServiceUnreachable
 from service.config import ConfigError
+from service.downloads.results import ResultNameError
 from service.errors import ApiError, BulkhookError, error_body, error_response, unexpected
 from service.jobs import new_job_id
 from service.sandbox.ceql import QueryError
@@ -112,6 +113,7 @@ OWN_ERRORS: dict[type[BulkhookError], tuple[BulkhookError, str, int]] = {
     ),
     QueryError: (QueryError("expected 'from' at the end of the query"), "query_invalid", 400),
     SpoolError: (SpoolError("the file is 3 bytes, not 4"), "upload_unreadable", 400),
+    ResultNameError: (ResultNameError("not a job id: '../x'"), "bad_result_name", 400),
     ConfigError: (ConfigError("BULKHOOK_POLL_RATE must be a number"), "bad_setting", 503),
     StartupError: (StartupError("address already in use"), "startup_failed", 503),
     ServiceError: (ServiceError(502, "service_error", "the service failed"), "service_error", 502),

@@ -285,6 +285,7 @@ def test_the_sample_contacts_run_asynchronously_to_completed(
     created = response.json()
     assert isinstance(created["id"], int)
     assert created["status"] == "CREATED"
+    assert created["instanceId"] == 31001  # the first hub's connector instance
     # The submit answer says CREATED; the first look may come after that stage ended.
     seen = follow(sandbox, created["id"])
     assert [s for s in seen if s != "CREATED"] == ["STARTED", "RUNNING", "COMPLETED"]

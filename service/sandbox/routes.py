@@ -39,6 +39,10 @@ _DEFAULT_PAGE = 200
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+# The numbers the sandbox's connector instances go by, one per hub in their order.
+_INSTANCE_IDS = 31001
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"message": message, "requestId": str(uuid.uuid4())}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -268,7 +272,9 @@ def build_app(sandbox: Simulator) -> Starlette:
             callback_url=request.headers.get("elements-async-callback-url"),
             metadata=metadata,
         )
-        return JSONResponse({"id": job.id, "status": job.status})
+        # As Open Connectors sometimes does, the answer names the connector instance.
+        instance = _INSTANCE_IDS + list(sandbox.options.hubs).index(hub)
+        return JSONResponse({"id": job.id, "status": job.status, "instanceId": instance})
 
     @operation("query")
     async def query(request: Request) -> Response:
