@@ -20,6 +20,7 @@ import pytest
 
 from service.dashboard.failed import neutralise
 from service.dashboard.routes import FAILED_COLUMNS, FAILED_PAGE, failed_table
+from service.failed_records.copier import EMPTY_LISTINGS
 from service.failed_records.rules import MAX_RECORD_BYTES
 from service.upstream.client import RetryPolicy
 
@@ -389,6 +390,50 @@ def test_a_failing_copy_is_retried_until_it_succeeds_and_never_changes_the_job(
     assert final["state"] == "COMPLETED" and final["events"] == job["events"]
     answer = service.http.get(f"/jobs/{job['id']}/errors")
     assert answer.json()["source"] == "store" and names(answer) == ["bad0", "bad1"]
+
+
+def test_a_list_lagging_behind_the_job_is_asked_again_until_it_shows_the_records(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox)
+    # The job counts two failed records; the upstream's list shows none, twice.
+    sandbox.sandbox.inject_fault("errors", 200, raw_body="[]", times=2)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 2))
+    final = copied(service, job["id"])
+    assert final["failed_records"] == {
+        "status": "copied",
+        "kept": 2,
+        "complete": True,
+        "detail": "",
+    }
+    assert sandbox.sandbox.calls["errors"] == 3
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.json()["source"] == "store" and names(answer) == ["bad0", "bad1"]
+
+
+def test_a_list_that_never_shows_the_records_keeps_none_and_asks_the_upstream_later(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    tmp_path: Path,
+) -> None:
+    sandbox = start_sandbox()
+    service = start_service(sandbox)
+    sandbox.sandbox.inject_fault("errors", 200, raw_body="[]", times=EMPTY_LISTINGS)
+    job = completed(service, failing_csv(tmp_path / "f.csv", 2))
+    final = copied(service, job["id"])
+    assert final["failed_records"] == {
+        "status": "copied",
+        "kept": 0,
+        "complete": False,
+        "detail": "the upstream listed 0 of the 2 failed records the job counts",
+    }
+    assert final["state"] == "COMPLETED" and final["events"] == job["events"]
+    # Nothing kept is not an answer: the upstream, listing them now, is asked.
+    answer = service.http.get(f"/jobs/{job['id']}/errors")
+    assert answer.json()["source"] == "upstream" and names(answer) == ["bad0", "bad1"]
 
 
 def test_a_job_without_failed_records_copies_nothing_and_asks_the_upstream(

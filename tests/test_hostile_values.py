@@ -141,6 +141,10 @@ def test_an_id_that_cannot_be_a_job_is_404_before_the_store_is_asked(
         ({"object": "contact", "metadata": '{"n": ' + HUGE + "}"}, "bad_metadata"),
         ({"object": "contact", "metadata": "[" * 50_000}, "bad_metadata"),
         ({"object": "contact", "metadata": '{"a": "\x00"}'}, "bad_metadata"),
+        # Numbers JSON cannot carry back: they would go upstream as Infinity or NaN.
+        ({"object": "contact", "metadata": '{"n": 1e999}'}, "bad_metadata"),
+        ({"object": "contact", "metadata": '{"n": -Infinity}'}, "bad_metadata"),
+        ({"object": "contact", "metadata": '{"n": NaN}'}, "bad_metadata"),
     ],
 )
 def test_hostile_form_fields_are_a_400_and_nothing_goes_upstream(

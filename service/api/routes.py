@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -74,13 +75,26 @@ def _path(value: str | None) -> str | None:
     return path if path.startswith("/") else f"/{path}"
 
 
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is out of range")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _metadata(raw: str | None) -> dict[str, Any]:
+    """The upload's ``metadata``, as JSON the upstream can read back: NaN, Infinity
+    and numbers past a double (``1e999``) would go upstream as ``Infinity``."""
     if raw is None or not raw.strip():
         return {}
     if not is_clean(raw):
         raise ApiError("'metadata' contains a NUL or an unpaired surrogate", code="bad_metadata")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise ApiError(f"'metadata' is not JSON: {exc.msg}", code="bad_metadata") from None
     except (ValueError, RecursionError) as exc:

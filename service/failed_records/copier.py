@@ -25,7 +25,7 @@ from service.store import Store
 from service.upstream.client import UpstreamClient, UpstreamError
 from service.values import safe_text
 
-__all__ = ["REFUSALS", "Copier"]
+__all__ = ["EMPTY_LISTINGS", "REFUSALS", "Copier"]
 
 log = logging.getLogger("bulkhook.failed")
 
@@ -41,6 +41,9 @@ _MOST_PER_PAGE = 200
 _DETAIL = 2000
 # Failed tries in a row after which a refusal gives a copy up.
 REFUSALS = 3
+# Listings in a row that show none of the failed records a job counts, after which the
+# copy ends with none kept (and the records are asked of the upstream when looked at).
+EMPTY_LISTINGS = 5
 
 
 def _bounded_detail(kept: int, job: Job) -> str:
@@ -129,13 +132,31 @@ class Copier(DueWork):
             kept = state.kept + len(records)
             more = page.next_token is not None or len(page.records) > room
             now = time.time()
+            expected = min(job.records_failed_count or 0, self.max_records)
+            if not more and kept == 0 < expected and state.attempts + 1 < EMPTY_LISTINGS:
+                # The job counts failures the upstream does not list yet (its list can
+                # lag the job's end): ask again later rather than keep nothing for good.
+                await self._attempt_failed(
+                    state,
+                    UpstreamError(
+                        "errors",
+                        f"the upstream lists none of the {expected} failed records yet",
+                    ),
+                )
+                return
             if not more or kept >= self.max_records:
                 detail = _bounded_detail(kept, job) if more else ""
+                short = not more and kept < expected
+                if short:
+                    detail = (
+                        f"the upstream listed {kept} of the {job.records_failed_count}"
+                        " failed records the job counts"
+                    )
                 done = dataclasses.replace(
                     state,
                     status="copied",
                     kept=kept,
-                    complete=not more,
+                    complete=not more and not short,
                     next_page=None,
                     attempts=0,
                     due_at=None,

@@ -105,8 +105,12 @@ class CopyState:
     @property
     def served_from_store(self) -> bool:
         """Whether the records are answered from the store: once the copy ended with
-        what it kept (all of them, the bound's worth, or some before it gave up)."""
-        return self.status == "copied" or (self.status == "failed" and self.kept > 0)
+        what it kept (all of them, the bound's worth, or some before it gave up). A copy
+        that ended with none of the records its job counts is not: the upstream may list
+        them by the time someone looks."""
+        if self.status == "copied":
+            return self.complete or self.kept > 0
+        return self.status == "failed" and self.kept > 0
 
     def to_json(self) -> dict[str, Any]:
         return {
