@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Coroutine
 from typing import Any
@@ -46,6 +47,16 @@ class DueWork(ABC):
     def _room_opened(self) -> bool:
         """Whether a piece of work ending should wake the loop to claim more."""
         return True
+
+    @staticmethod
+    def _until(due: float | None, most: float) -> float:
+        """How long to sleep for work due at ``due``, looking again at least every
+        ``most`` seconds. Work due already but not claimed is leased, by this loop's
+        own tasks (their ends wake it) or by another replica's (its lease runs out)."""
+        if due is None:
+            return most
+        wait = due - time.time()
+        return most if wait <= 0 else min(most, wait)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)

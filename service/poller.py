@@ -123,13 +123,7 @@ class Poller(DueWork):
             return _MAX_SLEEP  # plenty queued: woken as they drain
         if claimed:
             return 0.0  # there may be more due right now
-        due = await self.store.next_due_at()
-        if due is None:
-            return _MAX_SLEEP
-        wait = due - time.time()
-        # Due already but not claimable: leased, by our own polls in flight (they wake
-        # us) or by another replica (its lease ends; look again now and then).
-        return _MAX_SLEEP if wait <= 0 else min(_MAX_SLEEP, wait)
+        return self._until(await self.store.next_due_at(), _MAX_SLEEP)
 
     async def _poll(self, job: Job) -> None:
         async with self._concurrency:

@@ -94,13 +94,7 @@ class Copier(DueWork):
             return _MAX_SLEEP
         if claimed:
             return 0.0  # there may be more due right now
-        due = await self.store.next_copy_due()
-        if due is None:
-            return _MAX_SLEEP
-        wait = due - time.time()
-        # Due already but not claimable: leased, by our own copies (they wake us as
-        # they end) or by another replica's (look again now and then).
-        return _MAX_SLEEP if wait <= 0 else min(_MAX_SLEEP, wait)
+        return self._until(await self.store.next_copy_due(), _MAX_SLEEP)
 
     async def _copy_logged(self, state: CopyState) -> None:
         try:

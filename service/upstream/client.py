@@ -321,31 +321,20 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def _error_from(operation: str, response: httpx.Response) -> UpstreamError:
-    message, request_id = "", None
-    try:
-        body = response.json()
-    except (ValueError, RecursionError):
-        body = None
-    if isinstance(body, dict):
-        if isinstance(body.get("message"), str):
-            message = values.safe_text(body["message"], _MAX_MESSAGE).strip()
-        request_id = values.text(body.get("requestId"))
-    if not message:
-        message = values.safe_text(response.text[:200]).strip() or response.reason_phrase
-    return UpstreamError(
+    return _error_of(
         operation,
-        message,
-        status=response.status_code,
-        request_id=request_id,
-        retry_after=parse_retry_after(response.headers.get("retry-after")),
+        response.status_code,
+        response.content,
+        response.headers,
+        response.reason_phrase,
     )
 
 
 def _error_of(
     operation: str, status: int, content: bytes, headers: httpx.Headers, reason: str
 ) -> UpstreamError:
-    """The error a streamed error answer says, from the start of its body: its
-    ``message`` and ``requestId`` when that is the usual JSON, else its first text."""
+    """The error an answer says, from (the start of) its body: its ``message`` and
+    ``requestId`` when that is the usual JSON, else its first text."""
     message, request_id = "", None
     try:
         body = json.loads(content)
