@@ -4,20 +4,31 @@ On both stores, against the sandbox over real HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from service.upstream.client import RetryPolicy
+
 from .helpers import (
+    SIGNATURE_KEY,
     RunningSandbox,
     RunningService,
     assert_error,
+    eventually,
+    metric,
     records_of,
     sandbox_result,
+    serve,
 )
 
 FORMATS = ("csv", "json", "jsonl")
@@ -217,3 +228,266 @@ def test_the_same_idempotency_key_gives_the_same_download(
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json()["id"] == first.json()["id"] and again.json()["format"] == "json"
     assert upstream.sandbox.calls["query"] == 1
+
+
+def test_a_download_whose_callbacks_never_come_is_polled_to_its_result(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0)
+    service = start_service(upstream, callback_grace=0.3)
+    uploaded(service, contacts_csv)
+    job = stored(service, format="csv")
+    assert job["last_source"] == "poll" and job["records_count"] == CONTACTS
+    assert not any(event["source"] == "callback" for event in job["events"])
+    assert job["result"]["records"] == CONTACTS
+
+
+def test_a_download_completed_by_its_callback_is_fetched(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox()
+    # Polls come too late to matter: the callback (jobDirection DOWNLOAD) completes it.
+    service = start_service(upstream, callback_grace=60.0)
+    uploaded(service, contacts_csv)
+    job = stored(service, format="json")
+    assert job["last_source"] == "callback"
+    assert upstream.sandbox.calls["status"] == 0
+
+
+def test_a_result_cut_off_mid_file_is_fetched_again_whole(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+) -> None:
+    upstream = start_sandbox(generated_records=20_000)
+    service = start_service(upstream)
+    upstream.sandbox.inject_fault("download", 200, cut_after=300_000)
+    job = stored(service, object_name="generated", format="csv")
+    own = sandbox_result(upstream, job["upstream_id"], "csv")
+    assert len(own) > 300_000
+    result = job["result"]
+    assert (result["attempts"], result["records"], result["bytes"]) == (2, 20_000, len(own))
+    assert result["sha256"] == hashlib.sha256(own).hexdigest()
+    served = service.http.get(f"/jobs/{job['id']}/result")
+    assert hashlib.sha256(served.content).hexdigest() == result["sha256"]
+    assert upstream.sandbox.calls["download"] == 2
+    metrics = service.http.get("/metrics").text
+    assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 1
+    assert metric(metrics, 'bulkhook_downloads_total{outcome="stored"}') == 1
+    assert metric(metrics, "bulkhook_result_bytes_total") == len(own)
+    assert leftovers(results_dir(service)) == []
+
+
+def test_a_refused_fetch_waits_at_least_the_retry_after_the_upstream_asks(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream, upstream_retry=RetryPolicy(attempts=1))
+    uploaded(service, contacts_csv)
+    upstream.sandbox.inject_fault("download", 429, retry_after=3)
+    before = time.time()
+    answer = service.download(format="jsonl")
+    job_id = answer.json()["id"]
+    waiting = service.wait_for_result(job_id, {"fetching"}, within=30)
+    eventually(
+        lambda: "HTTP 429" in (service.http.get(f"/jobs/{job_id}").json()["result"]["detail"] or "")
+    )
+    [(due,)] = service.query(f"SELECT due_at FROM result_fetches WHERE job_id = '{job_id}'")
+    assert waiting["state"] == "COMPLETED"
+    assert due >= before + 3
+    job = service.wait_for_result(job_id, {"stored"})
+    assert job["result"]["attempts"] == 2 and job["result"]["detail"] is None
+    assert upstream.sandbox.calls["download"] == 2
+
+
+def test_a_result_that_is_gone_upstream_is_given_up_after_three_answers(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream, upstream_retry=RetryPolicy(attempts=1))
+    uploaded(service, contacts_csv)
+    upstream.sandbox.inject_fault("download", 404, times=3)
+    answer = service.download()
+    job = service.wait_for_result(answer.json()["id"], {"failed"})
+    result = job["result"]
+    assert result["attempts"] == 3 and result["url"] is None and result["sha256"] is None
+    assert "given up" in result["detail"] and "HTTP 404" in result["detail"]
+    assert_error(service.http.get(f"/jobs/{job['id']}/result"), 404, "result_not_stored")
+    metrics = service.http.get("/metrics").text
+    assert metric(metrics, 'bulkhook_downloads_total{outcome="failed"}') == 1
+    assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 2
+
+
+def test_the_result_route_answers_ranges_etags_and_says_why_there_is_none(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream)
+    uploaded(service, contacts_csv)
+    upload_id = service.http.get("/jobs").json()["jobs"][0]["id"]
+    job = stored(service, format="json")
+    url = f"/jobs/{job['id']}/result"
+    whole = service.http.get(url)
+    etag = whole.headers["etag"]
+    assert whole.headers["content-type"] == "application/json"
+
+    part = service.http.get(url, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == whole.content[10:20]
+    assert part.headers["content-range"] == f"bytes 10-19/{len(whole.content)}"
+    tail = service.http.get(url, headers={"Range": "bytes=-5", "If-Range": etag})
+    assert tail.status_code == 206 and tail.content == whole.content[-5:]
+    beyond = service.http.get(url, headers={"Range": f"bytes={len(whole.content)}-"})
+    assert beyond.status_code == 416
+    unchanged = service.http.get(url, headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    head = service.http.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(whole.content))
+
+    assert_error(service.http.get("/jobs/nosuchjob/result"), 404, "job_not_found")
+    assert_error(service.http.get(f"/jobs/{upload_id}/result"), 404, "not_a_download")
+    # A download whose job has not completed yet has nothing to serve, and says so.
+    upstream.sandbox.options = dataclasses.replace(upstream.sandbox.options, job_seconds=60.0)
+    running = service.download(format="csv").json()
+    refused = service.http.get(f"/jobs/{running['id']}/result")
+    assert refused.status_code == 404
+    error = refused.json()["error"]
+    assert error["code"] == "result_not_stored" and "pending" in error["message"]
+    assert error["result"]["status"] == "pending" and error["result"]["url"] is None
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_the_result_route_needs_the_bearer_token_like_every_job_route(
+    start_service: Callable[..., RunningService],
+) -> None:
+    service = start_service(api_tokens=("a-token",))
+    assert_error(service.http.get("/jobs/0190f3a10102/result"), 401, "unauthorized")
+    found = service.http.get(
+        "/jobs/0190f3a10102/result", headers={"Authorization": "Bearer a-token"}
+    )
+    assert_error(found, 404, "job_not_found")
+
+
+GENERATED = 1_500_000
+
+
+def service_env(upstream: RunningSandbox, database_url: str, results: Path) -> dict[str, str]:
+    return {
+        "OC_BASE_URL": upstream.api_url,
+        "OC_USER_SECRET": "user-secret",
+        "OC_ORG_SECRET": "org-secret",
+        "OC_ELEMENT_TOKEN": "element-token",
+        "OC_SIGNATURE_KEYS": SIGNATURE_KEY,
+        "BULKHOOK_DATABASE_URL": database_url,
+        "BULKHOOK_RESULTS_DIR": str(results),
+        "BULKHOOK_POLL_INTERVAL": "0.3",
+        "BULKHOOK_POLL_MAX_INTERVAL": "1",
+        "BULKHOOK_POLL_LEASE": "2",
+    }
+
+
+def part_files(results: Path) -> list[Path]:
+    return [entry for entry in results.glob(".*.part")] if results.is_dir() else []
+
+
+def test_a_fetch_cut_off_by_kill_9_is_made_again_and_no_part_is_ever_served(
+    start_sandbox: Callable[..., RunningSandbox], store_url: str, tmp_path: Path
+) -> None:
+    """A large result is arriving when the service is killed; restarted, it fetches
+    again once the lease runs out. Until the whole file is stored the result answers
+    404, and afterwards no temporary file is left."""
+    upstream = start_sandbox(generated_records=GENERATED)
+    results = tmp_path / "results"
+    env = service_env(upstream, store_url, results)
+    process, url = serve(tmp_path, **env)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            answer = http.post("/jobs", json={"object": "generated"})
+            assert answer.status_code == 202, answer.text
+            job_id = answer.json()["id"]
+            eventually(lambda: any(part.stat().st_size > 0 for part in part_files(results)), 60)
+            during = http.get(f"/jobs/{job_id}/result")
+            assert during.status_code == 404
+            assert during.json()["error"]["result"]["status"] == "fetching"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+    assert part_files(results), "the kill left the unfinished file, as a kill does"
+    assert not (results / f"{job_id}.csv").exists()
+
+    process, url = serve(tmp_path, **env)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            answers: list[int] = []
+
+            def whole() -> bool:
+                result = http.get(f"/jobs/{job_id}").json()["result"]
+                answers.append(http.head(f"/jobs/{job_id}/result").status_code)
+                return bool(result["status"] == "stored")
+
+            eventually(whole, within=120)
+            job = http.get(f"/jobs/{job_id}").json()
+            digest = hashlib.sha256()
+            with http.stream("GET", f"/jobs/{job_id}/result") as served:
+                assert served.status_code == 200
+                for chunk in served.iter_bytes():
+                    digest.update(chunk)
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert set(answers[:-1]) <= {404}
+    own = hashlib.sha256()
+    for piece in upstream.sandbox.result(upstream.sandbox.jobs[int(job["upstream_id"])], "csv"):
+        own.update(piece)
+    assert job["result"]["status"] == "stored" and job["result"]["records"] == GENERATED
+    assert job["result"]["sha256"] == digest.hexdigest() == own.hexdigest()
+    assert upstream.sandbox.calls["download"] == 2
+    assert part_files(results) == []
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_two_replicas_fetch_a_result_once_and_both_serve_it(
+    start_sandbox: Callable[..., RunningSandbox], store_url: str, tmp_path: Path
+) -> None:
+    upstream = start_sandbox(generated_records=50_000)
+    results = tmp_path / "shared-results"
+    env = service_env(upstream, store_url, results)
+    replicas = [serve(tmp_path, **env) for _ in range(2)]
+    try:
+        (_, first), (_, second) = replicas
+        with (
+            httpx.Client(base_url=first, timeout=30) as one,
+            httpx.Client(base_url=second, timeout=30) as other,
+        ):
+            answer = one.post("/jobs", json={"object": "generated", "format": "jsonl"})
+            assert answer.status_code == 202, answer.text
+            job_id = answer.json()["id"]
+            eventually(
+                lambda: other.get(f"/jobs/{job_id}").json()["result"]["status"] == "stored", 60
+            )
+            bodies = [client.get(f"/jobs/{job_id}/result").content for client in (one, other)]
+            result = other.get(f"/jobs/{job_id}").json()["result"]
+            stored_counts = [
+                metric(client.get("/metrics").text, 'bulkhook_downloads_total{outcome="stored"}')
+                for client in (one, other)
+            ]
+    finally:
+        for process, _ in replicas:
+            process.terminate()
+            process.communicate(timeout=10)
+    assert bodies[0] == bodies[1]
+    assert hashlib.sha256(bodies[0]).hexdigest() == result["sha256"]
+    assert result["attempts"] == 1 and result["records"] == 50_000
+    assert sorted(stored_counts) == [0, 1]
+    assert upstream.sandbox.calls["download"] == 1
