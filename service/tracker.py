@@ -266,8 +266,9 @@ class Tracker:
                 ),
             )
             assert applied is not None
+            failed = await self._reload(applied.job)
             raise upstream_failure(
-                "the upstream refused the query", exc, job=applied.job.to_json()
+                "the upstream refused the query", exc, job=failed.to_json()
             ) from None
         except UpstreamError as exc:
             return await self._submit_failed(job, exc)

@@ -25,8 +25,10 @@ from .helpers import (
     RunningService,
     assert_error,
     eventually,
+    free_port,
     metric,
     records_of,
+    run_bulkhook,
     sandbox_result,
     serve,
 )
@@ -105,6 +107,9 @@ def test_contacts_exported_in_every_format_are_the_records_uploaded(
             f'attachment; filename="contact-{job["id"]}.{fmt}"'
         )
     assert leftovers(results_dir(service)) == []
+    # Owner-only: results may hold anything the upstream holds.
+    assert results_dir(service).stat().st_mode & 0o777 == 0o700
+    assert {entry.stat().st_mode & 0o777 for entry in results_dir(service).iterdir()} == {0o600}
 
     # Lists carry the direction and filter by it; uploads are uploads.
     downloads = service.http.get("/jobs", params={"direction": "download"}).json()["jobs"]
@@ -150,6 +155,7 @@ def test_a_query_the_upstream_cannot_parse_fails_the_job_at_once(
     assert "Error parsing query" in error["message"]
     job = error["job"]
     assert job["state"] == "SUBMIT_FAILED" and job["direction"] == "download"
+    assert [event["state"] for event in job["events"]] == ["SUBMITTING", "SUBMIT_FAILED"]
     assert job["upstream_error"].startswith("Error parsing query")
     now = service.http.get(f"/jobs/{job['id']}").json()
     assert now["state"] == "SUBMIT_FAILED" and now["upstream_error"] == job["upstream_error"]
@@ -491,3 +497,18 @@ def test_two_replicas_fetch_a_result_once_and_both_serve_it(
     assert result["attempts"] == 1 and result["records"] == 50_000
     assert sorted(stored_counts) == [0, 1]
     assert upstream.sandbox.calls["download"] == 1
+
+
+def test_an_unusable_results_directory_stops_start_up_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = run_bulkhook(
+        "serve",
+        "--port",
+        str(free_port()),
+        BULKHOOK_RESULTS_DIR=str(blocker / "results"),
+        BULKHOOK_DATABASE_URL=f"sqlite:///{tmp_path / 'bulkhook.db'}",
+    )
+    assert result.returncode == 3, result.stderr
+    assert "BULKHOOK_RESULTS_DIR" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
