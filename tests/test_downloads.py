@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.downloads.rules import UPSTREAM_KEEPS, FetchState, after_failure
 from service.upstream.client import RetryPolicy
 
 from .helpers import (
@@ -512,3 +513,58 @@ def test_an_unusable_results_directory_stops_start_up_in_one_line(tmp_path: Path
     assert result.returncode == 3, result.stderr
     assert "BULKHOOK_RESULTS_DIR" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_fetch_is_given_up_after_three_not_founds_in_a_row_or_three_days() -> None:
+    start = FetchState("0190f3a10102", "fetching", "csv", since=1000.0)
+
+    def fail(state: FetchState, now: float, *, not_found: bool) -> FetchState:
+        return after_failure(
+            state, now, "HTTP 404", not_found=not_found, retry_after=None, first=1, most=8
+        )
+
+    once = fail(start, 1001, not_found=True)
+    twice = fail(once, 1002, not_found=True)
+    assert (once.status, twice.status, twice.not_found) == ("fetching", "fetching", 2)
+    # Another failure in between starts the count again.
+    reset = fail(twice, 1003, not_found=False)
+    assert (reset.status, reset.not_found, reset.attempts) == ("fetching", 0, 3)
+    ended = fail(
+        fail(fail(reset, 1004, not_found=True), 1005, not_found=True), 1006, not_found=True
+    )
+    assert ended.status == "failed" and ended.due_at is None
+    assert "given up" in (ended.detail or "")
+    late = fail(start, 1000 + UPSTREAM_KEEPS, not_found=False)
+    assert late.status == "failed" and "three days" in (late.detail or "")
+
+
+def test_a_retry_doubles_up_to_the_most_and_waits_out_retry_after() -> None:
+    start = FetchState("0190f3a10102", "fetching", "csv", since=0.0)
+    waits = []
+    state = start
+    for _ in range(6):
+        state = after_failure(
+            state, 10.0, "HTTP 503", not_found=False, retry_after=None, first=1, most=8
+        )
+        assert state.due_at is not None
+        waits.append(state.due_at - 10.0)
+    assert [0.8 <= w / min(8, 2**n) <= 1.0 for n, w in enumerate(waits)] == [True] * 6
+    asked = after_failure(start, 10.0, "HTTP 429", not_found=False, retry_after=30, first=1, most=8)
+    assert asked.due_at == 40.0
+
+
+def test_a_cancelled_download_has_no_result_and_no_copy_of_failed_records(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+) -> None:
+    upstream = start_sandbox(job_seconds=30)
+    service = start_service(upstream)
+    job = service.download().json()
+    cancelled = service.http.post(f"/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["result"]["status"] == "pending"
+    final = service.wait_for(job["id"], {"CANCELLED"}, within=30)
+    assert final["result"]["status"] == "pending" and "CANCELLED" in final["result"]["detail"]
+    assert final["failed_records"] is None
+    assert service.query("SELECT COUNT(*) FROM result_fetches") == [(0,)]
+    assert_error(service.http.get(f"/jobs/{job['id']}/result"), 404, "result_not_stored")
