@@ -20,6 +20,7 @@ Nothing here changes a job's state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -131,9 +132,12 @@ class Fetcher(DueWork):
             await self._failed(state, f"the result could not be written: {exc}", False, None)
             return
         finally:
-            keeper.cancel()
             if not attempt.done():
                 attempt.cancel()
+            # A renewal under way ends before the outcome is written, never after it.
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await keeper
         notes = (stored.detail, count_note(job.records_count, stored.records))
         done = dataclasses.replace(
             state,
