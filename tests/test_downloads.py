@@ -166,6 +166,21 @@ def test_a_query_the_upstream_cannot_parse_fails_the_job_at_once(
     assert service.query(f"SELECT next_poll_at FROM jobs WHERE id = '{job['id']}'") == [(None,)]
 
 
+def test_a_query_the_upstream_fails_otherwise_is_a_502_and_the_job_ends(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream, upstream_retry=RetryPolicy(attempts=1))
+    upstream.sandbox.inject_fault("query", 403)
+    answer = service.download()
+    assert answer.status_code == 502, answer.text
+    error = answer.json()["error"]
+    assert (error["code"], error["upstream_status"]) == ("upstream_refused", 403)
+    job = service.http.get("/jobs", params={"direction": "download"}).json()["jobs"][0]
+    assert job["state"] == "SUBMIT_FAILED" and job["upstream_id"] is None
+
+
 @pytest.mark.parametrize(
     ("body", "code"),
     [
