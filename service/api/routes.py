@@ -179,6 +179,12 @@ class JobApi:
         self._spool = spool
         self._results = results
 
+    @property
+    def results(self) -> Results:
+        """Download results (their ``result`` JSON and stored files), for the pages
+        that show them beside the job API."""
+        return self._results
+
     def routes(self) -> list[BaseRoute]:
         return [
             Route("/jobs", self.submit_job, methods=["POST"]),
