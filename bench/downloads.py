@@ -127,6 +127,31 @@ def curl(url: str, *headers: str) -> tuple[int, int, float, float]:
     return int(code), int(size), float(first), float(seconds)
 
 
+@dataclass(frozen=True)
+class Scheduled:
+    """A process's seconds on a CPU and waiting in a run queue (all its threads)."""
+
+    running: float
+    waiting: float
+
+    def __sub__(self, other: Scheduled) -> Scheduled:
+        return Scheduled(self.running - other.running, self.waiting - other.waiting)
+
+    def __str__(self) -> str:
+        return f"{self.running:.1f} s on a CPU, {self.waiting:.1f} s waiting for one"
+
+
+def scheduled(pid: int) -> Scheduled:
+    """From /proc/<pid>/task/*/schedstat (nanoseconds running, waiting, slices)."""
+    running = waiting = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            fields = (task / "schedstat").read_text().split()
+            running += int(fields[0])
+            waiting += int(fields[1])
+    return Scheduled(running / 1e9, waiting / 1e9)
+
+
 @dataclass
 class Fetch:
     job_id: str
@@ -140,6 +165,10 @@ class Fetch:
     seen_started_after: float
     service_cpu: float  # CPU seconds the service spent from submit to stored
     direct: float  # curl of the same upstream file
+    # The sandbox's time on a CPU and waiting for one while it sent the file to the
+    # service (from the download seen begun to stored) and to curl.
+    sandbox_fetch: Scheduled
+    sandbox_curl: Scheduled
 
     @property
     def seconds(self) -> float:
@@ -173,6 +202,7 @@ class Bench:
         self.service = f"http://127.0.0.1:{self.service_port}"
         self.sandbox = f"http://127.0.0.1:{self.sandbox_port}"
         self.figures = Figures()
+        self.sandbox_pid = 0
 
     @contextlib.contextmanager
     def servers(self) -> Iterator[int]:
@@ -200,7 +230,7 @@ class Bench:
             "BULKHOOK_LOG_FORMAT": "json",
         }
         with (
-            started(sandbox_args, self.work, {}, self.work / "sandbox.log"),
+            started(sandbox_args, self.work, {}, self.work / "sandbox.log") as sandbox,
             started(
                 bulkhook("serve", "--port", str(self.service_port)),
                 self.work,
@@ -210,6 +240,7 @@ class Bench:
         ):
             wait_for(f"{self.sandbox}/")
             wait_for(f"{self.service}/healthz")
+            self.sandbox_pid = sandbox.pid
             yield service.pid
 
     def fetch(self, client: httpx.Client, pid: int) -> Fetch:
@@ -220,6 +251,7 @@ class Bench:
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
         started_seen = None
+        sandbox_before = scheduled(self.sandbox_pid)
         while True:
             assert time.monotonic() < self.deadline, "the fetch did not end in time"
             self.figures.rss_sampled_mib = max(self.figures.rss_sampled_mib, vm_rss_mib(pid))
@@ -227,12 +259,14 @@ class Bench:
             # The sandbox is asked only until the service's download has begun.
             if started_seen is None and self.downloads_started(client) > downloads:
                 started_seen = time.time()
+                sandbox_before = scheduled(self.sandbox_pid)
             status = job["result"]["status"]
             assert job["state"] not in ("ERROR", "ABORTED", "CANCELLED", "SUBMIT_FAILED"), job
             if status == "failed":
                 raise RuntimeError(f"the fetch failed: {job['result']}")
             if status == "stored":
                 seen_stored = time.time()
+                sandbox_fetch = scheduled(self.sandbox_pid)
                 break
             # Not more often: each poll is work for the service's event loop too.
             time.sleep(POLL)
@@ -240,11 +274,14 @@ class Bench:
         result = job["result"]
         completed = [e for e in job["events"] if e["state"] == "COMPLETED"]
         completed_at = epoch(completed[0]["at"])
+        sandbox_fetch = sandbox_fetch - sandbox_before
+        sandbox_before = scheduled(self.sandbox_pid)
         code, size, _, direct = curl(
             f"{self.sandbox}/elements/api-v2/hubs/marketing/bulk/{job['upstream_id']}/generated",
             f"Authorization: {AUTHORIZATION}",
             "Accept: text/csv",
         )
+        sandbox_curl = scheduled(self.sandbox_pid) - sandbox_before
         assert code == 200 and size == result["bytes"], (code, size, result)
         assert result["records"] == self.records, result
         return Fetch(
@@ -258,6 +295,8 @@ class Bench:
             (started_seen or seen_stored) - completed_at,
             cpu,
             direct,
+            sandbox_fetch,
+            sandbox_curl,
         )
 
     def downloads_started(self, client: httpx.Client) -> int:
@@ -377,13 +416,14 @@ def table(figures: Figures) -> str:
             + row[3]
             for row in rows
         ),
-        "fetch details: "
-        + "; ".join(
-            f"download seen begun {f.seen_started_after:.2f} s and stored "
-            f"{f.seen_stored_after:.2f} s after COMPLETED (polled every {POLL * 1000:.0f} ms; "
-            f"from begun to stored {(f.seconds - f.seen_started_after) / f.direct:.2f}x curl), "
-            f"service CPU {f.service_cpu:.1f} s ({f.service_cpu / mib * 1024:.1f} s/GiB)"
-            for f in fetches
+        f"fetch details (polled every {POLL * 1000:.0f} ms):",
+        *(
+            f"  {n}. the download seen begun {f.seen_started_after:.2f} s and stored "
+            f"{f.seen_stored_after:.2f} s after COMPLETED (from begun to stored "
+            f"{(f.seconds - f.seen_started_after) / f.direct:.2f}x curl); service CPU "
+            f"{f.service_cpu:.1f} s ({f.service_cpu / mib * 1024:.1f} s/GiB); the sandbox "
+            f"sending to the service: {f.sandbox_fetch}; to curl: {f.sandbox_curl}"
+            for n, f in enumerate(fetches, 1)
         ),
         f"serve details: first byte after {ms(figures.served_first)} (service), "
         f"{ms(figures.bare_first)} (bare), median",
