@@ -132,12 +132,14 @@ def _export(args: argparse.Namespace) -> int:
         result = job["result"]
         if to_stdout:
             _to_stdout(client, job["id"], result)
-            return 0
-        target = Path(args.output) if args.output else Path(default_name(job))
-        _to_file(client, job["id"], result, target)
+            where = "stdout"
+        else:
+            target = Path(args.output) if args.output else Path(default_name(job))
+            _to_file(client, job["id"], result, target)
+            where = str(target)
     records = result.get("records")
     counted = "" if records is None else f"{records} record{'' if records == 1 else 's'}, "
-    done = f"wrote {counted}{result['bytes']:,} bytes to {target}"
+    done = f"wrote {counted}{result['bytes']:,} bytes to {where}"
     print(done, file=sys.stderr if args.json else info, flush=True)
     return 0
 
