@@ -109,8 +109,10 @@ def test_export_wait_writes_exactly_the_records_the_upstream_exported(
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"job {job['id']}  CREATED  download contact@marketing")
     assert any(line.startswith(f"job {job['id']}  COMPLETED  ") for line in lines)
-    assert "  result stored" in lines
+    assert f"  result stored (10 records, {len(data):,} bytes)" in lines
     assert lines[-1] == f"wrote 10 records, {len(data):,} bytes to {target}"
+    status = run_bulkhook("status", job["id"], "--url", service.url)
+    assert status.stdout.splitlines()[1] == f"  result stored (10 records, {len(data):,} bytes)"
     assert result.stderr == ""  # no progress bar off a terminal
 
 

@@ -34,6 +34,7 @@ from service.cli.remote import (
     follow_to_end,
     print_job,
     printable,
+    result_line,
     service_options,
 )
 
@@ -160,8 +161,7 @@ def _until_stored(
             if as_json:
                 print(json.dumps(job), file=out, flush=True)
             else:
-                why = f": {printable(detail)}" if detail else ""
-                print(f"  result {status}{why}", file=out, flush=True)
+                print(result_line(result), file=out, flush=True)
         if status == "stored":
             return job
         if status == "failed":

@@ -27,6 +27,7 @@ __all__ = [
     "print_job",
     "printable",
     "report",
+    "result_line",
     "service_options",
 ]
 
@@ -96,6 +97,16 @@ def print_job(job: dict[str, Any], *, as_json: bool, out: TextIO | None = None) 
         print(f"  upstream error: {printable(job['upstream_error'])}", file=out, flush=True)
 
 
+def result_line(result: dict[str, Any]) -> str:
+    """A download's result in one line: its status, what it holds, and why (a failed
+    attempt, or the reason it was given up)."""
+    records, size, detail = result.get("records"), result.get("bytes"), result.get("detail")
+    facts = [] if records is None else [f"{records} record{'' if records == 1 else 's'}"]
+    facts += [] if size is None else [f"{size:,} bytes"]
+    text = f"  result {result['status']}" + (f" ({', '.join(facts)})" if facts else "")
+    return text + (f": {printable(detail)}" if detail else "")
+
+
 def follow_to_end(
     client: ServiceClient, job: dict[str, Any], *, as_json: bool, out: TextIO | None = None
 ) -> dict[str, Any]:
@@ -152,6 +163,8 @@ def _status(args: argparse.Namespace) -> int:
         job = call(client.job, args.job)
         print_job(job, as_json=args.json)
         if not args.json and not args.wait:
+            if isinstance(job.get("result"), dict):
+                print(result_line(job["result"]))
             for event in job.get("events", []):
                 detail = printable(event["detail"])
                 print(f"  {event['at']}  {event['source']:<8} {event['state']:<20} {detail}")
