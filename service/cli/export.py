@@ -97,7 +97,7 @@ def _writable(target: Path | None) -> None:
         raise CommandError(f"cannot write {shown}: {folder} is not writable", code=USAGE)
 
 
-def default_name(job: dict[str, Any]) -> str:
+def _default_name(job: dict[str, Any]) -> str:
     """``<object>-<job id>.<format>``, with anything a file name should not hold in the
     object's name (a separator, a leading dot) replaced."""
     stem = _UNSAFE.sub("_", str(job["object"])).lstrip(".") or "result"
@@ -135,7 +135,7 @@ def _export(args: argparse.Namespace) -> int:
             _to_stdout(client, job["id"], result)
             where = "stdout"
         else:
-            target = Path(args.output) if args.output else Path(default_name(job))
+            target = Path(args.output) if args.output else Path(_default_name(job))
             _to_file(client, job["id"], result, target)
             where = str(target)
     records = result.get("records")
