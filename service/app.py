@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -28,8 +29,11 @@ from service.api.routes import JobApi, UploadLimits
 from service.callbacks.endpoint import CALLBACK_PATHS, CallbackEndpoint, callback_route
 from service.callbacks.receiving import CallbackReceiver
 from service.callbacks.signatures import Keyring
-from service.config import Settings, redact
+from service.config import ConfigError, Settings, redact
 from service.dashboard.routes import Dashboard
+from service.downloads.access import Results
+from service.downloads.fetcher import Fetcher
+from service.downloads.results import ResultFiles
 from service.errors import ApiError, BulkhookError, error_response, unexpected
 from service.failed_records.copier import Copier
 from service.logs import Repeats
@@ -69,6 +73,8 @@ class Components:
     tokens: Tokens
     # ``spool.path`` is the app's own spool directory, claimed when it starts.
     spool: AppSpool
+    # Download results: their state and stored files, as the job API serves them.
+    results: Results
     sandbox: Sandbox | None
 
 
@@ -119,6 +125,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unexpected error on %s %s: %s", request.method, request.url.path, redact(repr(exc)))
     return _answer(unexpected(exc, store_error))
+
+
+def _prepare_results(files: ResultFiles) -> None:
+    """The results directory, made (owner-only) if need be, without the temporary
+    files of writes no process will finish (a killed one's)."""
+    try:
+        files.prepare()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot use BULKHOOK_RESULTS_DIR {files.root}: {exc.strerror or exc}"
+        ) from None
+    removed = files.remove_leftovers()
+    if removed:
+        log.info("removed %d unfinished result files", len(removed))
 
 
 async def _openapi(request: Request) -> Response:
@@ -186,6 +206,18 @@ def create_app(
         retry_most=settings.poll_max_interval,
         lease=settings.poll_lease,
     )
+    # Download results fetched into the results directory when a download completes.
+    files = ResultFiles(Path(settings.results_dir))
+    results = Results(store, files)
+    fetcher = Fetcher(
+        store,
+        upstream,
+        files,
+        metrics,
+        retry_first=settings.poll_interval,
+        retry_most=settings.poll_max_interval,
+        lease=settings.poll_lease,
+    )
     keyring = Keyring(keys)
     tokens = Tokens(settings.api_tokens, metrics, repeats)
     spool = AppSpool(settings.spool_dir or default_root())
@@ -206,6 +238,7 @@ def create_app(
             rate_window=settings.upload_rate_window,
         ),
         spool=spool,
+        results=results,
     )
     callbacks = CallbackEndpoint(
         CallbackReceiver(
@@ -232,12 +265,14 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         spool.claim()
         try:
+            await asyncio.to_thread(_prepare_results, files)
             await store.open()
         except BaseException:
             spool.close()
             raise
         poller.start()
         copier.start()
+        fetcher.start()
         pruner.start()
         try:
             yield
@@ -245,6 +280,7 @@ def create_app(
             dashboard.streams.close()
             await pruner.stop()
             callbacks.refusals.flush()
+            await fetcher.stop()
             await copier.stop()
             await poller.stop()
             if embedded is not None:
@@ -273,6 +309,7 @@ def create_app(
             keyring=keyring,
             tokens=tokens,
             spool=spool,
+            results=results,
             sandbox=embedded,
         ),
         routes=routes,

@@ -88,6 +88,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "retention": ("BULKHOOK_RETENTION", "retention"),
         "max_failed_records": ("BULKHOOK_MAX_FAILED_RECORDS", "records"),
         "spool_dir": ("BULKHOOK_SPOOL_DIR", "path"),
+        "results_dir": ("BULKHOOK_RESULTS_DIR", "directory"),
         "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
         "log_level": ("BULKHOOK_LOG_LEVEL", "log_level"),
     }
@@ -226,8 +227,12 @@ def _check(var: str, kind: str, value: Any) -> Any:
         return value
     if kind == "database":
         return _check_database(var, value)
-    if kind == "path":
-        if value is None or (isinstance(value, str) and value and is_clean(value)):
+    if kind in ("path", "directory"):
+        if isinstance(value, Path):
+            value = str(value)
+        if (value is None and kind == "path") or (
+            isinstance(value, str) and value.strip() and is_clean(value)
+        ):
             return value
         raise ConfigError(f"{var} must be a directory path, got {_show(value)}")
     if kind == "bool" and isinstance(value, bool):
@@ -308,6 +313,9 @@ class Settings:
     # system's temporary directory. Each running app works in a locked directory of
     # its own below it, and removes those of apps that died.
     spool_dir: str | None = None
+    # Where download results are kept (created owner-only at start-up); in a fleet, a
+    # volume every replica mounts: any replica serves any result.
+    results_dir: str = "bulkhook-results"
     # Structured JSON lines for log collectors, or plain text for a terminal; auto: text
     # when stderr is a terminal, JSON otherwise.
     log_format: str = "auto"

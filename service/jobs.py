@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "TERMINAL",
     "Decision",
+    "DownloadRequest",
     "Job",
     "Observation",
     "Source",
@@ -165,6 +166,19 @@ class SubmitRequest:
     idempotency_key: str | None = None
 
 
+@dataclass(frozen=True)
+class DownloadRequest:
+    """What a download (a bulk query) asks for, checked, before its job exists."""
+
+    hub: str
+    object: str
+    # The CEQL text sent upstream.
+    query: str
+    # csv, json or jsonl: the result file's format.
+    format: str
+    idempotency_key: str | None = None
+
+
 # Slots: a frozen instance with them is a third cheaper to build, and one is built
 # for every callback.
 @dataclass(frozen=True, slots=True)
@@ -238,19 +252,30 @@ class Job:
     poll_count: int = 0
     # Consecutive polls answered 404.
     not_found_count: int = 0
+    # "upload" or "download" (a bulk query: ``query`` and ``format`` say what for).
+    direction: str = "upload"
+    query: str | None = None
+    format: str | None = None
     events: tuple[TimelineEntry, ...] = ()
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def is_download(self) -> bool:
+        return self.direction == "download"
+
     def to_json(self, *, with_events: bool = True) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.id,
             "upstream_id": self.upstream_id,
+            "direction": self.direction,
             "hub": self.hub,
             "object": self.object,
             "path": self.path,
+            "query": self.query,
+            "format": self.format,
             "state": str(self.state),
             "upstream_status": self.upstream_status,
             "records_count": self.records_count,

@@ -44,6 +44,17 @@ class Metrics:
             ["where", "outcome"],
             registry=self.registry,
         )
+        self.downloads = Counter(
+            "bulkhook_downloads",
+            "Fetches of download results by outcome (stored, failed: given up, retried).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.result_bytes = Counter(
+            "bulkhook_result_bytes",
+            "Bytes of download results stored.",
+            registry=self.registry,
+        )
         # One child per outcome, kept: ``labels()`` takes a lock and builds a key per call.
         self._outcomes: dict[str, Counter] = {}
 
@@ -53,6 +64,10 @@ class Metrics:
         if child is None:
             child = self._outcomes[outcome] = self.callbacks.labels(outcome)
         child.inc()
+
+    def download(self, outcome: str) -> None:
+        """Count one fetch attempt of a download result by how it ended."""
+        self.downloads.labels(outcome).inc()
 
     def upstream_call(self, operation: str, status: int | None) -> None:
         self.upstream_calls.labels(operation, str(status) if status else "none").inc()

@@ -19,18 +19,29 @@ from service.callbacks import notification
 from service.callbacks.endpoint import JOB_CALLBACK_PATH
 from service.config import Settings
 from service.errors import ApiError
-from service.jobs import Job, Observation, Source, State, SubmitRequest, iso_utc, new_job_id
+from service.jobs import (
+    DownloadRequest,
+    Job,
+    Observation,
+    Source,
+    State,
+    SubmitRequest,
+    iso_utc,
+    new_job_id,
+)
 from service.logs import short
 from service.store import Store
 from service.uploads.relay import Relay
 from service.uploads.spool import Spool
 from service.upstream.client import (
+    QueryRefused,
     Submission,
     UpstreamClient,
     UpstreamError,
     UpstreamUnavailable,
     upstream_failure,
 )
+from service.values import message
 
 __all__ = ["NOT_FOUND_LIMIT", "SENDING_CONNECTIONS", "SUBMIT_DEADLINE", "Tracker"]
 
@@ -200,6 +211,71 @@ class Tracker:
                 )
         except UpstreamError as exc:
             return await self._submit_failed(job, exc)
+        return await self._accepted(job, submission)
+
+    async def start_download(self, request: DownloadRequest) -> tuple[Job, bool]:
+        """Record a download job, then start its bulk query upstream. A query the
+        upstream refuses ends the job ``SUBMIT_FAILED`` with the upstream's message
+        and raises ``upstream_query_refused`` (400) carrying the job."""
+        now = time.time()
+        job = Job(
+            id=new_job_id(),
+            hub=request.hub,
+            object=request.object,
+            path=None,
+            state=State.SUBMITTING,
+            created_at=now,
+            updated_at=now,
+            last_source=str(Source.SUBMIT),
+            next_poll_at=now + SUBMIT_DEADLINE,
+            direction="download",
+            query=request.query,
+            format=request.format,
+        )
+        job, created = await self.store.create_job(
+            job,
+            idempotency_key=request.idempotency_key,
+            detail=f"download of {request.object} as {request.format} requested",
+        )
+        if not created:
+            return job, False
+        # Shielded: a client that stops waiting never leaves the job half started.
+        task = asyncio.ensure_future(self._query(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task), True
+
+    async def _query(self, job: Job) -> Job:
+        assert job.query is not None
+        try:
+            submission = await self.upstream.start_query(
+                job.hub,
+                job.query,
+                callback_url=self.callback_url(job.id),
+                payload=job.id,
+            )
+        except QueryRefused as exc:
+            error, _ = message(exc.message)
+            applied = await self.store.apply(
+                job.id,
+                Observation(
+                    Source.SUBMIT,
+                    state=State.SUBMIT_FAILED,
+                    upstream_error=error,
+                    detail="the upstream refused the query",
+                ),
+            )
+            assert applied is not None
+            failed = await self._reload(applied.job)
+            raise upstream_failure(
+                "the upstream refused the query", exc, job=failed.to_json()
+            ) from None
+        except UpstreamError as exc:
+            return await self._submit_failed(job, exc)
+        return await self._accepted(job, submission)
+
+    async def _accepted(self, job: Job, submission: Submission) -> Job:
+        """Record the upstream's acceptance, then apply what raced it."""
         applied = await self.store.apply(
             job.id,
             Observation(

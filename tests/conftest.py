@@ -156,7 +156,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
-def start_service(store_url: str) -> Iterator[Callable[..., RunningService]]:
+def start_service(store_url: str, tmp_path: Path) -> Iterator[Callable[..., RunningService]]:
     """Start the service against ``upstream`` (a RunningSandbox) or in embedded mode."""
     import httpx
 
@@ -185,6 +185,7 @@ def start_service(store_url: str) -> Iterator[Callable[..., RunningService]]:
             "callback_grace": 5.0,
             "poll_interval": 0.3,
             "poll_max_interval": 1.0,
+            "results_dir": str(tmp_path / "results"),
         }
         values.update(overrides)
         settings = Settings(**values)

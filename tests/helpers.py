@@ -7,7 +7,9 @@ Fixtures that build these live in ``conftest.py``; no test module imports anothe
 from __future__ import annotations
 
 import contextlib
+import csv
 import html
+import io
 import itertools
 import json
 import os
@@ -141,6 +143,25 @@ class RunningService:
                 files={"file": (file.name, handle, "text/csv")},
                 headers=headers or {},
             )
+
+    def download(
+        self, object_name: str = "contact", *, headers: dict[str, str] | None = None, **fields: Any
+    ) -> Any:
+        """Ask for a download (a bulk query) of ``object_name``: ``POST /jobs`` with JSON."""
+        return self.http.post("/jobs", json={"object": object_name, **fields}, headers=headers)
+
+    def wait_for_result(
+        self, job_id: str, statuses: set[str], within: float = 30.0
+    ) -> dict[str, Any]:
+        """The job once its ``result`` has one of ``statuses``."""
+        deadline = time.monotonic() + within
+        job: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/jobs/{job_id}").json()
+            if (job.get("result") or {}).get("status") in statuses:
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"the result of job {job_id} stayed {job.get('result')}: {job}")
 
     def wait_for(self, job_id: str, states: set[str], within: float = 15.0) -> dict[str, Any]:
         deadline = time.monotonic() + within
@@ -384,6 +405,34 @@ def write_csv(path: Path, rows: list[list[str]]) -> Path:
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     edges = [0, *sorted(cuts), len(data)]
     return [data[start:end] for start, end in itertools.pairwise(edges)]
+
+
+# Downloads ----------------------------------------------------------------------
+
+
+def sandbox_result(upstream: RunningSandbox, upstream_id: str, fmt: str) -> bytes:
+    """The result file exactly as the sandbox itself writes it."""
+    job = upstream.sandbox.jobs[int(upstream_id)]
+    return b"".join(upstream.sandbox.result(job, fmt))
+
+
+def records_of(data: bytes, fmt: str) -> list[dict[str, str]]:
+    """A result file's records, each without its empty fields (CSV writes every column,
+    JSON only those a record has)."""
+    text = data.decode("utf-8")
+    if fmt == "csv":
+        rows: list[dict[str, str]] = list(csv.DictReader(io.StringIO(text, newline="")))
+    elif fmt == "json":
+        rows = json.loads(text)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [{name: value for name, value in row.items() if value != ""} for row in rows]
+
+
+def metric(text: str, name: str) -> float:
+    """One sample of a Prometheus text page (``name`` with its labels), 0 when absent."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 # Callbacks ----------------------------------------------------------------------

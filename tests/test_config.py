@@ -28,6 +28,7 @@ FULL_ENV = {
     "BULKHOOK_MAX_CALLBACK_BYTES": "4096",
     "BULKHOOK_MAX_UPLOAD_BYTES": "1000000",
     "BULKHOOK_SPOOL_DIR": "/var/tmp/bulkhook-spool",
+    "BULKHOOK_RESULTS_DIR": "/srv/bulkhook/results",
     "BULKHOOK_MAX_FAILED_RECORDS": "2500",
     "BULKHOOK_LOG_FORMAT": "TEXT",
     "BULKHOOK_LOG_LEVEL": "Debug",
@@ -84,6 +85,7 @@ def test_every_variable_is_parsed(tmp_path: Path) -> None:
     assert settings.max_callback_bytes == 4096
     assert settings.max_upload_bytes == 1_000_000
     assert settings.spool_dir == "/var/tmp/bulkhook-spool"
+    assert settings.results_dir == "/srv/bulkhook/results"
     assert settings.log_format == "text"
     assert settings.log_level == "debug"
     assert isinstance(settings.callback_grace, float)
@@ -231,6 +233,9 @@ def test_poll_interval_above_maximum_names_both(tmp_path: Path) -> None:
         ({"oc_hub": ""}, "OC_HUB"),
         ({"oc_hub": ".."}, "OC_HUB"),
         ({"spool_dir": "/tmp/a\x00b"}, "BULKHOOK_SPOOL_DIR"),
+        ({"results_dir": "/tmp/a\x00b"}, "BULKHOOK_RESULTS_DIR"),
+        ({"results_dir": ""}, "BULKHOOK_RESULTS_DIR"),
+        ({"results_dir": None}, "BULKHOOK_RESULTS_DIR"),
         ({"oc_hub": "a/b"}, "OC_HUB"),
         ({"oc_hub": "mar\x00keting"}, "OC_HUB"),
         ({"oc_base_url": "https://api.example.com"}, "OC_USER_SECRET"),

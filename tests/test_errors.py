@@ -91,7 +91,13 @@ def test_every_kind_of_error_uses_the_shape(start_service) -> None:  # type: ign
     assert_error(service.http.get("/jobs/unknown"), 404, "job_not_found")
     assert_error(service.http.get("/jobs?limit=0"), 400, "bad_limit")
     assert_error(service.http.get("/jobs?state=DONE"), 400, "bad_state")
-    assert_error(service.http.post("/jobs", json={}), 415, "unsupported_media_type")
+    assert_error(
+        service.http.post("/jobs", content=b"{}", headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert_error(service.http.post("/jobs", json={}), 400, "missing_object")
+    assert_error(service.http.get("/jobs?direction=up"), 400, "bad_direction")
     assert_error(service.http.post("/callbacks", content=b"{}"), 401, "bad_signature")
 
 

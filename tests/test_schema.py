@@ -237,6 +237,13 @@ async def test_a_database_at_every_earlier_version_upgrades(
             await store.close()
 
 
+def version_of(module: Any, table: str) -> int:
+    """The index in ``module.MIGRATIONS`` of the version that creates ``table``."""
+    return next(
+        n for n, script in enumerate(module.MIGRATIONS) if f"CREATE TABLE {table} " in script
+    )
+
+
 @pytest.mark.parametrize("kind", sorted(STORES))
 async def test_jobs_that_ended_with_failed_records_before_the_copies_have_theirs_scheduled(
     kind: str, database: str, monkeypatch: pytest.MonkeyPatch
@@ -244,7 +251,9 @@ async def test_jobs_that_ended_with_failed_records_before_the_copies_have_theirs
     """The version that keeps failed records schedules a copy for every job that had
     ended with some (or ERROR/ABORTED without a count) and none for any other."""
     module = STORES[kind]
-    monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:-1])
+    monkeypatch.setattr(
+        module, "MIGRATIONS", module.MIGRATIONS[: version_of(module, "failed_copies")]
+    )
     await migrate(database)
     monkeypatch.undo()
     jobs = {
@@ -278,3 +287,37 @@ async def test_jobs_that_ended_with_failed_records_before_the_copies_have_theirs
         await store.close()
     assert scheduled == {"failed", "unknown"}
     assert state is not None and (state.status, state.kept, state.due_at) == ("pending", 0, 0)
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+async def test_jobs_from_before_downloads_are_uploads_with_nothing_to_fetch(
+    kind: str, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = STORES[kind]
+    monkeypatch.setattr(
+        module, "MIGRATIONS", module.MIGRATIONS[: version_of(module, "result_fetches")]
+    )
+    await migrate(database)
+    monkeypatch.undo()
+    insert = (
+        "INSERT INTO jobs (id, upstream_id, hub, object, path, state, created_at, updated_at,"
+        " last_source) VALUES ('old', 'u-1', 'h', 'o', '/p', 'COMPLETED', 1, 2, 'poll')"
+    )
+    if kind == "sqlite":
+        with sqlite3.connect(database.removeprefix("sqlite:///")) as conn:
+            conn.execute(insert)
+    else:
+        import psycopg
+
+        with psycopg.connect(database) as conn:
+            conn.execute(insert)
+    store = open_store(database)
+    await store.open()
+    try:
+        job = await store.get_job("old")
+        fetch = await store.fetch_state("old")
+        downloads = await store.list_jobs(direction="download")
+    finally:
+        await store.close()
+    assert job is not None and (job.direction, job.query, job.format) == ("upload", None, None)
+    assert fetch is None and downloads == []

@@ -482,6 +482,27 @@ def test_a_callback_body_trickled_past_the_deadline_is_cut(
     assert answers(f"{quick_deadline.url}/healthz")
 
 
+def test_a_download_request_trickled_past_the_deadline_is_cut(
+    quick_deadline: ServerThread,
+) -> None:
+    # A download's JSON is as small as a callback: POST /jobs is an upload's pace only
+    # with a file.
+    body = json.dumps({"object": "contact", "format": "jsonl"}).encode()
+    head = (
+        f"Host: 127.0.0.1:{quick_deadline.port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", quick_deadline.port)) as sock:
+        started = time.monotonic()
+        sock.sendall(f"POST /jobs HTTP/1.1\r\n{head}\r\n".encode() + body[:5])
+        with contextlib.suppress(OSError):
+            for byte in body[5:]:
+                time.sleep(0.05)
+                sock.sendall(bytes([byte]))
+        assert closed_within(sock, 5) + (time.monotonic() - started) < 4
+    assert answers(f"{quick_deadline.url}/healthz")
+
+
 def test_an_upload_body_may_take_longer_than_the_deadline(
     quick_deadline: ServerThread,
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs import TERMINAL, Observation, Source, State, new_job_id
+from service.jobs import TERMINAL, Job, Observation, Source, State, new_job_id
 from service.store import Delivery, Store, StoreError, open_store
 from service.store.base import Claim
 from service.store.sqlite import store as sqlite_store
@@ -464,3 +464,71 @@ async def test_a_dead_owners_copy_is_taken_over_when_its_lease_runs_out(store: S
     assert not await store.save_copy(dataclasses.replace(taken, kept=1), "dead", ['"x"'])
     await store.release_copy_leases("alive")
     assert [state.job_id for state in await store.claim_copies(now + 6, 10, "x", 5)] == [job_id]
+
+
+def download_job(**changes: object) -> Job:
+    return make_job(
+        direction="download",
+        query="select * from contact",
+        format="jsonl",
+        path=None,
+        filename=None,
+        rows=None,
+        **changes,
+    )
+
+
+async def test_completing_a_download_schedules_its_fetch_in_the_same_apply(store: Store) -> None:
+    job, _ = await store.create_job(download_job(), idempotency_key="export")
+    again, created = await store.create_job(download_job(), idempotency_key="export")
+    assert not created and again.id == job.id
+    assert (again.direction, again.query, again.format) == (
+        "download",
+        "select * from contact",
+        "jsonl",
+    )
+    upload, _ = await store.create_job(make_job(state=State.RUNNING))
+    await store.apply(job.id, Observation(Source.SUBMIT, status="CREATED"), upstream_id="9")
+    assert await store.fetch_state(job.id) is None  # not completed: nothing to fetch
+    await store.apply(job.id, Observation(Source.CALLBACK, status="COMPLETED", at=100.0))
+    await store.apply(upload.id, Observation(Source.CALLBACK, status="COMPLETED"))
+    fetch = await store.fetch_state(job.id)
+    assert fetch is not None
+    assert (fetch.status, fetch.format, fetch.since, fetch.due_at) == ("pending", "jsonl", 100, 100)
+    assert await store.fetch_state(upload.id) is None
+    assert await store.next_fetch_due() == 100
+    assert [j.id for j in await store.list_jobs(direction="download")] == [job.id]
+    assert [j.id for j in await store.list_jobs(direction="upload")] == [upload.id]
+
+
+async def test_a_fetch_is_written_only_by_its_lease_holder(store: Store) -> None:
+    job, _ = await store.create_job(download_job(state=State.RUNNING, upstream_id="9"))
+    await store.apply(job.id, Observation(Source.CALLBACK, status="COMPLETED"))
+    now = time.time()
+    [claimed] = await store.claim_fetches(now, 10, "a", 60)
+    assert claimed.status == "fetching"
+    assert await store.claim_fetches(now, 10, "b", 60) == []  # leased to "a"
+    assert not await store.save_fetch(claimed, "b", lease_until=now + 60)
+    assert await store.save_fetch(claimed, "a", lease_until=now + 120)  # renewed
+    assert await store.claim_fetches(now + 90, 10, "b", 60) == []  # still a's
+    done = dataclasses.replace(
+        claimed, status="stored", bytes=5, records=1, sha256="ab" * 32, attempts=1, due_at=None
+    )
+    assert await store.save_fetch(done, "a")
+    assert await store.fetch_state(job.id) == done
+    assert not await store.save_fetch(done, "a")  # the lease went with the outcome
+    assert await store.claim_fetches(now + 3600, 10, "b", 60) == []  # stored: never due
+
+
+async def test_a_dead_fetchers_lease_runs_out_or_is_given_back(store: Store) -> None:
+    job, _ = await store.create_job(download_job(state=State.RUNNING, upstream_id="9"))
+    await store.apply(job.id, Observation(Source.CALLBACK, status="COMPLETED"))
+    now = time.time()
+    [claimed] = await store.claim_fetches(now, 10, "dead", 5)
+    assert claimed.job_id == job.id
+    assert await store.claim_fetches(now + 1, 10, "alive", 5) == []
+    [taken] = await store.claim_fetches(now + 6, 10, "alive", 5)
+    assert taken.job_id == job.id
+    await store.release_fetch_leases("alive")
+    [again] = await store.claim_fetches(now + 7, 10, "other", 5)
+    assert again.job_id == job.id

@@ -1,4 +1,5 @@
-"""The job API: submit, list, inspect, cancel, refresh, discover."""
+"""The job API: submit (an upload or a download), list, inspect, fetch a result,
+cancel, refresh, discover."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import BaseRoute, Route
 
 from service.api.guard import Tokens, bearer
+from service.downloads.access import Results
+from service.downloads.requests import download_request, is_json, read_bounded
 from service.errors import ApiError
 from service.failed_records.rules import CopyState
 from service.jobs import Job, State, SubmitRequest
@@ -30,6 +33,7 @@ __all__ = ["JobApi", "UploadLimits"]
 _MAX_FIELD = 200
 _MAX_LIMIT = 500
 _MAX_PATH = 1000
+_DIRECTIONS = ("upload", "download")
 # Kept failed records read from the store per page: the first page this many, each
 # next one as many as fit about _STORED_PAGE_BYTES of JSON at the size they had so
 # far. A record can be thousands of columns (30 KB), and turning a page into a table
@@ -106,10 +110,6 @@ def _metadata(raw: str | None) -> dict[str, Any]:
     return value
 
 
-def _job_response(job: Job, status: int = 200, **headers: str) -> JSONResponse:
-    return JSONResponse(job.to_json(), status_code=status, headers=headers or None)
-
-
 async def stored_records(store: Store, job_id: str) -> AsyncIterator[list[str]]:
     """A job's kept failed records (JSON text), a page of about 512 KiB at a time, in
     order."""
@@ -166,6 +166,7 @@ class JobApi:
         hub: str,
         limits: UploadLimits,
         spool: AppSpool,
+        results: Results,
     ) -> None:
         self._tracker = tracker
         self._store = store
@@ -176,6 +177,13 @@ class JobApi:
         self._hub = hub
         self._limits = limits
         self._spool = spool
+        self._results = results
+
+    @property
+    def results(self) -> Results:
+        """Download results (their ``result`` JSON and stored files), for the pages
+        that show them beside the job API."""
+        return self._results
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -183,6 +191,7 @@ class JobApi:
             Route("/jobs", self.list_jobs, methods=["GET"]),
             Route("/jobs/{job_id}", self.get_job, methods=["GET"]),
             Route("/jobs/{job_id}/errors", self.job_errors, methods=["GET"]),
+            Route("/jobs/{job_id}/result", self.job_result, methods=["GET"]),
             Route("/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
             Route("/jobs/{job_id}/refresh", self.refresh_job, methods=["POST"]),
             Route("/objects", self.objects, methods=["GET"]),
@@ -239,6 +248,8 @@ class JobApi:
                 "Idempotency-Key must be 1 to 200 printable characters", code="bad_idempotency_key"
             )
         key = key.strip() if key else None
+        if is_json(request.headers.get("content-type", "")):
+            return await self._start_download(request, key)
         relay: Relay | None = None
 
         async def on_file(start: FileStart) -> None:
@@ -286,11 +297,20 @@ class JobApi:
             raise
         # From here the tracker owns the temporary file (and the relay) and removes it.
         job, created = await self._tracker.submit(submit, upload.path, relay)
+        return await self._submitted(job, created)
+
+    async def _start_download(self, request: Request, key: str | None) -> Response:
+        body = await read_bounded(request.stream(), request.headers.get("content-length"))
+        download = download_request(body, default_hub=self._hub, key=key)
+        job, created = await self._tracker.start_download(download)
+        return await self._submitted(job, created)
+
+    async def _submitted(self, job: Job, created: bool) -> Response:
+        """The answer to a submission: 202 for a new job, 200 for a replayed key."""
         if not created:
-            return _job_response(
-                job, 200, **{"Location": f"/jobs/{job.id}", "Idempotent-Replayed": "true"}
-            )
-        return _job_response(job, 202, Location=f"/jobs/{job.id}")
+            headers = {"Location": f"/jobs/{job.id}", "Idempotent-Replayed": "true"}
+            return await self._job_answer(job, 200, headers)
+        return await self._job_answer(job, 202, {"Location": f"/jobs/{job.id}"})
 
     async def list_jobs(self, request: Request) -> Response:
         self._authorize(request)
@@ -310,21 +330,31 @@ class JobApi:
         cursor = params.get("cursor") or None
         if cursor is not None and not job_id_ok(cursor):
             raise ApiError("cursor is not valid", code="bad_cursor")
+        direction = params.get("direction")
+        if direction is not None and direction not in _DIRECTIONS:
+            raise ApiError("direction must be upload or download", code="bad_direction")
         limit = int(raw_limit)
         jobs = await self._store.list_jobs(
-            state=State(state_filter.upper()) if state_filter else None, limit=limit, before=cursor
+            state=State(state_filter.upper()) if state_filter else None,
+            limit=limit,
+            before=cursor,
+            direction=direction,
         )
         next_cursor = jobs[-1].id if len(jobs) == limit else None
         return JSONResponse(
             {"jobs": [job.to_json(with_events=False) for job in jobs], "next_cursor": next_cursor}
         )
 
-    async def _job_answer(self, job: Job) -> JSONResponse:
-        """One job's JSON, with where the copy of its failed records stands."""
+    async def _job_answer(
+        self, job: Job, status: int = 200, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
+        """One job's JSON, with where the copy of its failed records stands and, for a
+        download, its result."""
         copy = await self._store.copy_state(job.id)
         body = job.to_json()
         body["failed_records"] = copy.to_json() if copy is not None else None
-        return JSONResponse(body)
+        body["result"] = await self._results.state(job)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     async def get_job(self, request: Request) -> Response:
         self._authorize(request)
@@ -360,6 +390,12 @@ class JobApi:
                 "errors": errors,
             }
         )
+
+    async def job_result(self, request: Request) -> Response:
+        """A download's stored result file (ranges, ETag); 404 until it is stored."""
+        self._authorize(request)
+        job = await self._job_or_404(request.path_params["job_id"], with_events=False)
+        return await self._results.response(job, request.headers)
 
     async def cancel_job(self, request: Request) -> Response:
         self._authorize(request)

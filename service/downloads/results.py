@@ -116,6 +116,19 @@ class ResultFiles:
             return False
         return True
 
+    def remove_temporaries(self, job_id: str) -> int:
+        """Removes the job's temporary files: called by the holder of the job's fetch
+        lease before it writes, so an attempt cut off (by a kill) leaves nothing behind
+        once the next one starts. How many there were."""
+        if not job_id_ok(job_id) or not self.root.is_dir():
+            return 0
+        removed = 0
+        for entry in self.root.glob(f".{job_id}.*{_PART}"):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed += 1
+        return removed
+
     def remove_leftovers(self, older_than: float = LEFTOVER_AGE) -> list[Path]:
         """Removes temporary files that no write will finish (a killed process's)."""
         removed: list[Path] = []

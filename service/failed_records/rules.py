@@ -5,7 +5,8 @@ an upstream id and ``records_failed_count`` above 0. A job that ended ``ERROR`` 
 ``ABORTED`` without a count (a whole-file failure, or a job the upstream lost) is
 copied too, since only the upstream knows whether it holds records for it; a job
 ``TIMED_OUT`` or ``CANCELLED`` without a count is not (nothing says it failed a row),
-nor a job that never reached the upstream.
+nor a job that never reached the upstream, nor a download (it loads no records, so
+none can fail).
 
 Each record is kept as the upstream's JSON, as text that both stores take (valid
 UTF-8, no NUL: ``values.json_text``), and at most ``MAX_RECORD_BYTES`` of it: a larger
@@ -49,6 +50,8 @@ def keeps_failed_records(job: Job) -> bool:
     """Whether ``job``'s failed records are to be copied (see the module's docstring)."""
     if job.upstream_id is None or job.state not in TERMINAL or job.state == State.SUBMIT_FAILED:
         return False
+    if job.is_download:
+        return False  # a bulk query loads no records: none of them can fail
     if job.records_failed_count is not None:
         return job.records_failed_count > 0
     return job.state in (State.ERROR, State.ABORTED)

@@ -7,9 +7,9 @@ time, holds its connection for ever. ``http_protocol`` adds a deadline: a reques
 headers must be complete ``header_timeout`` seconds after the connection opened (the
 first request) or after the request's first bytes arrived (each further one; the
 keep-alive timeout bounds the wait for them); past it, the connection is closed. The
-deadline covers a request's body too, except an upload's (``POST /jobs``), whose pace
-the upload rules judge: a callback or a form is small, and one trickled a byte at a
-time would hold its connection just as long.
+deadline covers a request's body too, except an upload's (``POST /jobs`` with a file),
+whose pace the upload rules judge: a callback, a form or a download's JSON is small,
+and one trickled a byte at a time would hold its connection just as long.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.downloads.requests import is_json
 
 __all__ = ["HEADER_TIMEOUT", "http_protocol", "implementations"]
 
@@ -92,7 +94,14 @@ class _HeaderDeadline(_Protocol):
 
 
 def _is_upload(scope: HTTPScope) -> bool:
-    return scope["method"] == "POST" and scope["path"].rstrip("/") == "/jobs"
+    """A file upload: ``POST /jobs`` but not a download's (JSON: at most 64 KiB, as
+    small as a form, so it keeps to the deadline)."""
+    if scope["method"] != "POST" or scope["path"].rstrip("/") != "/jobs":
+        return False
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return not is_json(value.decode("latin-1"))
+    return True
 
 
 def implementations() -> tuple[str, ...]:

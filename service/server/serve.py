@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import gc
 import ipaddress
+import os
 import socket
 import sys
 from pathlib import Path
@@ -101,6 +103,16 @@ def _prepare(settings: Settings, host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot use BULKHOOK_SPOOL_DIR {spool}: {exc.strerror}") from None
+    results = Path(settings.results_dir)
+    try:
+        results.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not os.access(results, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot use BULKHOOK_RESULTS_DIR {results}: {exc.strerror or exc}"
+        ) from None
     try:
         asyncio.run(_check_store(settings))
     except (StoreError, OSError) as exc:

@@ -94,7 +94,12 @@ def like_prefix(text: str) -> str:
 
 
 def job_list_query(
-    mark: str, state: State | None, limit: int, before: str | None, search: str | None
+    mark: str,
+    state: State | None,
+    limit: int,
+    before: str | None,
+    search: str | None,
+    direction: str | None = None,
 ) -> tuple[str, tuple[str | int, ...]]:
     """``Store.list_jobs`` as SQL and its parameters; ``mark`` is the driver's
     placeholder (``?`` or ``%s``). Newest first, served by the id and state indexes."""
@@ -103,6 +108,9 @@ def job_list_query(
     if state is not None:
         clauses.append(f"state = {mark}")
         params.append(str(state))
+    if direction is not None:
+        clauses.append(f"direction = {mark}")
+        params.append(direction)
     if before is not None:
         clauses.append(f"id < {mark}")
         params.append(before)

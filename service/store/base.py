@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from service.downloads.rules import FetchState
 from service.errors import BulkhookError
 from service.failed_records.rules import CopyState
 from service.jobs import Decision, Job, Observation, State
@@ -216,10 +217,12 @@ class Store(abc.ABC):
         limit: int = 50,
         before: str | None = None,
         search: str | None = None,
+        direction: str | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` is the id of the last job of the previous page.
 
-        ``search`` keeps the jobs whose id starts with it or whose upstream id is it.
+        ``search`` keeps the jobs whose id starts with it or whose upstream id is it;
+        ``direction`` (``upload`` or ``download``) the jobs of that direction.
         """
 
     @abc.abstractmethod
@@ -380,3 +383,29 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def release_copy_leases(self, owner: str) -> None: ...
+
+    # -- the fetches of download results (``store.fetches``) ------------------------
+
+    @abc.abstractmethod
+    async def claim_fetches(
+        self, now: float, limit: int, owner: str, lease: float
+    ) -> list[FetchState]:
+        """Fetches due now and not leased, leased to ``owner`` (and ``fetching``)."""
+
+    @abc.abstractmethod
+    async def save_fetch(
+        self, state: FetchState, owner: str, *, lease_until: float | None = None
+    ) -> bool:
+        """Record a fetch as ``state`` says, the lease kept until ``lease_until`` (a
+        renewal, during a long fetch) or given up. False, with nothing written, when
+        ``owner`` no longer holds the lease."""
+
+    @abc.abstractmethod
+    async def fetch_state(self, job_id: str) -> FetchState | None:
+        """The fetch of a download's result; None when none was scheduled."""
+
+    @abc.abstractmethod
+    async def next_fetch_due(self) -> float | None: ...
+
+    @abc.abstractmethod
+    async def release_fetch_leases(self, owner: str) -> None: ...

@@ -14,6 +14,7 @@ from service.store.base import Claim, _Keep
 __all__ = [
     "APPLY",
     "NEW_JOB_COLUMNS",
+    "NEW_JOB_WIDTH",
     "WAIT",
     "Binding",
     "Plan",
@@ -26,8 +27,9 @@ __all__ = [
 # The columns a new job's row is written with, in the order of ``new_job_row``.
 NEW_JOB_COLUMNS = (
     "id, hub, object, path, filename, rows, state, created_at, updated_at, last_source,"
-    " idempotency_key, next_poll_at"
+    " idempotency_key, next_poll_at, direction, query, format"
 )
+NEW_JOB_WIDTH = NEW_JOB_COLUMNS.count(",") + 1
 
 
 def new_job_row(job: Job, idempotency_key: str | None) -> tuple[Any, ...]:
@@ -45,6 +47,9 @@ def new_job_row(job: Job, idempotency_key: str | None) -> tuple[Any, ...]:
         job.last_source,
         idempotency_key,
         job.next_poll_at,
+        job.direction,
+        job.query,
+        job.format,
     )
 
 

@@ -9,8 +9,10 @@ redelivers a callback for about four days, and a redelivery must still be recogn
 are removed at start-up and then hourly, a bounded batch per transaction, so that the
 callback path never waits long behind the pruning. Jobs themselves are kept, and so
 are the failed records copied for them (``failed_records``, ``failed_copies``): the
-upstream forgets them, so the store's copy is the only one. Both tables reference
-their job with ``ON DELETE CASCADE``, so whatever removes a job removes them with it.
+upstream forgets them, so the store's copy is the only one. So are the fetches of
+download results (``result_fetches``), which say where each stored result file stands.
+All three tables reference their job with ``ON DELETE CASCADE``, so whatever removes
+a job removes them with it.
 
 Kept callbacks are bounded apart from that, by count and bytes (``base.KEPT_MAX``,
 ``base.KEPT_BYTES``), when one is kept.

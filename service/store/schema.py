@@ -37,7 +37,8 @@ What only one store has stays beside that store, in its own migration list:
 
 What both stores gained after their own versions is one script they each number in
 turn, after the versions they already have: ``JOBS_UPSTREAM_ERROR`` is SQLite's
-version 6 and PostgreSQL's version 4, ``FAILED_RECORDS`` SQLite's 7 and PostgreSQL's 5.
+version 6 and PostgreSQL's version 4, ``FAILED_RECORDS`` SQLite's 7 and PostgreSQL's 5,
+``DOWNLOADS`` SQLite's 8 and PostgreSQL's 6.
 
 ``TERMINAL_SQL`` lists the terminal states as the ``jobs.state`` column holds them,
 for the statements of both stores that must leave an ended job alone.
@@ -52,6 +53,7 @@ from types import MappingProxyType
 from service.jobs import TERMINAL, State
 
 __all__ = [
+    "DOWNLOADS",
     "FAILED_RECORDS",
     "JOBS_UPSTREAM_ERROR",
     "MIGRATIONS_TABLE",
@@ -238,6 +240,39 @@ FAILED_RECORDS = (
                  OR (records_failed_count IS NULL AND state IN ('ERROR', 'ABORTED')));
     """
 )
+
+
+# Download jobs (bulk queries) and the fetch of each one's result file. Every job has a
+# direction (the jobs from before this version are uploads); a download keeps its
+# CEQL ``query`` and the result's ``format``. ``result_fetches`` holds one row per
+# completed download, written in the transaction that completed it, due for a (next)
+# attempt at ``due_at`` and leased like a poll; once stored it says the file's size,
+# records and SHA-256 (the file itself is in the results directory). It goes with its
+# job.
+#
+# Written after the stores' version numbers parted, so each store appends it to its
+# own list as its next version.
+DOWNLOADS = """
+    ALTER TABLE jobs ADD COLUMN direction TEXT NOT NULL DEFAULT 'upload';
+    ALTER TABLE jobs ADD COLUMN query TEXT;
+    ALTER TABLE jobs ADD COLUMN format TEXT;
+    CREATE TABLE result_fetches (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        status TEXT NOT NULL,
+        format TEXT NOT NULL,
+        bytes {count},
+        records {count},
+        sha256 TEXT,
+        detail TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_found INTEGER NOT NULL DEFAULT 0,
+        since {time} NOT NULL,
+        due_at {time},
+        lease_owner TEXT,
+        lease_until {time}
+    );
+    CREATE INDEX result_fetches_due ON result_fetches (due_at) WHERE due_at IS NOT NULL;
+    """
 
 
 def render(script: str, dialect: Dialect) -> str:

@@ -26,6 +26,7 @@ import psycopg
 from service.jobs import Job, Observation
 from service.store.base import Applied, Claim, Delivery, StoreError, _Keep
 from service.store.copies import ENQUEUE, newly_failed
+from service.store.fetches import ENQUEUE_FETCH, enqueue_params, newly_completed
 from service.store.group_commit import Outcome
 from service.store.plan import APPLY, Binding, Plan, bind, plan_apply, refusal_event
 
@@ -116,10 +117,14 @@ async def _write(conn: Conn, call: ApplyCall, job: Job, plan: Plan) -> None:
         _write_sql(plan),
         (*plan.changes.values(), job.id, job.version, call.observation.at, *plan.event),
     )
-    if newly_failed(job, plan.applied_to(job)):
+    after = plan.applied_to(job)
+    at = call.observation.at
+    if newly_failed(job, after):
         # The copy of its failed records, in the transaction that ends the job.
-        at = call.observation.at
         await conn.execute(ENQUEUE, (job.id, at, at))
+    if newly_completed(job, after):
+        # The fetch of its result, in the transaction that completes the job.
+        await conn.execute(ENQUEUE_FETCH, enqueue_params(after, at))
 
 
 async def _refuse(conn: Conn, call: ApplyCall, job: Job, refused: str) -> None:

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from service.config import redact
+from service.downloads.rules import FetchState
 from service.failed_records.rules import CopyState
 from service.jobs import Job, Observation, State, TimelineEntry
 from service.store.activity import PostgresActivity, job_list_query
@@ -43,11 +44,21 @@ from service.store.copies import (
     copy_state,
     save_params,
 )
+from service.store.fetches import (
+    CLAIM_FETCHES_POSTGRES,
+    NEXT_FETCH_DUE,
+    READ_FETCH,
+    RELEASE_FETCHES,
+    SAVE_FETCH,
+    fetch_state,
+    save_fetch_params,
+)
 from service.store.group_commit import Outcome, Rounds
-from service.store.plan import NEW_JOB_COLUMNS, new_job_row
+from service.store.plan import NEW_JOB_COLUMNS, NEW_JOB_WIDTH, new_job_row
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
 from service.store.retention import KEPT_OVER, PRUNE_SQL
 from service.store.schema import (
+    DOWNLOADS,
     FAILED_RECORDS,
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
@@ -70,6 +81,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
         4: JOBS_UPSTREAM_ERROR,
         # 5: failed records kept after the upstream forgets them (as SQLite's 7).
         5: render(FAILED_RECORDS, POSTGRES),
+        # 6: download jobs and the fetches of their results (as SQLite's 8).
+        6: render(DOWNLOADS, POSTGRES),
     },
 )
 
@@ -196,7 +209,7 @@ class PostgresStore(PostgresActivity, Store):
     ) -> tuple[Job, bool]:
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
-                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * 12)})"
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({', '.join(['%s'] * NEW_JOB_WIDTH)})"
                 " ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
                 new_job_row(job, idempotency_key),
             )
@@ -236,8 +249,9 @@ class PostgresStore(PostgresActivity, Store):
         limit: int = 50,
         before: str | None = None,
         search: str | None = None,
+        direction: str | None = None,
     ) -> list[Job]:
-        sql, params = job_list_query("%s", state, limit, before, search)
+        sql, params = job_list_query("%s", state, limit, before, search, direction)
         async with self._pool.connection() as conn:
             cursor = await conn.execute(sql, params)
             return [Job.from_row(row) for row in await cursor.fetchall()]
@@ -478,3 +492,36 @@ class PostgresStore(PostgresActivity, Store):
     async def release_copy_leases(self, owner: str) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(RELEASE, (owner,))
+
+    # -- download results -----------------------------------------------------------
+
+    async def claim_fetches(
+        self, now: float, limit: int, owner: str, lease: float
+    ) -> list[FetchState]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                CLAIM_FETCHES_POSTGRES, (now, now, limit, owner, now + lease)
+            )
+            rows = await cursor.fetchall()
+        return sorted((fetch_state(row) for row in rows), key=lambda state: state.due_at or 0.0)
+
+    async def save_fetch(
+        self, state: FetchState, owner: str, *, lease_until: float | None = None
+    ) -> bool:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(SAVE_FETCH, save_fetch_params(state, owner, lease_until))
+            return bool(cursor.rowcount)
+
+    async def fetch_state(self, job_id: str) -> FetchState | None:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(READ_FETCH, (job_id,))).fetchone()
+            return fetch_state(row) if row is not None else None
+
+    async def next_fetch_due(self) -> float | None:
+        async with self._pool.connection() as conn:
+            row = await (await conn.execute(NEXT_FETCH_DUE)).fetchone()
+            return row["due"] if row else None
+
+    async def release_fetch_leases(self, owner: str) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(RELEASE_FETCHES, (owner,))

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.downloads.rules import FetchState
 from service.failed_records.rules import CopyState
 from service.jobs import Job, Observation, State, TimelineEntry
 from service.store.activity import SQLiteActivity, job_list_query
@@ -38,9 +39,23 @@ from service.store.copies import (
     newly_failed,
     save_params,
 )
+from service.store.fetches import (
+    CLAIM_FETCHES_SQLITE,
+    ENQUEUE_FETCH,
+    LEASE_FETCH,
+    NEXT_FETCH_DUE,
+    READ_FETCH,
+    RELEASE_FETCHES,
+    SAVE_FETCH,
+    enqueue_params,
+    fetch_state,
+    newly_completed,
+    save_fetch_params,
+)
 from service.store.plan import (
     APPLY,
     NEW_JOB_COLUMNS,
+    NEW_JOB_WIDTH,
     bind,
     new_job_row,
     plan_apply,
@@ -48,6 +63,7 @@ from service.store.plan import (
 )
 from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
 from service.store.schema import (
+    DOWNLOADS,
     FAILED_RECORDS,
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
@@ -96,6 +112,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
         6: JOBS_UPSTREAM_ERROR,
         # 7: failed records kept after the upstream forgets them (as PostgreSQL's 5).
         7: render(FAILED_RECORDS, SQLITE),
+        # 8: download jobs and the fetches of their results (as PostgreSQL's 6).
+        8: render(DOWNLOADS, SQLITE),
     },
 )
 
@@ -270,7 +288,7 @@ class SQLiteStore(SQLiteActivity, Store):
                     assert existing is not None
                     return existing, False
             conn.execute(
-                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                f"INSERT INTO jobs ({NEW_JOB_COLUMNS}) VALUES ({', '.join('?' * NEW_JOB_WIDTH)})",
                 new_job_row(job, idempotency_key),
             )
             _add_event(conn, job.id, job.created_at, job.last_source, str(job.state), detail)
@@ -300,8 +318,9 @@ class SQLiteStore(SQLiteActivity, Store):
         limit: int = 50,
         before: str | None = None,
         search: str | None = None,
+        direction: str | None = None,
     ) -> list[Job]:
-        sql, params = job_list_query("?", state, limit, before, search)
+        sql, params = job_list_query("?", state, limit, before, search, direction)
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             return [Job.from_row(row) for row in conn.execute(sql, params)]
@@ -369,6 +388,9 @@ class SQLiteStore(SQLiteActivity, Store):
             fresh = plan.applied_to(job)
             if newly_failed(job, fresh):
                 conn.execute(sqlite_sql(ENQUEUE), (job_id, observation.at, observation.at))
+            if newly_completed(job, fresh):
+                # The fetch of its result, in the transaction that completes the job.
+                conn.execute(sqlite_sql(ENQUEUE_FETCH), enqueue_params(fresh, observation.at))
             self._remember(fresh)
             return Applied(fresh, plan.decision)
 
@@ -578,6 +600,52 @@ class SQLiteStore(SQLiteActivity, Store):
     async def release_copy_leases(self, owner: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(sqlite_sql(RELEASE), (owner,))
+
+        await self._sql.write(op)
+
+    # -- download results -----------------------------------------------------------
+
+    async def claim_fetches(
+        self, now: float, limit: int, owner: str, lease: float
+    ) -> list[FetchState]:
+        def op(conn: sqlite3.Connection) -> list[FetchState]:
+            claim = sqlite_sql(CLAIM_FETCHES_SQLITE)
+            ids = [row[0] for row in conn.execute(claim, (now, now, limit))]
+            conn.executemany(
+                sqlite_sql(LEASE_FETCH), [(owner, now + lease, job_id) for job_id in ids]
+            )
+            rows = [conn.execute(sqlite_sql(READ_FETCH), (job_id,)).fetchone() for job_id in ids]
+            return [fetch_state(row) for row in rows if row is not None]
+
+        return await self._sql.write(op)
+
+    async def save_fetch(
+        self, state: FetchState, owner: str, *, lease_until: float | None = None
+    ) -> bool:
+        params = save_fetch_params(state, owner, lease_until)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            return bool(conn.execute(sqlite_sql(SAVE_FETCH), params).rowcount)
+
+        return await self._sql.write(op)
+
+    async def fetch_state(self, job_id: str) -> FetchState | None:
+        def op(conn: sqlite3.Connection) -> FetchState | None:
+            row = conn.execute(sqlite_sql(READ_FETCH), (job_id,)).fetchone()
+            return fetch_state(row) if row is not None else None
+
+        return await self._sql.read(op)
+
+    async def next_fetch_due(self) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            due: float | None = conn.execute(NEXT_FETCH_DUE).fetchone()[0]
+            return due
+
+        return await self._sql.read(op)
+
+    async def release_fetch_leases(self, owner: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(sqlite_sql(RELEASE_FETCHES), (owner,))
 
         await self._sql.write(op)
 
