@@ -38,7 +38,6 @@ from service.dashboard import failed, live
 from service.dashboard.daycounts import DayCounts
 from service.dashboard.failed import FailedTable, csv_chunks, stored_csv_chunks
 from service.dashboard.views import callbacks_view, job_view, result_view, timeline_view
-from service.downloads.access import Results
 from service.errors import ApiError
 from service.failed_records.rules import CopyState
 from service.jobs import Job, State
@@ -109,7 +108,6 @@ class Dashboard:
         tokens: Tokens,
         upstream: UpstreamClient,
         jobs: JobApi,
-        results: Results,
     ) -> None:
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
@@ -122,7 +120,8 @@ class Dashboard:
         self._tokens = tokens
         self._upstream = upstream
         self._jobs = jobs
-        self._results = results
+        # A download's result JSON and stored file, as the job API serves them.
+        self._results = jobs.results
 
     def routes(self) -> list[BaseRoute]:
         return [
