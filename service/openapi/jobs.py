@@ -14,6 +14,7 @@ from typing import Any
 from service import __version__
 from service.callbacks.endpoint import CALLBACK_PATHS, INSTANCE_CALLBACK_PATH, JOB_CALLBACK_PATH
 from service.downloads.records import FORMATS
+from service.downloads.rules import STATUSES as RESULT_STATUSES
 from service.failed_records.rules import STATUSES
 from service.jobs import Source, State
 from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
@@ -30,7 +31,7 @@ from service.openapi.parts import (
     param,
     ref,
 )
-from service.openapi.results import RESULT_STATUSES, result_operation
+from service.openapi.results import result_operation
 from service.values import MAX_MESSAGE
 
 __all__ = ["openapi_spec"]

@@ -7,9 +7,7 @@ from __future__ import annotations
 from service.downloads.serving import CONTENT_TYPES
 from service.openapi.parts import Schema, error, job_id_param, operation, param
 
-__all__ = ["RESULT_STATUSES", "result_operation"]
-
-RESULT_STATUSES = ("pending", "fetching", "stored", "failed")
+__all__ = ["result_operation"]
 
 
 def _file(description: str, **headers: str) -> Schema:
