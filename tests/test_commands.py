@@ -20,6 +20,7 @@ from .helpers import (
     RunningService,
     StartSandbox,
     StartService,
+    drained,
     eventually,
     free_port,
     run_bulkhook,
@@ -405,20 +406,6 @@ def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
     assert "--callback-delay" in result.stdout
     assert "by polling" in result.stdout
     assert "demo succeeded" in result.stdout
-
-
-def drained(primary: int) -> bytes:
-    """Everything written to a pseudo-terminal until the process on it closes it."""
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(primary, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    return drawn
 
 
 def on_a_terminal(*args: str, columns: int) -> tuple[int, str]:

@@ -97,6 +97,21 @@ class ServiceClient:
             headers["Idempotency-Key"] = idempotency_key
         return self._request("POST", "/jobs", content=body.iter(progress), headers=headers)  # type: ignore[no-any-return]
 
+    def export(
+        self,
+        *,
+        object_name: str,
+        query: str | None = None,
+        hub: str | None = None,
+        result_format: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a download job: the upstream runs ``query`` (default: every record)."""
+        body: dict[str, str] = {"object": object_name}
+        for name, value in (("query", query), ("hub", hub), ("format", result_format)):
+            if value is not None:
+                body[name] = value
+        return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{quote(job_id, safe='')}")  # type: ignore[no-any-return]
 
@@ -121,6 +136,19 @@ class ServiceClient:
                     raise _error(response)
                 for chunk in response.iter_bytes():
                     sink.write(chunk)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    def result(self, job_id: str, write: Callable[[bytes], object]) -> None:
+        """Stream the job's stored result into ``write`` as it arrives."""
+        path = f"/jobs/{quote(job_id, safe='')}/result"
+        try:
+            with self._http.stream("GET", path) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _error(response)
+                for chunk in response.iter_bytes():
+                    write(chunk)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 
