@@ -458,7 +458,7 @@ def test_jobs_on_a_narrow_terminal_prints_every_id_whole(
     code, seen = on_a_terminal("jobs", "--url", service.url, columns=60)
     assert code == 0, seen
     row = next(line for line in seen.splitlines() if job["id"] in line)
-    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert row.split()[:5] == [job["id"], "CANCELLATION_PENDING", "upload", "contact", "marketing"]
     assert "…" not in seen
 
 
@@ -486,6 +486,7 @@ def test_jobs_off_a_terminal_prints_plain_lines(
     assert header.split() == [
         "job",
         "state",
+        "direction",
         "object",
         "hub",
         "records",
@@ -493,7 +494,7 @@ def test_jobs_off_a_terminal_prints_plain_lines(
         "via",
         "updated",
     ]
-    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert row.split()[:5] == [job["id"], "CANCELLATION_PENDING", "upload", "contact", "marketing"]
     assert "│" not in result.stdout and "…" not in result.stdout
 
 

@@ -225,6 +225,25 @@ def test_without_wait_the_job_is_printed_and_nothing_written(
     assert os.listdir(out) == []
 
 
+@ONE_STORE
+def test_jobs_shows_each_jobs_direction_and_lists_one_direction_on_request(
+    loaded: tuple[RunningSandbox, RunningService], out: Path
+) -> None:
+    _, service = loaded
+    assert export(service, "contact", cwd=out).returncode == 0
+    [download] = downloads(service)
+    listed = run_bulkhook("jobs", "--url", service.url)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert sorted(row[2] for row in rows) == ["download", "upload"]
+    only = run_bulkhook("jobs", "--direction", "download", "--url", service.url)
+    assert only.returncode == 0, only.stderr
+    [row] = [line.split() for line in only.stdout.splitlines()[1:]]
+    assert (row[0], row[2]) == (download["id"], "download")
+    wrong = run_bulkhook("jobs", "--direction", "sideways", "--url", service.url)
+    assert wrong.returncode == 2 and "invalid choice" in wrong.stderr
+
+
 def test_a_result_the_service_cannot_fetch_exits_1_and_writes_no_file(
     loaded: tuple[RunningSandbox, RunningService], out: Path
 ) -> None:

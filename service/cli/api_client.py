@@ -115,10 +115,14 @@ class ServiceClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{quote(job_id, safe='')}")  # type: ignore[no-any-return]
 
-    def jobs(self, *, state: str | None = None, limit: int = 50) -> dict[str, Any]:
+    def jobs(
+        self, *, state: str | None = None, direction: str | None = None, limit: int = 50
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         if state:
             params["state"] = state
+        if direction:
+            params["direction"] = direction
         return self._request("GET", "/jobs", params=params)  # type: ignore[no-any-return]
 
     def errors(self, job_id: str) -> dict[str, Any]:

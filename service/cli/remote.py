@@ -174,7 +174,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 _UNBOUNDED = 10_000
-_JOB_COLUMNS = ("job", "state", "object", "hub", "records", "failed", "via", "updated")
+_JOB_COLUMNS = ("job", "state", "direction", "object", "hub", "records", "failed", "via", "updated")
 
 
 def _job_cells(job: dict[str, Any]) -> list[str]:
@@ -182,6 +182,7 @@ def _job_cells(job: dict[str, Any]) -> list[str]:
     return [
         job["id"],
         job["state"],
+        job.get("direction") or "upload",
         job["object"],
         job["hub"],
         "-" if records is None else str(records),
@@ -203,7 +204,7 @@ def _print_lines(rows: list[list[str]]) -> None:
 
 def _jobs(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        page = call(client.jobs, state=args.state, limit=args.limit)
+        page = call(client.jobs, state=args.state, direction=args.direction, limit=args.limit)
     if args.json:
         print(json.dumps(page))
         return 0
@@ -224,8 +225,8 @@ def _jobs(args: argparse.Namespace) -> int:
         for row in rows:
             # Text, not markup: an object or hub name may hold "[".
             cells = [Text(cell) for cell in row]
-            if row[5] not in ("-", "0"):
-                cells[5].stylize("red")
+            if row[6] not in ("-", "0"):
+                cells[6].stylize("red")
             table.add_row(*cells)
         # The table only when every cell fits whole; a long state or a narrow terminal
         # would otherwise squeeze columns into "…". (Measured unbounded: a measurement
@@ -323,6 +324,9 @@ def add_job_commands(commands: Any) -> None:
 
     jobs = commands.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--state", help="only jobs in this state")
+    jobs.add_argument(
+        "--direction", choices=("upload", "download"), help="only uploads, or only downloads"
+    )
     jobs.add_argument("--limit", type=int, default=50)
     service_options(jobs)
     jobs.set_defaults(run=lambda args, stdin: _jobs(args))
