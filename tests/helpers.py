@@ -308,11 +308,16 @@ def free_port() -> int:
 
 
 def run_bulkhook(
-    *args: str, stdin: bytes = b"", timeout: float = 60, text: bool = True, **env: str
+    *args: str,
+    stdin: bytes = b"",
+    timeout: float = 60,
+    text: bool = True,
+    cwd: Path | None = None,
+    **env: str,
 ) -> subprocess.CompletedProcess[Any]:
     """The ``bulkhook`` command run as a user runs it, without the suite's own ``OC_*`` and
     ``BULKHOOK_*`` settings (``env`` adds some back); output as text unless ``text`` is
-    false."""
+    false; in ``cwd`` when given."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("OC_", "BULKHOOK_"))}
     environment.update(env)
     return subprocess.run(
@@ -322,8 +327,23 @@ def run_bulkhook(
         text=text,
         timeout=timeout,
         env=environment,
+        cwd=cwd,
         check=False,
     )
+
+
+def drained(primary: int) -> bytes:
+    """Everything written to a pseudo-terminal until the process on it closes it."""
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    return drawn
 
 
 def serve(cwd: Path, **env: str) -> tuple[subprocess.Popen[str], str]:

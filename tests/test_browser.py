@@ -6,6 +6,7 @@ saying why, except in CI (``CI`` set), where they fail.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -306,4 +307,49 @@ def test_a_job_failing_whole_shows_the_upstream_error_on_its_page_as_text(
     assert text_of(browser, "dt.upstream-error") == "Upstream error"
     assert browser.execute_script("return window.notReloaded") is True
     screenshot(browser, "job-aborted")
+    no_console_errors(browser)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_a_download_shows_its_result_live_and_the_button_saves_the_file(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    browser: Any,
+    contacts_csv: Path,
+    downloads: Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    service = start_service(start_sandbox(job_seconds=2.0), api_tokens=(TOKEN,))
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    upload = service.submit(contacts_csv, headers=bearer).json()
+    deadline = time.monotonic() + 15
+    while service.http.get(f"/jobs/{upload['id']}", headers=bearer).json()["state"] != "COMPLETED":
+        assert time.monotonic() < deadline, "the upload did not complete"
+        time.sleep(0.05)
+    job = service.download("contact", headers=bearer).json()
+
+    browser.get(f"{service.url}/ui/jobs/{job['id']}")
+    browser.find_element(By.NAME, "token").send_keys(TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    wait_until(lambda: text_of(browser, "dd.direction") == "download", "the job page")
+    browser.execute_script("window.notReloaded = true")
+    assert text_of(browser, "dd.query") == "select * from contact"
+    wait_until(lambda: text_of(browser, "#result-status") == "stored", "the stored result", 30)
+    assert browser.execute_script("return window.notReloaded") is True  # arrived live
+    assert text_of(browser, "#state") == "COMPLETED"
+    assert text_of(browser, "dd.result-records") == "10"
+    result = service.http.get(f"/jobs/{job['id']}", headers=bearer).json()["result"]
+    assert text_of(browser, "dd.sha256") == result["sha256"]
+    screenshot(browser, "download-job-page")
+
+    browser.find_element(By.ID, "download").click()
+    saved = downloads / f"contact-{job['id']}.csv"
+    wait_until(saved.exists, "the downloaded file")
+    data = wait_until(
+        lambda: saved.read_bytes() if saved.stat().st_size == result["bytes"] else None,
+        "the whole file",
+    )
+    assert hashlib.sha256(data).hexdigest() == result["sha256"]
+    assert data.decode().splitlines()[0].startswith("C_EmailAddress,")
     no_console_errors(browser)

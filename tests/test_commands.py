@@ -20,6 +20,7 @@ from .helpers import (
     RunningService,
     StartSandbox,
     StartService,
+    drained,
     eventually,
     free_port,
     run_bulkhook,
@@ -407,20 +408,6 @@ def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
     assert "demo succeeded" in result.stdout
 
 
-def drained(primary: int) -> bytes:
-    """Everything written to a pseudo-terminal until the process on it closes it."""
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(primary, 65536)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    return drawn
-
-
 def on_a_terminal(*args: str, columns: int) -> tuple[int, str]:
     """Run bulkhook with stdout and stderr on a terminal ``columns`` wide: what a person
     at that terminal reads, escape codes removed."""
@@ -471,7 +458,7 @@ def test_jobs_on_a_narrow_terminal_prints_every_id_whole(
     code, seen = on_a_terminal("jobs", "--url", service.url, columns=60)
     assert code == 0, seen
     row = next(line for line in seen.splitlines() if job["id"] in line)
-    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert row.split()[:5] == [job["id"], "CANCELLATION_PENDING", "upload", "contact", "marketing"]
     assert "…" not in seen
 
 
@@ -499,6 +486,7 @@ def test_jobs_off_a_terminal_prints_plain_lines(
     assert header.split() == [
         "job",
         "state",
+        "direction",
         "object",
         "hub",
         "records",
@@ -506,7 +494,7 @@ def test_jobs_off_a_terminal_prints_plain_lines(
         "via",
         "updated",
     ]
-    assert row.split()[:4] == [job["id"], "CANCELLATION_PENDING", "contact", "marketing"]
+    assert row.split()[:5] == [job["id"], "CANCELLATION_PENDING", "upload", "contact", "marketing"]
     assert "│" not in result.stdout and "…" not in result.stdout
 
 

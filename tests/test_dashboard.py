@@ -4,6 +4,7 @@ the callbacks panel and the live event stream (on SQLite and PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import html
 import json
 import logging
@@ -495,3 +496,135 @@ def test_a_database_from_before_the_dashboard_gains_its_tables(
             await store.close()
 
     asyncio.run(scenario())
+
+
+# Downloads ------------------------------------------------------------------------
+
+
+def stored_download(service: RunningService, **fields: Any) -> dict[str, Any]:
+    """A download of the contacts the sandbox holds, its result stored."""
+    started = service.download("contact", **fields)
+    assert started.status_code == 202, started.text
+    return service.wait_for_result(started.json()["id"], {"stored"})
+
+
+def test_a_download_shows_its_direction_query_format_and_result_with_a_download_button(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    service = start_service(start_sandbox())
+    upload = completed(service, contacts_csv)
+    query = "select * from contact where C_LastName = 'Smith'"
+    job = stored_download(service, query=query, format="jsonl")
+    result = job["result"]
+    assert (result["records"], result["format"]) == (4, "jsonl")
+
+    listed = service.http.get("/").text
+    row = re.search(rf'<tr id="job-{job["id"]}".*?</tr>', listed, re.DOTALL)
+    assert row and '<td class="direction">download</td>' in row.group(0)
+    row = re.search(rf'<tr id="job-{upload["id"]}".*?</tr>', listed, re.DOTALL)
+    assert row and '<td class="direction">upload</td>' in row.group(0)
+
+    page = service.http.get(f"/ui/jobs/{job['id']}")
+    assert page.status_code == 200
+    text = html.unescape(page.text)
+    assert '<dd class="direction">download</dd>' in text
+    assert f'<dd class="mono query">{query}</dd>' in text
+    assert '<dd class="format">jsonl</dd>' in text
+    assert '<span id="result-status" class="badge ok">stored</span>' in text
+    size = result["bytes"]
+    assert f"{size:,} bytes" in text  # the exact size, beside a readable one from 1 KiB
+    assert '<dd class="result-records">4</dd>' in text
+    assert f'<dd class="mono sha256">{result["sha256"]}</dd>' in text
+    assert f'<a id="download" class="button" href="/ui/jobs/{job["id"]}/result" download>' in text
+    assert 'id="failed"' not in text  # a download has no failed records to list
+
+    # The button's route answers as the job API's result route does.
+    served = service.http.get(f"/ui/jobs/{job['id']}/result")
+    api = service.http.get(f"/jobs/{job['id']}/result")
+    assert served.status_code == api.status_code == 200
+    assert served.content == api.content
+    assert hashlib.sha256(served.content).hexdigest() == result["sha256"]
+    for header in ("content-type", "content-length", "etag", "content-disposition"):
+        assert served.headers[header] == api.headers[header], header
+    assert served.headers["content-disposition"] == (
+        f'attachment; filename="contact-{job["id"]}.jsonl"'
+    )
+    ranged = service.http.get(f"/ui/jobs/{job['id']}/result", headers={"Range": "bytes=0-9"})
+    assert (ranged.status_code, ranged.content) == (206, api.content[:10])
+    again = service.http.get(
+        f"/ui/jobs/{job['id']}/result", headers={"If-None-Match": api.headers["etag"]}
+    )
+    assert again.status_code == 304
+
+    # An upload's page says so and offers no result.
+    upload_page = html.unescape(service.http.get(f"/ui/jobs/{upload['id']}").text)
+    assert '<dd class="direction">upload</dd>' in upload_page
+    assert 'id="result"' not in upload_page and "/result" not in upload_page
+    not_a_download = service.http.get(f"/ui/jobs/{upload['id']}/result")
+    assert not_a_download.status_code == 404
+    assert not_a_download.json()["error"]["code"] == "not_a_download"
+    missing = service.http.get("/ui/jobs/nope/result")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "job_not_found"
+
+
+def test_the_download_button_needs_the_dashboard_login(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    service = start_service(start_sandbox(), api_tokens=(TOKEN,))
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    completed(service, contacts_csv, **bearer)
+    started = service.download("contact", headers=bearer)
+    assert started.status_code == 202, started.text
+    deadline = time.monotonic() + 30
+    job = started.json()
+    while job["result"]["status"] != "stored":
+        assert time.monotonic() < deadline, job["result"]
+        time.sleep(0.05)
+        job = service.http.get(f"/jobs/{job['id']}", headers=bearer).json()
+    path = f"/ui/jobs/{job['id']}/result"
+    with httpx.Client(base_url=service.url, timeout=10) as browser:
+        refused = browser.get(path)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "unauthorized"
+        assert refused.content.count(b"@") == 0  # not one record
+        wrong = browser.get(path, headers={"Cookie": f"bulkhook_token={TOKEN}x"})
+        assert wrong.status_code == 401
+        assert browser.post("/ui/login", data={"token": TOKEN, "next": "/"}).status_code == 303
+        served = browser.get(path)
+        assert served.status_code == 200, served.text
+        api = service.http.get(f"/jobs/{job['id']}/result", headers=bearer)
+        assert served.content == api.content
+        assert hashlib.sha256(served.content).hexdigest() == job["result"]["sha256"]
+
+
+def test_a_job_page_shows_its_result_arrive_live(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox()
+    # A failed fetch is tried again after the poll interval: long enough here for the
+    # page to see the result between the two.
+    service = start_service(upstream, poll_interval=1.5, poll_max_interval=3.0)
+    completed(service, contacts_csv)
+    # The first fetch is cut off mid-file: the result is fetched again after the job
+    # has completed, which changes nothing of the job itself.
+    upstream.sandbox.inject_fault("download", 200, cut_after=10)
+    job = service.download("contact").json()
+    shown: list[tuple[str, str]] = []
+    with service.http.stream("GET", "/ui/stream", params={"job": job["id"]}, headers=SSE) as s:
+        for name, data in events(s):
+            assert name == "job"
+            status = re.search(r'id="result-status" class="badge \w+">(\w+)<', data["detail"])
+            assert status is not None
+            shown.append((data["job"]["state"], status.group(1)))
+            if status.group(1) == "stored":
+                assert 'id="download"' in data["detail"]
+                break
+    assert shown[-1] == ("COMPLETED", "stored")
+    assert ("COMPLETED", "fetching") in shown, shown

@@ -160,7 +160,7 @@ def test_a_query_the_upstream_cannot_parse_fails_the_job_at_once(
     assert job["upstream_error"].startswith("Error parsing query")
     now = service.http.get(f"/jobs/{job['id']}").json()
     assert now["state"] == "SUBMIT_FAILED" and now["upstream_error"] == job["upstream_error"]
-    assert now["result"]["status"] == "pending" and "SUBMIT_FAILED" in now["result"]["detail"]
+    assert now["result"]["status"] == "failed" and "SUBMIT_FAILED" in now["result"]["detail"]
     assert_error(service.http.get(f"/jobs/{job['id']}/result"), 404, "result_not_stored")
     # Nothing is left to poll: the job is over.
     assert service.query(f"SELECT next_poll_at FROM jobs WHERE id = '{job['id']}'") == [(None,)]
@@ -579,7 +579,7 @@ def test_a_cancelled_download_has_no_result_and_no_copy_of_failed_records(
     assert cancelled.status_code == 200, cancelled.text
     assert cancelled.json()["result"]["status"] == "pending"
     final = service.wait_for(job["id"], {"CANCELLED"}, within=30)
-    assert final["result"]["status"] == "pending" and "CANCELLED" in final["result"]["detail"]
+    assert final["result"]["status"] == "failed" and "CANCELLED" in final["result"]["detail"]
     assert final["failed_records"] is None
     assert service.query("SELECT COUNT(*) FROM result_fetches") == [(0,)]
     assert_error(service.http.get(f"/jobs/{job['id']}/result"), 404, "result_not_stored")

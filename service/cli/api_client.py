@@ -97,13 +97,32 @@ class ServiceClient:
             headers["Idempotency-Key"] = idempotency_key
         return self._request("POST", "/jobs", content=body.iter(progress), headers=headers)  # type: ignore[no-any-return]
 
+    def export(
+        self,
+        *,
+        object_name: str,
+        query: str | None = None,
+        hub: str | None = None,
+        result_format: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a download job: the upstream runs ``query`` (default: every record)."""
+        body: dict[str, str] = {"object": object_name}
+        for name, value in (("query", query), ("hub", hub), ("format", result_format)):
+            if value is not None:
+                body[name] = value
+        return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{quote(job_id, safe='')}")  # type: ignore[no-any-return]
 
-    def jobs(self, *, state: str | None = None, limit: int = 50) -> dict[str, Any]:
+    def jobs(
+        self, *, state: str | None = None, direction: str | None = None, limit: int = 50
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         if state:
             params["state"] = state
+        if direction:
+            params["direction"] = direction
         return self._request("GET", "/jobs", params=params)  # type: ignore[no-any-return]
 
     def errors(self, job_id: str) -> dict[str, Any]:
@@ -121,6 +140,19 @@ class ServiceClient:
                     raise _error(response)
                 for chunk in response.iter_bytes():
                     sink.write(chunk)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
+    def result(self, job_id: str, write: Callable[[bytes], object]) -> None:
+        """Stream the job's stored result into ``write`` as it arrives."""
+        path = f"/jobs/{quote(job_id, safe='')}/result"
+        try:
+            with self._http.stream("GET", path) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _error(response)
+                for chunk in response.iter_bytes():
+                    write(chunk)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 

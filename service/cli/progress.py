@@ -1,4 +1,4 @@
-"""An upload progress bar in bytes, drawn on stderr only when it is a terminal."""
+"""Transfer progress bars in bytes, drawn on stderr only when it is a terminal."""
 
 from __future__ import annotations
 
@@ -16,18 +16,20 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-__all__ = ["upload_progress"]
+__all__ = ["Bar", "download_progress", "upload_progress"]
+
+# A context that yields the function to call with each chunk's size.
+Bar = contextlib.AbstractContextManager[Callable[[int], None]]
 
 
 @contextlib.contextmanager
-def upload_progress(total: int, *, force: bool | None = None) -> Iterator[Callable[[int], None]]:
-    """Yield a function to call with each chunk's size; draws nothing off a TTY."""
+def _progress(label: str, total: int | None, force: bool | None) -> Iterator[Callable[[int], None]]:
     console = Console(file=sys.stderr, force_terminal=force)
     if not console.is_terminal:
         yield lambda _n: None
         return
     progress = Progress(
-        TextColumn("uploading"),
+        TextColumn(label),
         BarColumn(),
         DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
@@ -36,5 +38,15 @@ def upload_progress(total: int, *, force: bool | None = None) -> Iterator[Callab
         transient=False,
     )
     with progress:
-        task = progress.add_task("upload", total=total)
+        task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+def upload_progress(total: int, *, force: bool | None = None) -> Bar:
+    """Yield a function to call with each chunk's size; draws nothing off a TTY."""
+    return _progress("uploading", total, force)
+
+
+def download_progress(total: int | None, *, force: bool | None = None) -> Bar:
+    """As ``upload_progress``, for a file coming down (``total`` None: size unknown)."""
+    return _progress("downloading", total, force)

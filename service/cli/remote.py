@@ -1,4 +1,5 @@
-"""The CLI commands that talk to a running service: submit, status, jobs, errors.
+"""The CLI commands that talk to a running service: submit, status, jobs, errors
+(and what ``export`` shares with them: the client, error reporting, printing a job).
 
 Human output is one line per fact; ``--json`` prints the API's JSON. Failures are one
 line on stderr: exit 1 for a job or service problem, 2 for usage errors, and
@@ -13,11 +14,22 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TextIO
 
 from service.cli.api_client import ServiceClient, ServiceError, ServiceUnreachable
 
-__all__ = ["CommandError", "add_job_commands", "print_job"]
+__all__ = [
+    "CommandError",
+    "add_job_commands",
+    "call",
+    "connect",
+    "follow_to_end",
+    "print_job",
+    "printable",
+    "report",
+    "result_line",
+    "service_options",
+]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -32,11 +44,14 @@ class CommandError(Exception):
         self.code = code
 
 
-def _client(args: argparse.Namespace) -> ServiceClient:
+def connect(args: argparse.Namespace) -> ServiceClient:
+    """A client of the service the command's ``--url`` and ``--token`` name."""
     return ServiceClient(args.url, args.token)
 
 
-def _call(fn: Any, *fn_args: Any, **kwargs: Any) -> Any:
+def call(fn: Any, *fn_args: Any, **kwargs: Any) -> Any:
+    """Run ``fn``; a service that cannot be reached or answers an error becomes a
+    ``CommandError`` (with a hint where one helps)."""
     try:
         return fn(*fn_args, **kwargs)
     except ServiceUnreachable as exc:
@@ -53,6 +68,8 @@ def _counts(job: dict[str, Any]) -> str:
     if total is None:
         return ""
     text = f"{total} record{'' if total == 1 else 's'}"
+    if job.get("direction") == "download":  # a query fails as a whole or not at all
+        return text
     if failed:
         text += f", {failed} FAILED"
     elif failed == 0:
@@ -60,32 +77,54 @@ def _counts(job: dict[str, Any]) -> str:
     return text
 
 
-def print_job(job: dict[str, Any], *, as_json: bool) -> None:
+def print_job(job: dict[str, Any], *, as_json: bool, out: TextIO | None = None) -> None:
+    """The job in one line (and its upstream error on the next), or as JSON; on ``out``,
+    stdout unless given (a command writing data to stdout prints jobs on stderr)."""
+    out = out or sys.stdout
     if as_json:
-        print(json.dumps(job), flush=True)
+        print(json.dumps(job), file=out, flush=True)
         return
+    what = f"{job['object']}@{job['hub']}"
     parts = [
         f"job {job['id']}",
         job["state"],
-        f"{job['object']}@{job['hub']}",
+        f"download {what}" if job.get("direction") == "download" else what,
         _counts(job),
         f"via {job['last_source']}",
     ]
-    print("  ".join(part for part in parts if part), flush=True)
+    print("  ".join(part for part in parts if part), file=out, flush=True)
     if job.get("upstream_error"):
-        print(f"  upstream error: {_printable(job['upstream_error'])}", flush=True)
+        print(f"  upstream error: {printable(job['upstream_error'])}", file=out, flush=True)
+
+
+def result_line(result: dict[str, Any]) -> str:
+    """A download's result in one line: its status, what it holds, and why (a failed
+    attempt, or the reason it was given up)."""
+    records, size, detail = result.get("records"), result.get("bytes"), result.get("detail")
+    facts = [] if records is None else [f"{records} record{'' if records == 1 else 's'}"]
+    facts += [] if size is None else [f"{size:,} bytes"]
+    text = f"  result {result['status']}" + (f" ({', '.join(facts)})" if facts else "")
+    return text + (f": {printable(detail)}" if detail else "")
+
+
+def follow_to_end(
+    client: ServiceClient, job: dict[str, Any], *, as_json: bool, out: TextIO | None = None
+) -> dict[str, Any]:
+    """Print each state the job reaches after ``job`` (already printed), once each, and
+    return the job as it ended."""
+    shown, final = job["state"], job
+    updates = client.follow(job["id"])
+    # next() inside call: a service lost while following is reported like any other.
+    while (update := call(next, updates, None)) is not None:
+        if update["state"] != shown:
+            print_job(update, as_json=as_json, out=out)
+            shown = update["state"]
+        final = update
+    return final
 
 
 def _wait(client: ServiceClient, job: dict[str, Any], as_json: bool) -> int:
-    """Print each state the job reaches after ``job`` (already printed), once each."""
-    shown, final = job["state"], job
-    updates = client.follow(job["id"])
-    # next() inside _call: a service lost while following is reported like any other.
-    while (update := _call(next, updates, None)) is not None:
-        if update["state"] != shown:
-            print_job(update, as_json=as_json)
-            shown = update["state"]
-        final = update
+    final = follow_to_end(client, job, as_json=as_json)
     return 0 if final["state"] == "COMPLETED" else 1
 
 
@@ -101,8 +140,8 @@ def _submit(args: argparse.Namespace) -> int:
             raise CommandError(f"--metadata is not JSON: {exc.msg}", code=2) from None
     from service.cli.progress import upload_progress
 
-    with _client(args) as client, upload_progress(file.stat().st_size) as advance:
-        job = _call(
+    with connect(args) as client, upload_progress(file.stat().st_size) as advance:
+        job = call(
             client.submit,
             file,
             object_name=args.object,
@@ -115,17 +154,19 @@ def _submit(args: argparse.Namespace) -> int:
     print_job(job, as_json=args.json)
     if not args.wait:
         return 0
-    with _client(args) as client:
+    with connect(args) as client:
         return _wait(client, job, args.json)
 
 
 def _status(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        job = _call(client.job, args.job)
+    with connect(args) as client:
+        job = call(client.job, args.job)
         print_job(job, as_json=args.json)
         if not args.json and not args.wait:
+            if isinstance(job.get("result"), dict):
+                print(result_line(job["result"]))
             for event in job.get("events", []):
-                detail = _printable(event["detail"])
+                detail = printable(event["detail"])
                 print(f"  {event['at']}  {event['source']:<8} {event['state']:<20} {detail}")
         if args.wait:
             return _wait(client, job, args.json)
@@ -133,7 +174,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 _UNBOUNDED = 10_000
-_JOB_COLUMNS = ("job", "state", "object", "hub", "records", "failed", "via", "updated")
+_JOB_COLUMNS = ("job", "state", "direction", "object", "hub", "records", "failed", "via", "updated")
 
 
 def _job_cells(job: dict[str, Any]) -> list[str]:
@@ -141,6 +182,7 @@ def _job_cells(job: dict[str, Any]) -> list[str]:
     return [
         job["id"],
         job["state"],
+        job.get("direction") or "upload",
         job["object"],
         job["hub"],
         "-" if records is None else str(records),
@@ -161,8 +203,8 @@ def _print_lines(rows: list[list[str]]) -> None:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        page = _call(client.jobs, state=args.state, limit=args.limit)
+    with connect(args) as client:
+        page = call(client.jobs, state=args.state, direction=args.direction, limit=args.limit)
     if args.json:
         print(json.dumps(page))
         return 0
@@ -183,8 +225,8 @@ def _jobs(args: argparse.Namespace) -> int:
         for row in rows:
             # Text, not markup: an object or hub name may hold "[".
             cells = [Text(cell) for cell in row]
-            if row[5] not in ("-", "0"):
-                cells[5].stylize("red")
+            if row[6] not in ("-", "0"):
+                cells[6].stylize("red")
             table.add_row(*cells)
         # The table only when every cell fits whole; a long state or a narrow terminal
         # would otherwise squeeze columns into "…". (Measured unbounded: a measurement
@@ -197,7 +239,7 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _printable(value: Any) -> str:
+def printable(value: Any) -> str:
     """Upstream text on one line, without control characters a terminal would obey."""
     text = value if isinstance(value, str) else json.dumps(value)
     return "".join(ch if ch.isprintable() else " " for ch in text)
@@ -210,10 +252,10 @@ def _errors_text(answer: dict[str, Any]) -> str:
     for entry in answer["errors"]:
         if isinstance(entry, dict) and ("lineNumber" in entry or "errorMessage" in entry):
             where = entry.get("lineNumber")
-            why = _printable(entry.get("errorMessage", ""))
-            lines.append(f"  line {_printable(where)}: {why}" if where is not None else f"  {why}")
+            why = printable(entry.get("errorMessage", ""))
+            lines.append(f"  line {printable(where)}: {why}" if where is not None else f"  {why}")
         else:
-            lines.append(f"  {_printable(entry)}")
+            lines.append(f"  {printable(entry)}")
     return "\n".join(lines) + "\n"
 
 
@@ -240,11 +282,11 @@ def _errors(args: argparse.Namespace) -> int:
         raise CommandError("--json and --csv: choose one", code=2)
     suffix = Path(args.output).suffix.lower() if args.output else ""
     form = "csv" if args.csv else "json" if args.json else suffix.lstrip(".")
-    with _client(args) as client:
+    with connect(args) as client:
         if form == "csv":
-            _write(args.output, lambda sink: _call(client.failed_csv, args.job, sink))
+            _write(args.output, lambda sink: call(client.failed_csv, args.job, sink))
         else:
-            answer = _call(client.errors, args.job)
+            answer = call(client.errors, args.job)
             text = json.dumps(answer) + "\n" if form == "json" else _errors_text(answer)
             _write(args.output, lambda sink: sink.write(text.encode()))
     if args.output:
@@ -252,7 +294,7 @@ def _errors(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_options(parser: argparse.ArgumentParser) -> None:
+def service_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=os.environ.get("BULKHOOK_URL", DEFAULT_URL), help="the service's URL"
     )
@@ -271,19 +313,22 @@ def add_job_commands(commands: Any) -> None:
     submit.add_argument("--metadata", help="JSON object passed upstream as metaData")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key makes no new job")
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    _service_options(submit)
+    service_options(submit)
     submit.set_defaults(run=lambda args, stdin: _submit(args))
 
     status = commands.add_parser("status", help="show one job and its timeline")
     status.add_argument("job", help="the job id")
     status.add_argument("--wait", action="store_true", help="follow the job until it ends")
-    _service_options(status)
+    service_options(status)
     status.set_defaults(run=lambda args, stdin: _status(args))
 
     jobs = commands.add_parser("jobs", help="list jobs, newest first")
     jobs.add_argument("--state", help="only jobs in this state")
+    jobs.add_argument(
+        "--direction", choices=("upload", "download"), help="only uploads, or only downloads"
+    )
     jobs.add_argument("--limit", type=int, default=50)
-    _service_options(jobs)
+    service_options(jobs)
     jobs.set_defaults(run=lambda args, stdin: _jobs(args))
 
     errors = commands.add_parser(
@@ -296,7 +341,7 @@ def add_job_commands(commands: Any) -> None:
     errors.add_argument("job", help="the job id")
     errors.add_argument("--csv", action="store_true", help="print CSV, every column")
     errors.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
-    _service_options(errors)
+    service_options(errors)
     errors.set_defaults(run=lambda args, stdin: _errors(args))
 
 

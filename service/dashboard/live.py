@@ -11,6 +11,10 @@ shutting down, and in any case after ``MAX_STREAM`` seconds: the browser's
 EventSource then reconnects by itself and resumes from the ``Last-Event-ID`` it was
 given, so nothing is missed, and no server ever waits on a dashboard tab to finish a
 graceful shutdown.
+
+A download's result is fetched after its job has completed, and the fetch changes
+nothing of the job: a job page watching a completed download whose result is still
+to come has its detail read again every tick until the result is stored or given up.
 """
 
 from __future__ import annotations
@@ -70,10 +74,15 @@ class Tick:
     jobs: list[tuple[Job, str]]
     # The callbacks panel, rendered, when a delivery arrived.
     panel: str | None
-    # Watched jobs that changed or whose timeline grew: (version, timeline length)
-    # and the event's data, or None when the job is gone.
-    details: dict[str, tuple[tuple[int, int], dict[str, Any]] | None]
+    # Watched jobs that changed, whose timeline grew or whose result is on its way:
+    # what the page shows of them (``Mark``) and the event's data, or None when the job
+    # is gone.
+    details: dict[str, tuple[Mark, dict[str, Any]] | None]
 
+
+# What a job page shows changes with: the job's version, its timeline's length, and
+# its result (status, attempts, detail; None for an upload).
+Mark = tuple[int, int, tuple[Any, ...] | None]
 
 _END = object()
 
@@ -157,6 +166,10 @@ class Streams:
         )
         seen_entries = {("event", n) for n, _ in events} | {("refusal", n) for n, _ in refused}
         panel_mark: Any = ()
+        # Watched jobs whose detail the feed has read, and those of them whose result
+        # is on its way (read again every tick).
+        known: set[str] = set()
+        moving: set[str] = set()
         while True:
             everyone = any(s.job_id is None for s in self._subscribers)
             changed, cursor = await _changed_jobs(store, self.read_from, cursor, seen)
@@ -193,11 +206,19 @@ class Streams:
                     panel = self.panel = renderer.render("_callbacks.html", panel=view)
             else:
                 panel_mark, self.panel = (), None
+            watched = set(self._watched)
+            known &= watched
+            moving &= watched
             details = {
                 job_id: await _detail(store, renderer, job_id)
-                for job_id in touched
-                if job_id in self._watched
+                for job_id in (touched | moving | (watched - known)) & watched
             }
+            for job_id, found in details.items():
+                known.add(job_id)
+                if found is not None and found[1]["result_moving"]:
+                    moving.add(job_id)
+                else:
+                    moving.discard(job_id)
             tick = Tick(cursor, rows, panel, details)
             for subscriber in list(self._subscribers):
                 _offer(subscriber, tick)
@@ -238,19 +259,21 @@ async def _changed_jobs(
 
 async def _detail(
     store: Store, renderer: Renderer, job_id: str
-) -> tuple[tuple[int, int], dict[str, Any]] | None:
+) -> tuple[Mark, dict[str, Any]] | None:
     job = await store.get_job(job_id)
     if job is None:
         return None
     detail = await renderer.detail(job)
-    view = detail["job"]
+    view, result = detail["job"], detail.get("result")
     data = {
         "job": job.to_json(with_events=False),
         "detail": renderer.render("_detail.html", **detail),
         "terminal": view["terminal"],
         "has_failed": view["has_failed"],
+        "result_moving": bool(result and result["moving"]),
     }
-    return (job.version, len(detail["timeline"])), data
+    shown = (result["status"], result["attempts"], result["detail"]) if result else None
+    return (job.version, len(detail["timeline"]), shown), data
 
 
 def _server_exiting() -> bool:

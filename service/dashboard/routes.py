@@ -37,7 +37,7 @@ from service.callbacks.endpoint import read_body
 from service.dashboard import failed, live
 from service.dashboard.daycounts import DayCounts
 from service.dashboard.failed import FailedTable, csv_chunks, stored_csv_chunks
-from service.dashboard.views import callbacks_view, job_view, timeline_view
+from service.dashboard.views import callbacks_view, job_view, result_view, timeline_view
 from service.errors import ApiError
 from service.failed_records.rules import CopyState
 from service.jobs import Job, State
@@ -120,6 +120,8 @@ class Dashboard:
         self._tokens = tokens
         self._upstream = upstream
         self._jobs = jobs
+        # A download's result JSON and stored file, as the job API serves them.
+        self._results = jobs.results
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -130,6 +132,7 @@ class Dashboard:
             Route("/ui/jobs/{job_id}", self.job_page, methods=["GET"]),
             Route("/ui/jobs/{job_id}/failed", self.failed_fragment, methods=["GET"]),
             Route("/ui/jobs/{job_id}/failed.csv", self.failed_csv, methods=["GET"]),
+            Route("/ui/jobs/{job_id}/result", self.result_file, methods=["GET"]),
             Route("/ui/jobs/{job_id}/cancel", self.cancel, methods=["POST"]),
             Route("/ui/jobs/{job_id}/refresh", self.refresh, methods=["POST"]),
             Route("/ui/callbacks", self.callbacks, methods=["GET"]),
@@ -227,9 +230,14 @@ class Dashboard:
         return self._page(request, "job.html", {"title": f"Job {job.id}", **detail})
 
     async def detail(self, job: Job) -> dict[str, Any]:
-        """What the job page and its live updates render: the job and its timeline."""
+        """What the job page and its live updates render: the job, its timeline and, for
+        a download, its result."""
         rejected = await self._store.rejections_for(job.id)
-        return {"job": job_view(job, time.time()), "timeline": timeline_view(job, rejected)}
+        return {
+            "job": job_view(job, time.time()),
+            "timeline": timeline_view(job, rejected),
+            "result": result_view(job, await self._results.state(job)),
+        }
 
     # -- login --------------------------------------------------------------------
 
@@ -372,6 +380,19 @@ class Dashboard:
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+    # -- a download's result -------------------------------------------------------
+
+    async def result_file(self, request: Request) -> Response:
+        """The job page's download button: the stored result, answered as the job API's
+        ``GET /jobs/{id}/result`` answers it (type, ETag, ranges, 304), to a dashboard
+        login as well as a bearer token."""
+        self._require(request)
+        job_id = request.path_params["job_id"]
+        job = await self._store.get_job(job_id, with_events=False) if job_id_ok(job_id) else None
+        if job is None:
+            raise ApiError(f"no job {safe_text(job_id, 100)!r}", code="job_not_found", status=404)
+        return await self._results.response(job, request.headers)
 
     # -- actions, callbacks, live -------------------------------------------------
 

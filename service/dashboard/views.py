@@ -13,7 +13,16 @@ from service.jobs import Job, Source, State
 from service.metrics import Metrics
 from service.store.base import CallbackRecord
 
-__all__ = ["OUTCOMES", "age", "callbacks_view", "clock", "job_view", "timeline_view"]
+__all__ = [
+    "OUTCOMES",
+    "age",
+    "callbacks_view",
+    "clock",
+    "job_view",
+    "result_view",
+    "size",
+    "timeline_view",
+]
 
 # Every outcome a delivery can have, in the order the panel lists them.
 OUTCOMES = (
@@ -37,6 +46,20 @@ def age(seconds: float) -> str:
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
     return f"{int(seconds)}s"
+
+
+def size(count: int) -> str:
+    """A byte count as people read it, with the exact count beside it from 1 KiB on:
+    ``512 bytes``, ``1.2 MiB (1,234,567 bytes)``."""
+    exact = f"{count:,} byte{'' if count == 1 else 's'}"
+    if count < 1024:
+        return exact
+    value = count / 1024
+    units = ["KiB", "MiB", "GiB", "TiB"]
+    while round(value, 1) >= 1024 and len(units) > 1:
+        value /= 1024
+        units.pop(0)
+    return f"{value:.1f} {units[0]} ({exact})"
 
 
 def clock(ts: float) -> str:
@@ -69,6 +92,10 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "failed": job.records_failed_count,
         "upstream_error": job.upstream_error,
         "rows": job.rows,
+        "direction": job.direction,
+        "is_download": job.is_download,
+        "query": job.query,
+        "format": job.format,
         "filename": job.filename,
         "last_source": job.last_source,
         "age": age(now - job.created_at),
@@ -79,9 +106,35 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "can_cancel": not job.terminal and job.upstream_id is not None,
         # Failed records can be listed once the upstream has the job and reports any
         # (or has not said how many yet).
-        "has_failed": job.upstream_id is not None
+        "has_failed": not job.is_download
+        and job.upstream_id is not None
         and job.terminal
         and job.records_failed_count != 0,
+    }
+
+
+_RESULT_TONES = {"pending": "muted", "fetching": "live", "stored": "ok", "failed": "bad"}
+
+
+def result_view(job: Job, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A download's ``result`` (its API JSON) as the job page shows it; None for an
+    upload. ``moving``: the service is still to fetch it, so the page's live stream
+    asks again (the fetch changes nothing of the job itself)."""
+    if result is None:
+        return None
+    status = result["status"]
+    stored = status == "stored"
+    return {
+        "status": status,
+        "tone": _RESULT_TONES.get(status, "live"),
+        "format": result["format"],
+        "size": size(result["bytes"]) if result.get("bytes") is not None else None,
+        "records": result.get("records"),
+        "sha256": result.get("sha256"),
+        "detail": result.get("detail"),
+        "attempts": result.get("attempts", 0),
+        "download": f"/ui/jobs/{job.id}/result" if stored else None,
+        "moving": job.state == State.COMPLETED and status in ("pending", "fetching"),
     }
 
 

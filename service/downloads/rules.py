@@ -89,17 +89,19 @@ class FetchState:
 
 
 def result_json(job: Job, fetch: FetchState | None) -> dict[str, Any] | None:
-    """A job's ``result``: None for an upload; a download not fetched yet (not
-    completed, or its fetch not scheduled) is ``pending``."""
+    """A job's ``result``: None for an upload; a download still under way is
+    ``pending``, and one that ended otherwise than ``COMPLETED`` is ``failed``: there
+    never will be a result, and a client waiting for one stops."""
     if not job.is_download:
         return None
     if fetch is not None:
         return fetch.to_json()
-    pending = FetchState(job.id, "pending", job.format or "csv", job.updated_at)
-    shown = pending.to_json()
     if job.terminal and job.state != State.COMPLETED:
-        shown["detail"] = f"the job ended {job.state}: there is no result to fetch"
-    return shown
+        detail = f"the job ended {job.state}: there is no result to fetch"
+        return FetchState(
+            job.id, "failed", job.format or "csv", job.updated_at, detail=detail
+        ).to_json()
+    return FetchState(job.id, "pending", job.format or "csv", job.updated_at).to_json()
 
 
 def after_failure(

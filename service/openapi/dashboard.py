@@ -20,6 +20,7 @@ from service.openapi.parts import (
     param,
     ref,
 )
+from service.openapi.results import result_operation
 
 __all__ = ["COOKIE_SCHEME", "dashboard_paths", "dashboard_schemas"]
 
@@ -128,6 +129,15 @@ def dashboard_paths() -> dict[str, Any]:
         "/ui/stream": {"get": _secured(stream)},
         "/ui/callbacks": {"get": _secured(callbacks)},
         "/ui/jobs/{job_id}/failed.csv": {"get": _secured(failed_csv)},
+        "/ui/jobs/{job_id}/result": {
+            "get": _secured(
+                result_operation(
+                    "dashboardJobResult",
+                    "A download's result file (the job page's download button): as GET "
+                    "/jobs/{job_id}/result",
+                )
+            )
+        },
         "/ui/jobs/{job_id}/cancel": {"post": _action("cancel", "Cancel upstream")},
         "/ui/jobs/{job_id}/refresh": {"post": _action("refresh", "Poll the status now")},
     }

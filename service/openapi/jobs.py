@@ -13,6 +13,8 @@ from typing import Any
 
 from service import __version__
 from service.callbacks.endpoint import CALLBACK_PATHS, INSTANCE_CALLBACK_PATH, JOB_CALLBACK_PATH
+from service.downloads.records import FORMATS
+from service.downloads.rules import STATUSES as RESULT_STATUSES
 from service.failed_records.rules import STATUSES
 from service.jobs import Source, State
 from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
@@ -29,6 +31,7 @@ from service.openapi.parts import (
     param,
     ref,
 )
+from service.openapi.results import result_operation
 from service.values import MAX_MESSAGE
 
 __all__ = ["openapi_spec"]
@@ -44,6 +47,19 @@ _FIELD_CODES = (
     "bad_idempotency_key",
 )
 _CSV_CODES = ("empty_file", "binary_file", "not_utf8", "no_header", "no_rows")
+# The 400 codes of a download request (a JSON body).
+_DOWNLOAD_CODES = (
+    "bad_json",
+    "unknown_field",
+    "missing_object",
+    "bad_object",
+    "bad_hub",
+    "bad_query",
+    "bad_format",
+    "bad_idempotency_key",
+    "upstream_query_refused",
+)
+MAX_QUERY = 4000
 
 
 def _schemas() -> dict[str, Schema]:
@@ -52,11 +68,25 @@ def _schemas() -> dict[str, Schema]:
     job_fields: dict[str, Schema] = {
         "id": {"type": "string", "description": "the service's own id"},
         "upstream_id": nullable("string", description="the upstream bulk job id, once known"),
+        "direction": {
+            "type": "string",
+            "enum": ["upload", "download"],
+            "description": "upload: a CSV loaded upstream; download: a bulk query whose "
+            "result the service fetches and keeps",
+        },
         "hub": {"type": "string"},
         "object": {"type": "string"},
         "path": nullable(
-            "string", description="the upstream's `path`, as given; null when none was given"
+            "string",
+            description="the upstream's `path`, as given; null when none was given (and "
+            "for downloads)",
         ),
+        "query": nullable("string", description="a download's CEQL query; null for uploads"),
+        "format": {
+            "type": ["string", "null"],
+            "enum": [*FORMATS, None],
+            "description": "a download's result format; null for uploads",
+        },
         "state": enum_of(State),
         "upstream_status": nullable("string", description="the upstream status, raw"),
         "records_count": count,
@@ -85,6 +115,10 @@ def _schemas() -> dict[str, Schema]:
             "upstream_status": nullable("integer", description="the upstream's HTTP status"),
             "upstream_request_id": nullable("string"),
             "job": ref("Job"),
+            "result": {
+                **ref("DownloadResult"),
+                "description": "with `result_not_stored`: where the result stands",
+            },
         },
         required=["code", "message"],
     )
@@ -107,8 +141,41 @@ def _schemas() -> dict[str, Schema]:
                     "description": "the copy of the job's failed records kept by the "
                     "service; null when none is made (no failed records, or not ended)",
                 },
+                "result": {
+                    "oneOf": [ref("DownloadResult"), {"type": "null"}],
+                    "description": "a download's result as the service fetches and keeps "
+                    "it; null for uploads",
+                },
             },
             required=[*job_fields, "events"],
+        ),
+        "DownloadResult": obj(
+            {
+                "status": {
+                    "type": "string",
+                    "enum": list(RESULT_STATUSES),
+                    "description": "pending: not fetched yet (the job has not completed, or "
+                    "the fetch is due); fetching: an attempt is under way, or failed and "
+                    "will be retried (detail says why); stored: the whole file is kept "
+                    "(`url` serves it); failed: given up (detail says why)",
+                },
+                "format": enum_of(FORMATS),
+                "bytes": count,
+                "records": count,
+                "sha256": nullable(
+                    "string",
+                    pattern="^[0-9a-f]{64}$",
+                    description="the stored file's SHA-256, also its ETag",
+                ),
+                "detail": nullable(
+                    "string",
+                    description="why the last attempt failed or the fetch was given up; for "
+                    "a stored result, a count that differs from the upstream's or a file "
+                    "that is not well-formed",
+                ),
+                "attempts": {"type": "integer", "minimum": 0},
+                "url": nullable("string", description="`/jobs/{id}/result` once stored"),
+            }
         ),
         "FailedRecordsCopy": obj(
             {
@@ -227,6 +294,7 @@ def _callback(op_id: str, summary: str, params: list[Schema]) -> Schema:
 def _paths() -> dict[str, Schema]:
     job_404 = error("No such job", "job_not_found")
     location = {"Location": "`/jobs/{id}`"}
+    object_name = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^/]+$"}
     upload = obj(
         {
             "file": {
@@ -236,7 +304,7 @@ def _paths() -> dict[str, Schema]:
                 "description": "send it after the other fields: a large file then goes on "
                 "to the upstream while it arrives",
             },
-            "object": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^/]+$"},
+            "object": object_name,
             "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
             "path": {
                 "type": "string",
@@ -253,8 +321,31 @@ def _paths() -> dict[str, Schema]:
         },
         required=["file", "object"],
     )
+    download = {
+        **obj(
+            {
+                "object": object_name,
+                "query": {
+                    "type": "string",
+                    "maxLength": MAX_QUERY,
+                    "description": "the CEQL query the upstream runs; default "
+                    "`select * from <object>`",
+                },
+                "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
+                "format": {**enum_of(FORMATS), "default": "csv", "description": "the result's"},
+            },
+            required=["object"],
+        ),
+        "additionalProperties": False,
+    }
     list_params = [
         param("state", "query", enum_of(State)),
+        param(
+            "direction",
+            "query",
+            {"type": "string", "enum": ["upload", "download"]},
+            "only uploads, or only downloads",
+        ),
         param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
         param(
             "cursor", "query", {"type": "string", "maxLength": 64}, "`next_cursor` of the last page"
@@ -272,7 +363,8 @@ def _paths() -> dict[str, Schema]:
         "/jobs": {
             "post": operation(
                 "submitJob",
-                "Validate a CSV and submit it upstream as a bulk job",
+                "Start a bulk job: a CSV upload (multipart/form-data) or a download, a bulk "
+                "query whose result the service fetches (a JSON body)",
                 {
                     "200": json_response(
                         ref("Job"),
@@ -281,14 +373,27 @@ def _paths() -> dict[str, Schema]:
                         **{"Idempotent-Replayed": "`true`"},
                     ),
                     "202": json_response(ref("Job"), "Accepted by the upstream", **location),
-                    "400": error("A bad upload", *_MULTIPART_CODES, *_FIELD_CODES, *_CSV_CODES),
-                    "413": error("Over BULKHOOK_MAX_UPLOAD_BYTES", "upload_too_large"),
+                    "400": error(
+                        "A bad upload or download request; a query the upstream cannot run is "
+                        "`upstream_query_refused` (its message quoted, `job` the job, "
+                        "SUBMIT_FAILED)",
+                        *dict.fromkeys(
+                            (*_MULTIPART_CODES, *_FIELD_CODES, *_CSV_CODES, *_DOWNLOAD_CODES)
+                        ),
+                    ),
+                    "413": error(
+                        "Over BULKHOOK_MAX_UPLOAD_BYTES (an upload) or 64 KiB (a download request)",
+                        "upload_too_large",
+                    ),
                     "408": error(
                         "The upload's body came too slowly (BULKHOOK_BODY_TIMEOUT, "
                         "BULKHOOK_UPLOAD_MIN_RATE); nothing was kept",
                         "upload_too_slow",
                     ),
-                    "415": error("Not multipart/form-data", "unsupported_media_type"),
+                    "415": error(
+                        "Neither multipart/form-data nor application/json",
+                        "unsupported_media_type",
+                    ),
                     "507": error(
                         "No room to spool the upload; nothing was kept", "insufficient_storage"
                     ),
@@ -308,7 +413,15 @@ def _paths() -> dict[str, Schema]:
                         "the same key returns the same job, with no second upload",
                     )
                 ],
-                body={"required": True, "content": {"multipart/form-data": {"schema": upload}}},
+                body={
+                    "required": True,
+                    "description": "multipart/form-data uploads a CSV; application/json asks "
+                    "for a download",
+                    "content": {
+                        "multipart/form-data": {"schema": upload},
+                        JSON: {"schema": download},
+                    },
+                },
                 secured=True,
             ),
             "get": operation(
@@ -316,7 +429,9 @@ def _paths() -> dict[str, Schema]:
                 "List jobs, newest first (without timelines)",
                 {
                     "200": json_response(ref("JobList"), "A page of jobs"),
-                    "400": error("A bad query", "bad_state", "bad_limit", "bad_cursor"),
+                    "400": error(
+                        "A bad query", "bad_state", "bad_direction", "bad_limit", "bad_cursor"
+                    ),
                 },
                 params=list_params,
                 secured=True,
@@ -330,6 +445,9 @@ def _paths() -> dict[str, Schema]:
                 params=[job_id_param()],
                 secured=True,
             )
+        },
+        "/jobs/{job_id}/result": {
+            "get": result_operation("getJobResult", "A download's result file, as stored")
         },
         "/jobs/{job_id}/errors": {
             "get": operation(

@@ -104,19 +104,23 @@
       }
     }
 
-    if (box.dataset.failed === "1") loadFailed();
+    // A download has no failed records (and no such section): its result is in the detail.
+    if (failed) {
+      if (box.dataset.failed === "1") loadFailed();
 
-    // The failed records come a page at a time: their pager loads the next page here.
-    failed.addEventListener("click", (event) => {
-      const link = event.target.closest("a[data-fragment]");
-      if (!link) return;
-      event.preventDefault();
-      loadFailed(link.getAttribute("href"));
-    });
+      // The failed records come a page at a time: their pager loads the next page here.
+      failed.addEventListener("click", (event) => {
+        const link = event.target.closest("a[data-fragment]");
+        if (!link) return;
+        event.preventDefault();
+        loadFailed(link.getAttribute("href"));
+      });
+    }
 
     subscribe("/ui/stream?job=" + encodeURIComponent(id), {
       job(data) {
         document.getElementById("detail").innerHTML = data.detail;
+        if (!failed) return;
         if (!loaded && data.has_failed) loadFailed();
         else if (!loaded && data.terminal) failed.innerHTML = '<p class="quiet">None.</p>';
       },
