@@ -115,10 +115,10 @@ def started(
                 proc.wait(10)
 
 
-def curl(url: str, *headers: str) -> tuple[int, int, float, float]:
-    """GET ``url`` to /dev/null: (status, bytes, seconds to the first byte and in all,
-    as curl measured them)."""
-    argv = ["curl", "-s", "-o", "/dev/null", "-w"]
+def curl(url: str, *headers: str, within: float) -> tuple[int, int, float, float]:
+    """GET ``url`` to /dev/null, given up after ``within`` seconds: (status, bytes,
+    seconds to the first byte and in all, as curl measured them)."""
+    argv = ["curl", "-s", "--max-time", f"{max(within, 1):.0f}", "-o", "/dev/null", "-w"]
     argv.append("%{http_code} %{size_download} %{time_starttransfer} %{time_total}")
     for header in headers:
         argv += ["-H", header]
@@ -280,6 +280,7 @@ class Bench:
             f"{self.sandbox}/elements/api-v2/hubs/marketing/bulk/{job['upstream_id']}/generated",
             f"Authorization: {AUTHORIZATION}",
             "Accept: text/csv",
+            within=self.left(),
         )
         sandbox_curl = scheduled(self.sandbox_pid) - sandbox_before
         assert code == 200 and size == result["bytes"], (code, size, result)
@@ -313,9 +314,13 @@ class Bench:
                 return epoch(entry["ts"])
         raise RuntimeError(f"no 'stored' line for job {job_id} in the service's log")
 
-    @staticmethod
-    def sha256_of(url: str) -> str:
-        with subprocess.Popen(["curl", "-sf", url], stdout=subprocess.PIPE) as proc:
+    def left(self) -> float:
+        """Seconds until the deadline."""
+        return self.deadline - time.monotonic()
+
+    def sha256_of(self, url: str) -> str:
+        argv = ["curl", "-sf", "--max-time", f"{max(self.left(), 1):.0f}", url]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE) as proc:
             assert proc.stdout is not None
             digest = hashlib.sha256()
             while chunk := proc.stdout.read(1 << 20):
@@ -334,14 +339,14 @@ class Bench:
             served = f"{self.service}/jobs/{job_id}/result"
             size = path.stat().st_size
             for url in (bare, served):  # warm both: the page cache, the connections
-                assert curl(url)[:2] == (200, size), url
+                assert curl(url, within=self.left())[:2] == (200, size), url
             assert self.sha256_of(served) == sha256, "the served bytes are not the result's"
             for round_ in range(rounds):
                 assert time.monotonic() < self.deadline, "serving did not end in time"
                 order = (served, bare) if round_ % 2 else (bare, served)
                 times = {}
                 for url in order:
-                    code, got, first, seconds = curl(url)
+                    code, got, first, seconds = curl(url, within=self.left())
                     assert (code, got) == (200, size), (url, code, got)
                     times[url] = (first, seconds)
                 self.figures.served.append(times[served][1])
