@@ -117,6 +117,7 @@ def test_the_deploy_folder_has_every_piece() -> None:
         "kubernetes/secret.example.yaml",
         "kubernetes/configmap.yaml",
         "kubernetes/pdb.yaml",
+        "kubernetes/results-pvc.yaml",
     ]:
         assert (DEPLOY / name).is_file(), name
 
@@ -138,7 +139,15 @@ def test_kubernetes_manifests_are_valid_for_1_30(name: str, doc: dict[str, Any])
 def test_every_kind_is_there_once() -> None:
     kinds = sorted(doc["kind"] for _, doc in _manifests())
     assert kinds == sorted(
-        ["ConfigMap", "Deployment", "Ingress", "PodDisruptionBudget", "Secret", "Service"]
+        [
+            "ConfigMap",
+            "Deployment",
+            "Ingress",
+            "PersistentVolumeClaim",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+        ]
     )
 
 
@@ -504,6 +513,14 @@ def test_the_internal_listener_takes_large_streamed_uploads() -> None:
     assert internal.directive.find("proxy_request_buffering")[0].args == ["off"]
 
 
+def test_the_internal_listener_streams_results_without_spooling_them() -> None:
+    # A result of several GB would otherwise fill nginx's temporary files first.
+    public_ports = _public_container_ports()
+    (internal,) = [s for s in _nginx_servers() if not s.ports & public_ports]
+    buffering = [d.args for d in internal.directive.walk() if d.name == "proxy_buffering"]
+    assert buffering == [["off"]]
+
+
 # --- Dockerfile ------------------------------------------------------------------------
 
 
@@ -577,6 +594,10 @@ def _env_keys(rest: str) -> list[str]:
     return [word.split("=", 1)[0] for word in shlex.split(rest)]
 
 
+def _env_pairs(rest: str) -> list[tuple[str, str]]:
+    return [(k, v) for k, _, v in (word.partition("=") for word in shlex.split(rest))]
+
+
 # --- systemd -----------------------------------------------------------------------
 
 
@@ -642,6 +663,7 @@ def _defined_variables() -> dict[str, set[str]]:
         },
         "kubernetes/configmap.yaml": set(_manifest("ConfigMap")["data"]),
         "kubernetes/secret.example.yaml": set(_manifest("Secret")["stringData"]),
+        "kubernetes/deployment.yaml": {v["name"] for v in _container().get("env", [])},
         "Dockerfile": {k for rest in _instruction("ENV") for k in _env_keys(rest)},
         "bulkhook.service": {w.split("=", 1)[0] for words in unit_env for w in words},
     }
@@ -659,6 +681,126 @@ def test_the_secret_and_env_file_carry_what_a_deployment_needs() -> None:
     assert needed <= defined["bulkhook.env.example"]
     kubernetes = defined["kubernetes/configmap.yaml"] | defined["kubernetes/secret.example.yaml"]
     assert needed | {"BULKHOOK_DATABASE_URL"} <= kubernetes
+
+
+# --- Download results: one directory every replica shares --------------------------
+
+RESULTS_VARIABLE = "BULKHOOK_RESULTS_DIR"
+
+
+def _container() -> dict[str, Any]:
+    containers: list[dict[str, Any]] = _manifest("Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    (container,) = containers
+    return container
+
+
+def _gibibytes(quantity: str) -> float:
+    """A Kubernetes storage quantity (binary or decimal suffix) in GiB."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGTP]i?)?", quantity).groups()  # type: ignore[union-attr]
+    scale = {
+        None: 1,
+        "K": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+    }[unit]
+    return float(number) * scale / 2**30
+
+
+def test_compose_replicas_mount_one_named_volume_where_the_results_dir_points() -> None:
+    compose = _compose()
+    replicas = {n: s for n, s in compose["services"].items() if n.startswith("bulkhook-")}
+    assert len(replicas) >= 2
+    shared = set()
+    for name, service in replicas.items():
+        results_dir = service["environment"][RESULTS_VARIABLE]
+        assert results_dir.startswith("/"), name
+        mounted = [v for v in service["volumes"] if v["target"] == results_dir]
+        assert len(mounted) == 1, f"{name}: nothing mounted at {results_dir}"
+        (volume,) = mounted
+        # A named volume: an anonymous one would be each container's own.
+        assert volume["type"] == "volume" and volume.get("source"), name
+        assert not volume.get("read_only"), name
+        assert not volume.get("volume", {}).get("nocopy"), name
+        shared.add((volume["source"], results_dir))
+    assert len(shared) == 1, f"the replicas mount different results volumes: {shared}"
+    ((source, results_dir),) = shared
+    assert source in compose["volumes"]
+    # Uploads spool to /tmp, each replica's own volume; results are not put there.
+    assert not Path(results_dir).is_relative_to("/tmp")
+
+
+def test_the_image_owns_the_results_dir_so_a_new_volume_starts_owner_only() -> None:
+    results_dir = _compose()["services"]["bulkhook-1"]["environment"][RESULTS_VARIABLE]
+    env = {k: v for rest in _instruction("ENV") for k, v in _env_pairs(rest)}
+    assert env[RESULTS_VARIABLE] == results_dir
+    uid = _instruction("USER")[0].split(":")[0]
+    (useradd,) = [
+        words
+        for run in _instruction("RUN")
+        for command in run.split("&&")
+        if (words := shlex.split(command))[:1] == ["useradd"]
+    ]
+    assert useradd[useradd.index("--uid") + 1] == uid
+    made = [
+        words
+        for run in _instruction("RUN")
+        for command in run.split("&&")
+        if (words := shlex.split(command))[:2] == ["install", "-d"] and results_dir in words
+    ]
+    assert made, f"the image does not make {results_dir}"
+    (words,) = made
+    assert words[words.index("-m") + 1] == "0700"
+    # The user the image runs as, by name (useradd's last word) or by uid.
+    assert words[words.index("-o") + 1] in (useradd[-1], uid)
+
+
+def test_kubernetes_replicas_mount_a_read_write_many_claim_where_the_results_dir_points() -> None:
+    deployment = _manifest("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container()
+    assert deployment["spec"]["replicas"] >= 2
+    env = {v["name"]: v.get("value") for v in container.get("env", [])}
+    results_dir = env[RESULTS_VARIABLE]
+    assert results_dir and results_dir.startswith("/")
+    # Set once: the ConfigMap or the Secret naming another directory would be confusing.
+    assert RESULTS_VARIABLE not in _manifest("ConfigMap")["data"]
+    assert RESULTS_VARIABLE not in _manifest("Secret")["stringData"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == results_dir]
+    assert not mount.get("readOnly") and not mount.get("subPath")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = _manifest("PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert not volume["persistentVolumeClaim"].get("readOnly")
+    # Pods on different nodes write and read it at once.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"].get("storageClassName"), "name a class that supports ReadWriteMany"
+    assert claim["spec"].get("volumeMode", "Filesystem") == "Filesystem"
+    # Room for more than one result of the largest size (about 6 GB).
+    assert _gibibytes(claim["spec"]["resources"]["requests"]["storage"]) >= 2 * 6
+
+
+def test_the_results_volume_is_not_walked_at_every_pod_start() -> None:
+    security = _manifest("Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert security["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+def test_the_systemd_unit_may_write_the_results_dir_the_env_file_suggests() -> None:
+    env_file = (DEPLOY / "bulkhook.env.example").read_text(encoding="utf-8")
+    suggested = Path(_env_assignments(env_file, commented=True)[RESULTS_VARIABLE])
+    writable = [Path(p) for p in _unit()["Service"]["ReadWritePaths"].split()]
+    assert any(suggested.is_relative_to(path) for path in writable), suggested
+    # The default (./bulkhook-results) is relative to the working directory: writable too.
+    working = Path(_unit()["Service"]["WorkingDirectory"])
+    assert any(working.is_relative_to(path) for path in writable)
 
 
 # --- The Host check ------------------------------------------------------------------
