@@ -191,12 +191,6 @@ def create_app(
         on_call=metrics.upstream_call,
         submit_connections=settings.max_relays + SENDING_CONNECTIONS,
     )
-    # The tracker wakes the poller, which polls through the tracker: both share the event.
-    due_sooner = asyncio.Event()
-    tracker = Tracker(settings, store, upstream, public_url, wake=due_sooner.set)
-    poller = Poller(
-        store, tracker, metrics, settings.poll_rate, settings.poll_lease, wake=due_sooner
-    )
     # Failed records copied into the store when a job ends with them, retried like polls.
     copier = Copier(
         store,
@@ -217,6 +211,20 @@ def create_app(
         retry_first=settings.poll_interval,
         retry_most=settings.poll_max_interval,
         lease=settings.poll_lease,
+    )
+
+    def work_after_end() -> None:
+        """A job just ended: what its end scheduled starts now, not at the next look."""
+        copier.wake()
+        fetcher.wake()
+
+    # The tracker wakes the poller, which polls through the tracker: both share the event.
+    due_sooner = asyncio.Event()
+    tracker = Tracker(
+        settings, store, upstream, public_url, wake=due_sooner.set, ended=work_after_end
+    )
+    poller = Poller(
+        store, tracker, metrics, settings.poll_rate, settings.poll_lease, wake=due_sooner
     )
     keyring = Keyring(keys)
     tokens = Tokens(settings.api_tokens, metrics, repeats)
@@ -248,6 +256,7 @@ def create_app(
             wake=poller.wake,
             callback_grace=settings.callback_grace,
             max_bytes=settings.max_callback_bytes,
+            ended=work_after_end,
         )
     )
     dashboard = Dashboard(store=store, metrics=metrics, tokens=tokens, upstream=upstream, jobs=jobs)

@@ -30,7 +30,7 @@ from service.jobs import (
     new_job_id,
 )
 from service.logs import short
-from service.store import Store
+from service.store import Applied, Store
 from service.uploads.relay import Relay
 from service.uploads.spool import Spool
 from service.upstream.client import (
@@ -91,6 +91,7 @@ class Tracker:
         upstream: UpstreamClient,
         public_url: str,
         wake: Callable[[], None] = lambda: None,
+        ended: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -100,6 +101,8 @@ class Tracker:
         self.relays = 0  # relays whose upstream request is under way
         # The poller's wake(), from the app: called when a job becomes due sooner.
         self.wake = wake
+        # Wakes the work a job's end schedules (the copier, the fetcher), from the app.
+        self.ended = ended
 
     # -- schedule -----------------------------------------------------------------
 
@@ -256,7 +259,7 @@ class Tracker:
             )
         except QueryRefused as exc:
             error, _ = message(exc.message)
-            applied = await self.store.apply(
+            applied = await self._apply(
                 job.id,
                 Observation(
                     Source.SUBMIT,
@@ -276,7 +279,7 @@ class Tracker:
 
     async def _accepted(self, job: Job, submission: Submission) -> Job:
         """Record the upstream's acceptance, then apply what raced it."""
-        applied = await self.store.apply(
+        applied = await self._apply(
             job.id,
             Observation(
                 Source.SUBMIT,
@@ -311,7 +314,7 @@ class Tracker:
                 status=502,
                 job=fresh.to_json(),
             )
-        applied = await self.store.apply(
+        applied = await self._apply(
             job.id,
             Observation(Source.SUBMIT, state=State.SUBMIT_FAILED, detail=str(exc)),
         )
@@ -337,7 +340,7 @@ class Tracker:
             observation = dataclasses.replace(
                 observation, detail="; ".join(p for p in (detail, observation.detail) if p)
             )
-            applied = await self.store.apply(job.id, observation, kept_id=item.id, claim=claim)
+            applied = await self._apply(job.id, observation, kept_id=item.id, claim=claim)
             if applied is not None and applied.refused:
                 log.warning(
                     "a kept callback was about another job: %s",
@@ -356,7 +359,7 @@ class Tracker:
         now = time.time()
         if job.upstream_id is None:
             if job.state == State.SUBMITTING and now >= job.created_at + SUBMIT_DEADLINE:
-                await self.store.apply(
+                await self._apply(
                     job.id,
                     Observation(
                         Source.POLL,
@@ -385,7 +388,7 @@ class Tracker:
             upstream_error=status.error,
             detail="; ".join(part for part in (_why(job, manual), status.note) if part),
         )
-        applied = await self.store.apply(
+        applied = await self._apply(
             job.id, observation, next_poll_at=self.next_poll(job, now, job.poll_count + 1)
         )
         if (
@@ -393,7 +396,7 @@ class Tracker:
             and not applied.job.terminal
             and now >= job.created_at + self.settings.job_timeout
         ):
-            applied = await self.store.apply(
+            applied = await self._apply(
                 job.id,
                 Observation(
                     Source.TIMEOUT,
@@ -406,7 +409,7 @@ class Tracker:
     async def _poll_failed(self, job: Job, exc: UpstreamError, now: float) -> None:
         if exc.status == 404:
             if job.not_found_count + 1 >= NOT_FOUND_LIMIT:
-                await self.store.apply(
+                await self._apply(
                     job.id,
                     Observation(
                         Source.POLL,
@@ -427,7 +430,7 @@ class Tracker:
             extra={"job_id": job.id, "upstream_id": job.upstream_id},
         )
         if now >= job.created_at + self.settings.job_timeout:
-            await self.store.apply(
+            await self._apply(
                 job.id,
                 Observation(
                     Source.TIMEOUT,
@@ -439,6 +442,13 @@ class Tracker:
         await self.store.reschedule(
             job.id, self.backoff(job, now, exc.retry_after), detail=str(exc)
         )
+
+    async def _apply(self, job_id: str, observation: Observation, **options: Any) -> Applied | None:
+        """``Store.apply``, waking what a job's end schedules when the change ended it."""
+        applied = await self.store.apply(job_id, observation, **options)
+        if applied is not None and applied.ended:
+            self.ended()
+        return applied
 
     async def _reload(self, job: Job) -> Job:
         fresh = await self.store.get_job(job.id)
@@ -458,7 +468,7 @@ class Tracker:
         except UpstreamError as exc:
             raise upstream_failure("the upstream refused to cancel", exc) from exc
         now = time.time()
-        applied = await self.store.apply(
+        applied = await self._apply(
             job.id,
             Observation(
                 Source.CANCEL,

@@ -135,7 +135,9 @@ def test_failed_records_are_counted_and_listed_across_pages(
     errors = service.http.get(f"/jobs/{job['id']}/errors").json()
     assert errors["count"] == 460
     assert len({e["record"]["C_FirstName"] for e in errors["errors"]}) == 460
-    assert upstream.sandbox.calls["errors"] == 3  # 200 + 200 + 60
+    # The upstream pages at most 200 records: 460 take three pages or more, whether the
+    # answer was read from it or from the copy the job's end started at once.
+    assert upstream.sandbox.calls["errors"] >= 3
 
 
 def test_a_restart_resumes_polling_of_jobs_in_flight(

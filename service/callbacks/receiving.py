@@ -84,6 +84,9 @@ class CallbackReceiver:
     callback_grace: float
     # The largest body read; a longer one is refused unread (413).
     max_bytes: int
+    # Wakes the work a job's end schedules (the copier, the fetcher), so it starts now
+    # rather than at its next look at the store.
+    ended: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,8 @@ def _answer(
     receiver.metrics.callback_latency.observe(time.perf_counter() - started)
     if nudge and not applied.duplicate:
         receiver.wake()
+    if applied.ended:
+        receiver.ended()
     # Debug, as uvicorn's access log is off: a line per delivery cost a seventh of the
     # service's own work per callback, and every accepted or duplicate delivery is kept
     # anyway (the job's timeline, the dashboard's callback log, the metrics).

@@ -127,6 +127,13 @@ class Applied:
     # yet: nothing was recorded; keep it until the submit's answer says (Tracker).
     waiting: bool = False
 
+    @property
+    def ended(self) -> bool:
+        """Whether this change ended the job: in the same transaction, the store
+        scheduled what follows a job's end (a copy of failed records, a result's fetch)."""
+        decision = self.decision
+        return decision is not None and decision.changed and self.job.terminal
+
 
 @dataclass(frozen=True)
 class KeptCallback:
