@@ -530,7 +530,19 @@ def test_a_range_past_the_end_is_unsatisfiable(served: tuple[str, bytes, str]) -
     assert response.headers["content-range"] == f"bytes */{len(data)}"
 
 
-@pytest.mark.parametrize("header", ["bytes=9-3", "bytes=a-b", "pages=1-2", "bytes=0-1,5-6"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=9-3",
+        "bytes=a-b",
+        "pages=1-2",
+        "bytes=0-1,5-6",
+        "bytes=0-" + "9" * 4400,  # past int()'s limit on digits
+        "bytes=" + "9" * 4400 + "-",
+        "bytes=-" + "9" * 4400,
+        "bytes=0-" + "9" * 20,
+    ],
+)
 def test_a_range_that_is_not_one_valid_range_gets_the_whole_file(
     served: tuple[str, bytes, str], header: str
 ) -> None:
