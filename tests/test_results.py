@@ -162,6 +162,9 @@ def test_json_array_counts_its_elements(
         (b"[1] [2]", "text after the JSON array"),
         (b"[1] x", "text after the JSON array"),
         (b"[{]", "brackets do not match"),
+        (b"null]", "the result is not a JSON array"),
+        (b"Internal error]", "the result is not a JSON array"),
+        (b"[1] x]", "text after the JSON array"),
         (b"[" * 20_000 + b"]" * 20_000, "the JSON is nested too deeply"),
     ],
 )
@@ -195,17 +198,19 @@ def test_jsonl_counts_lines_that_are_not_blank(
 @PROPERTIES
 @given(
     st.sampled_from(["csv", "json", "jsonl"]),
-    st.binary(max_size=0)
+    st.binary(max_size=64)
     | st.lists(st.sampled_from(list(b'ab,"\r\n []{}\\:')), max_size=40).map(bytes),
     st.data(),
 )
+@example("json", b"null]", [])
 @example("csv", b'a\n"x""', [4])
 @example("csv", b'"a"""', [4])
 @example("json", b'["\\\\"]', [3])
 def test_any_bytes_count_the_same_however_they_are_split(
     fmt: Format, raw: bytes, data: Any
 ) -> None:
-    """Well-formed or not, where the chunks break changes nothing."""
+    """Well-formed or not, any bytes are counted without an error, and where the
+    chunks break changes nothing."""
     cuts = data if isinstance(data, list) else data.draw(st.lists(st.integers(0, len(raw))))
     assert counted(fmt, split_at(raw, cuts)) == counted(fmt, [raw])
     assert counted(fmt, [raw[i : i + 1] for i in range(len(raw))]) == counted(fmt, [raw])

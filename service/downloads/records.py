@@ -282,7 +282,9 @@ class JsonArrayCounter:
             # Text only matters around the array or at its own level.
             if pos > i and not deep and data[i:pos].strip():
                 self._text()
-            if pos == n:
+            if pos == n or self._stage == _DEAD:
+                # Text around the array ended the count: the bracket after it
+                # (``null]``) is not looked at, having nothing open to close.
                 return
             token = data[pos]
             i = pos + 1
