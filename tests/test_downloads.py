@@ -156,6 +156,9 @@ def test_a_query_the_upstream_cannot_parse_fails_the_job_at_once(
     assert "Error parsing query" in error["message"]
     job = error["job"]
     assert job["state"] == "SUBMIT_FAILED" and job["direction"] == "download"
+    # The job is shown as GET /jobs/{id} shows it.
+    assert job["failed_records"] is None
+    assert job["result"]["status"] == "failed" and job["result"]["url"] is None
     assert [event["state"] for event in job["events"]] == ["SUBMITTING", "SUBMIT_FAILED"]
     assert job["upstream_error"].startswith("Error parsing query")
     now = service.http.get(f"/jobs/{job['id']}").json()
@@ -250,6 +253,44 @@ def test_the_same_idempotency_key_gives_the_same_download(
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json()["id"] == first.json()["id"] and again.json()["format"] == "json"
     assert upstream.sandbox.calls["query"] == 1
+
+
+@pytest.mark.parametrize("upload_first", [True, False])
+def test_an_idempotency_key_is_never_shared_by_an_upload_and_a_download(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    upload_first: bool,
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream)
+    key = {"Idempotency-Key": "nightly-1"}
+    if upload_first:
+        first = service.submit(contacts_csv, headers=key)
+        again = service.download(headers=key)
+        owner, other = "upload", "download"
+    else:
+        first = service.download(headers=key)
+        again = service.submit(contacts_csv, headers=key)
+        owner, other = "download", "upload"
+    assert first.status_code == 202, first.text
+    job_id = first.json()["id"]
+    assert_error(again, 409, "idempotency_key_reused")
+    message = again.json()["error"]["message"]
+    assert f"{owner} job {job_id}" in message and other in message
+    assert "idempotent-replayed" not in again.headers
+    # Nothing started: one job, one upstream call, no spooled file left.
+    assert [job["id"] for job in service.http.get("/jobs").json()["jobs"]] == [job_id]
+    assert (upstream.sandbox.calls["query"], upstream.sandbox.calls["submit"]) == (
+        (0, 1) if upload_first else (1, 0)
+    )
+    spooled = service.components.spool.path.glob("bulkhook-upload-*")
+    assert list(spooled) == []
+    # The key still answers its own direction with its own job.
+    replay = (
+        service.submit(contacts_csv, headers=key) if upload_first else service.download(headers=key)
+    )
+    assert (replay.status_code, replay.json()["id"]) == (200, job_id)
 
 
 def test_a_download_whose_callbacks_never_come_is_polled_to_its_result(
