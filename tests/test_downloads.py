@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -607,6 +608,44 @@ def test_a_retry_doubles_up_to_the_most_and_waits_out_retry_after() -> None:
     assert [0.8 <= w / min(8, 2**n) <= 1.0 for n, w in enumerate(waits)] == [True] * 6
     asked = after_failure(start, 10.0, "HTTP 429", not_found=False, retry_after=30, first=1, most=8)
     assert asked.due_at == 40.0
+
+
+@pytest.mark.parametrize("retry_after", [1e9, math.inf, math.nan])
+def test_no_retry_after_puts_the_next_attempt_past_the_three_days(retry_after: float) -> None:
+    start = FetchState("0190f3a10102", "fetching", "csv", since=1000.0)
+    deadline = 1000.0 + UPSTREAM_KEEPS
+    asked = after_failure(
+        start, 2000.0, "HTTP 429", not_found=False, retry_after=retry_after, first=1, most=8
+    )
+    assert asked.status == "fetching" and asked.due_at is not None
+    assert math.isfinite(asked.due_at) and 2000.0 < asked.due_at <= deadline
+    if math.isnan(retry_after):
+        assert asked.due_at <= 2001.0  # not a wait at all: the usual backoff
+    else:
+        assert asked.due_at == deadline
+        # The attempt at the deadline is the last.
+        last = after_failure(
+            asked, deadline, "HTTP 429", not_found=False, retry_after=retry_after, first=1, most=8
+        )
+        assert last.status == "failed" and last.due_at is None
+        assert "three days" in (last.detail or "")
+
+
+def test_a_retry_after_of_decades_waits_no_longer_than_the_upstream_keeps_the_result(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream, upstream_retry=RetryPolicy(attempts=1))
+    uploaded(service, contacts_csv)
+    upstream.sandbox.inject_fault("download", 429, retry_after=1e9)
+    job_id = service.download(format="jsonl").json()["id"]
+    eventually(
+        lambda: "HTTP 429" in (service.http.get(f"/jobs/{job_id}").json()["result"]["detail"] or "")
+    )
+    [(due,)] = service.query(f"SELECT due_at FROM result_fetches WHERE job_id = '{job_id}'")
+    assert due <= time.time() + UPSTREAM_KEEPS
 
 
 def test_a_cancelled_download_has_no_result_and_no_copy_of_failed_records(
