@@ -11,14 +11,20 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 
+from service.downloads.records import Format
+from service.downloads.results import ResultFiles
 from service.downloads.rules import UPSTREAM_KEEPS, FetchState, after_failure
+from service.sandbox import API_PREFIX
+from service.server.thread import ServerThread
 from service.upstream.client import RetryPolicy
 
 from .helpers import (
@@ -29,6 +35,7 @@ from .helpers import (
     eventually,
     free_port,
     metric,
+    odd_upstream,
     records_of,
     run_bulkhook,
     sandbox_result,
@@ -367,6 +374,63 @@ def test_a_refused_fetch_waits_at_least_the_retry_after_the_upstream_asks(
     job = service.wait_for_result(job_id, {"stored"})
     assert job["result"]["attempts"] == 2 and job["result"]["detail"] is None
     assert upstream.sandbox.calls["download"] == 2
+
+
+def test_an_answer_that_cannot_be_decoded_is_a_failed_attempt_tried_again_later(
+    start_service: Callable[..., RunningService],
+) -> None:
+    async def lying(request: Request) -> Response:
+        return Response(
+            b"this is not gzip", media_type="text/csv", headers={"Content-Encoding": "gzip"}
+        )
+
+    with ServerThread(odd_upstream(lying)).start() as upstream:
+        service = start_service(
+            oc_base_url=upstream.url + API_PREFIX, upstream_retry=RetryPolicy(attempts=1)
+        )
+        job_id = service.download().json()["id"]
+
+        def result() -> dict[str, Any]:
+            return dict(service.http.get(f"/jobs/{job_id}").json()["result"])
+
+        eventually(lambda: result()["attempts"] >= 2)
+        now = result()
+        assert now["status"] == "fetching" and now["url"] is None
+        assert "could not be decoded" in now["detail"]
+        [(due,)] = service.query(f"SELECT due_at FROM result_fetches WHERE job_id = '{job_id}'")
+        assert due is not None and math.isfinite(due)
+        retried = metric(
+            service.http.get("/metrics").text, 'bulkhook_downloads_total{outcome="retried"}'
+        )
+        assert retried >= 2
+        assert leftovers(results_dir(service)) == []
+
+
+def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt_too(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class FailingOnce(ResultFiles):
+        """The results directory, with a bug in its first write."""
+
+        failed = False
+
+        async def write(self, job_id: str, fmt: Format, chunks: AsyncIterator[bytes]) -> Any:
+            if not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise LookupError("a bug")
+            return await super().write(job_id, fmt, chunks)
+
+    monkeypatch.setattr("service.app.ResultFiles", FailingOnce)
+    service = start_service(start_sandbox())
+    uploaded(service, contacts_csv)
+    # Not claimed again only when the lease (two minutes) runs out: tried again at once.
+    job = stored(service, format="csv")
+    assert job["result"]["attempts"] == 2 and job["result"]["records"] == CONTACTS
+    metrics = service.http.get("/metrics").text
+    assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 1
 
 
 def test_a_result_that_is_gone_upstream_is_given_up_after_three_answers(

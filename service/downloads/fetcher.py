@@ -9,9 +9,10 @@ batch however large it is, and a reader never finds part of a file. The lease is
 renewed every third of its length while the file arrives; a replica that loses it
 (it stalled past its lease, another took over) stops.
 
-An attempt that fails (429, 5xx, a timeout, a file cut off mid-way, a disk error) is
-tried again later, from the start, doubling from the poll interval to the largest one
-and never before ``Retry-After``; ``rules.after_failure`` says when it is given up. A
+An attempt that fails (429, 5xx, a timeout, a file cut off mid-way, a disk error, or
+any other error, logged with its traceback) is tried again later, from the start,
+doubling from the poll interval to the largest one and never before ``Retry-After``;
+``rules.after_failure`` says when it is given up. A
 process killed mid-fetch leaves its lease to run out and its temporary file to the next
 attempt, which removes it before it writes (``ResultFiles.remove_temporaries``).
 Nothing here changes a job's state.
@@ -130,6 +131,20 @@ class Fetcher(DueWork):
             return
         except OSError as exc:
             await self._failed(state, f"the result could not be written: {exc}", False, None)
+            return
+        except Exception as exc:
+            # An error no rule above names (a library's surprise, a bug): a failed
+            # attempt like any other, so it is backed off, counted and given up in
+            # time instead of claimed again every lease, for ever.
+            log.error(
+                "fetching the result of job %s raised %s",
+                state.job_id,
+                type(exc).__name__,
+                exc_info=exc,
+                extra={"job_id": state.job_id},
+            )
+            why = f"unexpected error: {type(exc).__name__}: {exc}"
+            await self._failed(state, why, False, None)
             return
         finally:
             if not attempt.done():
