@@ -3,6 +3,7 @@ not at all, and served with its ETag and byte ranges over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from service.downloads.records import Count, Format, counter_for
@@ -315,6 +316,57 @@ async def test_a_cancelled_write_leaves_nothing(tmp_path: Path) -> None:
         assert len(names(tmp_path)) == 1  # the temporary file, under its own name
         tasks.cancel_scope.cancel()
     assert names(tmp_path) == []
+
+
+def temporary_files(directory: Path) -> set[tuple[int, int]]:
+    """The size and modification time (ns) of each temporary file in ``directory``."""
+    facts = set()
+    for part in directory.glob(".*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            stat = part.stat()
+            facts.add((stat.st_size, stat.st_mtime_ns))
+    return facts
+
+
+@pytest.mark.anyio
+async def test_a_slowly_trickling_result_keeps_touching_its_temporary_file(
+    tmp_path: Path,
+) -> None:
+    """However slowly the upstream sends, the write flushes what it has at least every
+    ``flush_every`` seconds, so its temporary file never looks abandoned."""
+    rows = 12
+
+    async def trickle(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"id,name\n"
+            for n in range(rows):
+                await anyio.sleep(0.1)
+                yield b"%d,x\n" % n
+
+        return StreamingResponse(body(), media_type="text/csv")
+
+    results = ResultFiles(tmp_path, flush_every=0.2)
+    seen: set[tuple[int, int]] = set()  # (size, mtime) of the temporary file
+    app = Starlette(routes=[Route("/result", trickle)])
+    with ServerThread(app).start() as upstream:
+        async with (
+            httpx.AsyncClient() as client,
+            client.stream("GET", upstream.url + "/result") as answer,
+        ):
+
+            async def watch() -> None:
+                while True:
+                    seen.update(temporary_files(tmp_path))
+                    await anyio.sleep(0.02)
+
+            async with anyio.create_task_group() as watching:
+                watching.start_soon(watch)
+                stored = await results.write(JOB, "csv", answer.aiter_bytes())
+                watching.cancel_scope.cancel()
+    assert stored.records == rows
+    sizes = sorted({size for size, _ in seen})
+    assert len(sizes) >= 3 and sizes[-1] < stored.bytes, sizes  # it grew while it came
+    assert len({mtime for _, mtime in seen}) >= 3
 
 
 @pytest.mark.parametrize("job_id", ["../etc", "a/b", "", ".hidden", "x" * 65, "a b"])
