@@ -4,6 +4,7 @@ On both stores, against the sandbox over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -18,13 +19,14 @@ from typing import Any
 import httpx
 import pytest
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from service.downloads.records import Format
 from service.downloads.results import ResultFiles
 from service.downloads.rules import UPSTREAM_KEEPS, FetchState, after_failure
 from service.sandbox import API_PREFIX
 from service.server.thread import ServerThread
+from service.store import open_store
 from service.upstream.client import RetryPolicy
 
 from .helpers import (
@@ -431,6 +433,45 @@ def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt_too(
     assert job["result"]["attempts"] == 2 and job["result"]["records"] == CONTACTS
     metrics = service.http.get("/metrics").text
     assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 1
+
+
+def test_a_lease_renewal_the_store_fails_is_tried_again_and_the_fetch_goes_on(
+    start_service: Callable[..., RunningService], store_url: str
+) -> None:
+    asked: list[str] = []
+
+    async def trickle(request: Request) -> Response:
+        asked.append(request.url.path)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"id,name\n"
+            for n in range(15):
+                await asyncio.sleep(0.1)
+                yield b"%d,x\n" % n
+
+        return StreamingResponse(body(), media_type="text/csv")
+
+    store = open_store(store_url)
+    renew = store.save_fetch
+    failed: list[str] = []
+
+    async def renewal_fails_once(
+        state: FetchState, owner: str, *, lease_until: float | None = None
+    ) -> bool:
+        if lease_until is not None and not failed:
+            failed.append(state.job_id)
+            raise ConnectionError("the store is away for a moment")
+        return await renew(state, owner, lease_until=lease_until)
+
+    store.save_fetch = renewal_fails_once  # type: ignore[method-assign]
+    with ServerThread(odd_upstream(trickle)).start() as upstream:
+        # A lease of 0.6 s, renewed every 0.2 s, on a fetch of 1.5 s.
+        service = start_service(oc_base_url=upstream.url + API_PREFIX, store=store, poll_lease=0.6)
+        job = service.wait_for_result(service.download().json()["id"], {"stored"})
+    assert failed == [job["id"]]
+    assert job["result"]["attempts"] == 1 and job["result"]["records"] == 15
+    # Kept all along: no second attempt ever asked for the file.
+    assert len(asked) == 1
 
 
 def test_a_result_that_is_gone_upstream_is_given_up_after_three_answers(

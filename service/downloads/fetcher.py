@@ -188,12 +188,30 @@ class Fetcher(DueWork):
 
     async def _keep_lease(self, state: FetchState, attempt: asyncio.Future[StoredResult]) -> bool:
         """Renews the lease every third of its length while ``attempt`` runs; True,
-        with the attempt cancelled, once the lease is lost."""
+        with the attempt cancelled, once the lease is lost.
+
+        A renewal the store fails is tried again at the next interval (the lease has
+        two more thirds to run): the attempt stops only when the store says another
+        replica holds the fetch, not on a passing store error.
+        """
+        failing = False
         while True:
             await asyncio.sleep(self.lease / 3)
-            kept = await self.store.save_fetch(
-                state, self.owner, lease_until=time.time() + self.lease
-            )
+            try:
+                kept = await self.store.save_fetch(
+                    state, self.owner, lease_until=time.time() + self.lease
+                )
+            except Exception as exc:
+                if not failing:
+                    log.warning(
+                        "renewing the lease on job %s's fetch failed, to be tried again: %r",
+                        state.job_id,
+                        exc,
+                        extra={"job_id": state.job_id},
+                    )
+                failing = True
+                continue
+            failing = False
             if not kept:
                 attempt.cancel()
                 return True
