@@ -250,6 +250,21 @@ def test_a_body_over_64_kib_is_refused_without_being_read_whole(
     assert service.http.get("/jobs").json()["jobs"] == []
 
 
+def test_listing_one_direction_pages_through_its_own_index(
+    start_service: Callable[..., RunningService],
+) -> None:
+    service = start_service()
+    sql = "SELECT * FROM jobs WHERE direction = 'download' AND id < 'z' ORDER BY id DESC LIMIT 50"
+    if service.settings.sqlite_path is not None:
+        plan = " ".join(str(row[-1]) for row in service.query(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "USING INDEX jobs_direction_id (direction=? AND id<?)" in plan, plan
+    else:
+        [(definition,)] = service.query(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'jobs_direction_id'"
+        )
+        assert definition.endswith("(direction, id)"), definition
+
+
 def test_the_same_idempotency_key_gives_the_same_download(
     start_sandbox: Callable[..., RunningSandbox],
     start_service: Callable[..., RunningService],
