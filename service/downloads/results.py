@@ -8,7 +8,9 @@ behind is removed by ``remove_leftovers`` at start-up. A temporary name is never
 final one, so such a file is never served.
 
 File work runs in worker threads, a batch of at least ``BATCH`` bytes at a time, so the
-event loop never waits on the disk and memory stays at about one batch per write.
+event loop never waits on the disk and memory stays at about one batch per write. The
+hashing and the writes give up the GIL while they work; the record counting does not,
+so it is fed ``COUNT_SLICE`` bytes at a time, letting the event loop run in between.
 
 A live write's temporary file must never look abandoned to ``remove_leftovers`` (which
 goes by its modification time, ``LEFTOVER_AGE``): a write flushes what it holds at
@@ -51,6 +53,8 @@ _PART = ".part"
 # file at least once per batch, and at least every FLUSH_EVERY seconds); younger ones
 # may be another replica's, on a shared volume, and are left alone.
 LEFTOVER_AGE = 600.0
+# How much the record counter is fed at a time, in its worker thread (see _Digest).
+COUNT_SLICE = 64 << 10
 # The longest a write holds bytes it has before writing them (so touching its file).
 FLUSH_EVERY = 30.0
 
@@ -93,7 +97,11 @@ class _Digest:
         while view:
             view = view[os.write(fd, view) :]
         self.hash.update(data)
-        self.counter.feed(data)
+        # The counters' regular expressions hold the GIL while they run: fed a whole
+        # batch at once, the JSON counter keeps the event loop from running for tens
+        # of milliseconds. A slice at a time, the loop gets its turn between slices.
+        for start in range(0, len(data), COUNT_SLICE):
+            self.counter.feed(data[start : start + COUNT_SLICE])
         self.size += len(data)
 
 
