@@ -204,6 +204,9 @@ def test_jsonl_counts_lines_that_are_not_blank(
     st.data(),
 )
 @example("json", b"null]", [])
+@example("csv", b'""a""', [])  # the first problem is reported, in one chunk or many
+@example("jsonl", b"a\n\x0b\n", [])  # a vertical tab is not JSON's whitespace
+@example("json", b"[\x0c,1]", [])
 @example("csv", b'a\n"x""', [4])
 @example("csv", b'"a"""', [4])
 @example("json", b'["\\\\"]', [3])
