@@ -15,8 +15,8 @@ the file was well-formed. Each format's rules:
   The check is structural (brackets match, strings close, no empty elements, nothing
   but whitespace around the array), not a full JSON parse: numbers and literals are
   not checked.
-* ``jsonl``: every line holding anything but whitespace is a record. Lines are not
-  parsed.
+* ``jsonl``: every line holding anything but whitespace (JSON's: space, tab, CR) is a
+  record. Lines are not parsed.
 
 Speed matters (results reach gigabytes): the scanning is done by ``bytes.find``,
 ``bytes.count`` and compiled patterns, never a Python step per byte. A CSV's quoted
