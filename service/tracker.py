@@ -18,6 +18,7 @@ from typing import Any
 from service.callbacks import notification
 from service.callbacks.endpoint import JOB_CALLBACK_PATH
 from service.config import Settings
+from service.downloads.rules import result_json
 from service.errors import ApiError
 from service.jobs import (
     DownloadRequest,
@@ -61,6 +62,27 @@ def _why(job: Job, manual: bool) -> str:
     if manual or job.next_poll_at is None:
         return "refresh requested"
     return f"poll due {iso_utc(job.next_poll_at)}"
+
+
+def _same_direction(job: Job, direction: str) -> None:
+    """A replayed Idempotency-Key answers with its job only for a request of the same
+    direction: an upload is never answered with a download job, nor the reverse."""
+    if job.direction != direction:
+        raise ApiError(
+            f"the Idempotency-Key belongs to {job.direction} job {job.id}; "
+            f"use another key for this {direction}",
+            code="idempotency_key_reused",
+            status=409,
+        )
+
+
+def _shown(job: Job) -> dict[str, Any]:
+    """A job as an error body carries it: the shape of ``GET /jobs/{id}``. A job that
+    failed to start has no copy of failed records and no result to fetch."""
+    body = job.to_json()
+    body["failed_records"] = None
+    body["result"] = result_json(job, None)
+    return body
 
 
 def _remove(path: Path) -> None:
@@ -182,6 +204,7 @@ class Tracker:
             if relay is not None:
                 await relay.abandon()
             _remove(file)
+            _same_direction(job, "upload")
             return job, False
         # Shielded: a client that stops waiting never stops (or cancels) the upload.
         task = asyncio.ensure_future(self._upload(job, request, file, relay))
@@ -241,6 +264,7 @@ class Tracker:
             detail=f"download of {request.object} as {request.format} requested",
         )
         if not created:
+            _same_direction(job, "download")
             return job, False
         # Shielded: a client that stops waiting never leaves the job half started.
         task = asyncio.ensure_future(self._query(job))
@@ -271,7 +295,7 @@ class Tracker:
             assert applied is not None
             failed = await self._reload(applied.job)
             raise upstream_failure(
-                "the upstream refused the query", exc, job=failed.to_json()
+                "the upstream refused the query", exc, job=_shown(failed)
             ) from None
         except UpstreamError as exc:
             return await self._submit_failed(job, exc)
@@ -312,14 +336,14 @@ class Tracker:
                 f"the upstream did not answer ({exc.message}); the job may exist upstream",
                 code="upstream_outcome_unknown",
                 status=502,
-                job=fresh.to_json(),
+                job=_shown(fresh),
             )
         applied = await self._apply(
             job.id,
             Observation(Source.SUBMIT, state=State.SUBMIT_FAILED, detail=str(exc)),
         )
         assert applied is not None
-        raise upstream_failure("the upstream refused the job", exc, job=applied.job.to_json())
+        raise upstream_failure("the upstream refused the job", exc, job=_shown(applied.job))
 
     async def apply_kept(self, job: Job) -> None:
         """Apply callbacks that arrived before the job (or its upstream id) was known.

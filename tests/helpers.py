@@ -20,15 +20,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from service.callbacks.signatures import sign
 from service.jobs import Job, State, new_job_id
@@ -59,6 +61,30 @@ class RunningSandbox:
     @property
     def api_url(self) -> str:
         return self.server.url + API_PREFIX
+
+
+def odd_upstream(download: Callable[[Request], Awaitable[Response]]) -> Starlette:
+    """An upstream whose every bulk query completes at once and whose result answer is
+    ``download``'s: for answers the sandbox does not give (a body that lies about its
+    encoding, one that trickles). Serve it with ``ServerThread`` and point the service
+    at ``url + API_PREFIX``."""
+    ids = itertools.count(100)
+
+    async def query(request: Request) -> Response:
+        return JSONResponse({"id": str(next(ids)), "status": "COMPLETED"})
+
+    async def status(request: Request) -> Response:
+        job_id = request.path_params["id"]
+        return JSONResponse({"id": job_id, "status": "COMPLETED", "recordsFailedCount": 0})
+
+    jobs = API_PREFIX + "/hubs/{hub}/bulk"
+    return Starlette(
+        routes=[
+            Route(jobs + "/query", query, methods=["POST"]),
+            Route(jobs + "/{id}/status", status, methods=["GET"]),
+            Route(jobs + "/{id}/{object}", download, methods=["GET"]),
+        ]
+    )
 
 
 @dataclass

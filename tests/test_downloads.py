@@ -4,20 +4,29 @@ On both stores, against the sandbox over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
+from service.downloads.records import Format
+from service.downloads.results import ResultFiles
 from service.downloads.rules import UPSTREAM_KEEPS, FetchState, after_failure
+from service.sandbox import API_PREFIX
+from service.server.thread import ServerThread
+from service.store import open_store
 from service.upstream.client import RetryPolicy
 
 from .helpers import (
@@ -28,6 +37,7 @@ from .helpers import (
     eventually,
     free_port,
     metric,
+    odd_upstream,
     records_of,
     run_bulkhook,
     sandbox_result,
@@ -156,6 +166,9 @@ def test_a_query_the_upstream_cannot_parse_fails_the_job_at_once(
     assert "Error parsing query" in error["message"]
     job = error["job"]
     assert job["state"] == "SUBMIT_FAILED" and job["direction"] == "download"
+    # The job is shown as GET /jobs/{id} shows it.
+    assert job["failed_records"] is None
+    assert job["result"]["status"] == "failed" and job["result"]["url"] is None
     assert [event["state"] for event in job["events"]] == ["SUBMITTING", "SUBMIT_FAILED"]
     assert job["upstream_error"].startswith("Error parsing query")
     now = service.http.get(f"/jobs/{job['id']}").json()
@@ -237,6 +250,21 @@ def test_a_body_over_64_kib_is_refused_without_being_read_whole(
     assert service.http.get("/jobs").json()["jobs"] == []
 
 
+def test_listing_one_direction_pages_through_its_own_index(
+    start_service: Callable[..., RunningService],
+) -> None:
+    service = start_service()
+    sql = "SELECT * FROM jobs WHERE direction = 'download' AND id < 'z' ORDER BY id DESC LIMIT 50"
+    if service.settings.sqlite_path is not None:
+        plan = " ".join(str(row[-1]) for row in service.query(f"EXPLAIN QUERY PLAN {sql}"))
+        assert "USING INDEX jobs_direction_id (direction=? AND id<?)" in plan, plan
+    else:
+        [(definition,)] = service.query(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'jobs_direction_id'"
+        )
+        assert definition.endswith("(direction, id)"), definition
+
+
 def test_the_same_idempotency_key_gives_the_same_download(
     start_sandbox: Callable[..., RunningSandbox],
     start_service: Callable[..., RunningService],
@@ -250,6 +278,44 @@ def test_the_same_idempotency_key_gives_the_same_download(
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json()["id"] == first.json()["id"] and again.json()["format"] == "json"
     assert upstream.sandbox.calls["query"] == 1
+
+
+@pytest.mark.parametrize("upload_first", [True, False])
+def test_an_idempotency_key_is_never_shared_by_an_upload_and_a_download(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    upload_first: bool,
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream)
+    key = {"Idempotency-Key": "nightly-1"}
+    if upload_first:
+        first = service.submit(contacts_csv, headers=key)
+        again = service.download(headers=key)
+        owner, other = "upload", "download"
+    else:
+        first = service.download(headers=key)
+        again = service.submit(contacts_csv, headers=key)
+        owner, other = "download", "upload"
+    assert first.status_code == 202, first.text
+    job_id = first.json()["id"]
+    assert_error(again, 409, "idempotency_key_reused")
+    message = again.json()["error"]["message"]
+    assert f"{owner} job {job_id}" in message and other in message
+    assert "idempotent-replayed" not in again.headers
+    # Nothing started: one job, one upstream call, no spooled file left.
+    assert [job["id"] for job in service.http.get("/jobs").json()["jobs"]] == [job_id]
+    assert (upstream.sandbox.calls["query"], upstream.sandbox.calls["submit"]) == (
+        (0, 1) if upload_first else (1, 0)
+    )
+    spooled = service.components.spool.path.glob("bulkhook-upload-*")
+    assert list(spooled) == []
+    # The key still answers its own direction with its own job.
+    replay = (
+        service.submit(contacts_csv, headers=key) if upload_first else service.download(headers=key)
+    )
+    assert (replay.status_code, replay.json()["id"]) == (200, job_id)
 
 
 def test_a_download_whose_callbacks_never_come_is_polled_to_its_result(
@@ -325,6 +391,102 @@ def test_a_refused_fetch_waits_at_least_the_retry_after_the_upstream_asks(
     job = service.wait_for_result(job_id, {"stored"})
     assert job["result"]["attempts"] == 2 and job["result"]["detail"] is None
     assert upstream.sandbox.calls["download"] == 2
+
+
+def test_an_answer_that_cannot_be_decoded_is_a_failed_attempt_tried_again_later(
+    start_service: Callable[..., RunningService],
+) -> None:
+    async def lying(request: Request) -> Response:
+        return Response(
+            b"this is not gzip", media_type="text/csv", headers={"Content-Encoding": "gzip"}
+        )
+
+    with ServerThread(odd_upstream(lying)).start() as upstream:
+        service = start_service(
+            oc_base_url=upstream.url + API_PREFIX, upstream_retry=RetryPolicy(attempts=1)
+        )
+        job_id = service.download().json()["id"]
+
+        def result() -> dict[str, Any]:
+            return dict(service.http.get(f"/jobs/{job_id}").json()["result"])
+
+        eventually(lambda: result()["attempts"] >= 2)
+        now = result()
+        assert now["status"] == "fetching" and now["url"] is None
+        assert "could not be decoded" in now["detail"]
+        [(due,)] = service.query(f"SELECT due_at FROM result_fetches WHERE job_id = '{job_id}'")
+        assert due is not None and math.isfinite(due)
+        retried = metric(
+            service.http.get("/metrics").text, 'bulkhook_downloads_total{outcome="retried"}'
+        )
+        assert retried >= 2
+        assert leftovers(results_dir(service)) == []
+
+
+def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt_too(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class FailingOnce(ResultFiles):
+        """The results directory, with a bug in its first write."""
+
+        failed = False
+
+        async def write(self, job_id: str, fmt: Format, chunks: AsyncIterator[bytes]) -> Any:
+            if not FailingOnce.failed:
+                FailingOnce.failed = True
+                raise LookupError("a bug")
+            return await super().write(job_id, fmt, chunks)
+
+    monkeypatch.setattr("service.app.ResultFiles", FailingOnce)
+    service = start_service(start_sandbox())
+    uploaded(service, contacts_csv)
+    # Not claimed again only when the lease (two minutes) runs out: tried again at once.
+    job = stored(service, format="csv")
+    assert job["result"]["attempts"] == 2 and job["result"]["records"] == CONTACTS
+    metrics = service.http.get("/metrics").text
+    assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 1
+
+
+def test_a_lease_renewal_the_store_fails_is_tried_again_and_the_fetch_goes_on(
+    start_service: Callable[..., RunningService], store_url: str
+) -> None:
+    asked: list[str] = []
+
+    async def trickle(request: Request) -> Response:
+        asked.append(request.url.path)
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"id,name\n"
+            for n in range(15):
+                await asyncio.sleep(0.1)
+                yield b"%d,x\n" % n
+
+        return StreamingResponse(body(), media_type="text/csv")
+
+    store = open_store(store_url)
+    renew = store.save_fetch
+    failed: list[str] = []
+
+    async def renewal_fails_once(
+        state: FetchState, owner: str, *, lease_until: float | None = None
+    ) -> bool:
+        if lease_until is not None and not failed:
+            failed.append(state.job_id)
+            raise ConnectionError("the store is away for a moment")
+        return await renew(state, owner, lease_until=lease_until)
+
+    store.save_fetch = renewal_fails_once  # type: ignore[method-assign]
+    with ServerThread(odd_upstream(trickle)).start() as upstream:
+        # A lease of 0.6 s, renewed every 0.2 s, on a fetch of 1.5 s.
+        service = start_service(oc_base_url=upstream.url + API_PREFIX, store=store, poll_lease=0.6)
+        job = service.wait_for_result(service.download().json()["id"], {"stored"})
+    assert failed == [job["id"]]
+    assert job["result"]["attempts"] == 1 and job["result"]["records"] == 15
+    # Kept all along: no second attempt ever asked for the file.
+    assert len(asked) == 1
 
 
 def test_a_result_that_is_gone_upstream_is_given_up_after_three_answers(
@@ -566,6 +728,44 @@ def test_a_retry_doubles_up_to_the_most_and_waits_out_retry_after() -> None:
     assert [0.8 <= w / min(8, 2**n) <= 1.0 for n, w in enumerate(waits)] == [True] * 6
     asked = after_failure(start, 10.0, "HTTP 429", not_found=False, retry_after=30, first=1, most=8)
     assert asked.due_at == 40.0
+
+
+@pytest.mark.parametrize("retry_after", [1e9, math.inf, math.nan])
+def test_no_retry_after_puts_the_next_attempt_past_the_three_days(retry_after: float) -> None:
+    start = FetchState("0190f3a10102", "fetching", "csv", since=1000.0)
+    deadline = 1000.0 + UPSTREAM_KEEPS
+    asked = after_failure(
+        start, 2000.0, "HTTP 429", not_found=False, retry_after=retry_after, first=1, most=8
+    )
+    assert asked.status == "fetching" and asked.due_at is not None
+    assert math.isfinite(asked.due_at) and 2000.0 < asked.due_at <= deadline
+    if math.isnan(retry_after):
+        assert asked.due_at <= 2001.0  # not a wait at all: the usual backoff
+    else:
+        assert asked.due_at == deadline
+        # The attempt at the deadline is the last.
+        last = after_failure(
+            asked, deadline, "HTTP 429", not_found=False, retry_after=retry_after, first=1, most=8
+        )
+        assert last.status == "failed" and last.due_at is None
+        assert "three days" in (last.detail or "")
+
+
+def test_a_retry_after_of_decades_waits_no_longer_than_the_upstream_keeps_the_result(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+) -> None:
+    upstream = start_sandbox()
+    service = start_service(upstream, upstream_retry=RetryPolicy(attempts=1))
+    uploaded(service, contacts_csv)
+    upstream.sandbox.inject_fault("download", 429, retry_after=1e9)
+    job_id = service.download(format="jsonl").json()["id"]
+    eventually(
+        lambda: "HTTP 429" in (service.http.get(f"/jobs/{job_id}").json()["result"]["detail"] or "")
+    )
+    [(due,)] = service.query(f"SELECT due_at FROM result_fetches WHERE job_id = '{job_id}'")
+    assert due <= time.time() + UPSTREAM_KEEPS
 
 
 def test_a_cancelled_download_has_no_result_and_no_copy_of_failed_records(

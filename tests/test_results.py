@@ -3,6 +3,7 @@ not at all, and served with its ETag and byte ranges over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from service.downloads.records import Count, Format, counter_for
@@ -162,6 +163,9 @@ def test_json_array_counts_its_elements(
         (b"[1] [2]", "text after the JSON array"),
         (b"[1] x", "text after the JSON array"),
         (b"[{]", "brackets do not match"),
+        (b"null]", "the result is not a JSON array"),
+        (b"Internal error]", "the result is not a JSON array"),
+        (b"[1] x]", "text after the JSON array"),
         (b"[" * 20_000 + b"]" * 20_000, "the JSON is nested too deeply"),
     ],
 )
@@ -195,17 +199,22 @@ def test_jsonl_counts_lines_that_are_not_blank(
 @PROPERTIES
 @given(
     st.sampled_from(["csv", "json", "jsonl"]),
-    st.binary(max_size=0)
+    st.binary(max_size=64)
     | st.lists(st.sampled_from(list(b'ab,"\r\n []{}\\:')), max_size=40).map(bytes),
     st.data(),
 )
+@example("json", b"null]", [])
+@example("csv", b'""a""', [])  # the first problem is reported, in one chunk or many
+@example("jsonl", b"a\n\x0b\n", [])  # a vertical tab is not JSON's whitespace
+@example("json", b"[\x0c,1]", [])
 @example("csv", b'a\n"x""', [4])
 @example("csv", b'"a"""', [4])
 @example("json", b'["\\\\"]', [3])
 def test_any_bytes_count_the_same_however_they_are_split(
     fmt: Format, raw: bytes, data: Any
 ) -> None:
-    """Well-formed or not, where the chunks break changes nothing."""
+    """Well-formed or not, any bytes are counted without an error, and where the
+    chunks break changes nothing."""
     cuts = data if isinstance(data, list) else data.draw(st.lists(st.integers(0, len(raw))))
     assert counted(fmt, split_at(raw, cuts)) == counted(fmt, [raw])
     assert counted(fmt, [raw[i : i + 1] for i in range(len(raw))]) == counted(fmt, [raw])
@@ -310,6 +319,57 @@ async def test_a_cancelled_write_leaves_nothing(tmp_path: Path) -> None:
         assert len(names(tmp_path)) == 1  # the temporary file, under its own name
         tasks.cancel_scope.cancel()
     assert names(tmp_path) == []
+
+
+def temporary_files(directory: Path) -> set[tuple[int, int]]:
+    """The size and modification time (ns) of each temporary file in ``directory``."""
+    facts = set()
+    for part in directory.glob(".*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            stat = part.stat()
+            facts.add((stat.st_size, stat.st_mtime_ns))
+    return facts
+
+
+@pytest.mark.anyio
+async def test_a_slowly_trickling_result_keeps_touching_its_temporary_file(
+    tmp_path: Path,
+) -> None:
+    """However slowly the upstream sends, the write flushes what it has at least every
+    ``flush_every`` seconds, so its temporary file never looks abandoned."""
+    rows = 12
+
+    async def trickle(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"id,name\n"
+            for n in range(rows):
+                await anyio.sleep(0.1)
+                yield b"%d,x\n" % n
+
+        return StreamingResponse(body(), media_type="text/csv")
+
+    results = ResultFiles(tmp_path, flush_every=0.2)
+    seen: set[tuple[int, int]] = set()  # (size, mtime) of the temporary file
+    app = Starlette(routes=[Route("/result", trickle)])
+    with ServerThread(app).start() as upstream:
+        async with (
+            httpx.AsyncClient() as client,
+            client.stream("GET", upstream.url + "/result") as answer,
+        ):
+
+            async def watch() -> None:
+                while True:
+                    seen.update(temporary_files(tmp_path))
+                    await anyio.sleep(0.02)
+
+            async with anyio.create_task_group() as watching:
+                watching.start_soon(watch)
+                stored = await results.write(JOB, "csv", answer.aiter_bytes())
+                watching.cancel_scope.cancel()
+    assert stored.records == rows
+    sizes = sorted({size for size, _ in seen})
+    assert len(sizes) >= 3 and sizes[-1] < stored.bytes, sizes  # it grew while it came
+    assert len({mtime for _, mtime in seen}) >= 3
 
 
 @pytest.mark.parametrize("job_id", ["../etc", "a/b", "", ".hidden", "x" * 65, "a b"])
@@ -530,7 +590,19 @@ def test_a_range_past_the_end_is_unsatisfiable(served: tuple[str, bytes, str]) -
     assert response.headers["content-range"] == f"bytes */{len(data)}"
 
 
-@pytest.mark.parametrize("header", ["bytes=9-3", "bytes=a-b", "pages=1-2", "bytes=0-1,5-6"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=9-3",
+        "bytes=a-b",
+        "pages=1-2",
+        "bytes=0-1,5-6",
+        "bytes=0-" + "9" * 4400,  # past int()'s limit on digits
+        "bytes=" + "9" * 4400 + "-",
+        "bytes=-" + "9" * 4400,
+        "bytes=0-" + "9" * 20,
+    ],
+)
 def test_a_range_that_is_not_one_valid_range_gets_the_whole_file(
     served: tuple[str, bytes, str], header: str
 ) -> None:

@@ -9,9 +9,10 @@ batch however large it is, and a reader never finds part of a file. The lease is
 renewed every third of its length while the file arrives; a replica that loses it
 (it stalled past its lease, another took over) stops.
 
-An attempt that fails (429, 5xx, a timeout, a file cut off mid-way, a disk error) is
-tried again later, from the start, doubling from the poll interval to the largest one
-and never before ``Retry-After``; ``rules.after_failure`` says when it is given up. A
+An attempt that fails (429, 5xx, a timeout, a file cut off mid-way, a disk error, or
+any other error, logged with its traceback) is tried again later, from the start,
+doubling from the poll interval to the largest one and never before ``Retry-After``;
+``rules.after_failure`` says when it is given up. A
 process killed mid-fetch leaves its lease to run out and its temporary file to the next
 attempt, which removes it before it writes (``ResultFiles.remove_temporaries``).
 Nothing here changes a job's state.
@@ -131,6 +132,20 @@ class Fetcher(DueWork):
         except OSError as exc:
             await self._failed(state, f"the result could not be written: {exc}", False, None)
             return
+        except Exception as exc:
+            # An error no rule above names (a library's surprise, a bug): a failed
+            # attempt like any other, so it is backed off, counted and given up in
+            # time instead of claimed again every lease, for ever.
+            log.error(
+                "fetching the result of job %s raised %s",
+                state.job_id,
+                type(exc).__name__,
+                exc_info=exc,
+                extra={"job_id": state.job_id},
+            )
+            why = f"unexpected error: {type(exc).__name__}: {exc}"
+            await self._failed(state, why, False, None)
+            return
         finally:
             if not attempt.done():
                 attempt.cancel()
@@ -173,12 +188,30 @@ class Fetcher(DueWork):
 
     async def _keep_lease(self, state: FetchState, attempt: asyncio.Future[StoredResult]) -> bool:
         """Renews the lease every third of its length while ``attempt`` runs; True,
-        with the attempt cancelled, once the lease is lost."""
+        with the attempt cancelled, once the lease is lost.
+
+        A renewal the store fails is tried again at the next interval (the lease has
+        two more thirds to run): the attempt stops only when the store says another
+        replica holds the fetch, not on a passing store error.
+        """
+        failing = False
         while True:
             await asyncio.sleep(self.lease / 3)
-            kept = await self.store.save_fetch(
-                state, self.owner, lease_until=time.time() + self.lease
-            )
+            try:
+                kept = await self.store.save_fetch(
+                    state, self.owner, lease_until=time.time() + self.lease
+                )
+            except Exception as exc:
+                if not failing:
+                    log.warning(
+                        "renewing the lease on job %s's fetch failed, to be tried again: %r",
+                        state.job_id,
+                        exc,
+                        extra={"job_id": state.job_id},
+                    )
+                failing = True
+                continue
+            failing = False
             if not kept:
                 attempt.cancel()
                 return True

@@ -15,8 +15,8 @@ the file was well-formed. Each format's rules:
   The check is structural (brackets match, strings close, no empty elements, nothing
   but whitespace around the array), not a full JSON parse: numbers and literals are
   not checked.
-* ``jsonl``: every line holding anything but whitespace is a record. Lines are not
-  parsed.
+* ``jsonl``: every line holding anything but whitespace (JSON's: space, tab, CR) is a
+  record. Lines are not parsed.
 
 Speed matters (results reach gigabytes): the scanning is done by ``bytes.find``,
 ``bytes.count`` and compiled patterns, never a Python step per byte. A CSV's quoted
@@ -59,6 +59,10 @@ _QUOTED_FIELD = re.compile(rb'"[^"]*+(?:""[^"]*+)*+"')
 _QUOTE_INSIDE = re.compile(rb'[^,\n]"')
 _TEXT_AFTER = re.compile(rb'"[^,\r\n]')
 _JSONL_BLANK = re.compile(rb"\n[ \t\r]*(?=\n)")
+# JSON's whitespace: a vertical tab or form feed is content (a blank JSON Lines line
+# holds only these, less the line feed), in one chunk or split across many.
+_JSON_SPACE = b" \t\r\n"
+_JSONL_SPACE = b" \t\r"
 # Outside a string: everything up to the next bracket (or comma, at the array's own
 # level) that is not inside a string, whole strings included, in one match. It stops
 # at a quote only when that string goes on past this chunk.
@@ -184,10 +188,19 @@ class CsvCounter:
         """
         flat = _QUOTED_FIELD.sub(b'"', stretch)
         if self._detail is None:
-            if _QUOTE_INSIDE.search(bytes((self._prev,)) + flat[:1]) or _QUOTE_INSIDE.search(flat):
-                self._detail = "a quote inside an unquoted field"
-            elif _TEXT_AFTER.search(flat):
-                self._detail = "text follows a closing quote"
+            # The first problem in the file is the one reported, however it is split:
+            # each found is placed by its offending byte (collapsing keeps the order).
+            found: list[tuple[int, str]] = []
+            if _QUOTE_INSIDE.search(bytes((self._prev,)) + flat[:1]):
+                found.append((0, "a quote inside an unquoted field"))
+            inside = _QUOTE_INSIDE.search(flat)
+            if inside is not None:
+                found.append((inside.start() + 1, "a quote inside an unquoted field"))
+            after = _TEXT_AFTER.search(flat)
+            if after is not None:
+                found.append((after.start() + 1, "text follows a closing quote"))
+            if found:
+                self._detail = min(found)[1]
         self._unquoted(flat, 0, len(flat))
 
     def _unquoted(self, data: bytes, start: int, end: int) -> None:
@@ -233,13 +246,13 @@ class JsonLinesCounter:
         n = len(data)
         breaks = data.count(b"\n")
         if breaks == 0:
-            self._content = self._content or bool(data.strip())
+            self._content = self._content or bool(data.strip(_JSONL_SPACE))
             return
         first = data.find(b"\n")
-        blank = 0 if (self._content or data[:first].strip()) else 1
+        blank = 0 if (self._content or data[:first].strip(_JSONL_SPACE)) else 1
         blank += len(_JSONL_BLANK.findall(data, first, n))
         self._lines += breaks - blank
-        self._content = bool(data[data.rfind(b"\n") + 1 :].strip())
+        self._content = bool(data[data.rfind(b"\n") + 1 :].strip(_JSONL_SPACE))
 
     def finish(self) -> Count:
         return Count(self._lines + (1 if self._content else 0))
@@ -280,9 +293,11 @@ class JsonArrayCounter:
                     continue
             pos = (_SKIP_DEEP if deep else _SKIP_TOP).match(data, i).end()  # type: ignore[union-attr]
             # Text only matters around the array or at its own level.
-            if pos > i and not deep and data[i:pos].strip():
+            if pos > i and not deep and data[i:pos].strip(_JSON_SPACE):
                 self._text()
-            if pos == n:
+            if pos == n or self._stage == _DEAD:
+                # Text around the array ended the count: the bracket after it
+                # (``null]``) is not looked at, having nothing open to close.
                 return
             token = data[pos]
             i = pos + 1

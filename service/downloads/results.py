@@ -8,7 +8,15 @@ behind is removed by ``remove_leftovers`` at start-up. A temporary name is never
 final one, so such a file is never served.
 
 File work runs in worker threads, a batch of at least ``BATCH`` bytes at a time, so the
-event loop never waits on the disk and memory stays at about one batch per write.
+event loop never waits on the disk and memory stays at about one batch per write. The
+hashing and the writes give up the GIL while they work; the record counting does not,
+so it is fed ``COUNT_SLICE`` bytes at a time, letting the event loop run in between.
+
+A live write's temporary file must never look abandoned to ``remove_leftovers`` (which
+goes by its modification time, ``LEFTOVER_AGE``): a write flushes what it holds at
+least every ``FLUSH_EVERY`` seconds, batch full or not, so a slow upstream trickling
+its file still touches it; and an upstream that sends nothing at all fails the read
+first (the upstream client's read timeout, 30 s, is far below ``LEFTOVER_AGE``).
 """
 
 from __future__ import annotations
@@ -29,14 +37,26 @@ from service.downloads.records import FORMATS, Format, RecordCounter, counter_fo
 from service.errors import BulkhookError
 from service.values import job_id_ok
 
-__all__ = ["BATCH", "ResultFiles", "ResultNameError", "StoredResult", "default_results_dir"]
+__all__ = [
+    "BATCH",
+    "FLUSH_EVERY",
+    "LEFTOVER_AGE",
+    "ResultFiles",
+    "ResultNameError",
+    "StoredResult",
+    "default_results_dir",
+]
 
 BATCH = 1 << 20
 _PART = ".part"
 # A temporary file untouched this long belongs to no live write (a write touches its
-# file at least once per batch); younger ones may be another replica's, on a shared
-# volume, and are left alone.
+# file at least once per batch, and at least every FLUSH_EVERY seconds); younger ones
+# may be another replica's, on a shared volume, and are left alone.
 LEFTOVER_AGE = 600.0
+# How much the record counter is fed at a time, in its worker thread (see _Digest).
+COUNT_SLICE = 64 << 10
+# The longest a write holds bytes it has before writing them (so touching its file).
+FLUSH_EVERY = 30.0
 
 
 def default_results_dir() -> Path:
@@ -77,7 +97,11 @@ class _Digest:
         while view:
             view = view[os.write(fd, view) :]
         self.hash.update(data)
-        self.counter.feed(data)
+        # The counters' regular expressions hold the GIL while they run: fed a whole
+        # batch at once, the JSON counter keeps the event loop from running for tens
+        # of milliseconds. A slice at a time, the loop gets its turn between slices.
+        for start in range(0, len(data), COUNT_SLICE):
+            self.counter.feed(data[start : start + COUNT_SLICE])
         self.size += len(data)
 
 
@@ -91,8 +115,9 @@ def _check(job_id: str, fmt: str) -> None:
 class ResultFiles:
     """The results directory: write, find and remove each job's stored result."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, flush_every: float = FLUSH_EVERY) -> None:
         self.root = root
+        self.flush_every = flush_every
 
     def prepare(self) -> None:
         """Creates the directory (owner-only when it is new)."""
@@ -157,15 +182,17 @@ class ResultFiles:
         try:
             batch: list[bytes] = []
             size = 0
+            flushed = time.monotonic()
             async for chunk in chunks:
                 if not chunk:
                     continue
                 batch.append(bytes(chunk))
                 size += len(chunk)
-                if size >= BATCH:
+                if size >= BATCH or time.monotonic() - flushed >= self.flush_every:
                     data = b"".join(batch)
                     batch.clear()
                     size = 0
+                    flushed = time.monotonic()
                     # Not abandoned on cancellation: the thread is waited for, so no
                     # write reaches the descriptor after it is closed below.
                     await anyio.to_thread.run_sync(digest.write, fd, data)

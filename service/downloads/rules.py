@@ -6,12 +6,15 @@ A completed download job has one fetch: ``pending`` until its first attempt,
 (``detail`` says why the last failed), ``stored`` once the whole file is kept, and
 ``failed`` when given up (``detail`` says why). A fetch is given up after
 ``NOT_FOUND_LIMIT`` answers of 404 or 410 in a row, or once ``UPSTREAM_KEEPS`` has
-passed since the job completed: the upstream keeps a result three days.
+passed since the job completed: the upstream keeps a result three days. No attempt is
+due after that deadline, whatever ``Retry-After`` asked: the one at the deadline is the
+last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +46,10 @@ def backoff(attempts: int, first: float, most: float, retry_after: float | None)
     ``first`` up to ``most``, less up to 20 % of jitter, and never before the
     upstream's ``Retry-After``."""
     wait = min(most, first * 2.0 ** max(0, attempts - 1)) * random.uniform(0.8, 1.0)
-    return max(wait, retry_after or 0.0)
+    if retry_after is None or math.isnan(retry_after):
+        return wait
+    # May be infinite: the caller bounds the due time, not this.
+    return max(wait, retry_after)
 
 
 def count_note(counted: int | None, stored: int) -> str | None:
@@ -124,13 +130,17 @@ def after_failure(
     if now >= state.since + UPSTREAM_KEEPS:
         reason = f"{why}; given up: the upstream keeps a result three days"
         return _ended(state, attempts, misses, reason)
-    wait = backoff(attempts, first, most, retry_after)
+    # However long the upstream asks to wait (``Retry-After: 1e9``, or ``inf``), the
+    # next attempt comes by the deadline: one last try while the result may still be
+    # there, given up if it fails, and never a due time decades away (or infinite).
+    deadline = state.since + UPSTREAM_KEEPS
+    due = min(now + backoff(attempts, first, most, retry_after), deadline)
     return dataclasses.replace(
         state,
         status="fetching",
         attempts=attempts,
         not_found=misses,
-        due_at=now + wait,
+        due_at=due,
         detail=why[:_DETAIL],
     )
 

@@ -4,11 +4,12 @@ Starlette's ``FileResponse`` streams the file and answers ``Range`` (one range: 
 with ``Content-Range``; a range past the end: ``416``) and ``If-Range``. Around it, this
 module adds what it leaves out: the ETag is the file's SHA-256 (so it is the same on
 every replica reading a shared volume, and a client can check the bytes against it),
-``If-None-Match`` is answered ``304``, and a ``Range`` header that cannot be parsed, or
-asks for several ranges, is ignored (the whole file, ``200``) as HTTP allows, instead of
-Starlette's ``400`` or multipart answer. (``FileResponse`` answers ranges from Starlette
-0.39; the project needs 0.49.1, the first whose range parsing is not quadratic, and
-only a header of one well-formed range reaches it anyway.)
+``If-None-Match`` is answered ``304``, and a ``Range`` header that cannot be parsed, asks
+for several ranges, or has a number of more than 19 digits is ignored (the whole file,
+``200``) as HTTP allows, instead of Starlette's ``400``, a multipart answer or a ``500``.
+(``FileResponse`` answers ranges from Starlette 0.39; the project needs 0.49.1, the
+first whose range parsing is not quadratic, and only a header of one well-formed range
+reaches it anyway.)
 
 Content types: ``text/csv; charset=utf-8``, ``application/json``, and
 ``application/x-ndjson`` for JSON Lines (the name most tools that stream JSON Lines
@@ -36,7 +37,10 @@ CONTENT_TYPES: dict[Format, str] = {
     "jsonl": "application/x-ndjson",
 }
 
-_ONE_RANGE = re.compile(r"bytes=[ \t]*(?:([0-9]+)-([0-9]*)|-[0-9]+)[ \t]*")
+# At most 19 digits a number (a 64-bit offset; no file is larger): a longer one is not
+# a range this service can answer, and is ignored like any other unparseable range
+# rather than reaching ``int()``'s limit on digits or Starlette's parser.
+_ONE_RANGE = re.compile(r"bytes=[ \t]*(?:([0-9]{1,19})-([0-9]{0,19})|-[0-9]{1,19})[ \t]*")
 
 
 def _one_range(value: bytes) -> bool:

@@ -381,6 +381,11 @@ def _paths() -> dict[str, Schema]:
                             (*_MULTIPART_CODES, *_FIELD_CODES, *_CSV_CODES, *_DOWNLOAD_CODES)
                         ),
                     ),
+                    "409": error(
+                        "The Idempotency-Key belongs to a job of the other direction (an "
+                        "upload's key on a download, or the reverse); nothing was started",
+                        "idempotency_key_reused",
+                    ),
                     "413": error(
                         "Over BULKHOOK_MAX_UPLOAD_BYTES (an upload) or 64 KiB (a download request)",
                         "upload_too_large",

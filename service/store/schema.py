@@ -248,7 +248,8 @@ FAILED_RECORDS = (
 # completed download, written in the transaction that completed it, due for a (next)
 # attempt at ``due_at`` and leased like a poll; once stored it says the file's size,
 # records and SHA-256 (the file itself is in the results directory). It goes with its
-# job.
+# job. ``GET /jobs?direction=`` pages newest first through (direction, id), as the
+# state filter does through (state, id).
 #
 # Written after the stores' version numbers parted, so each store appends it to its
 # own list as its next version.
@@ -272,6 +273,7 @@ DOWNLOADS = """
         lease_until {time}
     );
     CREATE INDEX result_fetches_due ON result_fetches (due_at) WHERE due_at IS NOT NULL;
+    CREATE INDEX jobs_direction_id ON jobs (direction, id);
     """
 
 

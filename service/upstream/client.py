@@ -650,6 +650,12 @@ class UpstreamClient:
         except httpx.TransportError as exc:
             what = "timed out" if isinstance(exc, httpx.TimeoutException) else "connection failed"
             raise UpstreamUnavailable("download", f"{what} mid-file: {type(exc).__name__}") from exc
+        except httpx.DecodingError as exc:
+            # A Content-Encoding the body does not match: not a transport error, but the
+            # upstream's fault all the same, and maybe not the next answer's.
+            raise UpstreamUnavailable(
+                "download", "the upstream's answer could not be decoded"
+            ) from exc
         finally:
             await outcome.aclose()
 
@@ -683,7 +689,7 @@ class UpstreamClient:
                 kept += piece
                 if len(kept) >= _MAX_ERROR_BODY:
                     break
-        except httpx.TransportError:
+        except (httpx.TransportError, httpx.DecodingError):
             kept = bytearray()
         finally:
             await response.aclose()
