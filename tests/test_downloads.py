@@ -260,7 +260,8 @@ def test_listing_one_direction_pages_through_its_own_index(
         assert "USING INDEX jobs_direction_id (direction=? AND id<?)" in plan, plan
     else:
         [(definition,)] = service.query(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'jobs_direction_id'"
+            "SELECT indexdef FROM pg_indexes"
+            " WHERE indexname = 'jobs_direction_id' AND schemaname = current_schema()"
         )
         assert definition.endswith("(direction, id)"), definition
 
