@@ -398,9 +398,11 @@ def test_serve_names_a_bad_setting_in_one_line() -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_demo_shows_the_callback_and_the_polling_fallback() -> None:
-    result = bulkhook("demo", timeout=120)
+def test_demo_shows_the_callback_and_the_polling_fallback(tmp_path: Path) -> None:
+    result = run_bulkhook("demo", timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+    # Everything it makes (database, results, spool) goes with it.
+    assert sorted(os.listdir(tmp_path)) == []
     assert "by a verified callback" in result.stdout
     assert "up to a minute after a job ends" in result.stdout
     assert "--callback-delay" in result.stdout

@@ -57,6 +57,7 @@ def run_demo() -> int:
             signature_keys=(key,),
             public_url=service.url,
             database_url=f"sqlite:///{tmp}/demo.db",
+            results_dir=f"{tmp}/results",
             callback_grace=2.0,
             poll_interval=1.0,
             poll_max_interval=2.0,
