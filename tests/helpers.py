@@ -486,8 +486,11 @@ def genuine(job: dict[str, Any], **fields: Any) -> bytes:
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 
 
-def deliver(service: RunningService, path: str, body: bytes, webhook_id: str) -> httpx.Response:
-    return service.http.post(path, content=body, headers=signed(body, webhook_id))
+def deliver(
+    service: RunningService, path: str, body: bytes, webhook_id: str, key: str = SIGNATURE_KEY
+) -> httpx.Response:
+    """POST ``body`` to ``path`` as the upstream does, signed with ``key``."""
+    return service.http.post(path, content=body, headers=signed(body, webhook_id, key))
 
 
 def job_url(job: dict[str, Any]) -> str:
@@ -515,11 +518,17 @@ def refusals(job: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in job["events"] if e["detail"].startswith("refused:")]
 
 
-def counted(service: RunningService, outcome: str) -> float:
-    """``bulkhook_callbacks_total{outcome=...}``, 0 when never counted."""
+def counted(service: RunningService, outcome: str, instance: str | None = None) -> float:
+    """``bulkhook_callbacks_total{outcome=..., instance=...}`` summed over every instance
+    (or of ``instance`` only), 0 when never counted."""
     text = service.http.get("/metrics").text
-    match = re.search(rf'bulkhook_callbacks_total\{{outcome="{outcome}"\}} (\S+)', text)
-    return float(match.group(1)) if match else 0.0
+    which = re.escape(instance) if instance is not None else '[^"]*'
+    found = re.findall(
+        rf'^bulkhook_callbacks_total\{{outcome="{re.escape(outcome)}",instance="{which}"\}} (\S+)$',
+        text,
+        re.MULTILINE,
+    )
+    return sum(float(value) for value in found)
 
 
 # Server-Sent Events ---------------------------------------------------------------

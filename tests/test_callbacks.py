@@ -127,7 +127,7 @@ def test_an_unverified_callback_is_refused_and_changes_nothing(
     assert response.json()["error"]["code"] == "bad_signature"
     assert snapshot(service, job["id"]) == before
     assert (
-        'bulkhook_callbacks_total{outcome="bad_signature"} 1.0' in service.http.get("/metrics").text
+        'bulkhook_callbacks_total{outcome="bad_signature",instance="default"} 1.0' in service.http.get("/metrics").text
     )
 
 
