@@ -42,8 +42,20 @@ if TYPE_CHECKING:
 
 SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
 SIGNATURE_KEY = "test-instance-key"
+# Two connector instances' own keys (``OC_INSTANCES=crm,shop``), and a previous one each.
+CRM_KEY, CRM_OLD_KEY = "crm-instance-key", "crm-previous-key"
+SHOP_KEY, SHOP_OLD_KEY = "shop-instance-key", "shop-previous-key"
 # Every secret the suite configures: none may ever be logged (see suite_logs).
-CONFIGURED_SECRETS = (SIGNATURE_KEY, "user-secret", "org-secret", "element-token")
+CONFIGURED_SECRETS = (
+    SIGNATURE_KEY,
+    "user-secret",
+    "org-secret",
+    "element-token",
+    CRM_KEY,
+    CRM_OLD_KEY,
+    SHOP_KEY,
+    SHOP_OLD_KEY,
+)
 
 
 # Servers and the handles on them -------------------------------------------------
@@ -493,6 +505,55 @@ def deliver(
     return service.http.post(path, content=body, headers=signed(body, webhook_id, key))
 
 
+def stored_job(service: RunningService, job: Job, upstream_id: str | None = None) -> None:
+    """Put ``job`` in the service's database, through a store of its own, as the service
+    records a job; with ``upstream_id``, record the upstream's acceptance too."""
+    import asyncio
+
+    from service.jobs import Observation, Source
+    from service.store import open_store
+
+    async def record() -> None:
+        store = open_store(service.settings.database_url)
+        await store.open()
+        try:
+            if upstream_id is None:
+                await store.create_job(job)
+            else:
+                await store.apply(
+                    job.id,
+                    Observation(Source.SUBMIT, status="CREATED", detail="accepted upstream"),
+                    upstream_id=upstream_id,
+                )
+        finally:
+            await store.close()
+
+    asyncio.run(record())
+
+
+def instance_job(
+    service: RunningService, upstream: RunningSandbox, instance: str, file: Path
+) -> dict[str, Any]:
+    """A job of connector instance ``instance`` submitted to ``upstream`` (that instance's
+    sandbox) as the service submits one: its row first, then the upload with the job's
+    own callback URL and its id as ``callback-payload``, then the upstream's id
+    recorded. Returns the job as the job API shows it."""
+    job = make_job(instance=instance, filename=file.name, path=f"/{file.name}")
+    stored_job(service, job)
+    answer = httpx.post(
+        f"{upstream.api_url}/hubs/marketing/bulk/contact",
+        data={"metaData": json.dumps({"callback-payload": job.id})},
+        files={"file": (file.name, file.read_bytes(), "text/csv")},
+        headers={
+            "Elements-Async-Callback-Url": f"{service.url}/callbacks/jobs/{job.id}",
+            "Authorization": "User user-secret, Organization org-secret, Element element-token",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    stored_job(service, job, upstream_id=str(answer.json()["id"]))
+    return job_now(service, job.id)
+
+
 def job_url(job: dict[str, Any]) -> str:
     return f"/callbacks/jobs/{job['id']}"
 
@@ -524,7 +585,7 @@ def counted(service: RunningService, outcome: str, instance: str | None = None) 
     text = service.http.get("/metrics").text
     which = re.escape(instance) if instance is not None else '[^"]*'
     found = re.findall(
-        rf'^bulkhook_callbacks_total\{{outcome="{re.escape(outcome)}",instance="{which}"\}} (\S+)$',
+        rf'^bulkhook_callbacks_total\{{instance="{which}",outcome="{re.escape(outcome)}"\}} (\S+)$',
         text,
         re.MULTILINE,
     )
