@@ -260,7 +260,7 @@ def create_app(
     callbacks = CallbackEndpoint(
         CallbackReceiver(
             store=store,
-            keyrings=MappingProxyType(keyrings),
+            keyrings=keyrings,
             default_instance=settings.default_instance,
             metrics=metrics,
             wake=poller.wake,

@@ -55,7 +55,7 @@ from typing import Any
 from service import values
 from service.callbacks import notification, signatures
 from service.callbacks.job_instances import JobInstances
-from service.callbacks.signatures import Keyring
+from service.callbacks.signatures import Keyring, Verification
 from service.errors import ApiError, error_body
 from service.jobs import Observation
 from service.logs import Repeats, short
@@ -229,21 +229,19 @@ async def _instance_of(receiver: CallbackReceiver, job_id: str) -> str | None:
     return instance
 
 
-def _verify(keyring: Keyring, given: tuple[str, ...], body: bytes) -> tuple[str | None, str]:
-    """(the verifying algorithm and key, or None; what was wrong) under ``keyring``."""
+def _verify(keyring: Keyring, given: tuple[str, ...], body: bytes) -> Verification | str:
+    """The verification under ``keyring`` when it holds, else what was wrong."""
     if len(given) > 1:
-        return None, f"the {signatures.HEADER} header was given {len(given)} times"
+        return f"the {signatures.HEADER} header was given {len(given)} times"
     verdict = keyring.verify(given[0] if given else None, body)
-    if not verdict.ok:
-        return None, f"signature check failed: {verdict.reason}"
-    return f"{verdict.algorithm}, key {verdict.key_index}", ""
+    return verdict if verdict.ok else f"signature check failed: {verdict.reason}"
 
 
 def _verified_by_none(receiver: CallbackReceiver, given: tuple[str, ...], body: bytes) -> bool:
     """Whether no configured key at all verifies the body: while the store cannot say
     which instance a job is of, such a body is refused at once, as ever (it could not be
     genuine under any instance); any other waits for the store."""
-    return all(_verify(keyring, given, body)[0] is None for keyring in receiver.keyrings.values())
+    return all(isinstance(_verify(keys, given, body), str) for keys in receiver.keyrings.values())
 
 
 def _wrong_job(
@@ -358,9 +356,9 @@ async def receive(
         return refuse(
             receiver, job_id, headers.webhook_id, "unknown_instance", error, repeats, instance
         )
-    verified, problem = _verify(keyring, given, body)
-    if verified is None:
-        error = ApiError(problem, code="bad_signature", status=401)
+    verified = _verify(keyring, given, body)
+    if isinstance(verified, str):
+        error = ApiError(verified, code="bad_signature", status=401)
         return refuse(
             receiver, job_id, headers.webhook_id, "bad_signature", error, repeats, instance
         )
@@ -378,7 +376,10 @@ async def receive(
         receiver.metrics.callback("malformed", instance)
         raise ApiError("the callback body is not a JSON object", code="malformed_callback")
     observation, claim = notification.read(
-        data, now, f"signature verified ({verified}); delivery {webhook_id}"
+        data,
+        now,
+        f"signature verified ({verified.algorithm}, key {verified.key_index});"
+        f" delivery {webhook_id}",
     )
     if job_id is not None:
         return await _at_job_url(
