@@ -20,26 +20,23 @@ __all__ = ["REMEMBERED", "JobInstances"]
 REMEMBERED = 10_000
 
 
-class JobInstances:
-    """Job id → instance name, for at most ``most`` jobs."""
+class JobInstances(dict[str, str]):
+    """Job id → instance name, for at most ``most`` jobs.
 
-    __slots__ = ("_known", "_most")
+    A dictionary itself, so that the hot path's lookup (``get``) is the dictionary's
+    own, with no Python call around it; ``remember`` is the only way in.
+    """
+
+    __slots__ = ("_most",)
 
     def __init__(self, most: int = REMEMBERED) -> None:
+        super().__init__()
         if most < 1:
             raise ValueError("at least one job's instance must be remembered")
-        self._known: dict[str, str] = {}
         self._most = most
 
-    def __len__(self) -> int:
-        return len(self._known)
-
-    def get(self, job_id: str) -> str | None:
-        return self._known.get(job_id)
-
     def remember(self, job_id: str, instance: str) -> None:
-        known = self._known
-        if job_id not in known and len(known) >= self._most:
+        if job_id not in self and len(self) >= self._most:
             # Dictionaries keep insertion order: the first key is the oldest entry.
-            del known[next(iter(known))]
-        known[job_id] = instance
+            del self[next(iter(self))]
+        self[job_id] = instance

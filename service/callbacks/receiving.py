@@ -328,19 +328,24 @@ async def receive(
     if job_id is not None:
         if not values.job_id_ok(job_id):
             return _no_job(receiver, repeats, job_id, headers.webhook_id)
-        try:
-            instance = await _instance_of(receiver, job_id)
-        except StoreError:
-            if _verified_by_none(receiver, given, body):
-                error = ApiError(
-                    "signature check failed: no configured key verifies the body",
-                    code="bad_signature",
-                    status=401,
-                )
-                return refuse(receiver, job_id, headers.webhook_id, "bad_signature", error, repeats)
-            raise
+        # Remembered after the first callback: one dictionary lookup, no store round trip.
+        instance = receiver.jobs.get(job_id)
         if instance is None:
-            return _no_job(receiver, repeats, job_id, headers.webhook_id)
+            try:
+                instance = await _instance_of(receiver, job_id)
+            except StoreError:
+                if _verified_by_none(receiver, given, body):
+                    error = ApiError(
+                        "signature check failed: no configured key verifies the body",
+                        code="bad_signature",
+                        status=401,
+                    )
+                    return refuse(
+                        receiver, job_id, headers.webhook_id, "bad_signature", error, repeats
+                    )
+                raise
+            if instance is None:
+                return _no_job(receiver, repeats, job_id, headers.webhook_id)
     elif instance is None:
         instance = receiver.default_instance
     keyring = receiver.keyrings.get(instance)
