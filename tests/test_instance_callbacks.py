@@ -9,6 +9,7 @@ have the same upstream id, as two Open Connectors accounts can.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from service.callbacks.job_instances import JobInstances
-from service.store import Store, open_store
+from service.store import Store, StoreError, open_store
 
 from .helpers import (
     CRM_KEY,
@@ -322,3 +323,56 @@ def test_the_remembered_instances_are_bounded() -> None:
     assert [remembered.get(f"job-{n}") for n in range(10)] == [None] * 7 + ["crm", "shop", "crm"]
     remembered.remember("job-9", "crm")  # again: nothing pushed out
     assert remembered.get("job-7") == "crm"
+
+
+class FailingInstanceReads(InstanceReads):
+    """The service's store, its reads of a job's instance failing while ``down``."""
+
+    down = False
+
+    async def job_instance(self, job_id: str) -> str | None:
+        if self.down:
+            raise StoreError("the store is away for a moment")
+        return await super().job_instance(job_id)
+
+
+def test_while_the_store_cannot_say_a_jobs_instance_no_key_at_all_is_refused_at_once(
+    start_sandbox: StartSandbox,
+    start_service: StartService,
+    store_url: str,
+    contacts_csv: Path,
+) -> None:
+    crm = start_sandbox(signature_key=CRM_KEY, drop_callbacks=1.0, job_seconds=60)
+    shop = start_sandbox(signature_key=SHOP_KEY, drop_callbacks=1.0, job_seconds=60)
+    store = FailingInstanceReads(open_store(store_url))
+    service = two_instances(start_service, crm, shop, store=store)
+    job = instance_job(service, shop, "shop", contacts_csv)
+    store.down = True
+    forged = deliver(service, job_url(job), genuine(job), "forged", "no-instances-key")
+    assert_error(forged, 401, "bad_signature")
+    # Signed with a configured key: which instance's it must be is unknown, so it waits.
+    waits = deliver(service, job_url(job), genuine(job), "genuine", SHOP_KEY)
+    assert_error(waits, 503, "store_unavailable")
+    assert int(waits.headers["Retry-After"]) > 0
+    unchanged(service, job)
+    store.down = False
+    again = deliver(service, job_url(job), genuine(job), "genuine", SHOP_KEY)
+    assert again.json() == {"status": "accepted", "job": job["id"], "state": "COMPLETED"}
+
+
+def test_refusal_log_lines_name_the_instance(quiet: Any, caplog: pytest.LogCaptureFixture) -> None:
+    service, crm_job, shop_job = quiet
+    with caplog.at_level(logging.WARNING, logger="bulkhook.callbacks"):
+        deliver(service, job_url(shop_job), genuine(shop_job), "crm-at-shop", CRM_KEY)
+        deliver(service, "/callbacks/instances/crm", genuine(shop_job), "shop-job", CRM_KEY)
+        deliver(service, "/callbacks/instances/nope", genuine(crm_job), "nope", CRM_KEY)
+    named = {
+        (record.outcome, record.instance)  # type: ignore[attr-defined]
+        for record in caplog.records
+        if hasattr(record, "instance")
+    }
+    assert named == {
+        ("bad_signature", "shop"),
+        ("wrong_job", "crm"),
+        ("unknown_instance", "unknown"),
+    }
