@@ -61,7 +61,7 @@ class Metrics:
         # (and ``unknown``).
         self._outcomes: dict[tuple[str, str], Counter] = {}
 
-    def callback(self, outcome: str, instance: str = "unknown") -> None:
+    def callback(self, outcome: str, instance: str) -> None:
         """Count one callback delivery by its outcome and the instance it was verified
         for (the hot path's one counter); ``unknown`` when refused before that was known."""
         key = (outcome, instance)
