@@ -12,8 +12,9 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from starlette.applications import Starlette
@@ -73,7 +74,9 @@ class Components:
     upstreams: Upstreams
     tracker: Tracker
     poller: Poller
+    # The default instance's callback keys; ``keyrings`` every instance's, by name.
     keyring: Keyring
+    keyrings: Mapping[str, Keyring]
     tokens: Tokens
     # ``spool.path`` is the app's own spool directory, claimed when it starts.
     spool: AppSpool
@@ -98,9 +101,9 @@ class Service(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            matched, job_id = callback_route(scope)
+            matched, job_id, instance = callback_route(scope)
             if matched:
-                await self._callbacks.handle(scope, receive, send, job_id)
+                await self._callbacks.handle(scope, receive, send, job_id, instance)
                 return
         await super().__call__(scope, receive, send)
 
@@ -250,7 +253,13 @@ def create_app(
     poller = Poller(
         store, tracker, metrics, settings.poll_rate, settings.poll_lease, wake=due_sooner
     )
-    keyring = Keyring(keys)
+    # Each instance's callbacks are verified with its own keys only; the embedded
+    # sandbox (single-instance only) signs with the default instance's key, or one
+    # made up at start-up.
+    keyrings = {instance.name: Keyring(instance.signature_keys) for instance in settings.instances}
+    if embedded is not None:
+        keyrings[settings.default_instance] = Keyring(keys)
+    keyring = keyrings[settings.default_instance]
     tokens = Tokens(settings.api_tokens, metrics, repeats)
     spool = AppSpool(settings.spool_dir or default_root())
     # Old deliveries, refusals and timeline entries go, at start and hourly.
@@ -276,7 +285,8 @@ def create_app(
     callbacks = CallbackEndpoint(
         CallbackReceiver(
             store=store,
-            keyring=keyring,
+            keyrings=keyrings,
+            default_instance=settings.default_instance,
             metrics=metrics,
             wake=poller.wake,
             callback_grace=settings.callback_grace,
@@ -342,6 +352,7 @@ def create_app(
             tracker=tracker,
             poller=poller,
             keyring=keyring,
+            keyrings=MappingProxyType(keyrings),
             tokens=tokens,
             spool=spool,
             results=results,

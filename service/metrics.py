@@ -12,8 +12,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.callbacks = Counter(
             "bulkhook_callbacks",
-            "Callback deliveries by outcome.",
-            ["outcome"],
+            "Callback deliveries by outcome and connector instance ('unknown': refused"
+            " before the instance was known).",
+            ["outcome", "instance"],
             registry=self.registry,
         )
         self.upstream_calls = Counter(
@@ -60,14 +61,18 @@ class Metrics:
             "Bytes of download results stored.",
             registry=self.registry,
         )
-        # One child per outcome, kept: ``labels()`` takes a lock and builds a key per call.
-        self._outcomes: dict[str, Counter] = {}
+        # One child per (outcome, instance), kept: ``labels()`` takes a lock and builds a
+        # key per call. Bounded: outcomes are a fixed few, instances the configured ones
+        # (and ``unknown``).
+        self._outcomes: dict[tuple[str, str], Counter] = {}
 
-    def callback(self, outcome: str) -> None:
-        """Count one callback delivery by its outcome (the hot path's one counter)."""
-        child = self._outcomes.get(outcome)
+    def callback(self, outcome: str, instance: str) -> None:
+        """Count one callback delivery by its outcome and the instance it was verified
+        for (the hot path's one counter); ``unknown`` when refused before that was known."""
+        key = (outcome, instance)
+        child = self._outcomes.get(key)
         if child is None:
-            child = self._outcomes[outcome] = self.callbacks.labels(outcome)
+            child = self._outcomes[key] = self.callbacks.labels(outcome, instance)
         child.inc()
 
     def download(self, outcome: str, instance: str) -> None:

@@ -42,23 +42,26 @@ if TYPE_CHECKING:
 
 SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
 SIGNATURE_KEY = "test-instance-key"
-# Every secret the suite configures: none may ever be logged (see suite_logs).
-# The second connector instance's own secrets (``start_two_instances``); the first,
-# crm, keeps the unnamed credentials above and has its own key.
-CRM_KEY = "crm-instance-key"
-SHOP_KEY = "shop-instance-key"
+# Two connector instances' own keys (``OC_INSTANCES=crm,shop``), and a previous one each.
+CRM_KEY, CRM_OLD_KEY = "crm-instance-key", "crm-previous-key"
+SHOP_KEY, SHOP_OLD_KEY = "shop-instance-key", "shop-previous-key"
+# The second connector instance's own credentials (``start_two_instances``); the
+# first, crm, keeps the unnamed credentials and has its own key.
 SHOP_SECRETS = {
     "OC_SHOP_USER_SECRET": "shop-user-secret",
     "OC_SHOP_ORG_SECRET": "shop-org-secret",
     "OC_SHOP_ELEMENT_TOKEN": "shop-element-token",
 }
+# Every secret the suite configures: none may ever be logged (see suite_logs).
 CONFIGURED_SECRETS = (
     SIGNATURE_KEY,
     "user-secret",
     "org-secret",
     "element-token",
     CRM_KEY,
+    CRM_OLD_KEY,
     SHOP_KEY,
+    SHOP_OLD_KEY,
     *SHOP_SECRETS.values(),
 )
 
@@ -503,8 +506,60 @@ def genuine(job: dict[str, Any], **fields: Any) -> bytes:
     return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
 
 
-def deliver(service: RunningService, path: str, body: bytes, webhook_id: str) -> httpx.Response:
-    return service.http.post(path, content=body, headers=signed(body, webhook_id))
+def deliver(
+    service: RunningService, path: str, body: bytes, webhook_id: str, key: str = SIGNATURE_KEY
+) -> httpx.Response:
+    """POST ``body`` to ``path`` as the upstream does, signed with ``key``."""
+    return service.http.post(path, content=body, headers=signed(body, webhook_id, key))
+
+
+def stored_job(service: RunningService, job: Job, upstream_id: str | None = None) -> None:
+    """Put ``job`` in the service's database, through a store of its own, as the service
+    records a job; with ``upstream_id``, record the upstream's acceptance too."""
+    import asyncio
+
+    from service.jobs import Observation, Source
+    from service.store import open_store
+
+    async def record() -> None:
+        store = open_store(service.settings.database_url)
+        await store.open()
+        try:
+            if upstream_id is None:
+                await store.create_job(job)
+            else:
+                await store.apply(
+                    job.id,
+                    Observation(Source.SUBMIT, status="CREATED", detail="accepted upstream"),
+                    upstream_id=upstream_id,
+                )
+        finally:
+            await store.close()
+
+    asyncio.run(record())
+
+
+def instance_job(
+    service: RunningService, upstream: RunningSandbox, instance: str, file: Path
+) -> dict[str, Any]:
+    """A job of connector instance ``instance`` submitted to ``upstream`` (that instance's
+    sandbox) as the service submits one: its row first, then the upload with the job's
+    own callback URL and its id as ``callback-payload``, then the upstream's id
+    recorded. Returns the job as the job API shows it."""
+    job = make_job(instance=instance, filename=file.name, path=f"/{file.name}")
+    stored_job(service, job)
+    answer = httpx.post(
+        f"{upstream.api_url}/hubs/marketing/bulk/contact",
+        data={"metaData": json.dumps({"callback-payload": job.id})},
+        files={"file": (file.name, file.read_bytes(), "text/csv")},
+        headers={
+            "Elements-Async-Callback-Url": f"{service.url}/callbacks/jobs/{job.id}",
+            "Authorization": "User user-secret, Organization org-secret, Element element-token",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    stored_job(service, job, upstream_id=str(answer.json()["id"]))
+    return job_now(service, job.id)
 
 
 def job_url(job: dict[str, Any]) -> str:
@@ -532,11 +587,17 @@ def refusals(job: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in job["events"] if e["detail"].startswith("refused:")]
 
 
-def counted(service: RunningService, outcome: str) -> float:
-    """``bulkhook_callbacks_total{outcome=...}``, 0 when never counted."""
+def counted(service: RunningService, outcome: str, instance: str | None = None) -> float:
+    """``bulkhook_callbacks_total{outcome=..., instance=...}`` summed over every instance
+    (or of ``instance`` only), 0 when never counted."""
     text = service.http.get("/metrics").text
-    match = re.search(rf'bulkhook_callbacks_total\{{outcome="{outcome}"\}} (\S+)', text)
-    return float(match.group(1)) if match else 0.0
+    which = re.escape(instance) if instance is not None else '[^"]*'
+    found = re.findall(
+        rf'^bulkhook_callbacks_total\{{instance="{which}",outcome="{re.escape(outcome)}"\}} (\S+)$',
+        text,
+        re.MULTILINE,
+    )
+    return sum(float(value) for value in found)
 
 
 # Server-Sent Events ---------------------------------------------------------------

@@ -29,7 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 
-CALLBACK_PATHS = ["/callbacks", "/callbacks/jobs/01HZX3K9Q2", "/callbacks/jobs/1234"]
+CALLBACK_PATHS = [
+    "/callbacks",
+    "/callbacks/instances/crm",
+    "/callbacks/jobs/01HZX3K9Q2",
+    "/callbacks/jobs/1234",
+]
 NOT_PUBLIC_PATHS = [
     "/",
     "/jobs",
@@ -48,6 +53,9 @@ NOT_PUBLIC_PATHS = [
     "/callbacks/jobs",
     "/callbacks/jobs/",
     "/callbacks/jobs/01HZX3K9Q2/extra",
+    "/callbacks/instances",
+    "/callbacks/instances/",
+    "/callbacks/instances/crm/extra",
     "/CALLBACKS",
 ]
 
@@ -225,7 +233,11 @@ def test_ingress_exposes_only_the_callback_routes_over_tls() -> None:
             backend = path["backend"]["service"]
             assert backend["name"] == service["metadata"]["name"]
             assert backend["port"]["name"] in port_names
-    assert routes == {("/callbacks", "Exact"), ("/callbacks/jobs/", "Prefix")}
+    assert routes == {
+        ("/callbacks", "Exact"),
+        ("/callbacks/instances/", "Prefix"),
+        ("/callbacks/jobs/", "Prefix"),
+    }
     assert "defaultBackend" not in ingress["spec"]
     tls_hosts = {h for entry in ingress["spec"]["tls"] for h in entry["hosts"]}
     assert hosts <= tls_hosts
@@ -450,7 +462,11 @@ def test_nginx_config_parses_and_has_public_and_internal_servers() -> None:
 def test_nginx_public_servers_have_only_the_callback_locations() -> None:
     public_ports = _public_container_ports()
     for server in (s for s in _nginx_servers() if s.ports & public_ports):
-        callbacks = {("=", "/callbacks"), ("~", "^/callbacks/jobs/[^/]+$")}
+        callbacks = {
+            ("=", "/callbacks"),
+            ("~", "^/callbacks/instances/[^/]+$"),
+            ("~", "^/callbacks/jobs/[^/]+$"),
+        }
         present = [tuple(loc.args) for loc in server.locations]
         assert callbacks <= set(present), f"server on {server.ports}: a callback route is missing"
         assert len(present) == len(set(present)), "a location is given twice"

@@ -74,7 +74,7 @@ def test_metrics_cover_callbacks_upstream_jobs_lag_and_latency(
     service.http.post("/callbacks", content=b"{}")  # refused: counted
     text = service.http.get("/metrics").text
     for needle in (
-        'bulkhook_callbacks_total{outcome="bad_signature"} 1.0',
+        'bulkhook_callbacks_total{instance="default",outcome="bad_signature"} 1.0',
         'bulkhook_upstream_calls_total{instance="default",operation="submit",status="200"} 1.0',
         'bulkhook_jobs{instance="default",state="COMPLETED"} 1.0',
         "bulkhook_poll_lag_seconds_count",

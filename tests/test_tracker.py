@@ -65,7 +65,7 @@ def test_duplicate_callbacks_are_applied_once(
     final = service.http.get(f"/jobs/{job['id']}").json()
     assert [e["source"] for e in final["events"]].count("callback") == 1
     metrics = service.http.get("/metrics").text
-    assert 'bulkhook_callbacks_total{outcome="duplicate"} 1.0' in metrics
+    assert 'bulkhook_callbacks_total{instance="default",outcome="duplicate"} 1.0' in metrics
 
 
 def test_a_delayed_callback_still_settles_the_job(

@@ -2,12 +2,13 @@
 
 Callbacks are the one hot path: every delivery is read, verified, committed and
 answered, often hundreds a second. The app (``service.app.Service``) hands
-``POST /callbacks`` and ``POST /callbacks/jobs/{id}`` straight to ``CallbackEndpoint``,
-which reads the body from ``receive`` (refusing past the size limit), calls
-``callbacks.receive`` and writes the answer; everything else goes through Starlette as
-usual. The same endpoint is also mounted as a Starlette route, so other methods on
-those paths get the usual 405. ``CALLBACK_PATHS`` declares both URLs once: the fast
-path's ``callback_route``, the app's routes and the OpenAPI description all read it.
+``POST /callbacks``, ``POST /callbacks/instances/{name}`` and
+``POST /callbacks/jobs/{id}`` straight to ``CallbackEndpoint``, which reads the body
+from ``receive`` (refusing past the size limit), calls ``callbacks.receive`` and writes
+the answer; everything else goes through Starlette as usual. The same endpoint is also
+mounted as a Starlette route, so other methods on those paths get the usual 405.
+``CALLBACK_PATHS`` declares the URLs once: the fast path's ``callback_route``, the
+app's routes and the OpenAPI description all read it.
 
 Errors keep the one JSON shape and are mapped as the app's exception handler maps
 them: ``ApiError`` becomes its answer, any other exception what ``errors.unexpected``
@@ -32,6 +33,7 @@ from service.store import store_error
 
 __all__ = [
     "CALLBACK_PATHS",
+    "DEFAULT_CALLBACK_PATH",
     "INSTANCE_CALLBACK_PATH",
     "JOB_CALLBACK_PATH",
     "CallbackEndpoint",
@@ -41,13 +43,15 @@ __all__ = [
 
 log = logging.getLogger("bulkhook")
 
-# The callback URLs (POST only): a job's own, handed upstream with its submission, and
-# the instance-wide one.
+# The callback URLs (POST only): a job's own, handed upstream with its submission; each
+# connector instance's instance-wide one; and the default instance's instance-wide one.
 JOB_CALLBACK_PATH = "/callbacks/jobs/{job_id}"
-INSTANCE_CALLBACK_PATH = "/callbacks"
-CALLBACK_PATHS = (JOB_CALLBACK_PATH, INSTANCE_CALLBACK_PATH)
+INSTANCE_CALLBACK_PATH = "/callbacks/instances/{instance}"
+DEFAULT_CALLBACK_PATH = "/callbacks"
+CALLBACK_PATHS = (JOB_CALLBACK_PATH, INSTANCE_CALLBACK_PATH, DEFAULT_CALLBACK_PATH)
 
 _JOB_PREFIX = JOB_CALLBACK_PATH.removesuffix("{job_id}")
+_INSTANCE_PREFIX = INSTANCE_CALLBACK_PATH.removesuffix("{instance}")
 _SIGNATURE = b"elements-webhook-signature"
 _WEBHOOK_ID = b"elements-webhook-id"
 _CONTENT_LENGTH = b"content-length"
@@ -102,7 +106,7 @@ async def read_body(receive: Receive, limit: int, declared: int | None = None) -
 
 
 class CallbackEndpoint:
-    """ASGI app for both callback URLs; the job id comes from the path, if any.
+    """ASGI app for the callback URLs; the job id or instance name comes from the path.
 
     It owns the aggregated log of refused callbacks (one per app, built in
     ``create_app``), so that a flood of them writes a bounded number of lines.
@@ -113,10 +117,19 @@ class CallbackEndpoint:
         self.refusals = refusal_log()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        job_id = scope.get("path_params", {}).get("job_id")
-        await self.handle(scope, receive, send, job_id)
+        params = scope.get("path_params", {})
+        await self.handle(scope, receive, send, params.get("job_id"), params.get("instance"))
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, job_id: str | None) -> None:
+    async def handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        job_id: str | None,
+        instance: str | None = None,
+    ) -> None:
+        """Answer one delivery: to job ``job_id``'s URL, else to ``instance``'s
+        instance-wide URL (the default instance's when None)."""
         receiver = self._receiver
         given: list[str] = []
         webhook_id: str | None = None
@@ -129,15 +142,28 @@ class CallbackEndpoint:
             elif name == _CONTENT_LENGTH and value.strip().isdigit():
                 declared = int(value)
         headers = CallbackHeaders(tuple(given), webhook_id)
+        if instance is not None:
+            # No keys to verify with, and a name the sender picked: answered unread.
+            unknown = callbacks.unknown_instance(receiver, instance, webhook_id, self.refusals)
+            if unknown is not None:
+                await _send(send, unknown)
+                return
         try:
             try:
                 body = await read_body(receive, receiver.max_bytes, declared)
             except ApiError as exc:
+                # At a job's URL its instance is not looked up for a body never read.
+                if job_id is not None:
+                    label = callbacks.UNKNOWN
+                else:
+                    label = instance or receiver.default_instance
                 answer = callbacks.refuse(
-                    receiver, job_id, webhook_id, "too_large", exc, self.refusals
+                    receiver, job_id, webhook_id, "too_large", exc, self.refusals, label
                 )
             else:
-                answer = await callbacks.receive(receiver, job_id, headers, body, self.refusals)
+                answer = await callbacks.receive(
+                    receiver, job_id, headers, body, self.refusals, instance
+                )
         except ApiError as exc:
             answer = _answer(exc)
         except ConnectionAbortedError:
@@ -151,16 +177,21 @@ class CallbackEndpoint:
             await answer.after()
 
 
-def callback_route(scope: Scope) -> tuple[bool, str | None]:
-    """(is this a callback URL, the job id it names) as Starlette's router would match."""
+def callback_route(scope: Scope) -> tuple[bool, str | None, str | None]:
+    """(is this a callback URL, the job id it names, the instance it names) as
+    Starlette's router would match; neither named at the default instance's URL."""
     path: str = scope["path"]
     root = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :]
-    if path == INSTANCE_CALLBACK_PATH:
-        return True, None
     if path.startswith(_JOB_PREFIX):
         job_id = path[len(_JOB_PREFIX) :]
         if job_id and "/" not in job_id:
-            return True, job_id
-    return False, None
+            return True, job_id, None
+    elif path == DEFAULT_CALLBACK_PATH:
+        return True, None, None
+    elif path.startswith(_INSTANCE_PREFIX):
+        instance = path[len(_INSTANCE_PREFIX) :]
+        if instance and "/" not in instance:
+            return True, None, instance
+    return False, None, None

@@ -12,7 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from service import __version__
-from service.callbacks.endpoint import CALLBACK_PATHS, INSTANCE_CALLBACK_PATH, JOB_CALLBACK_PATH
+from service.callbacks.endpoint import (
+    CALLBACK_PATHS,
+    DEFAULT_CALLBACK_PATH,
+    INSTANCE_CALLBACK_PATH,
+    JOB_CALLBACK_PATH,
+)
 from service.downloads.records import FORMATS
 from service.downloads.rules import STATUSES as RESULT_STATUSES
 from service.failed_records.rules import STATUSES
@@ -242,7 +247,14 @@ def _schemas() -> dict[str, Schema]:
     }
 
 
-def _callback(op_id: str, summary: str, params: list[Schema]) -> Schema:
+def _callback(
+    op_id: str,
+    summary: str,
+    params: list[Schema],
+    unauthorized: Schema,
+    not_found: Schema | None,
+) -> Schema:
+    """A callback URL's operation; ``unauthorized`` and ``not_found`` differ by URL."""
     headers = [
         param(
             "Elements-Webhook-Signature",
@@ -269,14 +281,12 @@ def _callback(op_id: str, summary: str, params: list[Schema]) -> Schema:
                 ref("CallbackAck"), "Verified, job not known yet: `kept` (or repeat)"
             ),
             "400": error("Verified but not a JSON object; kept", "malformed_callback"),
-            "401": error("The signature is missing or does not hold", "bad_signature"),
-            "404": error(
-                "The per-job URL names no job: nothing stored (never a genuine callback)",
-                "job_not_found",
-            ),
+            "401": unauthorized,
+            **({"404": not_found} if not_found is not None else {}),
             "409": error(
-                "Verified, but the body is about another job: nothing changed (at the"
-                " per-job URL the refusal is in the job's timeline)",
+                "Verified, but the body is about another job (at an instance-wide URL, also"
+                " one of another instance): nothing changed (at the per-job URL the refusal"
+                " is in the job's timeline)",
                 "wrong_job",
             ),
             "413": error("The body is over BULKHOOK_MAX_CALLBACK_BYTES", "too_large"),
@@ -499,13 +509,48 @@ def _paths() -> dict[str, Schema]:
             secured=True,
         )
     }
+    bad_signature = "The signature is missing or does not hold under the instance's keys"
     paths[JOB_CALLBACK_PATH] = {
         "post": _callback(
-            "jobCallback", "The per-job callback URL given upstream", [job_id_param()]
+            "jobCallback",
+            "The per-job callback URL given upstream; verified with the job's instance's keys",
+            [job_id_param()],
+            error(
+                f"{bad_signature} (the job's), or the job's instance is no longer configured",
+                "bad_signature",
+                "unknown_instance",
+            ),
+            error(
+                "The per-job URL names no job: nothing stored (never a genuine callback)",
+                "job_not_found",
+            ),
         )
     }
     paths[INSTANCE_CALLBACK_PATH] = {
-        "post": _callback("instanceCallback", "The instance-wide callback URL", [])
+        "post": _callback(
+            "instanceCallback",
+            "A connector instance's instance-wide callback URL; verified with its keys",
+            [
+                param(
+                    "instance",
+                    "path",
+                    {"type": "string"},
+                    "the connector instance's name (OC_INSTANCES)",
+                    required=True,
+                )
+            ],
+            error(bad_signature, "bad_signature"),
+            error("No such connector instance is configured: nothing stored", "unknown_instance"),
+        )
+    }
+    paths[DEFAULT_CALLBACK_PATH] = {
+        "post": _callback(
+            "defaultInstanceCallback",
+            "The default connector instance's instance-wide callback URL",
+            [],
+            error(bad_signature, "bad_signature"),
+            None,
+        )
     }
     paths["/healthz"] = {
         "get": operation("healthz", "Liveness", {"200": json_response(ref("Status"), "ok")})

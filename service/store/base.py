@@ -220,6 +220,14 @@ class Store(abc.ABC):
         unique only within one instance (two accounts can both have job 1234)."""
 
     @abc.abstractmethod
+    async def job_instance(self, job_id: str) -> str | None:
+        """The connector instance of job ``job_id``; None when there is no such job.
+
+        One keyed read of one column: a callback at a job's URL needs it before its
+        signature can be checked (with that instance's keys), and nothing else.
+        """
+
+    @abc.abstractmethod
     async def list_jobs(
         self,
         *,

@@ -235,6 +235,13 @@ class PostgresStore(PostgresActivity, Store):
         async with self._pool.connection() as conn:
             return await _job(conn, job_id, with_events=with_events)
 
+    async def job_instance(self, job_id: str) -> str | None:
+        async with self._pool.connection() as conn:
+            row = await (
+                await conn.execute("SELECT instance FROM jobs WHERE id = %s", (job_id,))
+            ).fetchone()
+            return row["instance"] if row else None
+
     async def find_by_upstream_id(self, upstream_id: str, instance: str) -> Job | None:
         async with self._pool.connection() as conn:
             row = await (

@@ -304,6 +304,13 @@ class SQLiteStore(SQLiteActivity, Store):
     async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None:
         return await self._sql.read(lambda conn: _job(conn, job_id, with_events))
 
+    async def job_instance(self, job_id: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT instance FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return row[0] if row else None
+
+        return await self._sql.read(op)
+
     async def find_by_upstream_id(self, upstream_id: str, instance: str) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
             row = conn.execute(
