@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -57,6 +57,7 @@ FAILED_PAGE = 100
 FAILED_COLUMNS = 50
 _SEARCH = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _CURSOR = re.compile(r"[A-Za-z0-9]{1,64}")
+_INSTANCE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 # No inline script or style anywhere, so the policy can forbid them.
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -79,10 +80,16 @@ def _unauthorized() -> ApiError:
     )
 
 
-def _older(state: State | None, search: str, last_id: str) -> str:
+def _older(state: State | None, search: str, instance: str, last_id: str) -> str:
     """The query string of the next page: the same filters, before the last job."""
-    params = {"state": str(state or ""), "q": search, "before": last_id}
+    params = {"state": str(state or ""), "instance": instance, "q": search, "before": last_id}
     return urlencode({key: value for key, value in params.items() if value})
+
+
+def _offered(configured: tuple[str, ...], chosen: str) -> list[str]:
+    """The instances the filter offers: the configured ones, and the chosen one when it
+    is not configured (any more): its jobs are still in the store."""
+    return [*configured, chosen] if chosen and chosen not in configured else list(configured)
 
 
 def _local_path(value: str | None) -> str:
@@ -108,6 +115,7 @@ class Dashboard:
         tokens: Tokens,
         upstream: UpstreamClient,
         jobs: JobApi,
+        instances: Sequence[str] = (),
     ) -> None:
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
@@ -120,6 +128,9 @@ class Dashboard:
         self._tokens = tokens
         self._upstream = upstream
         self._jobs = jobs
+        # The configured connector instances' names, the default first: the jobs
+        # table's filter offers them.
+        self._instances = tuple(instances)
         # A download's result JSON and stored file, as the job API serves them.
         self._results = jobs.results
 
@@ -195,12 +206,19 @@ class Dashboard:
         before = params.get("before") or None
         if before is not None and not _CURSOR.fullmatch(before):
             before = None
+        instance = (params.get("instance") or "").strip()[:100]
         problem, jobs = "", []
         if search and not _SEARCH.fullmatch(search):
             problem = "Search by a job id (or its start) or an upstream job id."
+        elif instance and not _INSTANCE.fullmatch(instance):
+            problem = "Choose an instance by its name."
         else:
             jobs = await self._store.list_jobs(
-                state=state_filter, limit=PAGE, before=before, search=search or None
+                state=state_filter,
+                limit=PAGE,
+                before=before,
+                search=search or None,
+                instance=instance or None,
             )
         now = time.time()
         context = {
@@ -209,8 +227,13 @@ class Dashboard:
             "states": [str(s) for s in State],
             "chosen": str(state_filter or ""),
             "search": search,
+            # A name no longer configured is offered too: its jobs are still listed.
+            "instances": _offered(self._instances, instance if not problem else ""),
+            "instance": instance if not problem else "",
             "problem": problem,
-            "older": _older(state_filter, search, jobs[-1].id) if len(jobs) == PAGE else None,
+            "older": (
+                _older(state_filter, search, instance, jobs[-1].id) if len(jobs) == PAGE else None
+            ),
             "paged": before is not None,
             "since": f"{now:.3f}",
             "panel": await self.panel(),

@@ -18,6 +18,13 @@ from service.downloads.rules import STATUSES as RESULT_STATUSES
 from service.failed_records.rules import STATUSES
 from service.jobs import Source, State
 from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
+from service.openapi.instances import (
+    instance_field,
+    instance_filter,
+    instance_paths,
+    instance_request_field,
+    instance_schemas,
+)
 from service.openapi.parts import (
     JSON,
     Schema,
@@ -45,6 +52,7 @@ _FIELD_CODES = (
     "bad_path",
     "bad_metadata",
     "bad_idempotency_key",
+    "unknown_instance",
 )
 _CSV_CODES = ("empty_file", "binary_file", "not_utf8", "no_header", "no_rows")
 # The 400 codes of a download request (a JSON body).
@@ -57,6 +65,7 @@ _DOWNLOAD_CODES = (
     "bad_query",
     "bad_format",
     "bad_idempotency_key",
+    "unknown_instance",
     "upstream_query_refused",
 )
 MAX_QUERY = 4000
@@ -74,6 +83,7 @@ def _schemas() -> dict[str, Schema]:
             "description": "upload: a CSV loaded upstream; download: a bulk query whose "
             "result the service fetches and keeps",
         },
+        "instance": instance_field(),
         "hub": {"type": "string"},
         "object": {"type": "string"},
         "path": nullable(
@@ -305,7 +315,8 @@ def _paths() -> dict[str, Schema]:
                 "to the upstream while it arrives",
             },
             "object": object_name,
-            "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
+            "instance": instance_request_field(),
+            "hub": {"type": "string", "maxLength": 200, "description": "default: the instance's"},
             "path": {
                 "type": "string",
                 "maxLength": 1000,
@@ -331,7 +342,12 @@ def _paths() -> dict[str, Schema]:
                     "description": "the CEQL query the upstream runs; default "
                     "`select * from <object>`",
                 },
-                "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
+                "instance": instance_request_field(),
+                "hub": {
+                    "type": "string",
+                    "maxLength": 200,
+                    "description": "default: the instance's",
+                },
                 "format": {**enum_of(FORMATS), "default": "csv", "description": "the result's"},
             },
             required=["object"],
@@ -345,6 +361,10 @@ def _paths() -> dict[str, Schema]:
             "query",
             {"type": "string", "enum": ["upload", "download"]},
             "only uploads, or only downloads",
+        ),
+        instance_filter(
+            "only the jobs of this instance (a name no longer configured matches the jobs "
+            "that have it)"
         ),
         param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
         param(
@@ -435,7 +455,12 @@ def _paths() -> dict[str, Schema]:
                 {
                     "200": json_response(ref("JobList"), "A page of jobs"),
                     "400": error(
-                        "A bad query", "bad_state", "bad_direction", "bad_limit", "bad_cursor"
+                        "A bad query",
+                        "bad_state",
+                        "bad_direction",
+                        "bad_instance",
+                        "bad_limit",
+                        "bad_cursor",
                     ),
                 },
                 params=list_params,
@@ -491,11 +516,19 @@ def _paths() -> dict[str, Schema]:
             "The hub's objects, proxied from the upstream",
             {
                 "200": json_response(ref("Objects"), "Object names"),
-                "400": error("A bad hub name", "bad_hub"),
+                "400": error("A bad hub or instance name", "bad_hub", "unknown_instance"),
                 "404": error("The upstream knows no such hub", "hub_not_found"),
                 "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
             },
-            params=[param("hub", "query", {"type": "string", "maxLength": 200}, "default OC_HUB")],
+            params=[
+                instance_filter("the instance whose upstream is asked (default: the default one)"),
+                param(
+                    "hub",
+                    "query",
+                    {"type": "string", "maxLength": 200},
+                    "default: the instance's hub",
+                ),
+            ],
             secured=True,
         )
     }
@@ -586,9 +619,9 @@ def openapi_spec() -> dict[str, Any]:
             "probes answers only for the hosts the service serves (421 `host_not_allowed`) "
             "and refuses browsers' cross-site changes (403 `cross_origin`).",
         },
-        "paths": _guarded({**_paths(), **dashboard_paths()}),
+        "paths": _guarded({**_paths(), **instance_paths(), **dashboard_paths()}),
         "components": {
-            "schemas": {**_schemas(), **dashboard_schemas()},
+            "schemas": {**_schemas(), **instance_schemas(), **dashboard_schemas()},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "dashboardCookie": dict(COOKIE_SCHEME),
