@@ -24,7 +24,9 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
+from service import instances
 from service.errors import BulkhookError
+from service.instances import Instance
 from service.upstream.client import Credentials
 from service.values import is_clean, name_problem
 
@@ -66,6 +68,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "oc_org_secret": ("OC_ORG_SECRET", "secret"),
         "oc_element_token": ("OC_ELEMENT_TOKEN", "secret"),
         "oc_hub": ("OC_HUB", "hub"),
+        "oc_instances": ("OC_INSTANCES", "instances"),
         "signature_keys": ("OC_SIGNATURE_KEYS", "secrets"),
         "public_url": ("BULKHOOK_PUBLIC_URL", "url"),
         "database_url": ("BULKHOOK_DATABASE_URL", "database"),
@@ -132,6 +135,11 @@ def _show(value: object) -> str:
 
 def _parse(var: str, kind: str, raw: str) -> Any:
     """Turn an environment string into the field's type; range checks come later."""
+    if kind == "instances":
+        try:
+            return instances.parse_names(raw)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if kind in ("secrets", "hosts"):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if kind not in _WANTED:
@@ -225,6 +233,13 @@ def _check(var: str, kind: str, value: Any) -> Any:
         if problem is not None:
             raise ConfigError(f"{var} is not a usable hub name ({problem}), got {_show(value)}")
         return value
+    if kind == "instances":
+        if isinstance(value, str) or not isinstance(value, tuple | list):
+            raise ConfigError(f"{var} must be a sequence of instance names")
+        try:
+            return instances.parse_names(",".join(str(name) for name in value))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if kind == "database":
         return _check_database(var, value)
     if kind in ("path", "directory"):
@@ -254,6 +269,25 @@ def _check(var: str, kind: str, value: Any) -> Any:
     raise ConfigError(f"{var} must be {_WANTED[kind]}, got {_show(value)}")
 
 
+# What a per-instance variable must hold, for a message that never shows the value.
+_NAMED_WANTED: Mapping[str, str] = MappingProxyType(
+    {
+        "url": "an http(s) URL with a host and no query or fragment",
+        "secret": "a non-empty value without whitespace, commas or control characters",
+        "secrets": "a comma-separated list of values without whitespace or control characters",
+        "hub": "a usable hub name",
+    }
+)
+
+
+def _check_named(var: str, kind: str, raw: str) -> Any:
+    """One per-instance variable, parsed and checked like its unnamed default."""
+    try:
+        return _check(var, kind, _parse(var, kind, raw))
+    except ConfigError:
+        raise ConfigError(f"{var}: must be {_NAMED_WANTED[kind]} (value not shown)") from None
+
+
 def _is_loopback(host: str) -> bool:
     """Only literal loopback addresses count: a name other than localhost is not resolved."""
     name = host.strip().removeprefix("[").removesuffix("]").lower()
@@ -276,6 +310,12 @@ class Settings:
     oc_element_token: str | None = field(default=None, repr=False)
     oc_hub: str = "marketing"
     signature_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Named connector instances (OC_INSTANCES); none: the unnamed OC_* variables
+    # configure the one instance "default".
+    oc_instances: tuple[str, ...] = ()
+    # The per-instance variables (OC_<NAME>_*) as read, checked when the instances are
+    # built; their unnamed OC_* counterparts are the defaults.
+    instance_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     public_url: str | None = None
     database_url: str = "sqlite:///./bulkhook.db"
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
@@ -324,6 +364,11 @@ class Settings:
     # Where ``bulkhook serve`` listens: not read from the environment but set by the
     # command, so the Host check serves that address. None: in-process (tests, the demo).
     bind_host: str | None = None
+    # Built from the above: every connector instance in order, the default one's name
+    # (the first), and one warning per pair of instances sharing a signature key.
+    instances: tuple[Instance, ...] = field(init=False, repr=False, compare=False)
+    default_instance: str = field(init=False)
+    instance_warnings: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -332,7 +377,7 @@ class Settings:
             var, kind = _VARS[f.name]
             object.__setattr__(self, f.name, _check(var, kind, getattr(self, f.name)))
         missing = [var for name, var in _CREDENTIALS.items() if getattr(self, name) is None]
-        if self.oc_base_url is not None and missing:
+        if self.oc_base_url is not None and missing and not self.oc_instances:
             raise ConfigError(
                 f"OC_BASE_URL is set, so the upstream needs its credentials: set"
                 f" {', '.join(missing)} (or unset OC_BASE_URL to use the embedded sandbox)"
@@ -342,6 +387,32 @@ class Settings:
                 f"BULKHOOK_POLL_INTERVAL ({self.poll_interval:g}) must not exceed"
                 f" BULKHOOK_POLL_MAX_INTERVAL ({self.poll_max_interval:g})"
             )
+        built = self._build_instances()
+        object.__setattr__(self, "instances", built)
+        object.__setattr__(self, "default_instance", built[0].name)
+        object.__setattr__(self, "instance_warnings", tuple(instances.shared_keys(built)))
+
+    def _build_instances(self) -> tuple[Instance, ...]:
+        unnamed: dict[str, Any] = {
+            "element_token": self.oc_element_token,
+            "signature_keys": self.signature_keys,
+            "hub": self.oc_hub,
+            "base_url": self.oc_base_url,
+            "user_secret": self.oc_user_secret,
+            "org_secret": self.oc_org_secret,
+        }
+        if not self.oc_instances:
+            return (Instance(name=instances.DEFAULT, **unnamed),)
+        try:
+            return instances.build(self.oc_instances, self.instance_env, unnamed, _check_named)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def instance(self, name: str) -> Instance | None:
+        """The configured instance called ``name``, if any."""
+        return next((item for item in self.instances if item.name == name), None)
 
     def __repr__(self) -> str:
         # Hand-written so that a password inside database_url is hidden too.
@@ -363,8 +434,8 @@ class Settings:
         from_file: Mapping[str, str | None] = {}
         if env_file is not None and Path(env_file).is_file():
             from_file = dotenv_values(env_file, interpolate=False)
-        values: dict[str, Any] = {}
-        for name, (var, kind) in _VARS.items():
+
+        def read(var: str) -> str:
             raw = (env.get(var) or "").strip() or (from_file.get(var) or "").strip()
             if _PLACEHOLDER in raw:
                 # The value is not shown: it may be a secret with the placeholder in it.
@@ -372,9 +443,20 @@ class Settings:
                     f"{var} still holds the placeholder {_PLACEHOLDER} from the example"
                     " settings file: set its real value (or remove the line)"
                 )
+            return raw
+
+        values: dict[str, Any] = {}
+        for name, (var, kind) in _VARS.items():
+            raw = read(var)
             if raw:
                 values[name] = _parse(var, kind, raw)
-        return cls(**values)
+        named: dict[str, str] = {}
+        for instance in values.get("oc_instances", ()):
+            for setting in instances.SETTINGS:
+                var = instances.variable(instance, setting)
+                if raw := read(var):
+                    named[var] = raw
+        return cls(**values, instance_env=named)
 
     def credentials(self) -> Credentials:
         return Credentials(self.oc_user_secret, self.oc_org_secret, self.oc_element_token)
@@ -382,7 +464,7 @@ class Settings:
     @property
     def embedded(self) -> bool:
         """Without an upstream URL the service runs against its own sandbox."""
-        return self.oc_base_url is None
+        return self.oc_base_url is None and not self.oc_instances
 
     @property
     def sqlite_path(self) -> str | None:

@@ -256,6 +256,8 @@ class Job:
     direction: str = "upload"
     query: str | None = None
     format: str | None = None
+    # The connector instance the job belongs to: its upstream, its callbacks' keys.
+    instance: str = "default"
     events: tuple[TimelineEntry, ...] = ()
 
     @property
@@ -271,6 +273,7 @@ class Job:
             "id": self.id,
             "upstream_id": self.upstream_id,
             "direction": self.direction,
+            "instance": self.instance,
             "hub": self.hub,
             "object": self.object,
             "path": self.path,

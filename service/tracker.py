@@ -352,7 +352,8 @@ class Tracker:
         whose ``callback-payload`` or upstream id names another job is not applied
         but noted in the timeline as refused (``Store.apply`` with its claim).
         """
-        kept = await self.store.kept_for([job.id, *([job.upstream_id] if job.upstream_id else [])])
+        refs = [job.id, *([job.upstream_id] if job.upstream_id else [])]
+        kept = await self.store.kept_for(refs, job.instance)
         for item in kept:
             if item.reason != "unknown_job":
                 continue

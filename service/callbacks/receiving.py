@@ -338,7 +338,7 @@ async def _at_instance_url(
         target: str | None = None
         if claim.upstream_id is not None:
             # Lookups by upstream id read the store once, as the payload's did before.
-            other = await receiver.store.find_by_upstream_id(claim.upstream_id)
+            other = await receiver.store.find_by_upstream_id(claim.upstream_id, "default")
             if other is not None and claim.payload is not None and other.id != claim.payload:
                 why = (
                     f"its callback-payload names job {short(claim.payload)}, its id upstream"

@@ -61,13 +61,26 @@ def describe(settings: Settings, url: str) -> list[str]:
                 "bulkhook: callbacks are verified with a signature key generated at start-up "
                 "and shared with the embedded sandbox"
             )
-    else:
+    elif not settings.oc_instances:
         lines.append(f"bulkhook: upstream {redact(str(settings.oc_base_url))}")
         if not settings.signature_keys:
             lines.append(
                 "bulkhook: WARNING: OC_SIGNATURE_KEYS is unset: every callback will be "
                 "refused (401) and jobs will finish by polling"
             )
+    else:
+        for instance in settings.instances:
+            default = " (default)" if instance.name == settings.default_instance else ""
+            lines.append(
+                f"bulkhook: instance {instance.name}{default}: upstream"
+                f" {redact(str(instance.base_url))}, hub {instance.hub}"
+            )
+            if not instance.signature_keys:
+                lines.append(
+                    f"bulkhook: WARNING: instance {instance.name} has no signature key: its"
+                    " callbacks will be refused (401) and its jobs will finish by polling"
+                )
+    lines.extend(f"bulkhook: WARNING: {warning}" for warning in settings.instance_warnings)
     lines.append(f"bulkhook: job state in {redact(settings.database_url.split('?', 1)[0])}")
     if not settings.api_tokens:
         lines.append("bulkhook: the job API is open (BULKHOOK_API_TOKENS unset)")

@@ -100,6 +100,7 @@ def job_list_query(
     before: str | None,
     search: str | None,
     direction: str | None = None,
+    instance: str | None = None,
 ) -> tuple[str, tuple[str | int, ...]]:
     """``Store.list_jobs`` as SQL and its parameters; ``mark`` is the driver's
     placeholder (``?`` or ``%s``). Newest first, served by the id and state indexes."""
@@ -111,6 +112,9 @@ def job_list_query(
     if direction is not None:
         clauses.append(f"direction = {mark}")
         params.append(direction)
+    if instance is not None:
+        clauses.append(f"instance = {mark}")
+        params.append(instance)
     if before is not None:
         clauses.append(f"id < {mark}")
         params.append(before)

@@ -143,6 +143,7 @@ class KeptCallback:
     received_at: float
     reason: str
     body: bytes
+    instance: str = "default"
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,9 @@ class Store(abc.ABC):
     async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None: ...
 
     @abc.abstractmethod
-    async def find_by_upstream_id(self, upstream_id: str) -> Job | None: ...
+    async def find_by_upstream_id(self, upstream_id: str, instance: str) -> Job | None:
+        """The newest job of ``instance`` with that upstream id: upstream ids are
+        unique only within one instance (two accounts can both have job 1234)."""
 
     @abc.abstractmethod
     async def list_jobs(
@@ -225,11 +228,13 @@ class Store(abc.ABC):
         before: str | None = None,
         search: str | None = None,
         direction: str | None = None,
+        instance: str | None = None,
     ) -> list[Job]:
         """Newest first; ``before`` is the id of the last job of the previous page.
 
         ``search`` keeps the jobs whose id starts with it or whose upstream id is it;
-        ``direction`` (``upload`` or ``download``) the jobs of that direction.
+        ``direction`` (``upload`` or ``download``) the jobs of that direction;
+        ``instance`` the jobs of that connector instance.
         """
 
     @abc.abstractmethod
@@ -271,20 +276,24 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
-        """Keep a verified callback that cannot be applied now.
+    async def keep_callback(
+        self, delivery: Delivery, *, reason: str, body: bytes, instance: str = "default"
+    ) -> str:
+        """Keep a verified callback that cannot be applied now; ``instance`` is the
+        instance whose key verified it, the only one whose jobs it may be applied to.
 
         Returns ``"kept"``, ``"duplicate"`` (the webhook id was seen before, or the same
         body is kept for the same reference already), or, for ``reason="unknown_job"``,
-        ``"known"`` when ``job_ref`` is by now a job's upstream id, or the id of a job
-        whose upstream id is known (it raced in): nothing is kept and the caller
-        applies it instead. Kept callbacks stay within ``KEPT_MAX`` and ``KEPT_BYTES``
-        (the store's ``kept_limits``), the oldest removed first.
+        ``"known"`` when ``job_ref`` is by now the upstream id of a job of ``instance``,
+        or the id of such a job whose upstream id is known (it raced in): nothing is
+        kept and the caller applies it instead. Kept callbacks stay within ``KEPT_MAX``
+        and ``KEPT_BYTES`` (the store's ``kept_limits``), the oldest removed first.
         """
 
     @abc.abstractmethod
-    async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
-        """Unapplied callbacks kept for any of ``refs`` (job ids or upstream ids)."""
+    async def kept_for(self, refs: list[str], instance: str = "default") -> list[KeptCallback]:
+        """Unapplied callbacks kept for any of ``refs`` (job ids or upstream ids) that
+        ``instance``'s key verified."""
 
     @abc.abstractmethod
     async def claim_due(self, now: float, limit: int, owner: str, lease: float) -> list[Job]:
@@ -312,6 +321,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def count_by_state(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def count_by_instance(self) -> dict[str, dict[str, int]]:
+        """Jobs per instance and state: ``{instance: {state: n}}``."""
 
     @abc.abstractmethod
     async def record_rejection(self, rejection: Rejection) -> None:

@@ -27,7 +27,7 @@ __all__ = [
 # The columns a new job's row is written with, in the order of ``new_job_row``.
 NEW_JOB_COLUMNS = (
     "id, hub, object, path, filename, rows, state, created_at, updated_at, last_source,"
-    " idempotency_key, next_poll_at, direction, query, format"
+    " idempotency_key, next_poll_at, direction, query, format, instance"
 )
 NEW_JOB_WIDTH = NEW_JOB_COLUMNS.count(",") + 1
 
@@ -50,6 +50,7 @@ def new_job_row(job: Job, idempotency_key: str | None) -> tuple[Any, ...]:
         job.direction,
         job.query,
         job.format,
+        job.instance,
     )
 
 

@@ -38,7 +38,7 @@ What only one store has stays beside that store, in its own migration list:
 What both stores gained after their own versions is one script they each number in
 turn, after the versions they already have: ``JOBS_UPSTREAM_ERROR`` is SQLite's
 version 6 and PostgreSQL's version 4, ``FAILED_RECORDS`` SQLite's 7 and PostgreSQL's 5,
-``DOWNLOADS`` SQLite's 8 and PostgreSQL's 6.
+``DOWNLOADS`` SQLite's 8 and PostgreSQL's 6, ``INSTANCES`` SQLite's 9 and PostgreSQL's 7.
 
 ``TERMINAL_SQL`` lists the terminal states as the ``jobs.state`` column holds them,
 for the statements of both stores that must leave an ended job alone.
@@ -55,6 +55,7 @@ from service.jobs import TERMINAL, State
 __all__ = [
     "DOWNLOADS",
     "FAILED_RECORDS",
+    "INSTANCES",
     "JOBS_UPSTREAM_ERROR",
     "MIGRATIONS_TABLE",
     "POSTGRES",
@@ -274,6 +275,21 @@ DOWNLOADS = """
     );
     CREATE INDEX result_fetches_due ON result_fetches (due_at) WHERE due_at IS NOT NULL;
     CREATE INDEX jobs_direction_id ON jobs (direction, id);
+    """
+
+
+# Several connector instances: every job belongs to one (the jobs from before this
+# version to the single instance ``default``), and a kept callback says which
+# instance's key verified it, so that it is applied only to a job of that instance.
+# ``GET /jobs?instance=`` pages newest first through (instance, id). No type to
+# render: the same statements on both stores.
+#
+# Written after the stores' version numbers parted, so each store appends it to its
+# own list as its next version.
+INSTANCES = """
+    ALTER TABLE jobs ADD COLUMN instance TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX jobs_instance_id ON jobs (instance, id);
+    ALTER TABLE kept_callbacks ADD COLUMN instance TEXT NOT NULL DEFAULT 'default';
     """
 
 

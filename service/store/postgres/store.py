@@ -60,6 +60,7 @@ from service.store.retention import KEPT_OVER, PRUNE_SQL
 from service.store.schema import (
     DOWNLOADS,
     FAILED_RECORDS,
+    INSTANCES,
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
     POSTGRES,
@@ -83,6 +84,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
         5: render(FAILED_RECORDS, POSTGRES),
         # 6: download jobs and the fetches of their results (as SQLite's 8).
         6: render(DOWNLOADS, POSTGRES),
+        # 7: several connector instances (as SQLite's 9).
+        7: INSTANCES,
     },
 )
 
@@ -232,12 +235,13 @@ class PostgresStore(PostgresActivity, Store):
         async with self._pool.connection() as conn:
             return await _job(conn, job_id, with_events=with_events)
 
-    async def find_by_upstream_id(self, upstream_id: str) -> Job | None:
+    async def find_by_upstream_id(self, upstream_id: str, instance: str) -> Job | None:
         async with self._pool.connection() as conn:
             row = await (
                 await conn.execute(
-                    "SELECT * FROM jobs WHERE upstream_id = %s ORDER BY id DESC LIMIT 1",
-                    (upstream_id,),
+                    "SELECT * FROM jobs WHERE upstream_id = %s AND instance = %s"
+                    " ORDER BY id DESC LIMIT 1",
+                    (upstream_id, instance),
                 )
             ).fetchone()
             return Job.from_row(row) if row else None
@@ -250,8 +254,9 @@ class PostgresStore(PostgresActivity, Store):
         before: str | None = None,
         search: str | None = None,
         direction: str | None = None,
+        instance: str | None = None,
     ) -> list[Job]:
-        sql, params = job_list_query("%s", state, limit, before, search, direction)
+        sql, params = job_list_query("%s", state, limit, before, search, direction, instance)
         async with self._pool.connection() as conn:
             cursor = await conn.execute(sql, params)
             return [Job.from_row(row) for row in await cursor.fetchall()]
@@ -295,7 +300,9 @@ class PostgresStore(PostgresActivity, Store):
                     outcomes.append((False, exc))
             return outcomes
 
-    async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
+    async def keep_callback(
+        self, delivery: Delivery, *, reason: str, body: bytes, instance: str = "default"
+    ) -> str:
         ref = delivery.job_ref
         most, most_bytes = self.kept_limits
         outcome = "kept"
@@ -307,17 +314,18 @@ class PostgresStore(PostgresActivity, Store):
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (ref,))
                 known = await (
                     await conn.execute(
-                        "SELECT 1 FROM jobs WHERE (id = %s AND upstream_id IS NOT NULL)"
-                        " OR upstream_id = %s",
-                        (ref, ref),
+                        "SELECT 1 FROM jobs WHERE instance = %s AND"
+                        " ((id = %s AND upstream_id IS NOT NULL) OR upstream_id = %s)",
+                        (instance, ref, ref),
                     )
                 ).fetchone()
                 if known is not None:
                     return "known"
             cursor = await conn.execute(
                 """INSERT INTO kept_callbacks
-                       (webhook_id, job_ref, received_at, reason, body, digest, size)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s)
+                       (webhook_id, job_ref, received_at, reason, body, digest, size,
+                        instance)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT DO NOTHING RETURNING id""",
                 (
                     delivery.webhook_id,
@@ -327,6 +335,7 @@ class PostgresStore(PostgresActivity, Store):
                     body,
                     delivery.digest,
                     len(body),
+                    instance,
                 ),
             )
             if await cursor.fetchone() is None:
@@ -350,15 +359,16 @@ class PostgresStore(PostgresActivity, Store):
                     await conn.execute("DELETE FROM kept_callbacks WHERE id <= %s", (over["id"],))
         return outcome
 
-    async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
+    async def kept_for(self, refs: list[str], instance: str = "default") -> list[KeptCallback]:
         refs = [ref for ref in refs if ref]
         if not refs:
             return []
         async with self._pool.connection() as conn:
             cursor = await conn.execute(
-                "SELECT id, webhook_id, job_ref, received_at, reason, body FROM kept_callbacks "
-                "WHERE applied_at IS NULL AND job_ref = ANY(%s) ORDER BY id",
-                (refs,),
+                "SELECT id, webhook_id, job_ref, received_at, reason, body, instance"
+                " FROM kept_callbacks WHERE applied_at IS NULL AND instance = %s"
+                " AND job_ref = ANY(%s) ORDER BY id",
+                (instance, refs),
             )
             return [
                 KeptCallback(**{**row, "body": bytes(row["body"])})
@@ -426,6 +436,16 @@ class PostgresStore(PostgresActivity, Store):
         async with self._pool.connection() as conn:
             cursor = await conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
             return {row["state"]: row["n"] for row in await cursor.fetchall()}
+
+    async def count_by_instance(self) -> dict[str, dict[str, int]]:
+        async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT instance, state, COUNT(*) AS n FROM jobs GROUP BY instance, state"
+            )
+            counts: dict[str, dict[str, int]] = {}
+            for row in await cursor.fetchall():
+                counts.setdefault(row["instance"], {})[row["state"]] = row["n"]
+            return counts
 
     async def prune(self, before: float, *, batch: int = 1000) -> Pruned:
         removed: dict[str, int] = {}

@@ -65,6 +65,7 @@ from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
 from service.store.schema import (
     DOWNLOADS,
     FAILED_RECORDS,
+    INSTANCES,
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
     SQLITE,
@@ -114,6 +115,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
         7: render(FAILED_RECORDS, SQLITE),
         # 8: download jobs and the fetches of their results (as PostgreSQL's 6).
         8: render(DOWNLOADS, SQLITE),
+        # 9: several connector instances (as PostgreSQL's 7).
+        9: INSTANCES,
     },
 )
 
@@ -301,11 +304,12 @@ class SQLiteStore(SQLiteActivity, Store):
     async def get_job(self, job_id: str, *, with_events: bool = True) -> Job | None:
         return await self._sql.read(lambda conn: _job(conn, job_id, with_events))
 
-    async def find_by_upstream_id(self, upstream_id: str) -> Job | None:
+    async def find_by_upstream_id(self, upstream_id: str, instance: str) -> Job | None:
         def op(conn: sqlite3.Connection) -> Job | None:
             row = conn.execute(
-                "SELECT id FROM jobs WHERE upstream_id = ? ORDER BY id DESC LIMIT 1",
-                (upstream_id,),
+                "SELECT id FROM jobs WHERE upstream_id = ? AND instance = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (upstream_id, instance),
             ).fetchone()
             return _job(conn, row["id"], False) if row else None
 
@@ -319,8 +323,9 @@ class SQLiteStore(SQLiteActivity, Store):
         before: str | None = None,
         search: str | None = None,
         direction: str | None = None,
+        instance: str | None = None,
     ) -> list[Job]:
-        sql, params = job_list_query("?", state, limit, before, search, direction)
+        sql, params = job_list_query("?", state, limit, before, search, direction, instance)
 
         def op(conn: sqlite3.Connection) -> list[Job]:
             return [Job.from_row(row) for row in conn.execute(sql, params)]
@@ -402,23 +407,26 @@ class SQLiteStore(SQLiteActivity, Store):
         if len(self._recent) > _RECENT_JOBS:
             self._recent.popitem(last=False)
 
-    async def keep_callback(self, delivery: Delivery, *, reason: str, body: bytes) -> str:
+    async def keep_callback(
+        self, delivery: Delivery, *, reason: str, body: bytes, instance: str = "default"
+    ) -> str:
         most, most_bytes = self.kept_limits
 
         def op(conn: sqlite3.Connection) -> str:
             ref = delivery.job_ref
             if reason == "unknown_job" and ref is not None:
                 known = conn.execute(
-                    "SELECT 1 FROM jobs WHERE (id = ? AND upstream_id IS NOT NULL)"
-                    " OR upstream_id = ?",
-                    (ref, ref),
+                    "SELECT 1 FROM jobs WHERE instance = ? AND"
+                    " ((id = ? AND upstream_id IS NOT NULL) OR upstream_id = ?)",
+                    (instance, ref, ref),
                 ).fetchone()
                 if known is not None:
                     return "known"
             kept = conn.execute(
                 """INSERT OR IGNORE INTO kept_callbacks
-                       (webhook_id, job_ref, received_at, reason, body, digest, size)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                       (webhook_id, job_ref, received_at, reason, body, digest, size,
+                        instance)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     delivery.webhook_id,
                     ref,
@@ -427,6 +435,7 @@ class SQLiteStore(SQLiteActivity, Store):
                     body,
                     delivery.digest,
                     len(body),
+                    instance,
                 ),
             )
             if not kept.rowcount:
@@ -450,18 +459,19 @@ class SQLiteStore(SQLiteActivity, Store):
 
         return await self._sql.write(op)
 
-    async def kept_for(self, refs: list[str]) -> list[KeptCallback]:
+    async def kept_for(self, refs: list[str], instance: str = "default") -> list[KeptCallback]:
         refs = [ref for ref in refs if ref]
         if not refs:
             return []
         marks = ",".join("?" for _ in refs)
         sql = (
-            "SELECT id, webhook_id, job_ref, received_at, reason, body FROM kept_callbacks "
-            f"WHERE applied_at IS NULL AND job_ref IN ({marks}) ORDER BY id"
+            "SELECT id, webhook_id, job_ref, received_at, reason, body, instance"
+            " FROM kept_callbacks WHERE applied_at IS NULL AND instance = ?"
+            f" AND job_ref IN ({marks}) ORDER BY id"
         )
 
         def op(conn: sqlite3.Connection) -> list[KeptCallback]:
-            return [KeptCallback(*row) for row in conn.execute(sql, refs)]
+            return [KeptCallback(*row) for row in conn.execute(sql, (instance, *refs))]
 
         return await self._sql.read(op)
 
@@ -518,6 +528,18 @@ class SQLiteStore(SQLiteActivity, Store):
         def op(conn: sqlite3.Connection) -> dict[str, int]:
             rows = conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
             return {row[0]: row[1] for row in rows}
+
+        return await self._sql.read(op)
+
+    async def count_by_instance(self) -> dict[str, dict[str, int]]:
+        def op(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            rows = conn.execute(
+                "SELECT instance, state, COUNT(*) FROM jobs GROUP BY instance, state"
+            )
+            counts: dict[str, dict[str, int]] = {}
+            for instance, state, n in rows:
+                counts.setdefault(instance, {})[state] = n
+            return counts
 
         return await self._sql.read(op)
 
