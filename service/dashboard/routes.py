@@ -40,6 +40,7 @@ from service.dashboard.failed import FailedTable, csv_chunks, stored_csv_chunks
 from service.dashboard.views import callbacks_view, job_view, result_view, timeline_view
 from service.errors import ApiError
 from service.failed_records.rules import CopyState
+from service.instances import valid_name
 from service.jobs import Job, State
 from service.metrics import Metrics
 from service.store import Store
@@ -57,7 +58,6 @@ FAILED_PAGE = 100
 FAILED_COLUMNS = 50
 _SEARCH = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _CURSOR = re.compile(r"[A-Za-z0-9]{1,64}")
-_INSTANCE = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 # No inline script or style anywhere, so the policy can forbid them.
 _HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -210,7 +210,7 @@ class Dashboard:
         problem, jobs = "", []
         if search and not _SEARCH.fullmatch(search):
             problem = "Search by a job id (or its start) or an upstream job id."
-        elif instance and not _INSTANCE.fullmatch(instance):
+        elif instance and not valid_name(instance):
             problem = "Choose an instance by its name."
         else:
             jobs = await self._store.list_jobs(
