@@ -65,6 +65,7 @@ _DOWNLOAD_CODES = (
     "bad_query",
     "bad_format",
     "bad_idempotency_key",
+    "bad_instance",
     "unknown_instance",
     "upstream_query_refused",
 )
@@ -372,8 +373,12 @@ def _paths() -> dict[str, Schema]:
         ),
     ]
     job_action_409 = {
-        "cancel": error("Not possible now", "job_terminal", "not_submitted"),
-        "refresh": error("Not submitted upstream yet", "not_submitted"),
+        "cancel": error("Not possible now", "job_terminal", "not_submitted", "unknown_instance"),
+        "refresh": error(
+            "Not submitted upstream yet, or its instance is no longer configured",
+            "not_submitted",
+            "unknown_instance",
+        ),
     }
     job_action_502 = {
         "cancel": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
@@ -487,7 +492,11 @@ def _paths() -> dict[str, Schema]:
                 {
                     "200": json_response(ref("FailedRecords"), "The failed records"),
                     "404": job_404,
-                    "409": error("Not submitted upstream yet", "not_submitted"),
+                    "409": error(
+                        "Not submitted upstream yet, or its instance is no longer configured",
+                        "not_submitted",
+                        "unknown_instance",
+                    ),
                     "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
                 },
                 params=[job_id_param()],
