@@ -19,7 +19,10 @@ from .helpers import (
     RunningService,
     StartSandbox,
     StartService,
+    eventually,
+    job_now,
     run_bulkhook,
+    write_csv,
 )
 
 CRM_KEY = "crm-instance-signing-key"
@@ -236,6 +239,25 @@ def test_the_dashboard_shows_each_jobs_instance_and_filters_by_it(
     for text in (page.text, detail.text):
         for secret in SECRETS:
             assert secret not in text
+
+
+def test_the_failed_records_of_a_jobs_instance_are_shown_on_its_page(
+    two: Deployment, tmp_path: Path
+) -> None:
+    failing = write_csv(tmp_path / "failing.csv", [["Name", "Email"], ["A", ""], ["B", "b@x.io"]])
+    job = submitted(two.service, failing, instance="shop")
+    assert job["records_failed_count"] == 1
+    # Without the service's copy (as for a job that ended before copies were kept) the
+    # page reads them from the upstream: shop's, where the job ran.
+    eventually(lambda: job_now(two.service, job["id"])["failed_records"]["status"] == "copied")
+    two.service.query(f"DELETE FROM failed_records WHERE job_id = '{job['id']}'")
+    two.service.query(f"DELETE FROM failed_copies WHERE job_id = '{job['id']}'")
+    fragment = two.service.http.get(f"/ui/jobs/{job['id']}/failed")
+    assert fragment.status_code == 200, fragment.text
+    assert '<p class="records-summary">1 failed record.' in fragment.text
+    table = two.service.http.get(f"/ui/jobs/{job['id']}/failed.csv")
+    assert table.status_code == 200, table.text
+    assert len(table.text.splitlines()) == 2  # the header and shop's one failed record
 
 
 def test_a_single_instance_dashboard_shows_the_default_instance_and_no_instance_filter(
