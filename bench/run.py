@@ -448,7 +448,8 @@ def bench_upload(work: Path, size: int, repeats: int) -> dict[str, object]:
 
 
 def metric(text: str, name: str, label: str) -> float:
-    found = re.search(rf'^{name}{{[^}}]*"{label}"}} ([\d.e+]+)$', text, re.MULTILINE)
+    # Any other labels (the connector instance) may follow the one looked for.
+    found = re.search(rf'^{name}{{[^}}]*"{label}"[^}}]*}} ([\d.e+]+)$', text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
 

@@ -47,6 +47,7 @@ from service.store.retention import Pruner
 from service.tracker import SENDING_CONNECTIONS, Tracker
 from service.uploads.spool import AppSpool, default_root
 from service.upstream.client import Credentials, RetryPolicy, UpstreamClient
+from service.upstream.instances import Upstreams
 
 __all__ = ["Components", "Service", "create_app"]
 
@@ -66,7 +67,10 @@ class Components:
     settings: Settings
     metrics: Metrics
     store: Store
+    # The default instance's client (``upstreams[settings.default_instance]``).
     upstream: UpstreamClient
+    # Every connector instance's client, by name.
+    upstreams: Upstreams
     tracker: Tracker
     poller: Poller
     keyring: Keyring
@@ -160,10 +164,11 @@ def create_app(
     yet: the app opens and closes it, as its own; tests wrap the real one to watch it).
     """
     public_url = (settings.public_url or "http://127.0.0.1:8000").rstrip("/")
-    keys = settings.signature_keys
+    default = settings.instances[0]
+    keys = default.signature_keys
     embedded: Sandbox | None = None
     control: str | None = None
-    credentials = settings.credentials()
+    credentials = Credentials(default.user_secret, default.org_secret, default.element_token)
     if settings.embedded:
         options = sandbox or SandboxOptions()
         key = options.signature_key or (keys[0] if keys else secrets.token_urlsafe(32))
@@ -177,24 +182,43 @@ def create_app(
         control = f"/sandbox{CONTROL_PREFIX}"
         base_url = f"{public_url}/sandbox{API_PREFIX}"
     else:
-        assert settings.oc_base_url is not None
-        base_url = settings.oc_base_url
+        assert default.base_url is not None
+        base_url = default.base_url
 
     # Refused tokens, hosts and cross-site requests: one line per kind and window.
     repeats = Repeats(log)
     metrics = Metrics()
     store = store if store is not None else open_store(settings.database_url)
-    upstream = UpstreamClient(
-        base_url,
-        credentials,
-        retry=upstream_retry,
-        on_call=metrics.upstream_call,
-        submit_connections=settings.max_relays + SENDING_CONNECTIONS,
-    )
+
+    def client(name: str, url: str, credentials: Credentials) -> UpstreamClient:
+        def on_call(operation: str, status: int | None) -> None:
+            metrics.upstream_call(operation, status, name)
+
+        return UpstreamClient(
+            url,
+            credentials,
+            retry=upstream_retry,
+            on_call=on_call,
+            submit_connections=settings.max_relays + SENDING_CONNECTIONS,
+        )
+
+    # One client per connector instance: its own URL, credentials and connections.
+    clients = {default.name: client(default.name, base_url, credentials)}
+    for instance in settings.instances[1:]:
+        assert instance.base_url is not None  # only a single instance is embedded
+        clients[instance.name] = client(
+            instance.name,
+            instance.base_url,
+            Credentials(instance.user_secret, instance.org_secret, instance.element_token),
+        )
+    upstreams = Upstreams(clients, default.name)
+    upstream = upstreams.default
+    for warning in settings.instance_warnings:
+        log.warning(warning)
     # Failed records copied into the store when a job ends with them, retried like polls.
     copier = Copier(
         store,
-        upstream,
+        upstreams,
         max_records=settings.max_failed_records,
         retry_first=settings.poll_interval,
         retry_most=settings.poll_max_interval,
@@ -205,7 +229,7 @@ def create_app(
     results = Results(store, files)
     fetcher = Fetcher(
         store,
-        upstream,
+        upstreams,
         files,
         metrics,
         retry_first=settings.poll_interval,
@@ -221,7 +245,7 @@ def create_app(
     # The tracker wakes the poller, which polls through the tracker: both share the event.
     due_sooner = asyncio.Event()
     tracker = Tracker(
-        settings, store, upstream, public_url, wake=due_sooner.set, ended=work_after_end
+        settings, store, upstreams, public_url, wake=due_sooner.set, ended=work_after_end
     )
     poller = Poller(
         store, tracker, metrics, settings.poll_rate, settings.poll_lease, wake=due_sooner
@@ -235,10 +259,11 @@ def create_app(
     jobs = JobApi(
         tracker=tracker,
         store=store,
-        upstream=upstream,
+        upstreams=upstreams,
+        # The embedded instance's key may be made up at start-up: it counts as set.
+        instances=(dataclasses.replace(default, signature_keys=keys), *settings.instances[1:]),
         tokens=tokens,
         metrics=metrics,
-        hub=settings.oc_hub,
         limits=UploadLimits(
             max_bytes=settings.max_upload_bytes,
             body_timeout=settings.body_timeout,
@@ -301,7 +326,7 @@ def create_app(
             await poller.stop()
             if embedded is not None:
                 await embedded.aclose()
-            await upstream.aclose()
+            await upstreams.aclose()
             await store.close()
             repeats.flush()
             spool.close()
@@ -320,6 +345,7 @@ def create_app(
             metrics=metrics,
             store=store,
             upstream=upstream,
+            upstreams=upstreams,
             tracker=tracker,
             poller=poller,
             keyring=keyring,

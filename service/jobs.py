@@ -164,6 +164,8 @@ class SubmitRequest:
     rows: int
     metadata: Mapping[str, Any]
     idempotency_key: str | None = None
+    # The connector instance the upload goes to.
+    instance: str = "default"
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,8 @@ class DownloadRequest:
     # csv, json or jsonl: the result file's format.
     format: str
     idempotency_key: str | None = None
+    # The connector instance the query goes to.
+    instance: str = "default"
 
 
 # Slots: a frozen instance with them is a third cheaper to build, and one is built

@@ -26,7 +26,7 @@ __all__ = [
     "short",
 ]
 
-CONTEXT_FIELDS = ("job_id", "webhook_id", "upstream_id", "outcome")
+CONTEXT_FIELDS = ("job_id", "webhook_id", "upstream_id", "instance", "outcome")
 _string = json.encoder.encode_basestring_ascii
 
 

@@ -18,12 +18,16 @@ class Metrics:
         )
         self.upstream_calls = Counter(
             "bulkhook_upstream_calls",
-            "Calls to the upstream by operation and HTTP status ('none': no response).",
-            ["operation", "status"],
+            "Calls to the upstream by operation, HTTP status ('none': no response) and"
+            " connector instance.",
+            ["operation", "status", "instance"],
             registry=self.registry,
         )
         self.jobs = Gauge(
-            "bulkhook_jobs", "Jobs in the store by state.", ["state"], registry=self.registry
+            "bulkhook_jobs",
+            "Jobs in the store by state and connector instance.",
+            ["state", "instance"],
+            registry=self.registry,
         )
         self.poll_lag = Histogram(
             "bulkhook_poll_lag_seconds",
@@ -46,8 +50,9 @@ class Metrics:
         )
         self.downloads = Counter(
             "bulkhook_downloads",
-            "Fetches of download results by outcome (stored, failed: given up, retried).",
-            ["outcome"],
+            "Fetches of download results by outcome (stored, failed: given up, retried)"
+            " and connector instance.",
+            ["outcome", "instance"],
             registry=self.registry,
         )
         self.result_bytes = Counter(
@@ -65,14 +70,16 @@ class Metrics:
             child = self._outcomes[outcome] = self.callbacks.labels(outcome)
         child.inc()
 
-    def download(self, outcome: str) -> None:
+    def download(self, outcome: str, instance: str) -> None:
         """Count one fetch attempt of a download result by how it ended."""
-        self.downloads.labels(outcome).inc()
+        self.downloads.labels(outcome, instance).inc()
 
-    def upstream_call(self, operation: str, status: int | None) -> None:
-        self.upstream_calls.labels(operation, str(status) if status else "none").inc()
+    def upstream_call(self, operation: str, status: int | None, instance: str) -> None:
+        self.upstream_calls.labels(operation, str(status) if status else "none", instance).inc()
 
-    def render(self, jobs_by_state: dict[str, int]) -> bytes:
-        for state, count in jobs_by_state.items():
-            self.jobs.labels(state).set(count)
+    def render(self, jobs: dict[str, dict[str, int]]) -> bytes:
+        """The page, with the jobs gauge set from ``jobs`` (instance -> state -> n)."""
+        for instance, by_state in jobs.items():
+            for state, count in by_state.items():
+                self.jobs.labels(state, instance).set(count)
         return generate_latest(self.registry)

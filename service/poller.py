@@ -2,7 +2,10 @@
 
 Due times live in the store, so a restart resumes where it left off. The loop sleeps
 until the next due time (or until woken by a callback that carried no status), claims
-due jobs with a lease, and polls them with bounded concurrency under a global rate.
+due jobs with a lease, and polls them with bounded concurrency under a rate per
+connector instance: each instance is its own upstream account, which counts its own
+calls, so each has its own budget of ``BULKHOOK_POLL_RATE`` status polls a second. A
+job whose instance is no longer configured is not polled (logged once per job).
 
 It claims no more than about two seconds of the rate's worth of jobs at a time: a
 backlog of 10,000 due jobs is worked through in slices, each polled long before its
@@ -35,6 +38,8 @@ _MAX_SLEEP = 5.0
 # The rate limiter's "second": longer, as headroom for calls held up on the way. At
 # 1.05 s the sandbox once counted 204 calls in one of its seconds against 200.
 _WINDOW = 1.1
+# Jobs of an unconfigured instance already logged, at most (then the oldest go).
+_UNKNOWN_LOGGED = 10_000
 
 
 class RateLimiter:
@@ -90,10 +95,14 @@ class Poller(DueWork):
         self.metrics = metrics
         self.owner = f"poller-{secrets.token_hex(4)}"
         self.lease = lease
-        self._limiter = RateLimiter(rate)
-        self._concurrency = asyncio.Semaphore(max(1, min(32, int(rate * 2))))
-        # Jobs claimed but not yet polled, at most: about two seconds of the rate.
-        self._backlog = max(1, min(_BATCH, math.ceil(rate * 2)))
+        # One budget per configured instance; the backlog and the concurrency grow
+        # with their number, so that each instance can use its whole budget.
+        instances = tuple(tracker.upstreams)
+        self._limiters = {name: RateLimiter(rate) for name in instances}
+        self._concurrency = asyncio.Semaphore(max(1, min(32 * len(instances), int(rate * 2))))
+        # Jobs claimed but not yet polled, at most: about two seconds of the rates.
+        self._backlog = max(1, min(_BATCH * len(instances), math.ceil(rate * 2 * len(instances))))
+        self._unknown_logged: dict[str, None] = {}
 
     async def tick(self) -> int:
         """Claim the jobs due now (as many as the backlog has room for) and start polling
@@ -126,13 +135,37 @@ class Poller(DueWork):
         return self._until(await self.store.next_due_at(), _MAX_SLEEP)
 
     async def _poll(self, job: Job) -> None:
+        limiter = self._limiters.get(job.instance)
+        if limiter is None:
+            await self._not_configured(job)
+            return
         async with self._concurrency:
             if job.upstream_id is not None:
-                await self._limiter.acquire()
+                await limiter.acquire()
             try:
                 await self.tracker.poll(job)
             except Exception:
-                log.exception("poll of job %s failed", job.id, extra={"job_id": job.id})
+                log.exception(
+                    "poll of job %s failed",
+                    job.id,
+                    extra={"job_id": job.id, "instance": job.instance},
+                )
                 await self.store.reschedule(
                     job.id, time.time() + self.tracker.settings.poll_interval
                 )
+
+    async def _not_configured(self, job: Job) -> None:
+        """A job of an instance no longer configured: nothing to ask, and no one to ask.
+        Looked at again after the longest poll interval (the instance may come back
+        with a restart), logged the first time only."""
+        if job.id not in self._unknown_logged:
+            self._unknown_logged[job.id] = None
+            if len(self._unknown_logged) > _UNKNOWN_LOGGED:
+                del self._unknown_logged[next(iter(self._unknown_logged))]
+            log.warning(
+                "job %s is not polled: its connector instance %r is not configured",
+                job.id,
+                job.instance,
+                extra={"job_id": job.id, "instance": job.instance},
+            )
+        await self.store.reschedule(job.id, time.time() + self.tracker.settings.poll_max_interval)

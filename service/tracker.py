@@ -42,6 +42,7 @@ from service.upstream.client import (
     UpstreamUnavailable,
     upstream_failure,
 )
+from service.upstream.instances import Upstreams
 from service.values import message
 
 __all__ = ["NOT_FOUND_LIMIT", "SENDING_CONNECTIONS", "SUBMIT_DEADLINE", "Tracker"]
@@ -110,14 +111,15 @@ class Tracker:
         self,
         settings: Settings,
         store: Store,
-        upstream: UpstreamClient,
+        upstream: UpstreamClient | Upstreams,
         public_url: str,
         wake: Callable[[], None] = lambda: None,
         ended: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.upstream = upstream
+        # Each connector instance's client; a job's calls go to its instance's.
+        self.upstreams = upstream if isinstance(upstream, Upstreams) else Upstreams.single(upstream)
         self.public_url = public_url.rstrip("/")
         self._tasks: set[asyncio.Task[Any]] = set()
         self.relays = 0  # relays whose upstream request is under way
@@ -153,10 +155,13 @@ class Tracker:
         ``None`` when ``max_relays`` are under way: that upload is sent once it is in."""
         if self.relays >= self.settings.max_relays:
             return None
+        upstream = self.upstreams.get(request.instance)
+        if upstream is None:
+            return None  # refused once the whole body is in
         self.relays += 1
         job_id = new_job_id()
         return Relay(
-            self.upstream,
+            upstream,
             job_id=job_id,
             request=request,
             spool=spool,
@@ -187,6 +192,7 @@ class Tracker:
             filename=request.filename,
             rows=request.rows,
             next_poll_at=now + SUBMIT_DEADLINE,
+            instance=request.instance,
         )
         rows = f"{request.rows} row{'' if request.rows == 1 else 's'}"
         try:
@@ -226,7 +232,7 @@ class Tracker:
         try:
             submission = await relay.finish() if relay is not None else None
             if submission is None:
-                submission = await self.upstream.submit(
+                submission = await self.upstreams.for_job(job).submit(
                     job.hub,
                     job.object,
                     file,
@@ -257,6 +263,7 @@ class Tracker:
             direction="download",
             query=request.query,
             format=request.format,
+            instance=request.instance,
         )
         job, created = await self.store.create_job(
             job,
@@ -275,7 +282,7 @@ class Tracker:
     async def _query(self, job: Job) -> Job:
         assert job.query is not None
         try:
-            submission = await self.upstream.start_query(
+            submission = await self.upstreams.for_job(job).start_query(
                 job.hub,
                 job.query,
                 callback_url=self.callback_url(job.id),
@@ -370,7 +377,11 @@ class Tracker:
                 log.warning(
                     "a kept callback was about another job: %s",
                     applied.refused,
-                    extra={"job_id": job.id, "webhook_id": short(item.webhook_id)},
+                    extra={
+                        "job_id": job.id,
+                        "webhook_id": short(item.webhook_id),
+                        "instance": job.instance,
+                    },
                 )
 
     # -- polling ------------------------------------------------------------------
@@ -398,7 +409,7 @@ class Tracker:
                 )
             return await self._reload(job)
         try:
-            status = await self.upstream.status(job.hub, job.upstream_id)
+            status = await self.upstreams.for_job(job).status(job.hub, job.upstream_id)
         except UpstreamError as exc:
             await self._poll_failed(job, exc, now)
             if manual:
@@ -452,7 +463,7 @@ class Tracker:
             "status poll failed for job %s: %s",
             job.id,
             exc,
-            extra={"job_id": job.id, "upstream_id": job.upstream_id},
+            extra={"job_id": job.id, "upstream_id": job.upstream_id, "instance": job.instance},
         )
         if now >= job.created_at + self.settings.job_timeout:
             await self._apply(
@@ -489,7 +500,7 @@ class Tracker:
                 "the job has not reached the upstream yet", code="not_submitted", status=409
             )
         try:
-            answer = await self.upstream.cancel(job.hub, job.upstream_id)
+            answer = await self.upstreams.for_job(job).cancel(job.hub, job.upstream_id)
         except UpstreamError as exc:
             raise upstream_failure("the upstream refused to cancel", exc) from exc
         now = time.time()

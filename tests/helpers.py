@@ -43,7 +43,24 @@ if TYPE_CHECKING:
 SAMPLES = Path(__file__).resolve().parent.parent / "service" / "samples"
 SIGNATURE_KEY = "test-instance-key"
 # Every secret the suite configures: none may ever be logged (see suite_logs).
-CONFIGURED_SECRETS = (SIGNATURE_KEY, "user-secret", "org-secret", "element-token")
+# The second connector instance's own secrets (``start_two_instances``); the first,
+# crm, keeps the unnamed credentials above and has its own key.
+CRM_KEY = "crm-instance-key"
+SHOP_KEY = "shop-instance-key"
+SHOP_SECRETS = {
+    "OC_SHOP_USER_SECRET": "shop-user-secret",
+    "OC_SHOP_ORG_SECRET": "shop-org-secret",
+    "OC_SHOP_ELEMENT_TOKEN": "shop-element-token",
+}
+CONFIGURED_SECRETS = (
+    SIGNATURE_KEY,
+    "user-secret",
+    "org-secret",
+    "element-token",
+    CRM_KEY,
+    SHOP_KEY,
+    *SHOP_SECRETS.values(),
+)
 
 
 # Servers and the handles on them -------------------------------------------------
@@ -611,3 +628,59 @@ def assert_failure_shown(service: RunningService, job_id: str, message: str, sou
     assert first.startswith(f"job {job_id}  ABORTED  ")
     assert second == f"  upstream error: {message}"
     assert any("ABORTED" in line and message in line for line in timeline), shown.stdout
+
+
+# Connector instances --------------------------------------------------------------
+
+
+@dataclass
+class TwoInstances:
+    """One service with ``OC_INSTANCES=crm,shop``, each instance on a sandbox of its
+    own (its own process-level server, signature key and credentials)."""
+
+    service: RunningService
+    crm: RunningSandbox
+    shop: RunningSandbox
+
+
+def _authorization(user: str, org: str, element: str) -> str:
+    return f"User {user}, Organization {org}, Element {element}"
+
+
+def two_instance_settings(crm: RunningSandbox, shop: RunningSandbox) -> dict[str, Any]:
+    """Settings overrides for ``start_service(crm, ...)``: crm is the default instance
+    (the unnamed OC_BASE_URL and credentials), shop has its own URL, credentials and
+    hub; each has its own key."""
+    return {
+        "oc_instances": ("crm", "shop"),
+        "instance_env": {
+            "OC_CRM_SIGNATURE_KEYS": CRM_KEY,
+            "OC_SHOP_BASE_URL": shop.api_url,
+            "OC_SHOP_SIGNATURE_KEYS": SHOP_KEY,
+            "OC_SHOP_HUB": "crm",
+            **SHOP_SECRETS,
+        },
+    }
+
+
+def start_two_instances(
+    start_sandbox: StartSandbox,
+    start_service: StartService,
+    sandbox: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> TwoInstances:
+    """Two sandboxes that each accept only their own instance's credentials, and one
+    service configured with both; ``sandbox`` options go to both sandboxes."""
+    options = sandbox or {}
+    crm = start_sandbox(
+        signature_key=CRM_KEY,
+        authorization=_authorization("user-secret", "org-secret", "element-token"),
+        **options,
+    )
+    shop = start_sandbox(
+        signature_key=SHOP_KEY,
+        authorization=_authorization(*SHOP_SECRETS.values()),
+        **options,
+    )
+    service = start_service(crm, **two_instance_settings(crm, shop), **overrides)
+    return TwoInstances(service, crm, shop)

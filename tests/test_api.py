@@ -211,8 +211,11 @@ def test_health_readiness_and_metrics(service: RunningService, contacts_csv: Pat
     service.submit(contacts_csv)
     metrics = service.http.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    assert 'bulkhook_upstream_calls_total{operation="submit",status="200"} 1.0' in metrics.text
-    assert "bulkhook_jobs{state=" in metrics.text
+    assert (
+        'bulkhook_upstream_calls_total{instance="default",operation="submit",status="200"} 1.0'
+        in metrics.text
+    )
+    assert 'bulkhook_jobs{instance="default",state=' in metrics.text
 
 
 def test_api_tokens_guard_the_job_api_but_not_callbacks_or_health(

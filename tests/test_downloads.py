@@ -364,8 +364,8 @@ def test_a_result_cut_off_mid_file_is_fetched_again_whole(
     assert hashlib.sha256(served.content).hexdigest() == result["sha256"]
     assert upstream.sandbox.calls["download"] == 2
     metrics = service.http.get("/metrics").text
-    assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 1
-    assert metric(metrics, 'bulkhook_downloads_total{outcome="stored"}') == 1
+    assert metric(metrics, 'bulkhook_downloads_total{instance="default",outcome="retried"}') == 1
+    assert metric(metrics, 'bulkhook_downloads_total{instance="default",outcome="stored"}') == 1
     assert metric(metrics, "bulkhook_result_bytes_total") == len(own)
     assert leftovers(results_dir(service)) == []
 
@@ -418,7 +418,8 @@ def test_an_answer_that_cannot_be_decoded_is_a_failed_attempt_tried_again_later(
         [(due,)] = service.query(f"SELECT due_at FROM result_fetches WHERE job_id = '{job_id}'")
         assert due is not None and math.isfinite(due)
         retried = metric(
-            service.http.get("/metrics").text, 'bulkhook_downloads_total{outcome="retried"}'
+            service.http.get("/metrics").text,
+            'bulkhook_downloads_total{instance="default",outcome="retried"}',
         )
         assert retried >= 2
         assert leftovers(results_dir(service)) == []
@@ -448,7 +449,7 @@ def test_an_unexpected_error_in_an_attempt_is_a_failed_attempt_too(
     job = stored(service, format="csv")
     assert job["result"]["attempts"] == 2 and job["result"]["records"] == CONTACTS
     metrics = service.http.get("/metrics").text
-    assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 1
+    assert metric(metrics, 'bulkhook_downloads_total{instance="default",outcome="retried"}') == 1
 
 
 def test_a_lease_renewal_the_store_fails_is_tried_again_and_the_fetch_goes_on(
@@ -506,8 +507,8 @@ def test_a_result_that_is_gone_upstream_is_given_up_after_three_answers(
     assert "given up" in result["detail"] and "HTTP 404" in result["detail"]
     assert_error(service.http.get(f"/jobs/{job['id']}/result"), 404, "result_not_stored")
     metrics = service.http.get("/metrics").text
-    assert metric(metrics, 'bulkhook_downloads_total{outcome="failed"}') == 1
-    assert metric(metrics, 'bulkhook_downloads_total{outcome="retried"}') == 2
+    assert metric(metrics, 'bulkhook_downloads_total{instance="default",outcome="failed"}') == 1
+    assert metric(metrics, 'bulkhook_downloads_total{instance="default",outcome="retried"}') == 2
 
 
 def test_the_result_route_answers_ranges_etags_and_says_why_there_is_none(
@@ -664,7 +665,10 @@ def test_two_replicas_fetch_a_result_once_and_both_serve_it(
             bodies = [client.get(f"/jobs/{job_id}/result").content for client in (one, other)]
             result = other.get(f"/jobs/{job_id}").json()["result"]
             stored_counts = [
-                metric(client.get("/metrics").text, 'bulkhook_downloads_total{outcome="stored"}')
+                metric(
+                    client.get("/metrics").text,
+                    'bulkhook_downloads_total{instance="default",outcome="stored"}',
+                )
                 for client in (one, other)
             ]
     finally:

@@ -75,8 +75,8 @@ def test_metrics_cover_callbacks_upstream_jobs_lag_and_latency(
     text = service.http.get("/metrics").text
     for needle in (
         'bulkhook_callbacks_total{outcome="bad_signature"} 1.0',
-        'bulkhook_upstream_calls_total{operation="submit",status="200"} 1.0',
-        'bulkhook_jobs{state="COMPLETED"} 1.0',
+        'bulkhook_upstream_calls_total{instance="default",operation="submit",status="200"} 1.0',
+        'bulkhook_jobs{instance="default",state="COMPLETED"} 1.0',
         "bulkhook_poll_lag_seconds_count",
         "bulkhook_callback_ack_seconds_bucket",
     ):

@@ -1,11 +1,11 @@
 """The job API: submit (an upload or a download), list, inspect, fetch a result,
-cancel, refresh, discover."""
+cancel, refresh, discover; and the connector instances jobs are submitted to."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,10 +14,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import BaseRoute, Route
 
 from service.api.guard import Tokens, bearer
+from service.config import redact
 from service.downloads.access import Results
 from service.downloads.requests import download_request, is_json, read_bounded
 from service.errors import ApiError
 from service.failed_records.rules import CopyState
+from service.instances import Instance, valid_name
 from service.jobs import Job, State, SubmitRequest
 from service.metrics import Metrics
 from service.store import Store, StoreError
@@ -25,7 +27,8 @@ from service.tracker import Tracker
 from service.uploads.receiving import FileStart, receive_upload
 from service.uploads.relay import RELAY_MIN_BYTES, Relay
 from service.uploads.spool import AppSpool
-from service.upstream.client import UpstreamClient, UpstreamError, upstream_failure
+from service.upstream.client import UpstreamError, upstream_failure
+from service.upstream.instances import Upstreams, unknown_instance
 from service.values import is_clean, job_id_ok, name_problem
 
 __all__ = ["JobApi", "UploadLimits"]
@@ -160,21 +163,24 @@ class JobApi:
         *,
         tracker: Tracker,
         store: Store,
-        upstream: UpstreamClient,
+        upstreams: Upstreams,
+        instances: Sequence[Instance],
         tokens: Tokens,
         metrics: Metrics,
-        hub: str,
         limits: UploadLimits,
         spool: AppSpool,
         results: Results,
     ) -> None:
         self._tracker = tracker
         self._store = store
-        self._upstream = upstream
+        self._upstreams = upstreams
+        # Every configured instance by name, in order; the first is the default one,
+        # the instance of a request that names none. Its hub is the hub of a request
+        # naming none.
+        self._instances = {instance.name: instance for instance in instances}
+        self._default = instances[0].name
         self._tokens = tokens
         self._metrics = metrics
-        # The hub of a request that names none (OC_HUB).
-        self._hub = hub
         self._limits = limits
         self._spool = spool
         self._results = results
@@ -195,6 +201,7 @@ class JobApi:
             Route("/jobs/{job_id}/cancel", self.cancel_job, methods=["POST"]),
             Route("/jobs/{job_id}/refresh", self.refresh_job, methods=["POST"]),
             Route("/objects", self.objects, methods=["GET"]),
+            Route("/instances", self.instances, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -224,11 +231,20 @@ class JobApi:
             raise ApiError(f"no job {shown}", code="job_not_found", status=404)
         return job
 
+    def _instance(self, name: str | None) -> Instance:
+        """The configured instance a request names (blank or absent: the default)."""
+        name = (name or "").strip() or self._default
+        instance = self._instances.get(name)
+        if instance is None:
+            raise unknown_instance(name)
+        return instance
+
     def _submit_request(
         self, fields: dict[str, str], filename: str, rows: int, key: str | None
     ) -> SubmitRequest:
         object_name = _name(fields.get("object"), "object", required=True)
-        hub = _name(fields.get("hub"), "hub") or self._hub
+        instance = self._instance(fields.get("instance"))
+        hub = _name(fields.get("hub"), "hub") or instance.hub
         path = _path(fields.get("path"))
         return SubmitRequest(
             hub=hub,
@@ -238,6 +254,7 @@ class JobApi:
             rows=rows,
             metadata=_metadata(fields.get("metadata")),
             idempotency_key=key,
+            instance=instance.name,
         )
 
     async def submit_job(self, request: Request) -> Response:
@@ -301,7 +318,8 @@ class JobApi:
 
     async def _start_download(self, request: Request, key: str | None) -> Response:
         body = await read_bounded(request.stream(), request.headers.get("content-length"))
-        download = download_request(body, default_hub=self._hub, key=key)
+        hubs = {name: instance.hub for name, instance in self._instances.items()}
+        download = download_request(body, hubs=hubs, key=key)
         job, created = await self._tracker.start_download(download)
         return await self._submitted(job, created)
 
@@ -333,12 +351,19 @@ class JobApi:
         direction = params.get("direction")
         if direction is not None and direction not in _DIRECTIONS:
             raise ApiError("direction must be upload or download", code="bad_direction")
+        # A name no longer configured still finds the jobs that have it.
+        instance = params.get("instance")
+        if instance is not None and not valid_name(instance):
+            raise ApiError(
+                "instance must be 1 to 40 lower-case letters, digits and '-'", code="bad_instance"
+            )
         limit = int(raw_limit)
         jobs = await self._store.list_jobs(
             state=State(state_filter.upper()) if state_filter else None,
             limit=limit,
             before=cursor,
             direction=direction,
+            instance=instance,
         )
         next_cursor = jobs[-1].id if len(jobs) == limit else None
         return JSONResponse(
@@ -374,7 +399,7 @@ class JobApi:
             raise ApiError("the job has not reached the upstream", code="not_submitted", status=409)
         shown = copy.to_json() if copy is not None else None
         try:
-            errors = await self._upstream.errors(job.hub, job.upstream_id)
+            errors = await self._upstreams.for_job(job).errors(job.hub, job.upstream_id)
         except UpstreamError as exc:
             what = "the upstream could not list the failed records"
             if copy is not None and not copy.ended:
@@ -412,9 +437,10 @@ class JobApi:
 
     async def objects(self, request: Request) -> Response:
         self._authorize(request)
-        hub = _name(request.query_params.get("hub"), "hub") or self._hub
+        instance = self._instance(request.query_params.get("instance"))
+        hub = _name(request.query_params.get("hub"), "hub") or instance.hub
         try:
-            names = await self._upstream.objects(hub)
+            names = await self._upstreams.named(instance.name).objects(hub)
         except UpstreamError as exc:
             if exc.status == 404:
                 raise ApiError(
@@ -424,6 +450,27 @@ class JobApi:
                 ) from exc
             raise upstream_failure("the upstream could not list objects", exc) from exc
         return JSONResponse({"hub": hub, "objects": names})
+
+    async def instances(self, request: Request) -> Response:
+        """The configured instances: names, hubs, where their upstream is, whether a
+        signature key is set, their jobs. Never a credential or a key."""
+        self._authorize(request)
+        counts = await self._store.count_by_instance()
+        listed = []
+        for name, instance in self._instances.items():
+            by_state = counts.get(name, {})
+            listed.append(
+                {
+                    "name": name,
+                    "default": name == self._default,
+                    "hub": instance.hub,
+                    "base_url": redact(instance.base_url) if instance.base_url else "embedded",
+                    "signature_key_set": bool(instance.signature_keys),
+                    "signature_keys": len(instance.signature_keys),
+                    "jobs": {"total": sum(by_state.values()), "by_state": by_state},
+                }
+            )
+        return JSONResponse({"instances": listed})
 
     async def readyz(self, request: Request) -> Response:
         try:
@@ -435,5 +482,5 @@ class JobApi:
         return JSONResponse({"status": "ready"})
 
     async def metrics(self, request: Request) -> Response:
-        body = self._metrics.render(await self._store.count_by_state())
+        body = self._metrics.render(await self._store.count_by_instance())
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -35,6 +35,7 @@ from service.jobs import Job
 from service.metrics import Metrics
 from service.store import Store
 from service.upstream.client import UpstreamClient, UpstreamError
+from service.upstream.instances import Upstreams
 from service.values import safe_text
 
 __all__ = ["Fetcher"]
@@ -57,7 +58,7 @@ class Fetcher(DueWork):
     def __init__(
         self,
         store: Store,
-        upstream: UpstreamClient,
+        upstream: UpstreamClient | Upstreams,
         files: ResultFiles,
         metrics: Metrics,
         *,
@@ -67,7 +68,8 @@ class Fetcher(DueWork):
     ) -> None:
         super().__init__("fetcher", log, None)
         self.store = store
-        self.upstream = upstream
+        # Each connector instance's client: a result comes from its job's instance.
+        self.upstreams = upstream if isinstance(upstream, Upstreams) else Upstreams.single(upstream)
         self.files = files
         self.metrics = metrics
         self.retry_first = retry_first
@@ -115,7 +117,11 @@ class Fetcher(DueWork):
                     state, status="failed", due_at=None, detail="the job has no upstream result"
                 )
             )
-            self.metrics.download("failed")
+            self.metrics.download("failed", job.instance if job is not None else "unknown")
+            return
+        if job.instance not in self.upstreams:
+            why = f"the job's connector instance {job.instance!r} is not configured"
+            await self._failed(state, why, False, None, job.instance)
             return
         fmt: Format = FORMATS[FORMATS.index(state.format)]
         attempt = asyncio.ensure_future(self._download(job, fmt))
@@ -127,10 +133,12 @@ class Fetcher(DueWork):
                 raise _LeaseLost() from None
             raise
         except UpstreamError as exc:
-            await self._failed(state, str(exc), exc.status in (404, 410), exc.retry_after)
+            not_found = exc.status in (404, 410)
+            await self._failed(state, str(exc), not_found, exc.retry_after, job.instance)
             return
         except OSError as exc:
-            await self._failed(state, f"the result could not be written: {exc}", False, None)
+            why = f"the result could not be written: {exc}"
+            await self._failed(state, why, False, None, job.instance)
             return
         except Exception as exc:
             # An error no rule above names (a library's surprise, a bug): a failed
@@ -141,10 +149,10 @@ class Fetcher(DueWork):
                 state.job_id,
                 type(exc).__name__,
                 exc_info=exc,
-                extra={"job_id": state.job_id},
+                extra={"job_id": state.job_id, "instance": job.instance},
             )
             why = f"unexpected error: {type(exc).__name__}: {exc}"
-            await self._failed(state, why, False, None)
+            await self._failed(state, why, False, None, job.instance)
             return
         finally:
             if not attempt.done():
@@ -166,14 +174,14 @@ class Fetcher(DueWork):
             due_at=None,
         )
         await self._save(done)
-        self.metrics.download("stored")
+        self.metrics.download("stored", job.instance)
         self.metrics.result_bytes.inc(stored.bytes)
         log.info(
             "stored the result of job %s: %d bytes, %d records",
             job.id,
             stored.bytes,
             stored.records,
-            extra={"job_id": job.id},
+            extra={"job_id": job.id, "instance": job.instance},
         )
 
     async def _download(self, job: Job, fmt: Format) -> StoredResult:
@@ -181,7 +189,7 @@ class Fetcher(DueWork):
         attempt before (cut off by a kill) left."""
         assert job.upstream_id is not None
         await asyncio.to_thread(self.files.remove_temporaries, job.id)
-        async with self.upstream.download(
+        async with self.upstreams.for_job(job).download(
             job.hub, job.upstream_id, job.object, format=fmt
         ) as download:
             return await self.files.write(job.id, fmt, download.aiter_bytes())
@@ -217,7 +225,12 @@ class Fetcher(DueWork):
                 return True
 
     async def _failed(
-        self, state: FetchState, why: str, not_found: bool, retry_after: float | None
+        self,
+        state: FetchState,
+        why: str,
+        not_found: bool,
+        retry_after: float | None,
+        instance: str,
     ) -> None:
         after = after_failure(
             state,
@@ -230,13 +243,13 @@ class Fetcher(DueWork):
         )
         await self._save(after)
         given_up = after.status == "failed"
-        self.metrics.download("failed" if given_up else "retried")
+        self.metrics.download("failed" if given_up else "retried", instance)
         log.warning(
             "fetching the result of job %s %s: %s",
             state.job_id,
             "was given up" if given_up else "failed, to be tried again",
             why,
-            extra={"job_id": state.job_id},
+            extra={"job_id": state.job_id, "instance": instance},
         )
 
     async def _save(self, state: FetchState) -> None:

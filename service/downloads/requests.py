@@ -1,9 +1,10 @@
 """A download request's JSON body, read with a bound and checked, before its job exists.
 
 ``POST /jobs`` with ``Content-Type: application/json`` asks for a download: a JSON
-object of at most ``MAX_BODY`` bytes with ``object`` (required), ``query``, ``hub`` and
-``format``. The body is read only up to its bound (a larger one is refused as soon as
-it passes it, or declares it will), and every mistake is a 400 naming the field.
+object of at most ``MAX_BODY`` bytes with ``object`` (required), ``query``, ``hub``,
+``format`` and ``instance``. The body is read only up to its bound (a larger one is
+refused as soon as it passes it, or declares it will), and every mistake is a 400
+naming the field.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Any
 from service.downloads.records import FORMATS
 from service.errors import ApiError
 from service.jobs import DownloadRequest
+from service.upstream.instances import unknown_instance
 from service.values import is_clean, name_problem
 
 __all__ = ["FIELDS", "MAX_BODY", "MAX_QUERY", "download_request", "is_json", "read_bounded"]
 
 MAX_BODY = 64 * 1024
 MAX_QUERY = 4000
-FIELDS = ("object", "query", "hub", "format")
+FIELDS = ("object", "query", "hub", "format", "instance")
 
 
 def is_json(content_type: str) -> bool:
@@ -108,8 +110,22 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def download_request(body: bytes, *, default_hub: str, key: str | None) -> DownloadRequest:
-    """The checked request a JSON body makes, or the 400 that says what is wrong."""
+def _instance(value: Any, hubs: Mapping[str, str]) -> str:
+    """The configured instance named (none: the first, the default one)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return next(iter(hubs))
+    if not isinstance(value, str):
+        raise ApiError("'instance' must be text", code="bad_instance")
+    if value.strip() not in hubs:
+        raise unknown_instance(value.strip())
+    return value.strip()
+
+
+def download_request(body: bytes, *, hubs: Mapping[str, str], key: str | None) -> DownloadRequest:
+    """The checked request a JSON body makes, or the 400 that says what is wrong.
+
+    ``hubs`` maps each configured instance to its hub (the default instance first):
+    a request naming no hub uses its instance's."""
     fields = _parse(body)
     for name in fields:
         if name not in FIELDS:
@@ -119,10 +135,12 @@ def download_request(body: bytes, *, default_hub: str, key: str | None) -> Downl
                 code="unknown_field",
             )
     object_name = str(_name(fields.get("object"), "object", required=True))
+    instance = _instance(fields.get("instance"), hubs)
     return DownloadRequest(
-        hub=_name(fields.get("hub"), "hub") or default_hub,
+        hub=_name(fields.get("hub"), "hub") or hubs[instance],
         object=object_name,
         query=_query(fields.get("query"), object_name),
         format=_format(fields.get("format")),
         idempotency_key=key,
+        instance=instance,
     )

@@ -23,6 +23,7 @@ from service.failed_records.rules import UPSTREAM_KEEPS, CopyState, backoff, sto
 from service.jobs import Job
 from service.store import Store
 from service.upstream.client import UpstreamClient, UpstreamError
+from service.upstream.instances import Upstreams
 from service.values import safe_text
 
 __all__ = ["EMPTY_LISTINGS", "REFUSALS", "Copier"]
@@ -59,7 +60,7 @@ class Copier(DueWork):
     def __init__(
         self,
         store: Store,
-        upstream: UpstreamClient,
+        upstream: UpstreamClient | Upstreams,
         *,
         max_records: int,
         retry_first: float,
@@ -68,7 +69,8 @@ class Copier(DueWork):
     ) -> None:
         super().__init__("copier", log, None)
         self.store = store
-        self.upstream = upstream
+        # Each connector instance's client: a job's failed records are its instance's.
+        self.upstreams = upstream if isinstance(upstream, Upstreams) else Upstreams.single(upstream)
         self.max_records = max_records
         self.retry_first = retry_first
         self.retry_most = retry_most
@@ -111,16 +113,22 @@ class Copier(DueWork):
         if job is None or job.upstream_id is None:
             await self._end(state, "failed", complete=False, detail="the job has no upstream id")
             return
+        upstream = self.upstreams.get(job.instance)
+        if upstream is None:
+            # Retried like an upstream failure: the instance may be configured again.
+            why = f"the job's connector instance {job.instance!r} is not configured"
+            await self._attempt_failed(state, UpstreamError("errors", why), job.instance)
+            return
         token = state.next_page
         size = _FIRST_PAGE
         while True:
             room = self.max_records - state.kept
             try:
-                page = await self.upstream.error_page(
+                page = await upstream.error_page(
                     job.hub, job.upstream_id, token=token, page_size=max(1, min(size, room))
                 )
             except UpstreamError as exc:
-                await self._attempt_failed(state, exc)
+                await self._attempt_failed(state, exc, job.instance)
                 return
             records = [stored_record(record) for record in page.records[:room]]
             kept = state.kept + len(records)
@@ -136,6 +144,7 @@ class Copier(DueWork):
                         "errors",
                         f"the upstream lists none of the {expected} failed records yet",
                     ),
+                    job.instance,
                 )
                 return
             if not more or kept >= self.max_records:
@@ -162,7 +171,7 @@ class Copier(DueWork):
                         kept,
                         job.id,
                         "" if not more else " (the bound)",
-                        extra={"job_id": job.id},
+                        extra={"job_id": job.id, "instance": job.instance},
                     )
                 return
             state = dataclasses.replace(
@@ -183,7 +192,7 @@ class Copier(DueWork):
                 per_record = max(1, page.bytes // len(page.records))
                 size = max(1, min(_MOST_PER_PAGE, _PAGE_BYTES // per_record))
 
-    async def _attempt_failed(self, state: CopyState, exc: UpstreamError) -> None:
+    async def _attempt_failed(self, state: CopyState, exc: UpstreamError, instance: str) -> None:
         now = time.time()
         attempts = state.attempts + 1
         refused = exc.status is not None and 400 <= exc.status < 500 and exc.status != 429
@@ -200,7 +209,7 @@ class Copier(DueWork):
             state.job_id,
             wait,
             exc,
-            extra={"job_id": state.job_id},
+            extra={"job_id": state.job_id, "instance": instance},
         )
         retry = dataclasses.replace(
             state, attempts=attempts, due_at=now + wait, detail=safe_text(str(exc), _DETAIL)
