@@ -288,7 +288,7 @@ def create_app(
         store=store,
         metrics=metrics,
         tokens=tokens,
-        upstream=upstream,
+        upstreams=upstreams,
         jobs=jobs,
         instances=[instance.name for instance in settings.instances],
     )

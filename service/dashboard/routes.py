@@ -44,7 +44,8 @@ from service.instances import valid_name
 from service.jobs import Job, State
 from service.metrics import Metrics
 from service.store import Store
-from service.upstream.client import UpstreamClient, UpstreamError, upstream_failure
+from service.upstream.client import UpstreamError, upstream_failure
+from service.upstream.instances import Upstreams
 from service.values import count, job_id_ok, safe_text
 
 __all__ = ["COOKIE", "Dashboard", "failed_table"]
@@ -113,7 +114,7 @@ class Dashboard:
         store: Store,
         metrics: Metrics,
         tokens: Tokens,
-        upstream: UpstreamClient,
+        upstreams: Upstreams,
         jobs: JobApi,
         instances: Sequence[str] = (),
     ) -> None:
@@ -126,7 +127,8 @@ class Dashboard:
         self._store = store
         self._metrics = metrics
         self._tokens = tokens
-        self._upstream = upstream
+        # Each job's failed records are read from its own instance's upstream.
+        self._upstreams = upstreams
         self._jobs = jobs
         # The configured connector instances' names, the default first: the jobs
         # table's filter offers them.
@@ -325,7 +327,7 @@ class Dashboard:
         if stored:
             return failed.parsed(stored_records(self._store, job.id))
         assert job.upstream_id is not None
-        return self._upstream.error_pages(
+        return self._upstreams.for_job(job).error_pages(
             job.hub, job.upstream_id, page_bytes=failed.UPSTREAM_PAGE_BYTES
         )
 
