@@ -27,8 +27,10 @@ from .helpers import (
 
 CRM_KEY = "crm-instance-signing-key"
 SHOP_KEY = "shop-instance-signing-key"
+# Shop's key before the current one, still accepted while the rotation lasts.
+SHOP_OLD_KEY = "shop-instance-old-key"
 # What no answer, page or command output may ever show.
-SECRETS = (CRM_KEY, SHOP_KEY, "user-secret", "org-secret", "element-token")
+SECRETS = (CRM_KEY, SHOP_KEY, SHOP_OLD_KEY, "user-secret", "org-secret", "element-token")
 
 
 class Deployment:
@@ -42,7 +44,8 @@ class Deployment:
 
 @pytest.fixture
 def two(start_sandbox: StartSandbox, start_service: StartService) -> Deployment:
-    """OC_INSTANCES=crm,shop: crm (the default) on hub crm, shop on hub marketing."""
+    """OC_INSTANCES=crm,shop: crm (the default) on hub crm; shop on hub marketing,
+    halfway through rotating its signature key."""
     crm = start_sandbox(signature_key=CRM_KEY)
     shop = start_sandbox(signature_key=SHOP_KEY)
     service = start_service(
@@ -53,7 +56,7 @@ def two(start_sandbox: StartSandbox, start_service: StartService) -> Deployment:
             "OC_CRM_SIGNATURE_KEYS": CRM_KEY,
             "OC_CRM_HUB": "crm",
             "OC_SHOP_BASE_URL": shop.api_url,
-            "OC_SHOP_SIGNATURE_KEYS": SHOP_KEY,
+            "OC_SHOP_SIGNATURE_KEYS": f"{SHOP_KEY},{SHOP_OLD_KEY}",
         },
     )
     return Deployment(service, crm, shop)
@@ -185,8 +188,8 @@ def test_instances_lists_each_instance_with_its_jobs_and_never_a_secret(
     header, rows = plain_rows(result.stdout)
     assert header == ["instance", "default", "hub", "base", "URL", "keys", "jobs"]
     assert rows == [
-        ["crm", "yes", "crm", two.crm.api_url, "set", "0"],
-        ["shop", "no", "marketing", two.shop.api_url, "set", "1"],
+        ["crm", "yes", "crm", two.crm.api_url, "1", "0"],
+        ["shop", "no", "marketing", two.shop.api_url, "2", "1"],
     ]
     as_json = json.loads(bulkhook(two.service, "instances", "--json").stdout)
     assert as_json == two.service.http.get("/instances").json()
@@ -200,7 +203,7 @@ def test_instances_of_a_single_instance_service_is_its_embedded_default(
     service = start_service(None)
     result = bulkhook(service, "instances")
     assert result.returncode == 0, result.stderr
-    assert plain_rows(result.stdout)[1] == [["default", "yes", "marketing", "embedded", "set", "0"]]
+    assert plain_rows(result.stdout)[1] == [["default", "yes", "marketing", "embedded", "1", "0"]]
 
 
 # The dashboard --------------------------------------------------------------------

@@ -32,12 +32,12 @@ def add_instances_command(commands: Any) -> None:
 
 
 def _keys(instance: dict[str, Any]) -> str:
-    """``none`` (callbacks cannot be verified: they are refused), else how many keys:
-    two while a key is being rotated."""
-    if not instance.get("signature_key_set"):
-        return "none"
+    """``none``: callbacks cannot be verified (they are refused); else how many keys
+    are set: two while a key is being rotated."""
     count = instance.get("signature_keys")
-    return f"{count} set" if isinstance(count, int) and count > 1 else "set"
+    if not instance.get("signature_key_set") or not isinstance(count, int) or count < 1:
+        return "none"
+    return str(count)
 
 
 def _cells(instance: dict[str, Any]) -> list[str]:
