@@ -15,56 +15,28 @@ from jsonschema import Draft202012Validator, FormatChecker
 from service.openapi.jobs import openapi_spec
 
 from .helpers import (
-    RunningSandbox,
+    CONFIGURED_SECRETS,
     RunningService,
     StartSandbox,
     StartService,
+    TwoInstances,
     eventually,
     job_now,
     run_bulkhook,
+    start_two_instances,
     write_csv,
 )
 
-CRM_KEY = "crm-instance-signing-key"
-SHOP_KEY = "shop-instance-signing-key"
-# Shop's key before the current one, still accepted while the rotation lasts.
-SHOP_OLD_KEY = "shop-instance-old-key"
-# What no answer, page or command output may ever show.
-SECRETS = (CRM_KEY, SHOP_KEY, SHOP_OLD_KEY, "user-secret", "org-secret", "element-token")
-
-
-class Deployment:
-    """The service and the upstream of each of its instances."""
-
-    def __init__(self, service: RunningService, crm: RunningSandbox, shop: RunningSandbox) -> None:
-        self.service = service
-        self.crm = crm
-        self.shop = shop
-
 
 @pytest.fixture
-def two(start_sandbox: StartSandbox, start_service: StartService) -> Deployment:
-    """OC_INSTANCES=crm,shop: crm (the default) on hub crm; shop on hub marketing,
-    halfway through rotating its signature key."""
-    crm = start_sandbox(signature_key=CRM_KEY)
-    shop = start_sandbox(signature_key=SHOP_KEY)
-    service = start_service(
-        crm,
-        signature_keys=(),
-        oc_instances=("crm", "shop"),
-        instance_env={
-            "OC_CRM_SIGNATURE_KEYS": CRM_KEY,
-            "OC_CRM_HUB": "crm",
-            "OC_SHOP_BASE_URL": shop.api_url,
-            "OC_SHOP_SIGNATURE_KEYS": f"{SHOP_KEY},{SHOP_OLD_KEY}",
-        },
-    )
-    return Deployment(service, crm, shop)
+def two(start_sandbox: StartSandbox, start_service: StartService) -> TwoInstances:
+    """OC_INSTANCES=crm,shop: crm (the default) on hub marketing, shop on hub crm."""
+    return start_two_instances(start_sandbox, start_service)
 
 
 def bulkhook(service: RunningService, *args: str) -> Any:
     result = run_bulkhook(*args, "--url", service.url)
-    for secret in SECRETS:
+    for secret in CONFIGURED_SECRETS:
         assert secret not in result.stdout + result.stderr
     return result
 
@@ -91,14 +63,14 @@ def conforms(name: str, body: Any) -> None:
 
 
 def test_submit_with_an_instance_runs_the_job_on_that_instances_upstream(
-    two: Deployment, contacts_csv: Path
+    two: TwoInstances, contacts_csv: Path
 ) -> None:
     result = bulkhook(
         two.service,
         "submit",
         str(contacts_csv),
         "--object",
-        "contact",
+        "contacts",
         "--instance",
         "shop",
         "--wait",
@@ -108,9 +80,9 @@ def test_submit_with_an_instance_runs_the_job_on_that_instances_upstream(
     assert "COMPLETED" in lines[-1] and "instance shop" in lines[-1]
     job_id = lines[-1].split()[1]
     job = two.service.http.get(f"/jobs/{job_id}").json()
-    assert (job["instance"], job["hub"], job["state"]) == ("shop", "marketing", "COMPLETED")
+    assert (job["instance"], job["hub"], job["state"]) == ("shop", "crm", "COMPLETED")
     # The records went to shop's upstream, none to crm's.
-    assert len(two.shop.sandbox.objects[("marketing", "contact")].rows) == 10
+    assert len(two.shop.sandbox.objects[("crm", "contacts")].rows) == 10
     assert not two.crm.sandbox.objects
     status = bulkhook(two.service, "status", job_id)
     assert status.returncode == 0
@@ -118,19 +90,19 @@ def test_submit_with_an_instance_runs_the_job_on_that_instances_upstream(
 
 
 def test_submit_without_an_instance_uses_the_default_one_and_its_hub(
-    two: Deployment, contacts_csv: Path
+    two: TwoInstances, contacts_csv: Path
 ) -> None:
     result = bulkhook(
-        two.service, "submit", str(contacts_csv), "--object", "contacts", "--wait", "--json"
+        two.service, "submit", str(contacts_csv), "--object", "contact", "--wait", "--json"
     )
     assert result.returncode == 0, result.stderr
     job = json.loads(result.stdout.splitlines()[-1])
-    assert (job["instance"], job["hub"], job["state"]) == ("crm", "crm", "COMPLETED")
+    assert (job["instance"], job["hub"], job["state"]) == ("crm", "marketing", "COMPLETED")
     assert not two.shop.sandbox.objects
 
 
 def test_submit_to_an_instance_not_configured_starts_no_job(
-    two: Deployment, contacts_csv: Path
+    two: TwoInstances, contacts_csv: Path
 ) -> None:
     result = bulkhook(
         two.service, "submit", str(contacts_csv), "--object", "contact", "--instance", "erp"
@@ -141,12 +113,12 @@ def test_submit_to_an_instance_not_configured_starts_no_job(
 
 
 def test_export_with_an_instance_queries_that_instances_upstream(
-    two: Deployment, contacts_csv: Path, tmp_path: Path
+    two: TwoInstances, contacts_csv: Path, tmp_path: Path
 ) -> None:
-    submitted(two.service, contacts_csv, instance="shop")
+    submitted(two.service, contacts_csv, instance="shop", object="contacts")
     target = tmp_path / "shop-contacts.csv"
     result = bulkhook(
-        two.service, "export", "contact", "--instance", "shop", "--wait", "-o", str(target)
+        two.service, "export", "contacts", "--instance", "shop", "--wait", "-o", str(target)
     )
     assert result.returncode == 0, result.stderr
     assert "instance shop" in result.stdout.splitlines()[0]
@@ -156,10 +128,10 @@ def test_export_with_an_instance_queries_that_instances_upstream(
 
 
 def test_jobs_with_an_instance_lists_only_its_jobs_and_every_row_names_its_instance(
-    two: Deployment, contacts_csv: Path
+    two: TwoInstances, contacts_csv: Path
 ) -> None:
-    shop_job = submitted(two.service, contacts_csv, instance="shop")
-    crm_job = submitted(two.service, contacts_csv, object="contacts")
+    shop_job = submitted(two.service, contacts_csv, instance="shop", object="contacts")
+    crm_job = submitted(two.service, contacts_csv)
     everything = bulkhook(two.service, "jobs")
     assert everything.returncode == 0, everything.stderr
     header, rows = plain_rows(everything.stdout)
@@ -180,16 +152,16 @@ def test_jobs_with_an_instance_lists_only_its_jobs_and_every_row_names_its_insta
 
 
 def test_instances_lists_each_instance_with_its_jobs_and_never_a_secret(
-    two: Deployment, contacts_csv: Path
+    two: TwoInstances, contacts_csv: Path
 ) -> None:
-    submitted(two.service, contacts_csv, instance="shop")
+    submitted(two.service, contacts_csv, instance="shop", object="contacts")
     result = bulkhook(two.service, "instances")
     assert result.returncode == 0, result.stderr
     header, rows = plain_rows(result.stdout)
     assert header == ["instance", "default", "hub", "base", "URL", "keys", "jobs"]
     assert rows == [
-        ["crm", "yes", "crm", two.crm.api_url, "1", "0"],
-        ["shop", "no", "marketing", two.shop.api_url, "2", "1"],
+        ["crm", "yes", "marketing", two.crm.api_url, "1", "0"],
+        ["shop", "no", "crm", two.shop.api_url, "1", "1"],
     ]
     as_json = json.loads(bulkhook(two.service, "instances", "--json").stdout)
     assert as_json == two.service.http.get("/instances").json()
@@ -215,10 +187,10 @@ def rows_of(page: str) -> dict[str, str]:
 
 
 def test_the_dashboard_shows_each_jobs_instance_and_filters_by_it(
-    two: Deployment, contacts_csv: Path
+    two: TwoInstances, contacts_csv: Path
 ) -> None:
-    shop_job = submitted(two.service, contacts_csv, instance="shop")
-    crm_job = submitted(two.service, contacts_csv, object="contacts")
+    shop_job = submitted(two.service, contacts_csv, instance="shop", object="contacts")
+    crm_job = submitted(two.service, contacts_csv)
     page = two.service.http.get("/")
     assert page.status_code == 200
     assert rows_of(page.text) == {shop_job["id"]: "shop", crm_job["id"]: "crm"}
@@ -240,15 +212,15 @@ def test_the_dashboard_shows_each_jobs_instance_and_filters_by_it(
     detail = two.service.http.get(f"/ui/jobs/{shop_job['id']}")
     assert '<dt>Instance</dt><dd class="instance">shop</dd>' in detail.text
     for text in (page.text, detail.text):
-        for secret in SECRETS:
+        for secret in CONFIGURED_SECRETS:
             assert secret not in text
 
 
 def test_the_failed_records_of_a_jobs_instance_are_shown_on_its_page(
-    two: Deployment, tmp_path: Path
+    two: TwoInstances, tmp_path: Path
 ) -> None:
     failing = write_csv(tmp_path / "failing.csv", [["Name", "Email"], ["A", ""], ["B", "b@x.io"]])
-    job = submitted(two.service, failing, instance="shop")
+    job = submitted(two.service, failing, instance="shop", object="contacts")
     assert job["records_failed_count"] == 1
     # Without the service's copy (as for a job that ended before copies were kept) the
     # page reads them from the upstream: shop's, where the job ran.
@@ -279,8 +251,8 @@ def test_a_single_instance_dashboard_shows_the_default_instance_and_no_instance_
 # The API description --------------------------------------------------------------
 
 
-def test_the_instance_answers_match_the_description(two: Deployment, contacts_csv: Path) -> None:
-    job = submitted(two.service, contacts_csv, instance="shop")
+def test_the_instance_answers_match_the_description(two: TwoInstances, contacts_csv: Path) -> None:
+    job = submitted(two.service, contacts_csv, instance="shop", object="contacts")
     conforms("Job", job)
     http = two.service.http
     conforms("Instances", http.get("/instances").json())
