@@ -95,13 +95,16 @@ class Poller(DueWork):
         self.metrics = metrics
         self.owner = f"poller-{secrets.token_hex(4)}"
         self.lease = lease
-        # One budget per configured instance; the backlog and the concurrency grow
-        # with their number, so that each instance can use its whole budget.
+        # One budget and one bound on polls at once per configured instance, so that
+        # polls waiting for one instance's budget never hold up another's; the
+        # backlog grows with their number, so that each can use its whole budget.
         instances = tuple(tracker.upstreams)
         self._limiters = {name: RateLimiter(rate) for name in instances}
-        self._concurrency = asyncio.Semaphore(max(1, min(32 * len(instances), int(rate * 2))))
+        self._concurrency = {
+            name: asyncio.Semaphore(max(1, min(32, int(rate * 2)))) for name in instances
+        }
         # Jobs claimed but not yet polled, at most: about two seconds of the rates.
-        self._backlog = max(1, min(_BATCH * len(instances), math.ceil(rate * 2 * len(instances))))
+        self._backlog = max(1, min(_BATCH, math.ceil(rate * 2)) * len(instances))
         self._unknown_logged: dict[str, None] = {}
 
     async def tick(self) -> int:
@@ -139,7 +142,7 @@ class Poller(DueWork):
         if limiter is None:
             await self._not_configured(job)
             return
-        async with self._concurrency:
+        async with self._concurrency[job.instance]:
             if job.upstream_id is not None:
                 await limiter.acquire()
             try:
