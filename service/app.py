@@ -294,7 +294,14 @@ def create_app(
             ended=work_after_end,
         )
     )
-    dashboard = Dashboard(store=store, metrics=metrics, tokens=tokens, upstream=upstream, jobs=jobs)
+    dashboard = Dashboard(
+        store=store,
+        metrics=metrics,
+        tokens=tokens,
+        upstreams=upstreams,
+        jobs=jobs,
+        instances=[instance.name for instance in settings.instances],
+    )
     routes: list[BaseRoute] = [
         *jobs.routes(),
         *(Route(path, callbacks, methods=["POST"]) for path in CALLBACK_PATHS),

@@ -21,7 +21,7 @@ import pytest
 
 from service.callbacks.signatures import sign
 
-from .helpers import RunningSandbox, RunningService, write_csv
+from .helpers import RunningSandbox, RunningService, start_two_instances, write_csv
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -352,4 +352,33 @@ def test_a_download_shows_its_result_live_and_the_button_saves_the_file(
     )
     assert hashlib.sha256(data).hexdigest() == result["sha256"]
     assert data.decode().splitlines()[0].startswith("C_EmailAddress,")
+    no_console_errors(browser)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_the_jobs_table_filtered_by_instance_adds_only_that_instances_jobs_live(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    browser: Any,
+    contacts_csv: Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    two = start_two_instances(start_sandbox, start_service, sandbox={"job_seconds": 1.0})
+    browser.get(two.service.url + "/")
+    Select(browser.find_element(By.NAME, "instance")).select_by_value("shop")
+    browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+    wait_until(lambda: "instance=shop" in browser.current_url, "the filtered page")
+    wait_until(lambda: text_of(browser, "#live") == "live", "the live indicator")
+
+    crm_job = two.service.submit(contacts_csv).json()
+    shop_job = two.service.submit(contacts_csv, instance="shop", object="contacts").json()
+    row = f"#job-{shop_job['id']}"
+    wait_until(lambda: text_of(browser, f"{row} td.instance") == "shop", "shop's new job")
+    wait_until(lambda: text_of(browser, f"{row} .badge") == "COMPLETED", "COMPLETED", 20)
+    # crm's job changed before shop's and since: the stream sent it, the table kept out.
+    assert two.service.wait_for(crm_job["id"], {"COMPLETED"})
+    assert browser.find_elements(By.ID, f"job-{crm_job['id']}") == []
+    screenshot(browser, "dashboard-instance-filter")
     no_console_errors(browser)

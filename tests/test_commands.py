@@ -491,6 +491,7 @@ def test_jobs_off_a_terminal_prints_plain_lines(
         "direction",
         "object",
         "hub",
+        "instance",
         "records",
         "failed",
         "via",

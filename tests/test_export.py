@@ -221,7 +221,9 @@ def test_without_wait_the_job_is_printed_and_nothing_written(
     result = export(service, "contact", cwd=out)
     assert result.returncode == 0, result.stderr
     [job] = downloads(service)
-    assert result.stdout == f"job {job['id']}  CREATED  download contact@marketing  via submit\n"
+    assert result.stdout == (
+        f"job {job['id']}  CREATED  download contact@marketing  instance default  via submit\n"
+    )
     assert os.listdir(out) == []
 
 

@@ -82,9 +82,12 @@ class ServiceClient:
         path: str | None = None,
         metadata: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        instance: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         fields = {"object": object_name}
+        if instance is not None:
+            fields["instance"] = instance
         if hub:
             fields["hub"] = hub
         if path:
@@ -104,10 +107,12 @@ class ServiceClient:
         query: str | None = None,
         hub: str | None = None,
         result_format: str | None = None,
+        instance: str | None = None,
     ) -> dict[str, Any]:
         """Start a download job: the upstream runs ``query`` (default: every record)."""
         body: dict[str, str] = {"object": object_name}
-        for name, value in (("query", query), ("hub", hub), ("format", result_format)):
+        fields = (("query", query), ("hub", hub), ("format", result_format), ("instance", instance))
+        for name, value in fields:
             if value is not None:
                 body[name] = value
         return self._request("POST", "/jobs", json=body)  # type: ignore[no-any-return]
@@ -116,14 +121,25 @@ class ServiceClient:
         return self._request("GET", f"/jobs/{quote(job_id, safe='')}")  # type: ignore[no-any-return]
 
     def jobs(
-        self, *, state: str | None = None, direction: str | None = None, limit: int = 50
+        self,
+        *,
+        state: str | None = None,
+        direction: str | None = None,
+        instance: str | None = None,
+        limit: int = 50,
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
         if state:
             params["state"] = state
         if direction:
             params["direction"] = direction
+        if instance is not None:
+            params["instance"] = instance
         return self._request("GET", "/jobs", params=params)  # type: ignore[no-any-return]
+
+    def instances(self) -> dict[str, Any]:
+        """The service's connector instances (no secrets: the service never sends any)."""
+        return self._request("GET", "/instances")  # type: ignore[no-any-return]
 
     def errors(self, job_id: str) -> dict[str, Any]:
         """The job's failed records, every upstream page of them."""

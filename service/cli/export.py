@@ -63,7 +63,12 @@ def add_export_command(commands: Any) -> None:
     )
     which.add_argument("--query", metavar="Q", help="the whole CEQL query to run")
     export.add_argument("--format", choices=FORMATS, default="csv", help="the result's format")
-    export.add_argument("--hub", help="the hub (default: the service's OC_HUB)")
+    export.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="the connector instance to query (default: the service's default instance)",
+    )
+    export.add_argument("--hub", help="the hub (default: the instance's hub)")
     export.add_argument(
         "-o", "--output", metavar="FILE", help="where to write the result (with --wait)"
     )
@@ -120,6 +125,7 @@ def _export(args: argparse.Namespace) -> int:
             query=query,
             hub=args.hub,
             result_format=args.format,
+            instance=args.instance,
         )
         print_job(job, as_json=args.json, out=info)
         if not args.wait:

@@ -16,6 +16,7 @@ from typing import BinaryIO, NoReturn
 from service import __version__
 from service.callbacks import signatures
 from service.cli.export import add_export_command
+from service.cli.instances import add_instances_command
 from service.cli.remote import CommandError, add_job_commands, report
 
 __all__ = ["main"]
@@ -259,6 +260,7 @@ def _parser() -> argparse.ArgumentParser:
 
     add_job_commands(commands)
     add_export_command(commands)
+    add_instances_command(commands)
 
     demo = commands.add_parser("demo", help="show the whole flow on embedded defaults")
     demo.set_defaults(run=_demo)

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -25,6 +25,7 @@ __all__ = [
     "connect",
     "follow_to_end",
     "print_job",
+    "print_table",
     "printable",
     "report",
     "result_line",
@@ -89,6 +90,8 @@ def print_job(job: dict[str, Any], *, as_json: bool, out: TextIO | None = None) 
         f"job {job['id']}",
         job["state"],
         f"download {what}" if job.get("direction") == "download" else what,
+        # The connector instance the job runs on (its upstream account and keys).
+        f"instance {printable(job['instance'])}" if job.get("instance") else "",
         _counts(job),
         f"via {job['last_source']}",
     ]
@@ -149,6 +152,7 @@ def _submit(args: argparse.Namespace) -> int:
             path=args.path,
             metadata=metadata,
             idempotency_key=args.idempotency_key,
+            instance=args.instance,
             progress=advance,
         )
     print_job(job, as_json=args.json)
@@ -174,7 +178,19 @@ def _status(args: argparse.Namespace) -> int:
 
 
 _UNBOUNDED = 10_000
-_JOB_COLUMNS = ("job", "state", "direction", "object", "hub", "records", "failed", "via", "updated")
+_JOB_COLUMNS = (
+    "job",
+    "state",
+    "direction",
+    "object",
+    "hub",
+    "instance",
+    "records",
+    "failed",
+    "via",
+    "updated",
+)
+_FAILED = _JOB_COLUMNS.index("failed")
 
 
 def _job_cells(job: dict[str, Any]) -> list[str]:
@@ -185,6 +201,7 @@ def _job_cells(job: dict[str, Any]) -> list[str]:
         job.get("direction") or "upload",
         job["object"],
         job["hub"],
+        printable(job.get("instance") or "-"),
         "-" if records is None else str(records),
         "-" if failed is None else str(failed),
         job["last_source"],
@@ -193,40 +210,34 @@ def _job_cells(job: dict[str, Any]) -> list[str]:
 
 
 def _print_lines(rows: list[list[str]]) -> None:
-    """Aligned plain lines, each job's id first and whole: for pipes, and for terminals
+    """Aligned plain lines, each row's first cell whole: for pipes, and for terminals
     too narrow for the table."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_JOB_COLUMNS))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
 
 
-def _jobs(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        page = call(client.jobs, state=args.state, direction=args.direction, limit=args.limit)
-    if args.json:
-        print(json.dumps(page))
-        return 0
-    if not page["jobs"]:
-        print("no jobs")
-        return 0
-    rows = [_job_cells(job) for job in page["jobs"]]
+def print_table(columns: Sequence[str], rows: list[list[str]], *, red: int | None = None) -> None:
+    """``rows`` under ``columns``: a table on a terminal wide enough for every cell,
+    else aligned plain lines. The first column (an id, a name: for copying) is never
+    cut; column ``red``, when given, is red where it holds a count above zero."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = Console()
     if console.is_terminal:
-        table = Table(*_JOB_COLUMNS)
+        table = Table(*columns)
         # An id is for copying: never cut, folded or wrapped.
         table.columns[0].no_wrap = True
         table.columns[0].min_width = max(len(row[0]) for row in rows)
         for row in rows:
             # Text, not markup: an object or hub name may hold "[".
             cells = [Text(cell) for cell in row]
-            if row[6] not in ("-", "0"):
-                cells[6].stylize("red")
+            if red is not None and row[red] not in ("-", "0"):
+                cells[red].stylize("red")
             table.add_row(*cells)
         # The table only when every cell fits whole; a long state or a narrow terminal
         # would otherwise squeeze columns into "…". (Measured unbounded: a measurement
@@ -234,8 +245,26 @@ def _jobs(args: argparse.Namespace) -> int:
         natural = console.measure(table, options=console.options.update_width(_UNBOUNDED))
         if natural.maximum <= console.width:
             console.print(table)
-            return 0
-    _print_lines([list(_JOB_COLUMNS), *rows])
+            return
+    _print_lines([list(columns), *rows])
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        page = call(
+            client.jobs,
+            state=args.state,
+            direction=args.direction,
+            instance=args.instance,
+            limit=args.limit,
+        )
+    if args.json:
+        print(json.dumps(page))
+        return 0
+    if not page["jobs"]:
+        print("no jobs")
+        return 0
+    print_table(_JOB_COLUMNS, [_job_cells(job) for job in page["jobs"]], red=_FAILED)
     return 0
 
 
@@ -308,7 +337,12 @@ def add_job_commands(commands: Any) -> None:
     submit = commands.add_parser("submit", help="submit a CSV as a bulk job")
     submit.add_argument("file", help="the CSV file")
     submit.add_argument("--object", required=True, help="the object to load, e.g. contact")
-    submit.add_argument("--hub", help="the hub (default: the service's OC_HUB)")
+    submit.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="the connector instance to run on (default: the service's default instance)",
+    )
+    submit.add_argument("--hub", help="the hub (default: the instance's hub)")
     submit.add_argument("--path", help="the upstream's optional path (none sent unless given)")
     submit.add_argument("--metadata", help="JSON object passed upstream as metaData")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key makes no new job")
@@ -327,6 +361,7 @@ def add_job_commands(commands: Any) -> None:
     jobs.add_argument(
         "--direction", choices=("upload", "download"), help="only uploads, or only downloads"
     )
+    jobs.add_argument("--instance", metavar="NAME", help="only the jobs of this instance")
     jobs.add_argument("--limit", type=int, default=50)
     service_options(jobs)
     jobs.set_defaults(run=lambda args, stdin: _jobs(args))

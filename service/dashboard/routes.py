@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode
@@ -40,10 +40,12 @@ from service.dashboard.failed import FailedTable, csv_chunks, stored_csv_chunks
 from service.dashboard.views import callbacks_view, job_view, result_view, timeline_view
 from service.errors import ApiError
 from service.failed_records.rules import CopyState
+from service.instances import valid_name
 from service.jobs import Job, State
 from service.metrics import Metrics
 from service.store import Store
-from service.upstream.client import UpstreamClient, UpstreamError, upstream_failure
+from service.upstream.client import UpstreamError, upstream_failure
+from service.upstream.instances import Upstreams
 from service.values import count, job_id_ok, safe_text
 
 __all__ = ["COOKIE", "Dashboard", "failed_table"]
@@ -79,10 +81,16 @@ def _unauthorized() -> ApiError:
     )
 
 
-def _older(state: State | None, search: str, last_id: str) -> str:
+def _older(state: State | None, search: str, instance: str, last_id: str) -> str:
     """The query string of the next page: the same filters, before the last job."""
-    params = {"state": str(state or ""), "q": search, "before": last_id}
+    params = {"state": str(state or ""), "instance": instance, "q": search, "before": last_id}
     return urlencode({key: value for key, value in params.items() if value})
+
+
+def _offered(configured: tuple[str, ...], chosen: str) -> list[str]:
+    """The instances the filter offers: the configured ones, and the chosen one when it
+    is not configured (any more): its jobs are still in the store."""
+    return [*configured, chosen] if chosen and chosen not in configured else list(configured)
 
 
 def _local_path(value: str | None) -> str:
@@ -106,8 +114,9 @@ class Dashboard:
         store: Store,
         metrics: Metrics,
         tokens: Tokens,
-        upstream: UpstreamClient,
+        upstreams: Upstreams,
         jobs: JobApi,
+        instances: Sequence[str] = (),
     ) -> None:
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True
@@ -118,8 +127,12 @@ class Dashboard:
         self._store = store
         self._metrics = metrics
         self._tokens = tokens
-        self._upstream = upstream
+        # Each job's failed records are read from its own instance's upstream.
+        self._upstreams = upstreams
         self._jobs = jobs
+        # The configured connector instances' names, the default first: the jobs
+        # table's filter offers them.
+        self._instances = tuple(instances)
         # A download's result JSON and stored file, as the job API serves them.
         self._results = jobs.results
 
@@ -195,12 +208,19 @@ class Dashboard:
         before = params.get("before") or None
         if before is not None and not _CURSOR.fullmatch(before):
             before = None
+        instance = (params.get("instance") or "").strip()[:100]
         problem, jobs = "", []
         if search and not _SEARCH.fullmatch(search):
             problem = "Search by a job id (or its start) or an upstream job id."
+        elif instance and not valid_name(instance):
+            problem = "Choose an instance by its name."
         else:
             jobs = await self._store.list_jobs(
-                state=state_filter, limit=PAGE, before=before, search=search or None
+                state=state_filter,
+                limit=PAGE,
+                before=before,
+                search=search or None,
+                instance=instance or None,
             )
         now = time.time()
         context = {
@@ -209,8 +229,13 @@ class Dashboard:
             "states": [str(s) for s in State],
             "chosen": str(state_filter or ""),
             "search": search,
+            # A name no longer configured is offered too: its jobs are still listed.
+            "instances": _offered(self._instances, instance if not problem else ""),
+            "instance": instance if not problem else "",
             "problem": problem,
-            "older": _older(state_filter, search, jobs[-1].id) if len(jobs) == PAGE else None,
+            "older": (
+                _older(state_filter, search, instance, jobs[-1].id) if len(jobs) == PAGE else None
+            ),
             "paged": before is not None,
             "since": f"{now:.3f}",
             "panel": await self.panel(),
@@ -302,7 +327,7 @@ class Dashboard:
         if stored:
             return failed.parsed(stored_records(self._store, job.id))
         assert job.upstream_id is not None
-        return self._upstream.error_pages(
+        return self._upstreams.for_job(job).error_pages(
             job.hub, job.upstream_id, page_bytes=failed.UPSTREAM_PAGE_BYTES
         )
 

@@ -93,6 +93,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "upstream_error": job.upstream_error,
         "rows": job.rows,
         "direction": job.direction,
+        "instance": job.instance,
         "is_download": job.is_download,
         "query": job.query,
         "format": job.format,

@@ -64,8 +64,12 @@ def dashboard_schemas() -> dict[str, Schema]:
 
 def _action(action: str, summary: str) -> Schema:
     conflict = {
-        "cancel": error("Not possible now", "job_terminal", "not_submitted"),
-        "refresh": error("Not submitted upstream yet", "not_submitted"),
+        "cancel": error("Not possible now", "job_terminal", "not_submitted", "unknown_instance"),
+        "refresh": error(
+            "Not submitted upstream yet, or its instance is no longer configured",
+            "not_submitted",
+            "unknown_instance",
+        ),
     }[action]
     return _secured(
         operation(
@@ -113,7 +117,11 @@ def dashboard_paths() -> dict[str, Any]:
                 "content": {"text/csv": {"schema": {"type": "string"}}},
             },
             "404": error("No such job", "job_not_found"),
-            "409": error("Not submitted upstream yet", "not_submitted"),
+            "409": error(
+                "Not submitted upstream yet, or its instance is no longer configured",
+                "not_submitted",
+                "unknown_instance",
+            ),
             "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
         },
         params=[job_id_param()],

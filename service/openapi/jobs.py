@@ -23,6 +23,13 @@ from service.downloads.rules import STATUSES as RESULT_STATUSES
 from service.failed_records.rules import STATUSES
 from service.jobs import Source, State
 from service.openapi.dashboard import COOKIE_SCHEME, dashboard_paths, dashboard_schemas
+from service.openapi.instances import (
+    instance_field,
+    instance_filter,
+    instance_paths,
+    instance_request_field,
+    instance_schemas,
+)
 from service.openapi.parts import (
     JSON,
     Schema,
@@ -50,6 +57,7 @@ _FIELD_CODES = (
     "bad_path",
     "bad_metadata",
     "bad_idempotency_key",
+    "unknown_instance",
 )
 _CSV_CODES = ("empty_file", "binary_file", "not_utf8", "no_header", "no_rows")
 # The 400 codes of a download request (a JSON body).
@@ -62,6 +70,8 @@ _DOWNLOAD_CODES = (
     "bad_query",
     "bad_format",
     "bad_idempotency_key",
+    "bad_instance",
+    "unknown_instance",
     "upstream_query_refused",
 )
 MAX_QUERY = 4000
@@ -79,6 +89,7 @@ def _schemas() -> dict[str, Schema]:
             "description": "upload: a CSV loaded upstream; download: a bulk query whose "
             "result the service fetches and keeps",
         },
+        "instance": instance_field(),
         "hub": {"type": "string"},
         "object": {"type": "string"},
         "path": nullable(
@@ -315,7 +326,8 @@ def _paths() -> dict[str, Schema]:
                 "to the upstream while it arrives",
             },
             "object": object_name,
-            "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
+            "instance": instance_request_field(),
+            "hub": {"type": "string", "maxLength": 200, "description": "default: the instance's"},
             "path": {
                 "type": "string",
                 "maxLength": 1000,
@@ -341,7 +353,12 @@ def _paths() -> dict[str, Schema]:
                     "description": "the CEQL query the upstream runs; default "
                     "`select * from <object>`",
                 },
-                "hub": {"type": "string", "maxLength": 200, "description": "default OC_HUB"},
+                "instance": instance_request_field(),
+                "hub": {
+                    "type": "string",
+                    "maxLength": 200,
+                    "description": "default: the instance's",
+                },
                 "format": {**enum_of(FORMATS), "default": "csv", "description": "the result's"},
             },
             required=["object"],
@@ -356,14 +373,22 @@ def _paths() -> dict[str, Schema]:
             {"type": "string", "enum": ["upload", "download"]},
             "only uploads, or only downloads",
         ),
+        instance_filter(
+            "only the jobs of this instance (a name no longer configured matches the jobs "
+            "that have it)"
+        ),
         param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}),
         param(
             "cursor", "query", {"type": "string", "maxLength": 64}, "`next_cursor` of the last page"
         ),
     ]
     job_action_409 = {
-        "cancel": error("Not possible now", "job_terminal", "not_submitted"),
-        "refresh": error("Not submitted upstream yet", "not_submitted"),
+        "cancel": error("Not possible now", "job_terminal", "not_submitted", "unknown_instance"),
+        "refresh": error(
+            "Not submitted upstream yet, or its instance is no longer configured",
+            "not_submitted",
+            "unknown_instance",
+        ),
     }
     job_action_502 = {
         "cancel": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
@@ -445,7 +470,12 @@ def _paths() -> dict[str, Schema]:
                 {
                     "200": json_response(ref("JobList"), "A page of jobs"),
                     "400": error(
-                        "A bad query", "bad_state", "bad_direction", "bad_limit", "bad_cursor"
+                        "A bad query",
+                        "bad_state",
+                        "bad_direction",
+                        "bad_instance",
+                        "bad_limit",
+                        "bad_cursor",
                     ),
                 },
                 params=list_params,
@@ -472,7 +502,11 @@ def _paths() -> dict[str, Schema]:
                 {
                     "200": json_response(ref("FailedRecords"), "The failed records"),
                     "404": job_404,
-                    "409": error("Not submitted upstream yet", "not_submitted"),
+                    "409": error(
+                        "Not submitted upstream yet, or its instance is no longer configured",
+                        "not_submitted",
+                        "unknown_instance",
+                    ),
                     "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
                 },
                 params=[job_id_param()],
@@ -501,11 +535,19 @@ def _paths() -> dict[str, Schema]:
             "The hub's objects, proxied from the upstream",
             {
                 "200": json_response(ref("Objects"), "Object names"),
-                "400": error("A bad hub name", "bad_hub"),
+                "400": error("A bad hub or instance name", "bad_hub", "unknown_instance"),
                 "404": error("The upstream knows no such hub", "hub_not_found"),
                 "502": error("The upstream failed", "upstream_refused", "upstream_unavailable"),
             },
-            params=[param("hub", "query", {"type": "string", "maxLength": 200}, "default OC_HUB")],
+            params=[
+                instance_filter("the instance whose upstream is asked (default: the default one)"),
+                param(
+                    "hub",
+                    "query",
+                    {"type": "string", "maxLength": 200},
+                    "default: the instance's hub",
+                ),
+            ],
             secured=True,
         )
     }
@@ -631,9 +673,9 @@ def openapi_spec() -> dict[str, Any]:
             "probes answers only for the hosts the service serves (421 `host_not_allowed`) "
             "and refuses browsers' cross-site changes (403 `cross_origin`).",
         },
-        "paths": _guarded({**_paths(), **dashboard_paths()}),
+        "paths": _guarded({**_paths(), **instance_paths(), **dashboard_paths()}),
         "components": {
-            "schemas": {**_schemas(), **dashboard_schemas()},
+            "schemas": {**_schemas(), **instance_schemas(), **dashboard_schemas()},
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "dashboardCookie": dict(COOKIE_SCHEME),

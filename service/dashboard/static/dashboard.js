@@ -47,11 +47,13 @@
     const body = table.tBodies[0];
     const wanted = table.dataset.state;
     const search = table.dataset.search;
+    const instance = table.dataset.instance;
     const paged = table.dataset.paged === "1";
 
     function belongs(job) {
       if (paged) return false;
       if (wanted && job.state !== wanted) return false;
+      if (instance && job.instance !== instance) return false;
       return !search || job.id.startsWith(search.toLowerCase()) || job.upstream_id === search;
     }
 
