@@ -256,6 +256,25 @@ def test_an_upload_on_each_instance_goes_to_its_own_upstream_and_completes_by_po
     assert 'bulkhook_jobs{instance="crm",state="COMPLETED"} 1.0' in metrics
 
 
+def test_jobs_started_through_the_api_on_each_instance_complete_by_its_own_signed_callbacks(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    two = start_two_instances(start_sandbox, start_service, callback_grace=60)
+    service = two.service
+    on_crm = service.submit(contacts_csv).json()
+    on_shop = service.submit(contacts_csv, object="contacts", instance="shop").json()
+    done = {job["id"]: service.wait_for(job["id"], DONE) for job in (on_crm, on_shop)}
+    for job in done.values():
+        assert (job["state"], job["last_source"]) == ("COMPLETED", "callback")
+        [verified] = [e for e in job["events"] if e["source"] == "callback"]
+        assert "signature verified" in verified["detail"]
+    # Each sandbox signed with its own instance's key and saw its callback taken.
+    assert [entry["outcome"] for entry in two.crm.sandbox.callback_log] == [200]
+    assert [entry["outcome"] for entry in two.shop.sandbox.callback_log] == [200]
+    # No status poll was needed on either instance.
+    assert two.crm.sandbox.calls["status"] == 0 and two.shop.sandbox.calls["status"] == 0
+
+
 def test_a_download_on_the_second_instance_comes_from_its_upstream(
     start_sandbox: StartSandbox, start_service: StartService
 ) -> None:
