@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from service.sandbox import Sandbox
 from service.server.thread import ServerThread
+from service.store import Store, open_store
 
 from .helpers import (
     CONFIGURED_SECRETS,
@@ -153,6 +154,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'bulkhook.db'}"
     else:
         yield request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """An open store of each kind, on a fresh database (``store_url``), for tests that
+    call the store directly; closed after the test."""
+    opened = open_store(store_url)
+    await opened.open()
+    yield opened
+    await opened.close()
 
 
 @pytest.fixture

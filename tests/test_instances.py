@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from service.config import ConfigError, Settings
 from service.jobs import Observation, Source, State
-from service.store import Delivery, Store, open_store
+from service.store import Delivery, Store
 
 from .helpers import (
     CONFIGURED_SECRETS,
@@ -163,15 +162,6 @@ def test_no_instance_secret_is_in_a_repr() -> None:
 
 
 # Store ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    """Both stores: a SQLite file and a PostgreSQL schema (see store_url in conftest)."""
-    opened = open_store(store_url)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 @pytest.mark.anyio

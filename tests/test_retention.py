@@ -5,7 +5,7 @@ the retention are pruned in batches, on both stores."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 
 from service.config import ConfigError, Settings
 from service.jobs import Job, Observation, Source, State, new_job_id
-from service.store import Delivery, Store, open_store
+from service.store import Delivery, Store
 from service.store.base import KEPT_BYTES, KEPT_MAX, Claim, Rejection
 
 from .helpers import RunningSandbox, RunningService, deliver, eventually, genuine, job_url
@@ -33,14 +33,6 @@ def new_job(at: float) -> Job:
         updated_at=at,
         last_source="submit",
     )
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    opened = open_store(store_url)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def test_the_stated_bounds() -> None:

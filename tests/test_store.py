@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from service.store.sqlite import store as sqlite_store
 from .helpers import make_job
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    """The same tests run on SQLite and on PostgreSQL (see store_url in conftest)."""
-    opened = open_store(store_url)
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def test_create_and_read_a_job(store: Store) -> None:
