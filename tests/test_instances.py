@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from service.config import ConfigError, Settings
 from service.jobs import Observation, Source, State
+from service.sandbox import API_PREFIX
 from service.store import Delivery, Store
 
 from .helpers import (
     CONFIGURED_SECRETS,
     CRM_KEY,
     SHOP_KEY,
+    RecordingUpstream,
     StartSandbox,
     StartService,
     assert_error,
@@ -216,6 +220,22 @@ async def test_a_kept_callback_is_only_for_the_instance_that_verified_it(store: 
     )
 
 
+@pytest.mark.anyio
+async def test_the_same_body_kept_for_one_instance_never_shadows_anothers(store: Store) -> None:
+    body = b'{"id": "77777", "status": "COMPLETED"}'
+    digest = hashlib.sha256(body).hexdigest()
+    first = Delivery("crm-hook", time.time(), "77777", digest)
+    second = Delivery("shop-hook", time.time(), "77777", digest)
+    assert await store.keep_callback(first, reason="unknown_job", body=body, instance="crm") == (
+        "kept"
+    )
+    assert await store.keep_callback(second, reason="unknown_job", body=body, instance="shop") == (
+        "kept"
+    )
+    [kept] = await store.kept_for(["77777"], "shop")
+    assert (kept.webhook_id, kept.body) == ("shop-hook", body)
+
+
 # The service ------------------------------------------------------------------------
 
 
@@ -263,6 +283,56 @@ def test_jobs_started_through_the_api_on_each_instance_complete_by_its_own_signe
     assert [entry["outcome"] for entry in two.shop.sandbox.callback_log] == [200]
     # No status poll was needed on either instance.
     assert two.crm.sandbox.calls["status"] == 0 and two.shop.sandbox.calls["status"] == 0
+
+
+def test_a_large_upload_naming_its_instance_after_the_file_sends_nothing_to_another(
+    start_sandbox: StartSandbox, start_service: StartService
+) -> None:
+    """A relay starts while the file still arrives; with several instances it waits to
+    know the upload's instance, so the default instance's upstream never sees a byte."""
+    shop = start_sandbox(signature_key=SHOP_KEY)
+    crm = RecordingUpstream({"id": 1, "status": "CREATED"})
+    service = start_service(
+        shop,
+        oc_base_url=crm.url + API_PREFIX,
+        oc_instances=("crm", "shop"),
+        instance_env={
+            "OC_CRM_SIGNATURE_KEYS": CRM_KEY,
+            "OC_SHOP_SIGNATURE_KEYS": SHOP_KEY,
+            "OC_SHOP_BASE_URL": shop.api_url,
+        },
+    )
+    boundary = "instance-after-the-file"
+    rows = b"email,first\n" + b"".join(b"u%d@example.com,N\n" % n for n in range(250_000))
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="object"\r\n\r\ncontact\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\n"
+    ).encode()
+    tail = (
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="instance"\r\n\r\nshop'
+        f"\r\n--{boundary}--\r\n"
+    ).encode()
+
+    def body() -> Iterator[bytes]:
+        yield head
+        for start in range(0, len(rows), 1 << 20):
+            yield rows[start : start + (1 << 20)]
+        time.sleep(1.0)  # the file is in; the instance is not yet
+        yield tail
+
+    answer = service.http.post(
+        "/jobs",
+        content=body(),
+        headers={
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(len(head) + len(rows) + len(tail)),
+        },
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["instance"] == "shop"
+    assert [job.hub for job in shop.sandbox.jobs.values()] == ["marketing"]
+    assert (crm.received, crm.requests) == (0, [])
 
 
 def test_a_download_on_the_second_instance_comes_from_its_upstream(

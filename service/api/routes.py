@@ -276,6 +276,10 @@ class JobApi:
             nonlocal relay
             if start.size is None or start.size < RELAY_MIN_BYTES:
                 return
+            if len(self._upstreams) > 1 and "instance" not in start.fields:
+                # The instance may still come after the file: not a byte goes to an
+                # upstream before it is known whose the upload is.
+                return
             try:
                 early = self._submit_request(start.fields, start.filename, 0, key)
             except ApiError:

@@ -290,6 +290,8 @@ INSTANCES = """
     ALTER TABLE jobs ADD COLUMN instance TEXT NOT NULL DEFAULT 'default';
     CREATE INDEX jobs_instance_id ON jobs (instance, id);
     ALTER TABLE kept_callbacks ADD COLUMN instance TEXT NOT NULL DEFAULT 'default';
+    DROP INDEX kept_body;
+    CREATE UNIQUE INDEX kept_body ON kept_callbacks (instance, digest, COALESCE(job_ref, ''));
     """
 
 
