@@ -236,6 +236,23 @@ async def test_the_same_body_kept_for_one_instance_never_shadows_anothers(store:
     assert (kept.webhook_id, kept.body) == ("shop-hook", body)
 
 
+@pytest.mark.anyio
+async def test_one_instances_kept_callbacks_never_push_out_anothers(store: Store) -> None:
+    store.kept_limits = (3, 64 << 20)
+    shop = Delivery("shop-hook", time.time(), "88888")
+    assert await store.keep_callback(shop, reason="unknown_job", body=b"{}", instance="shop")
+    for n in range(5):
+        crm = Delivery(f"crm-hook-{n}", time.time(), f"5000{n}")
+        await store.keep_callback(crm, reason="unknown_job", body=b"[%d]" % n, instance="crm")
+    assert [kept.webhook_id for kept in await store.kept_for(["88888"], "shop")] == ["shop-hook"]
+    crm_refs = [f"5000{n}" for n in range(5)]
+    assert [kept.webhook_id for kept in await store.kept_for(crm_refs, "crm")] == [
+        "crm-hook-2",
+        "crm-hook-3",
+        "crm-hook-4",
+    ]
+
+
 # The service ------------------------------------------------------------------------
 
 

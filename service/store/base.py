@@ -295,7 +295,8 @@ class Store(abc.ABC):
         ``"known"`` when ``job_ref`` is by now the upstream id of a job of ``instance``,
         or the id of such a job whose upstream id is known (it raced in): nothing is
         kept and the caller applies it instead. Kept callbacks stay within ``KEPT_MAX``
-        and ``KEPT_BYTES`` (the store's ``kept_limits``), the oldest removed first.
+        and ``KEPT_BYTES`` (the store's ``kept_limits``) per connector instance, the oldest
+        of that instance removed first.
         """
 
     @abc.abstractmethod

@@ -31,7 +31,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from service.store.base import Store
 
-__all__ = ["KEPT_OVER", "MIN_RETENTION", "PRUNE_EVERY", "PRUNE_SQL", "Pruner", "sqlite_sql"]
+__all__ = [
+    "KEPT_DROP",
+    "KEPT_OVER",
+    "KEPT_SIZE",
+    "MIN_RETENTION",
+    "PRUNE_EVERY",
+    "PRUNE_SQL",
+    "Pruner",
+    "sqlite_sql",
+]
 
 log = logging.getLogger("bulkhook.store")
 
@@ -40,13 +49,19 @@ log = logging.getLogger("bulkhook.store")
 MIN_RETENTION = 5 * 86400.0
 PRUNE_EVERY = 3600.0
 
-# The newest kept callback that no longer fits the bounds (%s: bytes, count): it and
-# every older one go.
+# The bounds hold per connector instance: one instance's key can fill only its own.
+# The kept callbacks of an instance (%s: instance), their count and total size.
+KEPT_SIZE = (
+    "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS size FROM kept_callbacks WHERE instance = %s"
+)
+# The newest kept callback of an instance that no longer fits the bounds (%s:
+# instance, bytes, count): it and every older one of that instance go.
 KEPT_OVER = """SELECT id FROM (
         SELECT id, SUM(size) OVER (ORDER BY id DESC) AS total,
             ROW_NUMBER() OVER (ORDER BY id DESC) AS n
-        FROM kept_callbacks) AS newest
+        FROM kept_callbacks WHERE instance = %s) AS newest
     WHERE total > %s OR n > %s ORDER BY id DESC LIMIT 1"""
+KEPT_DROP = "DELETE FROM kept_callbacks WHERE instance = %s AND id <= %s"
 
 # One batch per table and statement (named parameters ``before`` and ``batch``). Each
 # reads at most ``batch`` rows from the oldest end of an index, so a batch costs the

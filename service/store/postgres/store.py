@@ -56,7 +56,7 @@ from service.store.fetches import (
 from service.store.group_commit import Outcome, Rounds
 from service.store.plan import NEW_JOB_COLUMNS, NEW_JOB_WIDTH, new_job_row
 from service.store.postgres.apply import ApplyCall, Conn, apply_one, apply_round
-from service.store.retention import KEPT_OVER, PRUNE_SQL
+from service.store.retention import KEPT_DROP, KEPT_OVER, KEPT_SIZE, PRUNE_SQL
 from service.store.schema import (
     DOWNLOADS,
     FAILED_RECORDS,
@@ -355,15 +355,13 @@ class PostgresStore(PostgresActivity, Store):
             if await cursor.fetchone() is None:
                 outcome = "duplicate"
                 raise psycopg.Rollback()  # the kept row goes with it
-            row = await (
-                await conn.execute(
-                    "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS size FROM kept_callbacks"
-                )
-            ).fetchone()
+            row = await (await conn.execute(KEPT_SIZE, (instance,))).fetchone()
             if row is not None and (row["n"] > most or row["size"] > most_bytes):
-                over = await (await conn.execute(KEPT_OVER, (most_bytes, most))).fetchone()
+                over = await (
+                    await conn.execute(KEPT_OVER, (instance, most_bytes, most))
+                ).fetchone()
                 if over is not None:
-                    await conn.execute("DELETE FROM kept_callbacks WHERE id <= %s", (over["id"],))
+                    await conn.execute(KEPT_DROP, (instance, over["id"]))
         return outcome
 
     async def kept_for(self, refs: list[str], instance: str = "default") -> list[KeptCallback]:

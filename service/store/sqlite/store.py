@@ -61,7 +61,7 @@ from service.store.plan import (
     plan_apply,
     refusal_event,
 )
-from service.store.retention import KEPT_OVER, PRUNE_SQL, sqlite_sql
+from service.store.retention import KEPT_DROP, KEPT_OVER, KEPT_SIZE, PRUNE_SQL, sqlite_sql
 from service.store.schema import (
     DOWNLOADS,
     FAILED_RECORDS,
@@ -455,13 +455,11 @@ class SQLiteStore(SQLiteActivity, Store):
             if not inserted:
                 conn.execute("DELETE FROM kept_callbacks WHERE id = ?", (kept.lastrowid,))
                 return "duplicate"
-            count, size = conn.execute(
-                "SELECT COUNT(*), TOTAL(size) FROM kept_callbacks"
-            ).fetchone()
+            count, size = conn.execute(sqlite_sql(KEPT_SIZE), (instance,)).fetchone()
             if count > most or size > most_bytes:
-                row = conn.execute(sqlite_sql(KEPT_OVER), (most_bytes, most)).fetchone()
+                row = conn.execute(sqlite_sql(KEPT_OVER), (instance, most_bytes, most)).fetchone()
                 if row is not None:
-                    conn.execute("DELETE FROM kept_callbacks WHERE id <= ?", (row[0],))
+                    conn.execute(sqlite_sql(KEPT_DROP), (instance, row[0]))
             return "kept"
 
         return await self._sql.write(op)
