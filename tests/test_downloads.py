@@ -618,8 +618,10 @@ def test_a_fetch_cut_off_by_kill_9_is_made_again_and_no_part_is_ever_served(
             answers: list[int] = []
 
             def whole() -> bool:
-                result = http.get(f"/jobs/{job_id}").json()["result"]
+                # The file first, then the status: a file served means the status says
+                # stored by then, so only the last look may have seen it.
                 answers.append(http.head(f"/jobs/{job_id}/result").status_code)
+                result = http.get(f"/jobs/{job_id}").json()["result"]
                 return bool(result["status"] == "stored")
 
             eventually(whole, within=120)
