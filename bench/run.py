@@ -39,6 +39,10 @@ CONTACTS = ROOT / "service" / "samples" / "contacts.csv"
 CALLBACK_JOBS = 200
 # Tried in turn for the p99 at half load, until one reaches it.
 HALF_LOAD_CONNECTIONS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32)
+# The server stacks measured: uvicorn's HTTP parser and event loop, for the service
+# (BULKHOOK_HTTP, BULKHOOK_LOOP) and for every baseline server alike. "standard" is
+# what a plain install runs (uvicorn[standard]); "h11" is uvicorn's pure-Python one.
+STACKS = {"standard": ("httptools", "uvloop"), "h11": ("h11", "asyncio")}
 
 
 def free_port() -> int:
@@ -77,8 +81,11 @@ def process(
             proc.kill()
 
 
-def service_env(work: Path, port: int, **extra: str) -> dict[str, str]:
+def service_env(work: Path, port: int, stack: str = "standard", **extra: str) -> dict[str, str]:
+    http, loop = STACKS[stack]
     return {
+        "BULKHOOK_HTTP": http,
+        "BULKHOOK_LOOP": loop,
         "OC_SIGNATURE_KEYS": KEY,
         "BULKHOOK_DATABASE_URL": extra.pop("database", f"sqlite:///{work}/bulkhook.db"),
         "BULKHOOK_PUBLIC_URL": f"http://127.0.0.1:{port}",
@@ -173,8 +180,19 @@ class Targets:
         return path
 
 
+def uvicorn_flags(stack: str) -> list[str]:
+    """A baseline server's uvicorn options for ``stack``: the service's own stack."""
+    http, loop = STACKS[stack]
+    return ["--http", http, "--loop", loop]
+
+
 def bench_callbacks(
-    work: Path, repeats: int, seconds: int, latency_seconds: int, database: str | None = None
+    work: Path,
+    repeats: int,
+    seconds: int,
+    latency_seconds: int,
+    database: str | None = None,
+    stack: str = "standard",
 ) -> dict[str, object]:
     bare_port, service_port = free_port(), free_port()
     bare = [
@@ -189,8 +207,9 @@ def bench_callbacks(
         "--no-access-log",
         "--log-level",
         "warning",
+        *uvicorn_flags(stack),
     ]
-    env = service_env(work, service_port, **({"database": database} if database else {}))
+    env = service_env(work, service_port, stack, **({"database": database} if database else {}))
     with process(bare, work), process(bulkhook("serve", "--port", str(service_port)), work, env):
         bare_url = f"http://127.0.0.1:{bare_port}"
         service_url = f"http://127.0.0.1:{service_port}"
@@ -305,14 +324,14 @@ def timed_gets(url: str, count: int) -> list[float]:
     return times
 
 
-def bench_store(work: Path, jobs: int) -> dict[str, object]:
+def bench_store(work: Path, jobs: int, stack: str = "standard") -> dict[str, object]:
     database = work / "million.db"
     started = time.monotonic()
     sample = fill_sqlite(database, jobs)
     filled = time.monotonic() - started
     claim = claim_due_ms(database)
     port = free_port()
-    env = service_env(work, port, database=f"sqlite:///{database}")
+    env = service_env(work, port, stack, database=f"sqlite:///{database}")
     with process(bulkhook("serve", "--port", str(port)), work, env):
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/healthz")
@@ -353,7 +372,7 @@ def peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
-def bench_upload(work: Path, size: int, repeats: int) -> dict[str, object]:
+def bench_upload(work: Path, size: int, repeats: int, stack: str = "standard") -> dict[str, object]:
     upload = work / "big.csv"
     make_csv(upload, size)
     os.sync()  # a fresh 1 GiB of dirty pages would be written back during the uploads
@@ -364,6 +383,7 @@ def bench_upload(work: Path, size: int, repeats: int) -> dict[str, object]:
     env = service_env(
         work,
         service_port,
+        stack,
         OC_BASE_URL=f"http://127.0.0.1:{sandbox_port}/elements/api-v2",
         OC_USER_SECRET="u",
         OC_ORG_SECRET="o",
@@ -475,7 +495,7 @@ async def submit_all(service: str, jobs: int, concurrency: int = 16) -> None:
         await asyncio.gather(*(one() for _ in range(jobs)))
 
 
-def bench_poller(work: Path, jobs: int, rate: int) -> dict[str, object]:
+def bench_poller(work: Path, jobs: int, rate: int, stack: str = "standard") -> dict[str, object]:
     """Every callback dropped: each job must finish by polling, within the rate budget."""
     sandbox_port, service_port = free_port(), free_port()
     sandbox = bulkhook(
@@ -493,6 +513,7 @@ def bench_poller(work: Path, jobs: int, rate: int) -> dict[str, object]:
     env = service_env(
         work,
         service_port,
+        stack,
         database=f"sqlite:///{database}",
         OC_BASE_URL=f"http://127.0.0.1:{sandbox_port}/elements/api-v2",
         OC_USER_SECRET="u",
@@ -562,6 +583,12 @@ def main() -> int:
     parser.add_argument(
         "--only", choices=["callbacks", "poller", "store", "upload"], action="append"
     )
+    parser.add_argument(
+        "--stack",
+        choices=[*STACKS, "both"],
+        default="both",
+        help="the server stack measured: standard (httptools, uvloop), h11, or both",
+    )
     parser.add_argument("--submit", nargs=2, metavar=("URL", "JOBS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.submit:  # the poller benchmark's submitter, run as a process of its own
@@ -573,50 +600,55 @@ def main() -> int:
         print("bench needs wrk and curl (Debian packages wrk, curl)", file=sys.stderr)
         return 2
     only = set(args.only or ["callbacks", "poller", "store", "upload"])
-    import importlib.util
-
+    stacks = list(STACKS) if args.stack == "both" else [args.stack]
     import uvicorn
 
-    parser_name = "httptools" if importlib.util.find_spec("httptools") else "h11"
     print(
-        f"cores: {os.cpu_count()}; python {sys.version.split()[0]}; "
-        f"uvicorn {uvicorn.__version__} ({parser_name}, one worker)"
+        f"cores: {os.cpu_count()}; python {sys.version.split()[0]}; uvicorn "
+        f"{uvicorn.__version__}, one worker; stacks: "
+        + ", ".join(f"{name} ({' + '.join(STACKS[name])})" for name in stacks)
     )
     results: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="bulkhook-bench-") as tmp:
         work = Path(tmp)
-        if "callbacks" in only:
-            # Many short pairs: the bare and service runs of a pair are seconds apart,
-            # so a shared machine's speed (seen to drift by 15 % within a minute) is
-            # the same for both.
-            pairs = (
-                dict(seconds=2, latency_seconds=4)
-                if args.quick
-                else dict(seconds=3, latency_seconds=8)
-            )
-            results["callbacks (SQLite)"] = bench_callbacks(
-                work, repeats=4 if args.quick else 15, **pairs
-            )
-            pg = os.environ.get("BULKHOOK_BENCH_POSTGRES_URL")
-            if pg:
-                results["callbacks (PostgreSQL)"] = bench_callbacks(
-                    work, repeats=4 if args.quick else 9, database=pg, **pairs
-                )
-        if "poller" in only:
-            results["poller"] = bench_poller(
-                work, 1_000 if args.quick else 10_000, 100 if args.quick else 200
-            )
-        if "store" in only:
-            results["store"] = bench_store(work, 100_000 if args.quick else 1_000_000)
-        if "upload" in only:
-            results["upload"] = bench_upload(
-                work, (64 << 20) if args.quick else (1 << 30), 2 if args.quick else 5
-            )
+        for stack in stacks:
+            # A directory of its own per stack: its databases start empty.
+            (work / stack).mkdir()
+            run_stack(work / stack, only, stack, args.quick, results)
     for name, figures in results.items():
         print(f"\n{name}")
         for key, value in figures.items():  # type: ignore[union-attr]
             print(f"  {key:<28} {value}")
     return 0
+
+
+def run_stack(
+    work: Path, only: set[str], stack: str, quick: bool, results: dict[str, object]
+) -> None:
+    """Every chosen benchmark on one server stack, its figures named after it."""
+    if "callbacks" in only:
+        # Many short pairs: the bare and service runs of a pair are seconds apart,
+        # so a shared machine's speed (seen to drift by 15 % within a minute) is
+        # the same for both.
+        pairs = dict(seconds=2, latency_seconds=4) if quick else dict(seconds=3, latency_seconds=8)
+        results[f"callbacks (SQLite, {stack})"] = bench_callbacks(
+            work, repeats=4 if quick else 15, stack=stack, **pairs
+        )
+        pg = os.environ.get("BULKHOOK_BENCH_POSTGRES_URL")
+        if pg:
+            results[f"callbacks (PostgreSQL, {stack})"] = bench_callbacks(
+                work, repeats=4 if quick else 9, database=pg, stack=stack, **pairs
+            )
+    if "poller" in only:
+        results[f"poller ({stack})"] = bench_poller(
+            work, 1_000 if quick else 10_000, 100 if quick else 200, stack
+        )
+    if "store" in only:
+        results[f"store ({stack})"] = bench_store(work, 100_000 if quick else 1_000_000, stack)
+    if "upload" in only:
+        results[f"upload ({stack})"] = bench_upload(
+            work, (64 << 20) if quick else (1 << 30), 2 if quick else 5, stack
+        )
 
 
 if __name__ == "__main__":

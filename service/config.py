@@ -56,7 +56,12 @@ _CREDENTIALS = {
 }
 # Kinds whose value is one word of a few, any case.
 _CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {"log_format": ("auto", "json", "text"), "log_level": ("debug", "info", "warning", "error")}
+    {
+        "log_format": ("auto", "json", "text"),
+        "log_level": ("debug", "info", "warning", "error"),
+        "http": ("auto", "httptools", "h11"),
+        "loop": ("auto", "uvloop", "asyncio"),
+    }
 )
 
 # Field -> (environment variable, kind). The kind picks both the parser for the raw
@@ -94,6 +99,8 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "results_dir": ("BULKHOOK_RESULTS_DIR", "directory"),
         "log_format": ("BULKHOOK_LOG_FORMAT", "log_format"),
         "log_level": ("BULKHOOK_LOG_LEVEL", "log_level"),
+        "http": ("BULKHOOK_HTTP", "http"),
+        "loop": ("BULKHOOK_LOOP", "loop"),
     }
 )
 _WANTED: Mapping[str, str] = MappingProxyType(
@@ -361,6 +368,10 @@ class Settings:
     log_format: str = "auto"
     # debug also logs every accepted or duplicate callback delivery.
     log_level: str = "info"
+    # What ``bulkhook serve`` runs on: uvicorn's HTTP parser and event loop. auto takes
+    # httptools and uvloop (installed with the service), as uvicorn does.
+    http: str = "auto"
+    loop: str = "auto"
     # Where ``bulkhook serve`` listens: not read from the environment but set by the
     # command, so the Host check serves that address. None: in-process (tests, the demo).
     bind_host: str | None = None

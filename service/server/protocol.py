@@ -22,7 +22,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.downloads.requests import is_json
 
-__all__ = ["HEADER_TIMEOUT", "http_protocol", "implementations"]
+__all__ = [
+    "HEADER_TIMEOUT",
+    "event_loop",
+    "http_implementation",
+    "http_protocol",
+    "implementations",
+]
 
 HEADER_TIMEOUT = 10.0
 
@@ -109,13 +115,35 @@ def implementations() -> tuple[str, ...]:
     return ("httptools", "h11") if importlib.util.find_spec("httptools") else ("h11",)
 
 
+def event_loop(choice: str = "auto") -> str:
+    """The event loop ``choice`` names (``auto``: uvloop if installed, as uvicorn picks);
+    ValueError if it is not installed here."""
+    installed = importlib.util.find_spec("uvloop") is not None
+    if choice == "auto":
+        return "uvloop" if installed else "asyncio"
+    if choice == "uvloop" and not installed:
+        raise ValueError("uvloop is not installed")
+    if choice not in ("uvloop", "asyncio"):
+        raise ValueError(f"unknown event loop {choice!r}")
+    return choice
+
+
+def http_implementation(choice: str = "auto") -> str:
+    """The HTTP parser ``choice`` names (``auto``: the one uvicorn prefers); ValueError
+    if it is not installed here."""
+    if choice == "auto":
+        return implementations()[0]
+    if choice not in implementations():
+        raise ValueError(f"{choice} is not installed")
+    return choice
+
+
 def http_protocol(
     header_timeout: float = HEADER_TIMEOUT, implementation: str = "auto"
 ) -> type[asyncio.Protocol]:
     """uvicorn's protocol for ``implementation`` (``auto``: httptools if installed, as
     uvicorn picks), with the header deadline; for ``uvicorn.Config(http=...)``."""
-    if implementation == "auto":
-        implementation = implementations()[0]
+    implementation = http_implementation(implementation)
     base: type[asyncio.Protocol]
     if implementation == "httptools":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol

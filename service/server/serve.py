@@ -19,7 +19,7 @@ from service.app import create_app
 from service.config import Settings, redact
 from service.logs import chosen_format, lighten_records, log_config
 from service.sandbox import API_PREFIX
-from service.server.protocol import http_protocol
+from service.server.protocol import event_loop, http_implementation, http_protocol
 from service.server.thread import bind_socket
 from service.store import StoreError, open_store
 from service.uploads.spool import default_root, prepare_root
@@ -145,19 +145,30 @@ def serve(settings: Settings, host: str, port: int) -> int:
     settings = dataclasses.replace(settings, bind_host=host)
     for line in describe(settings, url):
         print(line, flush=True)
+    try:
+        http = http_implementation(settings.http)
+        loop = event_loop(settings.loop)
+    except ValueError as exc:
+        sock.close()
+        raise StartupError(f"cannot serve with BULKHOOK_HTTP/BULKHOOK_LOOP: {exc}") from None
+    print(f"bulkhook: HTTP parser {http}, event loop {loop}", flush=True)
     lighten_records()
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         log_config=log_config(chosen_format(settings.log_format, sys.stderr), settings.log_level),
         log_level=settings.log_level,
         # One line per request would cost more than the callback itself; callbacks
         # log their own line (at debug) with the job and webhook ids instead.
         access_log=False,
-        proxy_headers=True,
+        # The app handles them itself, on every route but the callbacks.
+        proxy_headers=False,
         timeout_graceful_shutdown=30,
         # uvicorn's own protocol has no deadline for a request's headers.
-        http=http_protocol(settings.header_timeout),
+        http=http_protocol(settings.header_timeout, http),
+        loop=loop,
     )
+    app.behind_proxies(config.forwarded_allow_ips)
     _Server(config).run(sockets=[sock])
     return 0
 
