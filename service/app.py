@@ -15,7 +15,7 @@ import secrets
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,7 +23,8 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service.api.guard import RequestGuard, ServedHosts, Tokens
 from service.api.routes import JobApi, UploadLimits
@@ -94,6 +95,16 @@ class Service(Starlette):
         super().__init__(*args, **kwargs)
         self._callbacks = callbacks
         self._components = components
+        # Every route but the callbacks: Starlette's middleware and routes.
+        self._rest: ASGIApp = super().__call__
+
+    def behind_proxies(self, trusted_hosts: str | list[str]) -> None:
+        """Take the client's address and scheme from ``X-Forwarded-*`` headers sent by
+        ``trusted_hosts`` (uvicorn's own proxy-header handling), on every route but
+        the callbacks: nothing there reads the client's address, and the hot path
+        skips the middleware's pass over each request's headers."""
+        # uvicorn types ASGI apps more narrowly than Starlette: the same callables.
+        self._rest = cast(ASGIApp, ProxyHeadersMiddleware(cast(Any, self._rest), trusted_hosts))
 
     @property
     def components(self) -> Components:
@@ -105,7 +116,7 @@ class Service(Starlette):
             if matched:
                 await self._callbacks.handle(scope, receive, send, job_id, instance)
                 return
-        await super().__call__(scope, receive, send)
+        await self._rest(scope, receive, send)
 
 
 def _answer(error: ApiError) -> Response:
