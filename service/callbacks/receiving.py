@@ -280,18 +280,19 @@ def _answer(
     # Debug, as uvicorn's access log is off: a line per delivery cost a seventh of the
     # service's own work per callback, and every accepted or duplicate delivery is kept
     # anyway (the job's timeline, the dashboard's callback log, the metrics).
-    log.debug(
-        "callback %s: job %s is %s",
-        outcome,
-        job.id,
-        job.state,
-        extra={
-            "job_id": job.id,
-            "webhook_id": webhook_id,
-            "outcome": outcome,
-            "instance": instance,
-        },
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "callback %s: job %s is %s",
+            outcome,
+            job.id,
+            job.state,
+            extra={
+                "job_id": job.id,
+                "webhook_id": webhook_id,
+                "outcome": outcome,
+                "instance": instance,
+            },
+        )
     return Answer(200, {"status": outcome, "job": job.id, "state": str(job.state)})
 
 

@@ -42,14 +42,16 @@ class Rounds(Generic[Item]):
         self._pending: list[tuple[Item, asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, item: Item) -> Any:
-        """Run ``item`` in the next round; its outcome once the round has committed."""
+    def submit(self, item: Item) -> asyncio.Future[Any]:
+        """Run ``item`` in the next round: a future of its outcome, settled once the
+        round has committed. A plain function, not a coroutine: every callback comes
+        through here, and awaiting the future itself spares a coroutine per call."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((item, future))
         if self._task is None:
             self._task = loop.create_task(self._run_rounds())
-        return await future
+        return future
 
     async def drain(self) -> None:
         """Wait until every call already made has its outcome."""

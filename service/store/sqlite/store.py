@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from service.downloads.rules import FetchState
 from service.failed_records.rules import CopyState
@@ -167,17 +168,19 @@ def _job(conn: sqlite3.Connection, job_id: str, with_events: bool = True) -> Job
     return Job.from_row(row, _events(conn, job_id) if with_events else ())
 
 
-def _digest_key(digest: str | bytes | None) -> str | bytes | None:
+def _digest_key(digest: str | bytes | None) -> str | bytes | bytearray | None:
     """How the timeline keeps a body's SHA-256 (64 hex digits): its first 16 bytes.
 
     Every callback writes the key twice (its row and the unique index) and syncs it:
     a quarter of the hex text's 64 bytes. 128 bits still tell bodies apart, and only
     the holder of the signature key can make a body the service accepts at all. Any
-    other value is kept as it is.
+    other value is kept as it is. The bytes are a ``bytearray``, which the sqlite3
+    module binds as the same BLOB without first trying (and failing) to adapt it, as it
+    does ``bytes``.
     """
     if isinstance(digest, str) and len(digest) == 64:
         try:
-            return bytes.fromhex(digest[:32])
+            return bytearray.fromhex(digest[:32])
         except ValueError:
             return digest
     return digest
@@ -227,6 +230,25 @@ def _record(
         conn.execute("DELETE FROM events WHERE seq = ?", (seq,))
         return None
     return seq
+
+
+def _assignments(changes: dict[str, Any]) -> tuple[str, list[Any]]:
+    """An UPDATE's ``SET`` list for ``changes`` (each ending in ", ") and its parameters.
+
+    A column set to None is written ``NULL`` in the statement rather than bound: the
+    sqlite3 module tries to adapt every bound value that is not exactly an int, float
+    or str, and each such try raises and clears two AttributeErrors (a callback's
+    update clears the poll lease, two None values, each time).
+    """
+    parts: list[str] = []
+    values: list[Any] = []
+    for column, value in changes.items():
+        if value is None:
+            parts.append(f"{column} = NULL, ")
+        else:
+            parts.append(f"{column} = ?, ")
+            values.append(value)
+    return "".join(parts), values
 
 
 def _seen(conn: sqlite3.Connection, job_id: str, digest: str | None) -> bool:
@@ -383,12 +405,11 @@ class SQLiteStore(SQLiteActivity, Store):
                         "UPDATE events SET source = ?, state = ?, detail = ? WHERE seq = ?",
                         (*plan.event, seq),
                     )
-                # One join, no generator: this runs for every callback.
-                assignments = " = ?, ".join(plan.changes) + " = ?"
+                assignments, values = _assignments(plan.changes)
                 updated = conn.execute(
-                    f"UPDATE jobs SET {assignments}, version = version + 1 "
+                    f"UPDATE jobs SET {assignments}version = version + 1 "
                     "WHERE id = ? AND version = ?",
-                    (*plan.changes.values(), job_id, job.version),
+                    (*values, job_id, job.version),
                 ).rowcount
                 if updated:
                     break

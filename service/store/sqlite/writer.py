@@ -29,7 +29,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -87,20 +87,23 @@ class SQLiteConnections:
         self._committer = Committer(self._loop)
         self._checkpointer = Checkpointer(lambda: connect(self._path))
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
+        """``fn`` run in the next round: awaited, its result once the round committed
+        (an error that means the store is unavailable raised as ``StoreError``)."""
         if self._loop is None or self._conn is None:
             raise sqlite3.ProgrammingError("the store is not open")
-        if loop is not self._loop:
-            # A caller on another loop (a test's, say) hands the write to the owner.
-            handed = asyncio.run_coroutine_threadsafe(self.write(fn), self._loop)
-            return await asyncio.wrap_future(handed)
-        try:
-            return await self._rounds.submit(fn)  # type: ignore[no-any-return]
-        except sqlite3.Error as exc:
-            if (outage := store_error(exc)) is None:
-                raise
-            raise outage from exc
+        if asyncio.get_running_loop() is not self._loop:
+            return self._write_from_elsewhere(fn)
+        return self._rounds.submit(fn)
+
+    async def _write_from_elsewhere(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A caller on another loop (a test's, say) hands the write to the owner."""
+        assert self._loop is not None
+        handed = asyncio.run_coroutine_threadsafe(self._owned(fn), self._loop)
+        return await asyncio.wrap_future(handed)
+
+    async def _owned(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.write(fn)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -134,7 +137,7 @@ class SQLiteConnections:
         except Exception as exc:
             self._undo(conn)
             outcomes = [(False, exc)] * len(batch)
-        return outcomes
+        return [outcome if outcome[0] else (False, _outage(outcome[1])) for outcome in outcomes]
 
     def _undo(self, conn: sqlite3.Connection) -> None:
         """Roll back what the round wrote, and drop what was cached from it."""
@@ -166,6 +169,15 @@ class SQLiteConnections:
             for conn in self._reader_conns:
                 conn.close()
             self._reader_conns.clear()
+
+
+def _outage(exc: BaseException) -> BaseException:
+    """A failed write's error as its caller gets it: ``StoreError`` (caused by the
+    driver's error) when SQLite says the database cannot be used just now."""
+    if not isinstance(exc, sqlite3.Error) or (outage := store_error(exc)) is None:
+        return exc
+    outage.__cause__ = exc
+    return outage
 
 
 async def _begin(conn: sqlite3.Connection) -> None:
