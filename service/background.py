@@ -31,6 +31,8 @@ class DueWork(ABC):
         self._wake = wake if wake is not None else asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        # When the latest tick began: what was due by then, it could claim.
+        self._looked = 0.0
 
     @abstractmethod
     async def tick(self) -> int:
@@ -48,15 +50,21 @@ class DueWork(ABC):
         """Whether a piece of work ending should wake the loop to claim more."""
         return True
 
-    @staticmethod
-    def _until(due: float | None, most: float) -> float:
+    def _until(self, due: float | None, most: float) -> float:
         """How long to sleep for work due at ``due``, looking again at least every
-        ``most`` seconds. Work due already but not claimed is leased, by this loop's
-        own tasks (their ends wake it) or by another replica's (its lease runs out)."""
+        ``most`` seconds.
+
+        Work that was due when the tick claimed, yet not claimed, is leased: by this
+        loop's own tasks (their ends wake it) or by another replica's (its lease runs
+        out). Work that fell due since is claimed at once: a timer can fire a little
+        early (uvloop's have millisecond steps), and the tick it wakes then finds the
+        work not quite due.
+        """
         if due is None:
             return most
-        wait = due - time.time()
-        return most if wait <= 0 else min(most, wait)
+        if due <= self._looked:
+            return most
+        return min(most, max(0.0, due - time.time()))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
@@ -93,6 +101,7 @@ class DueWork(ABC):
             # Cleared before the tick: a wake-up while it runs is not lost.
             self._wake.clear()
             try:
+                self._looked = time.time()
                 delay = await self._sleep_time(await self.tick())
             except asyncio.CancelledError:
                 raise
