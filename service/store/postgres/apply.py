@@ -153,7 +153,7 @@ def _write_sql(plan: Plan) -> str:
     """The compare-and-set and its timeline entry, in one statement.
 
     The entry names the job through the update: a failed compare-and-set leaves it
-    NULL, which the NOT NULL column refuses, failing the statement and its round.
+    NULL, which the NOT NULL column refuses, failing the statement.
     """
     # One join, no generator: this runs for every callback.
     assignments = " = %s, ".join(plan.changes) + " = %s"
@@ -192,8 +192,10 @@ async def _before_write(conn: Conn, job: Job, after: Job, plan: Plan, at: float)
     if "upstream_id" in plan.changes:
         await conn.execute(_LOCK_UPSTREAM_ID, (plan.changes["upstream_id"],))
     if newly_failed(job, after):
+        # The copy of its failed records, in the transaction that ends the job.
         await conn.execute(ENQUEUE, (job.id, at, at))
     if newly_completed(job, after):
+        # The fetch of its result, in the transaction that completes the job.
         await conn.execute(ENQUEUE_FETCH, enqueue_params(after, at))
 
 
