@@ -1,7 +1,8 @@
 """The serving baseline: a bare Starlette ``FileResponse`` of one file.
 
-``python bench/bare_file_app.py PORT FILE`` serves FILE at ``GET /file`` under uvicorn
-with the settings ``bulkhook serve`` runs it with (its HTTP protocol, no access log,
+``python bench/bare_file_app.py PORT FILE [HTTP LOOP]`` serves FILE at ``GET /file``
+under uvicorn with the settings ``bulkhook serve`` runs it with (its HTTP protocol, on
+the parser and event loop named, by default httptools and uvloop; no access log,
 proxy headers), so that a comparison with ``GET /jobs/{id}/result`` sets the service's
 own work against the same server doing nothing but stream the file.
 """
@@ -32,6 +33,7 @@ app = Starlette(routes=[Route("/file", serve_file, methods=["GET", "HEAD"])])
 
 def main() -> None:
     port, path = int(sys.argv[1]), sys.argv[2]
+    http, loop = sys.argv[3:5] if len(sys.argv) > 4 else ("auto", "auto")
     os.environ["BENCH_FILE"] = path
     config = uvicorn.Config(
         app,
@@ -41,7 +43,8 @@ def main() -> None:
         access_log=False,
         proxy_headers=True,
         timeout_graceful_shutdown=30,
-        http=http_protocol(),
+        http=http_protocol(implementation=http),
+        loop=loop,
     )
     uvicorn.Server(config).run()
 

@@ -46,7 +46,17 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BENCH, KEY, ROOT, bulkhook, cpu_seconds, free_port, peak_rss_mib, wait_for
+from run import (
+    BENCH,
+    KEY,
+    ROOT,
+    STACKS,
+    bulkhook,
+    cpu_seconds,
+    free_port,
+    peak_rss_mib,
+    wait_for,
+)
 
 from service.sandbox.exports import GENERATED_COLUMNS
 
@@ -191,7 +201,7 @@ class Figures:
 
 
 class Bench:
-    def __init__(self, work: Path, records: int, deadline: float) -> None:
+    def __init__(self, work: Path, records: int, deadline: float, stack: str = "standard") -> None:
         self.work = work
         self.records = records
         self.deadline = deadline
@@ -203,6 +213,7 @@ class Bench:
         self.sandbox = f"http://127.0.0.1:{self.sandbox_port}"
         self.figures = Figures()
         self.sandbox_pid = 0
+        self.stack = stack
 
     @contextlib.contextmanager
     def servers(self) -> Iterator[int]:
@@ -228,6 +239,8 @@ class Bench:
             "BULKHOOK_PUBLIC_URL": self.service,
             "BULKHOOK_RESULTS_DIR": str(self.results),
             "BULKHOOK_LOG_FORMAT": "json",
+            "BULKHOOK_HTTP": STACKS[self.stack][0],
+            "BULKHOOK_LOOP": STACKS[self.stack][1],
         }
         with (
             started(sandbox_args, self.work, {}, self.work / "sandbox.log") as sandbox,
@@ -332,7 +345,13 @@ class Bench:
         """``GET /jobs/{id}/result`` against a bare FileResponse of the same file."""
         (path,) = self.results.glob(f"{job_id}.*")
         port = free_port()
-        bare_args = [sys.executable, str(BENCH / "bare_file_app.py"), str(port), str(path)]
+        bare_args = [
+            sys.executable,
+            str(BENCH / "bare_file_app.py"),
+            str(port),
+            str(path),
+            *STACKS[self.stack],
+        ]
         with started(bare_args, self.work, {}, self.work / "bare.log"):
             bare = f"http://127.0.0.1:{port}/file"
             wait_for(bare)
@@ -444,6 +463,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="serving rounds (default 9, 5)")
     parser.add_argument("--dir", type=Path, help="where the work directory goes")
     parser.add_argument("--keep", action="store_true", help="leave the work directory")
+    parser.add_argument(
+        "--stack",
+        choices=[*STACKS, "both"],
+        default="both",
+        help="the server stack measured: standard (httptools, uvloop), h11, or both",
+    )
     args = parser.parse_args()
     if not shutil.which("curl"):
         print("bench needs curl (Debian package curl)", file=sys.stderr)
@@ -466,15 +491,17 @@ def main() -> int:
     # Generous: the sandbox makes the file at 15-20 MB/s on a slow machine, and each
     # repeat reads it twice.
     deadline = time.monotonic() + 300 + repeats * 4 * size / 5e6
-    work = Path(tempfile.mkdtemp(prefix="bulkhook-bench-downloads-", dir=args.dir))
-    try:
-        figures = Bench(work, records, deadline).run(repeats, rounds)
-    finally:
-        if args.keep:
-            print(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print(table(figures))
+    for stack in list(STACKS) if args.stack == "both" else [args.stack]:
+        work = Path(tempfile.mkdtemp(prefix="bulkhook-bench-downloads-", dir=args.dir))
+        try:
+            figures = Bench(work, records, deadline, stack).run(repeats, rounds)
+        finally:
+            if args.keep:
+                print(f"work directory kept: {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+        print(f"\nstack: {stack} ({' + '.join(STACKS[stack])})")
+        print(table(figures), flush=True)
     return 0
 
 

@@ -24,6 +24,7 @@ from .helpers import (
     eventually,
     free_port,
     run_bulkhook,
+    serve,
     wait_healthy,
     write_csv,
 )
@@ -321,6 +322,25 @@ def test_serve_on_embedded_defaults_runs_the_walkthrough(
     assert f"dashboard at {url}/" in output
     # Off a terminal the logs are JSON lines, for a log collector.
     assert '"message": "Application startup complete."' in output
+    # A plain install serves on uvicorn's standard stack.
+    assert "HTTP parser httptools, event loop uvloop" in output
+
+
+def test_serve_runs_on_the_stack_its_settings_name(tmp_path: Path) -> None:
+    process, url = serve(tmp_path, BULKHOOK_HTTP="h11", BULKHOOK_LOOP="asyncio")
+    try:
+        assert httpx.get(f"{url}/healthz").status_code == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=10)[0]
+    assert "HTTP parser h11, event loop asyncio" in output
+
+
+def test_serve_names_an_unknown_stack_in_one_line() -> None:
+    result = bulkhook("serve", "--port", str(free_port()), BULKHOOK_HTTP="fast")
+    assert result.returncode == 2
+    assert "BULKHOOK_HTTP" in result.stderr and "httptools" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def serve_on_a_terminal(cwd: Path, **env: str) -> tuple[str, str]:
