@@ -186,6 +186,26 @@ def uvicorn_flags(stack: str) -> list[str]:
     return ["--http", http, "--loop", loop]
 
 
+def fdatasync_ms(work: Path, count: int = 200) -> dict[str, float]:
+    """The disk's own commit latency: 64 KiB written and ``fdatasync``-ed, ``count``
+    times, in the directory the database lives in (a callback's ``synchronous=FULL``
+    commit waits for one such sync of the log)."""
+    path = work / "fsync.probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for n in range(count):
+            os.pwrite(fd, b"x" * 65536, (n % 16) * 65536)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    times.sort()
+    return {"p50": round(times[len(times) // 2], 2), "p99": round(times[len(times) * 99 // 100], 2)}
+
+
 def bench_callbacks(
     work: Path,
     repeats: int,
@@ -236,6 +256,7 @@ def bench_callbacks(
             at_half = wrk(service_url, targets, connections, latency_seconds)
             if at_half["rps"] >= half:
                 break
+        disk = fdatasync_ms(work)
     return {
         "bare_rps": [round(r["rps"]) for r in bare_runs],
         "service_rps": [round(r["rps"]) for r in service_runs],
@@ -246,6 +267,7 @@ def bench_callbacks(
         "half_load_connections": connections,
         "half_load_p99_ms": at_half["p99"] if at_half else None,
         "bare_p99_ms": [r["p99"] for r in bare_runs],
+        "disk_fdatasync_ms": disk,
     }
 
 
