@@ -2,21 +2,76 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+import itertools
+from collections.abc import Iterator
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CallbackCounts", "Metrics"]
+
+_ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class CallbackCounts(Collector):
+    """Callback deliveries by outcome and connector instance, and how long each took to
+    acknowledge: the hot path's metrics.
+
+    Counted in plain numbers on the event loop and turned into Prometheus families only
+    when ``/metrics`` is read: a ``prometheus_client`` counter or histogram takes a lock
+    and checks its value on every update, which cost more than the rest of a callback's
+    bookkeeping. Bounded: outcomes are a fixed few, instances the configured ones (and
+    ``unknown``).
+    """
+
+    def __init__(self) -> None:
+        self.outcomes: dict[tuple[str, str], int] = {}
+        self._buckets = [0] * (len(_ACK_BUCKETS) + 1)
+        self._seconds = 0.0
+
+    def count(self, outcome: str, instance: str) -> None:
+        key = (outcome, instance)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+
+    def acknowledged(self, seconds: float) -> None:
+        self._buckets[bisect.bisect_left(_ACK_BUCKETS, seconds)] += 1
+        self._seconds += seconds
+
+    def by_outcome(self) -> dict[str, int]:
+        """Deliveries by outcome, every instance together."""
+        totals: dict[str, int] = {}
+        for (outcome, _instance), count in self.outcomes.items():
+            totals[outcome] = totals.get(outcome, 0) + count
+        return totals
+
+    def collect(self) -> Iterator[Metric]:
+        deliveries = CounterMetricFamily(
+            "bulkhook_callbacks",
+            "Callback deliveries by outcome and connector instance ('unknown': refused"
+            " before the instance was known).",
+            labels=["outcome", "instance"],
+        )
+        for (outcome, instance), count in sorted(self.outcomes.items()):
+            deliveries.add_metric([outcome, instance], count)
+        yield deliveries
+        cumulative = list(itertools.accumulate(self._buckets))
+        # As prometheus_client spells a bucket's bound (Python's repr for these).
+        bounds = [repr(bound) for bound in _ACK_BUCKETS] + ["+Inf"]
+        yield HistogramMetricFamily(
+            "bulkhook_callback_ack_seconds",
+            "From receiving a callback to acknowledging it.",
+            buckets=list(zip(bounds, cumulative, strict=True)),
+            sum_value=self._seconds,
+        )
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.callbacks = Counter(
-            "bulkhook_callbacks",
-            "Callback deliveries by outcome and connector instance ('unknown': refused"
-            " before the instance was known).",
-            ["outcome", "instance"],
-            registry=self.registry,
-        )
+        self.callbacks = CallbackCounts()
+        self.registry.register(self.callbacks)
         self.upstream_calls = Counter(
             "bulkhook_upstream_calls",
             "Calls to the upstream by operation, HTTP status ('none': no response) and"
@@ -34,12 +89,6 @@ class Metrics:
             "bulkhook_poll_lag_seconds",
             "How late a due status poll started.",
             buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300),
-            registry=self.registry,
-        )
-        self.callback_latency = Histogram(
-            "bulkhook_callback_ack_seconds",
-            "From receiving a callback to acknowledging it.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
         self.auth_failures = Counter(
@@ -61,19 +110,11 @@ class Metrics:
             "Bytes of download results stored.",
             registry=self.registry,
         )
-        # One child per (outcome, instance), kept: ``labels()`` takes a lock and builds a
-        # key per call. Bounded: outcomes are a fixed few, instances the configured ones
-        # (and ``unknown``).
-        self._outcomes: dict[tuple[str, str], Counter] = {}
 
     def callback(self, outcome: str, instance: str) -> None:
         """Count one callback delivery by its outcome and the instance it was verified
-        for (the hot path's one counter); ``unknown`` when refused before that was known."""
-        key = (outcome, instance)
-        child = self._outcomes.get(key)
-        if child is None:
-            child = self._outcomes[key] = self.callbacks.labels(outcome, instance)
-        child.inc()
+        for; ``unknown`` when refused before that was known."""
+        self.callbacks.count(outcome, instance)
 
     def download(self, outcome: str, instance: str) -> None:
         """Count one fetch attempt of a download result by how it ended."""

@@ -256,7 +256,7 @@ def _wrong_job(
     """A verified body about another job, refused by the store (in the job's timeline)."""
     message = f"the callback is not about job {job_id}: {why}; nothing changed"
     receiver.metrics.callback("wrong_job", instance)
-    receiver.metrics.callback_latency.observe(time.perf_counter() - started)
+    receiver.metrics.callbacks.acknowledged(time.perf_counter() - started)
     _log_refusal(repeats, "wrong_job", message, job_id, webhook_id, instance)
     return Answer(409, error_body("wrong_job", message))
 
@@ -272,7 +272,7 @@ def _answer(
     job = applied.job
     outcome = "duplicate" if applied.duplicate else "accepted"
     receiver.metrics.callback(outcome, instance)
-    receiver.metrics.callback_latency.observe(time.perf_counter() - started)
+    receiver.metrics.callbacks.acknowledged(time.perf_counter() - started)
     if nudge and not applied.duplicate:
         receiver.wake()
     if applied.ended:
@@ -306,7 +306,7 @@ async def _keep(
     if kept == "known":
         return kept
     receiver.metrics.callback("unknown_job" if kept == "kept" else "duplicate", instance)
-    receiver.metrics.callback_latency.observe(time.perf_counter() - started)
+    receiver.metrics.callbacks.acknowledged(time.perf_counter() - started)
     return Answer(202, {"status": kept})
 
 

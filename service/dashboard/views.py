@@ -178,12 +178,7 @@ def timeline_view(job: Job, rejected: list[CallbackRecord]) -> list[dict[str, An
 def _replica_counts(metrics: Metrics) -> dict[str, int]:
     """This process's counters since it started (duplicates are only counted here:
     a repeat delivery is acknowledged without being stored again)."""
-    counts: dict[str, int] = {}
-    for family in metrics.callbacks.collect():
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                counts[sample.labels["outcome"]] = int(sample.value)
-    return counts
+    return metrics.callbacks.by_outcome()
 
 
 def callbacks_view(
