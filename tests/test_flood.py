@@ -4,10 +4,12 @@ store gets a bounded number of rows a second while every count stays exact."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import re
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -316,6 +318,30 @@ def test_past_the_most_answers_waiting_a_refusal_is_answered_at_once_closing_its
     # Room again once they were answered.
     took, answer = timed_post(service.url, "/callbacks", body, forged_headers(body))
     assert took >= 2.0 and answer.status_code == 401
+
+
+def test_a_waiting_answer_does_not_hold_the_body(
+    upstream: RunningSandbox, start_service: Callable[..., RunningService]
+) -> None:
+    pacing = Pacing(delay=4.0)
+    service = start_service(upstream, pacing=pacing)
+    size, count = 512 * 1024, 20
+    bodies = [bytes([n]) * size for n in range(count)]  # made before memory is traced
+    tracemalloc.start()
+    try:
+        held = [
+            Background(service.url, "/callbacks", body, forged_headers(body, f"big-{n}"))
+            for n, body in enumerate(bodies)
+        ]
+        wait_until(lambda: pacing.waiting == count, within=10)
+        gc.collect()
+        allocated, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    for request in held:
+        assert request.result()[1].status_code == 401
+    # Held, the bodies alone would be 10 MiB.
+    assert allocated < count * size / 4, allocated
 
 
 def test_a_server_stopping_sends_the_waiting_answers_at_once(
