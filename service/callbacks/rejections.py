@@ -118,8 +118,9 @@ class RejectionLog:
         pending, self._pending = self._pending, {}
         for reason, summary in pending.items():
             first = summary.first
+            more = "callback" if summary.count == 1 else "callbacks"
             detail = (
-                f"and {summary.count} more callbacks refused ({reason.replace('_', ' ')})"
+                f"and {summary.count} more {more} refused ({reason.replace('_', ' ')})"
                 f" in the same second, counted but not noted one by one (at most"
                 f" {self.per_second} a second are); the first of them: {first.detail}"
             )
