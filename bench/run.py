@@ -160,6 +160,11 @@ class Targets:
                 assert response.status_code == 202, response.text
                 self._jobs.append((job["id"], job["upstream_id"]))
 
+    @property
+    def paths(self) -> list[str]:
+        """Each job's own callback URL (its path)."""
+        return [f"/callbacks/jobs/{job_id}" for job_id, _ in self._jobs]
+
     def fresh(self, seconds: int, rate: int = 15_000) -> Path:
         lines = []
         for n in range(self._sent, self._sent + seconds * rate + 2_000):
@@ -268,6 +273,99 @@ def bench_callbacks(
         "half_load_p99_ms": at_half["p99"] if at_half else None,
         "bare_p99_ms": [r["p99"] for r in bare_runs],
         "disk_fdatasync_ms": disk,
+    }
+
+
+# -- 1b. callbacks under a flood of forged ones ------------------------------------------
+
+# Connections of the forging wrk: as many as the genuine callbacks' wrk has.
+FORGED_CONNECTIONS = 64
+
+
+def forged_wrk(base: str, paths: Path, connections: int, seconds: int) -> subprocess.Popen[str]:
+    """A wrk process sending forged callbacks (``forged.lua``) for ``seconds``."""
+    env = {**os.environ, "BENCH_FORGED": str(paths)}
+    return subprocess.Popen(
+        [
+            "wrk",
+            f"-t{min(2, connections)}",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(BENCH / "forged.lua"),
+            base,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def rejected(database: Path) -> tuple[int, int]:
+    """(rows, their repeats summed) in ``rejected_callbacks``."""
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as conn:
+        rows, repeats = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(repeats), 0) FROM rejected_callbacks"
+        ).fetchone()
+    return int(rows), int(repeats)
+
+
+def bench_flood(
+    work: Path, repeats: int, seconds: int, stack: str = "standard"
+) -> dict[str, object]:
+    """Genuine callbacks alone, then with a flood of forged ones at the same time."""
+    port = free_port()
+    database = work / "flood.db"
+    env = service_env(work, port, stack, database=f"sqlite:///{database}")
+    with process(bulkhook("serve", "--port", str(port)), work, env):
+        url = f"http://127.0.0.1:{port}"
+        wait_for(f"{url}/healthz")
+        targets = Targets(url, work, CALLBACK_JOBS)
+        paths = work / "forged.txt"
+        paths.write_text("".join(f"{path}\n" for path in targets.paths))
+        wrk(url, targets, 64, 2)  # warm up
+        alone, flooded, ratios, forged_rps = [], [], [], []
+        rows_per_s, repeats_per_s = [], []
+        statuses: dict[str, int] = {}
+        for repeat in range(repeats):
+            order = ("flood", "alone") if repeat % 2 else ("alone", "flood")
+            runs: dict[str, dict[str, float]] = {}
+            for kind in order:
+                if kind == "alone":
+                    runs[kind] = wrk(url, targets, 64, seconds)
+                    continue
+                # The flood starts a second early, so its answers are paced already.
+                before, started = rejected(database), time.monotonic()
+                forger = forged_wrk(url, paths, FORGED_CONNECTIONS, seconds + 2)
+                time.sleep(1)
+                runs[kind] = wrk(url, targets, 64, seconds)
+                out, _ = forger.communicate()
+                took = time.monotonic() - started
+                time.sleep(1.5)  # the last second's summary rows are written
+                after = rejected(database)
+                rows_per_s.append(round((after[0] - before[0]) / took, 1))
+                repeats_per_s.append(round((after[1] - before[1]) / took, 1))
+                found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+                forged_rps.append(round(float(found.group(1)), 1) if found else 0.0)
+                for status, count in re.findall(r"^status (\d+) (\d+)$", out, re.MULTILINE):
+                    statuses[status] = statuses.get(status, 0) + int(count)
+            alone.append(runs["alone"])
+            flooded.append(runs["flood"])
+            ratios.append(runs["flood"]["rps"] / runs["alone"]["rps"])
+    return {
+        "legit_rps_alone": [round(r["rps"]) for r in alone],
+        "legit_rps_with_flood": [round(r["rps"]) for r in flooded],
+        "ratio": [round(r, 2) for r in ratios],
+        "ratio_median": round(statistics.median(ratios), 2),
+        "legit_errors": sum(int(r["errors"]) for r in alone + flooded),
+        "forged_connections": FORGED_CONNECTIONS,
+        "forged_rps": forged_rps,
+        "forged_statuses": dict(sorted(statuses.items())),
+        "rejected_rows_per_s": rows_per_s,
+        "rejected_repeats_per_s": repeats_per_s,
     }
 
 
@@ -603,7 +701,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats")
     parser.add_argument(
-        "--only", choices=["callbacks", "poller", "store", "upload"], action="append"
+        "--only",
+        choices=["callbacks", "flood", "poller", "store", "upload"],
+        action="append",
     )
     parser.add_argument(
         "--stack",
@@ -621,7 +721,7 @@ def main() -> int:
     if not shutil.which("wrk") or not shutil.which("curl"):
         print("bench needs wrk and curl (Debian packages wrk, curl)", file=sys.stderr)
         return 2
-    only = set(args.only or ["callbacks", "poller", "store", "upload"])
+    only = set(args.only or ["callbacks", "flood", "poller", "store", "upload"])
     stacks = list(STACKS) if args.stack == "both" else [args.stack]
     import uvicorn
 
@@ -661,6 +761,10 @@ def run_stack(
             results[f"callbacks (PostgreSQL, {stack})"] = bench_callbacks(
                 work, repeats=4 if quick else 9, database=pg, stack=stack, **pairs
             )
+    if "flood" in only:
+        results[f"flood (SQLite, {stack})"] = bench_flood(
+            work, repeats=3 if quick else 6, seconds=2 if quick else 3, stack=stack
+        )
     if "poller" in only:
         results[f"poller ({stack})"] = bench_poller(
             work, 1_000 if quick else 10_000, 100 if quick else 200, stack

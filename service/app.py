@@ -29,7 +29,9 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from service.api.guard import RequestGuard, ServedHosts, Tokens
 from service.api.routes import JobApi, UploadLimits
 from service.callbacks.endpoint import CALLBACK_PATHS, CallbackEndpoint, callback_route
+from service.callbacks.pacing import Pacing
 from service.callbacks.receiving import CallbackReceiver
+from service.callbacks.rejections import RejectionLog
 from service.callbacks.signatures import Keyring
 from service.config import ConfigError, Settings, redact
 from service.dashboard.routes import Dashboard
@@ -90,11 +92,17 @@ class Service(Starlette):
     """The app: Starlette, with the callback URLs answered before its middleware."""
 
     def __init__(
-        self, *args: Any, callbacks: CallbackEndpoint, components: Components, **kwargs: Any
+        self,
+        *args: Any,
+        callbacks: CallbackEndpoint,
+        components: Components,
+        pacing: Pacing,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._callbacks = callbacks
         self._components = components
+        self._pacing = pacing
         # Every route but the callbacks: Starlette's middleware and routes.
         self._rest: ASGIApp = super().__call__
 
@@ -109,6 +117,11 @@ class Service(Starlette):
     @property
     def components(self) -> Components:
         return self._components
+
+    def stopping(self) -> None:
+        """The server stops (before it waits for the requests in flight): answers held
+        back on purpose are sent now, so the wait is not as long as their delay."""
+        self._pacing.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -169,13 +182,16 @@ def create_app(
     sandbox: SandboxOptions | None = None,
     upstream_retry: RetryPolicy | None = None,
     store: Store | None = None,
+    pacing: Pacing | None = None,
 ) -> Service:
     """An independent app.
 
     ``sandbox`` tunes the embedded upstream (used only without OC_BASE_URL);
     ``upstream_retry`` overrides the upstream client's retry policy (tests shorten it);
     ``store`` is used instead of the one ``settings.database_url`` names (not opened
-    yet: the app opens and closes it, as its own; tests wrap the real one to watch it).
+    yet: the app opens and closes it, as its own; tests wrap the real one to watch it);
+    ``pacing`` holds refusals' answers instead of one built from
+    ``settings.refusal_delay`` (tests bound the answers waiting lower).
     """
     public_url = (settings.public_url or "http://127.0.0.1:8000").rstrip("/")
     default = settings.instances[0]
@@ -293,6 +309,10 @@ def create_app(
         spool=spool,
         results=results,
     )
+    # Refused callbacks: noted at a bounded number of rows a second, and those refused
+    # before a signature verified answered late.
+    rejections = RejectionLog(store.record_rejection)
+    pacing = pacing if pacing is not None else Pacing(settings.refusal_delay)
     callbacks = CallbackEndpoint(
         CallbackReceiver(
             store=store,
@@ -302,6 +322,8 @@ def create_app(
             wake=poller.wake,
             callback_grace=settings.callback_grace,
             max_bytes=settings.max_callback_bytes,
+            rejections=rejections,
+            pacing=pacing,
             ended=work_after_end,
         )
     )
@@ -341,6 +363,8 @@ def create_app(
         finally:
             dashboard.streams.close()
             await pruner.stop()
+            pacing.stop()
+            await rejections.aclose()
             callbacks.refusals.flush()
             await fetcher.stop()
             await copier.stop()
@@ -361,6 +385,7 @@ def create_app(
     )
     return Service(
         callbacks=callbacks,
+        pacing=pacing,
         components=Components(
             settings=settings,
             metrics=metrics,

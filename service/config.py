@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from service import instances
+from service.callbacks.pacing import DEFAULT_DELAY
 from service.errors import BulkhookError
 from service.instances import Instance
 from service.upstream.client import Credentials
@@ -41,6 +42,8 @@ _MIN_RETENTION = 5 * 86400
 # Failed records kept per job, at most: each up to 256 KiB of JSON, so the bound keeps
 # one job's copy far below what a disk holds.
 _MOST_FAILED_RECORDS = 1_000_000
+# The longest the answer to a refused unverified callback may be held back.
+_MOST_REFUSAL_DELAY = 10.0
 # From "//" to the last "@" before the next space, quote or end: greedy, because a
 # password may itself hold "@" or "/".
 _USERINFO = re.compile(r"//[^\s'\"]*@")
@@ -87,6 +90,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "poll_lease": ("BULKHOOK_POLL_LEASE", "seconds"),
         "job_timeout": ("BULKHOOK_JOB_TIMEOUT", "seconds"),
         "max_callback_bytes": ("BULKHOOK_MAX_CALLBACK_BYTES", "bytes"),
+        "refusal_delay": ("BULKHOOK_REFUSAL_DELAY", "delay"),
         "max_upload_bytes": ("BULKHOOK_MAX_UPLOAD_BYTES", "bytes"),
         "header_timeout": ("BULKHOOK_HEADER_TIMEOUT", "seconds"),
         "body_timeout": ("BULKHOOK_BODY_TIMEOUT", "seconds"),
@@ -106,6 +110,7 @@ _VARS: Mapping[str, tuple[str, str]] = MappingProxyType(
 _WANTED: Mapping[str, str] = MappingProxyType(
     {
         "seconds": "a positive number of seconds",
+        "delay": f"a number of seconds from 0 (no delay) to {_MOST_REFUSAL_DELAY:g}",
         "rate": "a positive number of polls per second",
         "retention": "a number of seconds, at least 432000 (5 days: Open Connectors"
         " redelivers a callback for about four)",
@@ -151,7 +156,7 @@ def _parse(var: str, kind: str, raw: str) -> Any:
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if kind not in _WANTED:
         return raw
-    if kind in ("seconds", "rate", "retention"):
+    if kind in ("seconds", "rate", "retention", "delay"):
         with contextlib.suppress(ValueError):
             return float(raw)
     elif kind in ("bytes", "count", "records") and raw.isascii() and raw.isdigit():
@@ -270,6 +275,8 @@ def _check(var: str, kind: str, value: Any) -> Any:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if kind in ("seconds", "rate") and number and math.isfinite(value) and value > 0:
         return float(value)
+    if kind == "delay" and number and 0 <= value <= _MOST_REFUSAL_DELAY:
+        return float(value)
     # A shorter retention would forget a delivery the upstream may still send again.
     if kind == "retention" and number and math.isfinite(value) and value >= _MIN_RETENTION:
         return float(value)
@@ -338,6 +345,9 @@ class Settings:
     poll_lease: float = 120.0
     job_timeout: float = 259200.0
     max_callback_bytes: int = 1048576
+    # Seconds the answer to a callback refused before its signature verified (forged,
+    # made-up job, unknown instance, too large) waits before it is sent; 0: none.
+    refusal_delay: float = DEFAULT_DELAY
     max_upload_bytes: int = 2147483648
     # A connection whose request headers are not complete this long after it opened
     # (or after its last response) is closed: it holds a socket and serves no one.

@@ -182,6 +182,7 @@ def start_service(store_url: str, tmp_path: Path) -> Iterator[Callable[..., Runn
         sandbox_options: Any = None,
         upstream_retry: Any = None,
         store: Any = None,
+        pacing: Any = None,
         **overrides: Any,
     ) -> RunningService:
         server = ServerThread()
@@ -197,11 +198,18 @@ def start_service(store_url: str, tmp_path: Path) -> Iterator[Callable[..., Runn
             "poll_interval": 0.3,
             "poll_max_interval": 1.0,
             "results_dir": str(tmp_path / "results"),
+            # Refusals of forged callbacks wait a little, not the default second:
+            # test_flood checks the default and the pacing itself.
+            "refusal_delay": 0.01,
         }
         values.update(overrides)
         settings = Settings(**values)
         app = create_app(
-            settings, sandbox=sandbox_options, upstream_retry=upstream_retry, store=store
+            settings,
+            sandbox=sandbox_options,
+            upstream_retry=upstream_retry,
+            store=store,
+            pacing=pacing,
         )
         server.start(app)
         service = RunningService(server, settings, httpx.Client(base_url=server.url, timeout=30))

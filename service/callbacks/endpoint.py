@@ -119,6 +119,7 @@ class CallbackEndpoint:
     def __init__(self, receiver: CallbackReceiver) -> None:
         self._receiver = receiver
         self.refusals = refusal_log()
+        self._pacing = receiver.pacing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = scope.get("path_params", {})
@@ -150,7 +151,7 @@ class CallbackEndpoint:
             # No keys to verify with, and a name the sender picked: answered unread.
             unknown = callbacks.unknown_instance(receiver, instance, webhook_id, self.refusals)
             if unknown is not None:
-                await _send(send, unknown)
+                await self._reply(send, unknown)
                 return
         try:
             try:
@@ -186,9 +187,18 @@ class CallbackEndpoint:
             what = exc.code if isinstance(exc, BulkhookError) else "unexpected error"
             log.error("%s on POST %s: %r", what, short(scope["path"], 200), exc)
             answer = _answer(unexpected(exc, store_error))
-        await _send(send, answer)
+        if answer.paced:
+            body = b""  # not held while the answer waits: only the answer is
+        await self._reply(send, answer)
         if answer.after is not None:
             await answer.after()
+
+    async def _reply(self, send: Send, answer: Answer) -> None:
+        """Send ``answer``; a paced one once the pacing delay passed, or at once and
+        closing its connection when too many answers wait already."""
+        if answer.paced and not await self._pacing.hold():
+            answer = answer.closing()
+        await _send(send, answer)
 
 
 def callback_route(scope: Scope) -> tuple[bool, str | None, str | None]:

@@ -45,6 +45,7 @@ the raw body, and returns the ``Answer`` to send.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -55,6 +56,8 @@ from typing import Any
 from service import values
 from service.callbacks import notification, signatures
 from service.callbacks.job_instances import JobInstances
+from service.callbacks.pacing import PACED, Pacing
+from service.callbacks.rejections import RejectionLog
 from service.callbacks.signatures import Keyring, Verification
 from service.errors import ApiError, error_body
 from service.jobs import Observation
@@ -103,6 +106,10 @@ class CallbackReceiver:
     callback_grace: float
     # The largest body read; a longer one is refused unread (413).
     max_bytes: int
+    # Notes refused callbacks in the store, a bounded number of rows a second.
+    rejections: RejectionLog
+    # Holds the answers of refusals given before a signature verified.
+    pacing: Pacing
     # Wakes the work a job's end schedules (the copier, the fetcher), so it starts now
     # rather than at its next look at the store.
     ended: Callable[[], None] = lambda: None
@@ -125,6 +132,13 @@ class Answer:
     headers: Mapping[str, str] | None = None
     # Work that must not delay the answer: run once it has been sent.
     after: Callable[[], Awaitable[None]] | None = None
+    # Sent only after the pacing delay: a refusal given before a signature verified.
+    paced: bool = False
+
+    def closing(self) -> Answer:
+        """The same answer, sent now and closing its connection."""
+        headers = {**(self.headers or {}), "Connection": "close"}
+        return dataclasses.replace(self, headers=headers, paced=False)
 
 
 def refuse(
@@ -136,13 +150,14 @@ def refuse(
     repeats: Repeats,
     instance: str = UNKNOWN,
 ) -> Answer:
-    """The refusal, counted and logged; it is noted for the dashboard only after it was
-    sent.
+    """The refusal, counted, logged and noted for the dashboard; paced when it was
+    given before the signature verified (``PACED``).
 
-    Noting it after answering keeps the refusal as prompt as ever (and best effort:
-    it is answered even when the store is down). Only what identifies the delivery is
-    kept, truncated: never the body, which is neither trusted nor parsed. A path id
-    that cannot be a job id is not kept at all.
+    The row is written after the answer was sent, keeping the refusal as prompt as
+    ever (and best effort: it is answered even when the store is down), or not at all
+    but counted into its second's summary (``rejections``). Only what identifies the
+    delivery is kept, truncated: never the body, which is neither trusted nor parsed.
+    A path id that cannot be a job id is not kept at all.
     """
     receiver.metrics.callback(reason, instance)
     _log_refusal(repeats, reason, error.message, job_id, webhook_id, instance)
@@ -154,34 +169,23 @@ def refuse(
         job_ref,
         (webhook_id or "").strip()[:200] or None,
     )
-
-    async def note() -> None:
-        try:
-            await receiver.store.record_rejection(rejection)
-        except Exception as exc:
-            repeats.warning(
-                "note_failed",
-                "could not note a refused callback: %r",
-                exc,
-                extra={"outcome": reason},
-            )
-
+    note = receiver.rejections.note(rejection)
     payload = error_body(error.code, error.message, **error.extra)
-    return Answer(error.status, payload, error.headers, after=note)
+    return Answer(error.status, payload, error.headers, after=note, paced=reason in PACED)
 
 
 def unknown_instance(
     receiver: CallbackReceiver, name: str, webhook_id: str | None, repeats: Repeats
 ) -> Answer | None:
     """The answer at the instance-wide URL of an instance that is not configured (``404
-    unknown_instance``, nothing stored: there are no keys to verify with, and the name
-    is the sender's); None for a configured one."""
+    unknown_instance``, paced, nothing stored: there are no keys to verify with, and
+    the name is the sender's); None for a configured one."""
     if name in receiver.keyrings:
         return None
     message = f"no connector instance {short(name)!r} is configured"
     receiver.metrics.callback("unknown_instance", UNKNOWN)
     _log_refusal(repeats, "unknown_instance", message, None, webhook_id, UNKNOWN)
-    return Answer(404, error_body("unknown_instance", message))
+    return Answer(404, error_body("unknown_instance", message), paced=True)
 
 
 def _log_refusal(
@@ -211,11 +215,12 @@ def _no_job(
     receiver: CallbackReceiver, repeats: Repeats, job_id: str, webhook_id: str | None
 ) -> Answer:
     """A per-job URL that names no job: never genuine (a job's row exists before the
-    upstream learns its URL), so nothing is stored, kept or verified further."""
+    upstream learns its URL), so nothing is stored, kept or verified further, and the
+    answer is paced."""
     message = f"no job {short(job_id)!r}"
     receiver.metrics.callback("job_not_found", UNKNOWN)
     _log_refusal(repeats, "job_not_found", message, job_id, webhook_id, UNKNOWN)
-    return Answer(404, error_body("job_not_found", message))
+    return Answer(404, error_body("job_not_found", message), paced=True)
 
 
 async def _instance_of(receiver: CallbackReceiver, job_id: str) -> str | None:

@@ -196,6 +196,7 @@ def callbacks_view(
             "linked": record.outcome == "accepted" and record.job_ref is not None,
             "webhook_id": record.webhook_id,
             "detail": record.detail,
+            "repeats": record.repeats,
         }
         for record in recent
     ]
@@ -213,6 +214,7 @@ def callbacks_view(
                     "job": record.job_ref,
                     "webhook_id": record.webhook_id,
                     "detail": record.detail,
+                    "repeats": record.repeats,
                 }
                 for record in recent
             ],

@@ -47,6 +47,12 @@ def dashboard_schemas() -> dict[str, Schema]:
                 "job": {"type": ["string", "null"], "description": "the job (or reference)"},
                 "webhook_id": {"type": ["string", "null"]},
                 "detail": {"type": "string"},
+                "repeats": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "how many deliveries the line stands for: more than 1"
+                    " for the summary of refusals past those noted one by one each second",
+                },
             }
         ),
         "CallbackActivity": obj(

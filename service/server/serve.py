@@ -20,7 +20,7 @@ from service.config import Settings, redact
 from service.logs import chosen_format, lighten_records, log_config
 from service.sandbox import API_PREFIX
 from service.server.protocol import event_loop, http_implementation, http_protocol
-from service.server.thread import bind_socket
+from service.server.thread import StoppingServer, bind_socket
 from service.store import StoreError, open_store
 from service.uploads.spool import default_root, prepare_root
 
@@ -173,7 +173,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
     return 0
 
 
-class _Server(uvicorn.Server):
+class _Server(StoppingServer):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         # What exists once the app has started (modules, routes, the store, the

@@ -16,7 +16,20 @@ import uvicorn
 
 from service.server.protocol import HEADER_TIMEOUT, http_protocol
 
-__all__ = ["ServerThread", "bind_socket"]
+__all__ = ["ServerThread", "StoppingServer", "bind_socket"]
+
+
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, telling the app (its ``stopping()``, if it has one) that it
+    stops before it waits for the requests in flight: the app's answers held back on
+    purpose (refusals of forged callbacks) are then sent at once, not after their delay.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        stopping = getattr(self.config.app, "stopping", None)
+        if callable(stopping):
+            stopping()
+        await super().shutdown(sockets)
 
 
 class ServerThread:
@@ -59,7 +72,7 @@ class ServerThread:
             raise ValueError("no app to serve")
         self.app = app
         config = uvicorn.Config(app, lifespan="auto", **self._options)
-        server = self._server = uvicorn.Server(config)
+        server = self._server = StoppingServer(config)
         self._thread = threading.Thread(
             target=server.run, kwargs={"sockets": [self._socket]}, daemon=True
         )

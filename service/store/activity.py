@@ -43,17 +43,18 @@ _RECENT_DELIVERIES = f"""SELECT d.received_at, {_OUTCOME} AS outcome, d.webhook_
     FROM deliveries d LEFT JOIN kept_callbacks k ON k.webhook_id = d.webhook_id
     ORDER BY d.received_at DESC LIMIT %s"""
 
-_RECENT_REJECTIONS = """SELECT received_at, reason, detail, job_ref, webhook_id
+_RECENT_REJECTIONS = """SELECT received_at, reason, detail, job_ref, webhook_id, repeats
     FROM rejected_callbacks ORDER BY received_at DESC LIMIT %s"""
 
-_REJECTIONS_FOR = """SELECT received_at, reason, detail, job_ref, webhook_id
+_REJECTIONS_FOR = """SELECT received_at, reason, detail, job_ref, webhook_id, repeats
     FROM rejected_callbacks WHERE job_ref = %s ORDER BY received_at DESC LIMIT %s"""
 
 _COUNT_DELIVERIES = f"""SELECT {_OUTCOME} AS outcome, COUNT(*) AS n
     FROM deliveries d LEFT JOIN kept_callbacks k ON k.webhook_id = d.webhook_id
     WHERE d.received_at >= %s GROUP BY 1"""
 
-_COUNT_REJECTIONS = """SELECT reason AS outcome, COUNT(*) AS n FROM rejected_callbacks
+# A row of refusals may stand for several (``repeats``): counts sum them.
+_COUNT_REJECTIONS = """SELECT reason AS outcome, SUM(repeats) AS n FROM rejected_callbacks
     WHERE received_at >= %s GROUP BY reason"""
 
 # Counts per minute of receipt over a window of ``received_at``, served by the
@@ -64,7 +65,7 @@ DELIVERIES_BY_MINUTE = f"""SELECT {{minute}} AS minute, {_OUTCOME} AS outcome, C
     FROM deliveries d LEFT JOIN kept_callbacks k ON k.webhook_id = d.webhook_id
     WHERE d.received_at >= %s AND d.received_at < %s GROUP BY 1, 2"""
 
-REJECTIONS_BY_MINUTE = """SELECT {minute} AS minute, reason AS outcome, COUNT(*) AS n
+REJECTIONS_BY_MINUTE = """SELECT {minute} AS minute, reason AS outcome, SUM(repeats) AS n
     FROM rejected_callbacks WHERE received_at >= %s AND received_at < %s GROUP BY 1, 2"""
 
 _SQLITE_MINUTE = "CAST({column} / 60 AS INTEGER)"
@@ -82,7 +83,7 @@ _REJECTIONS_AFTER = """SELECT id AS n, job_ref AS ref FROM rejected_callbacks
     WHERE id > %s ORDER BY id LIMIT %s"""
 
 _INSERT_REJECTION = """INSERT INTO rejected_callbacks
-    (received_at, reason, detail, job_ref, webhook_id) VALUES (%s, %s, %s, %s, %s)"""
+    (received_at, reason, detail, job_ref, webhook_id, repeats) VALUES (%s, %s, %s, %s, %s, %s)"""
 
 _PRUNE_REJECTIONS = "DELETE FROM rejected_callbacks WHERE id <= %s"
 
@@ -141,7 +142,12 @@ def _delivery(row: Mapping[str, Any]) -> CallbackRecord:
 
 def _rejection(row: Mapping[str, Any]) -> CallbackRecord:
     return CallbackRecord(
-        row["received_at"], row["reason"], row["webhook_id"], row["job_ref"], row["detail"]
+        row["received_at"],
+        row["reason"],
+        row["webhook_id"],
+        row["job_ref"],
+        row["detail"],
+        int(row["repeats"]),
     )
 
 
@@ -152,6 +158,7 @@ def _values(rejection: Rejection) -> tuple[Any, ...]:
         rejection.detail,
         rejection.job_ref,
         rejection.webhook_id,
+        rejection.repeats,
     )
 
 
@@ -161,13 +168,13 @@ def _newest_first(records: list[CallbackRecord], limit: int) -> list[CallbackRec
 
 def _add_counts(counts: dict[str, int], rows: Any) -> None:
     for row in rows:
-        counts[row["outcome"]] = counts.get(row["outcome"], 0) + row["n"]
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + int(row["n"])
 
 
 def _add_minutes(minutes: dict[int, dict[str, int]], rows: Any) -> None:
     for row in rows:
         counts = minutes.setdefault(int(row["minute"]), {})
-        counts[row["outcome"]] = counts.get(row["outcome"], 0) + row["n"]
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + int(row["n"])
 
 
 def _entries(rows: Any) -> list[tuple[int, str | None]]:

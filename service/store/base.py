@@ -173,6 +173,9 @@ class Rejection:
     detail: str
     job_ref: str | None = None
     webhook_id: str | None = None
+    # How many refusals the row stands for: more than 1 for the summary of those past
+    # the rows noted one by one each second (``callbacks.rejections``).
+    repeats: int = 1
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ class CallbackRecord:
     webhook_id: str | None
     job_ref: str | None
     detail: str
+    # How many deliveries the line stands for (a summary of refusals: more than 1).
+    repeats: int = 1
 
 
 class Store(abc.ABC):

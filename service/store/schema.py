@@ -38,7 +38,8 @@ What only one store has stays beside that store, in its own migration list:
 What both stores gained after their own versions is one script they each number in
 turn, after the versions they already have: ``JOBS_UPSTREAM_ERROR`` is SQLite's
 version 6 and PostgreSQL's version 4, ``FAILED_RECORDS`` SQLite's 7 and PostgreSQL's 5,
-``DOWNLOADS`` SQLite's 8 and PostgreSQL's 6, ``INSTANCES`` SQLite's 9 and PostgreSQL's 7.
+``DOWNLOADS`` SQLite's 8 and PostgreSQL's 6, ``INSTANCES`` SQLite's 9 and PostgreSQL's 7,
+``REJECTION_REPEATS`` SQLite's 10 and PostgreSQL's 8.
 
 ``TERMINAL_SQL`` lists the terminal states as the ``jobs.state`` column holds them,
 for the statements of both stores that must leave an ended job alone.
@@ -59,6 +60,7 @@ __all__ = [
     "JOBS_UPSTREAM_ERROR",
     "MIGRATIONS_TABLE",
     "POSTGRES",
+    "REJECTION_REPEATS",
     "SHARED_MIGRATIONS",
     "SQLITE",
     "TERMINAL_SQL",
@@ -292,6 +294,18 @@ INSTANCES = """
     ALTER TABLE kept_callbacks ADD COLUMN instance TEXT NOT NULL DEFAULT 'default';
     DROP INDEX kept_body;
     CREATE UNIQUE INDEX kept_body ON kept_callbacks (instance, digest, COALESCE(job_ref, ''));
+    """
+
+
+# How many refused callbacks a row of ``rejected_callbacks`` stands for: 1 for a refusal
+# noted on its own (every row from before this version), more for the summary of those
+# past the per-second bound (``callbacks.rejections``), so that counts stay exact while
+# the rows written per second are bounded.
+#
+# Written after the stores' version numbers parted, so each store appends it to its
+# own list as its next version.
+REJECTION_REPEATS = """
+    ALTER TABLE rejected_callbacks ADD COLUMN repeats {count} NOT NULL DEFAULT 1;
     """
 
 

@@ -64,6 +64,7 @@ from service.store.schema import (
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
     POSTGRES,
+    REJECTION_REPEATS,
     TERMINAL_SQL,
     migrations,
     render,
@@ -86,6 +87,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
         6: render(DOWNLOADS, POSTGRES),
         # 7: several connector instances (as SQLite's 9).
         7: INSTANCES,
+        # 8: a row of refused callbacks may stand for several (as SQLite's 10).
+        8: render(REJECTION_REPEATS, POSTGRES),
     },
 )
 

@@ -69,6 +69,7 @@ from service.store.schema import (
     INSTANCES,
     JOBS_UPSTREAM_ERROR,
     MIGRATIONS_TABLE,
+    REJECTION_REPEATS,
     SQLITE,
     TERMINAL_SQL,
     migrations,
@@ -118,6 +119,8 @@ MIGRATIONS: tuple[str, ...] = migrations(
         8: render(DOWNLOADS, SQLITE),
         # 9: several connector instances (as PostgreSQL's 7).
         9: INSTANCES,
+        # 10: a row of refused callbacks may stand for several (as PostgreSQL's 8).
+        10: render(REJECTION_REPEATS, SQLITE),
     },
 )
 
