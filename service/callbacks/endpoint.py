@@ -153,8 +153,11 @@ class CallbackEndpoint:
             if unknown is not None:
                 await self._reply(send, unknown)
                 return
+        first: Message | None = None
         try:
             try:
+                if declared is not None and declared > receiver.max_bytes:
+                    raise _too_large(receiver.max_bytes)  # refused before it is read
                 # A callback's body nearly always comes in one message: taken here, it
                 # costs no coroutine of its own.
                 first = await receive()
@@ -163,7 +166,6 @@ class CallbackEndpoint:
                     first.get("more_body", False)
                     or first["type"] != "http.request"
                     or len(body) > receiver.max_bytes
-                    or (declared is not None and declared > receiver.max_bytes)
                 ):
                     body = await read_body(receive, receiver.max_bytes, declared, first)
             except ApiError as exc:
@@ -187,6 +189,7 @@ class CallbackEndpoint:
             what = exc.code if isinstance(exc, BulkhookError) else "unexpected error"
             log.error("%s on POST %s: %r", what, short(scope["path"], 200), exc)
             answer = _answer(unexpected(exc, store_error))
+        first = None
         if answer.paced:
             body = b""  # not held while the answer waits: only the answer is
         await self._reply(send, answer)
