@@ -320,6 +320,9 @@ def bench_flood(
     port = free_port()
     database = work / "flood.db"
     env = service_env(work, port, stack, database=f"sqlite:///{database}")
+    # BENCH_REFUSAL_DELAY=0 measures the flood without pacing, for comparison.
+    if (delay := os.environ.get("BENCH_REFUSAL_DELAY")) is not None:
+        env["BULKHOOK_REFUSAL_DELAY"] = delay
     with process(bulkhook("serve", "--port", str(port)), work, env):
         url = f"http://127.0.0.1:{port}"
         wait_for(f"{url}/healthz")
