@@ -37,43 +37,14 @@ sys.path.insert(0, str(ROOT))
 from service.app import create_app
 from service.callbacks.signatures import sign
 from service.config import Settings
-from service.jobs import Job, Observation, Source, State, new_job_id
 from service.server.serve import YOUNG_THRESHOLD
 
-KEY = "bench-signature-key"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run import KEY, running_body
+from store_apply import submitted_jobs
+
 JOBS = 200
-
-
-async def make_jobs(store: Any, count: int) -> list[tuple[str, str]]:
-    jobs = []
-    for n in range(count):
-        now = time.time()
-        job = Job(
-            id=new_job_id(),
-            hub="marketing",
-            object="contact",
-            path="/contacts.csv",
-            state=State.SUBMITTING,
-            created_at=now,
-            updated_at=now,
-            last_source="submit",
-            filename="contacts.csv",
-            rows=10,
-        )
-        await store.create_job(job)
-        upstream = f"u{n}"
-        submitted = Observation.of(
-            Source.SUBMIT,
-            status=State.CREATED,
-            raw_status="CREATED",
-            records_count=None,
-            records_failed_count=None,
-            detail="submitted",
-            at=time.time(),
-        )
-        await store.apply(job.id, submitted, upstream_id=upstream)
-        jobs.append((job.id, upstream))
-    return jobs
 
 
 class Callbacks:
@@ -87,15 +58,7 @@ class Callbacks:
         n = self._sent
         self._sent += 1
         job_id, upstream_id = self._jobs[n % len(self._jobs)]
-        body = json.dumps(
-            {
-                "id": upstream_id,
-                "callback-payload": job_id,
-                "status": "RUNNING",
-                "recordsCount": 10,
-                "sequence": n,
-            }
-        ).encode()
+        body = running_body(job_id, upstream_id, n).encode()
         headers = [
             (b"host", b"127.0.0.1:8000"),
             (b"content-type", b"application/json"),
@@ -144,7 +107,7 @@ async def run(database: str, count: int, concurrency: int, callgrind: bool) -> d
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         store = app.components.store
-        callbacks = Callbacks(await make_jobs(store, JOBS))
+        callbacks = Callbacks(await submitted_jobs(store, JOBS))
 
         async def batch(requests: list[tuple[dict[str, Any], bytes]]) -> None:
             await asyncio.gather(*[call(app, scope, body) for scope, body in requests])

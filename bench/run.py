@@ -138,6 +138,20 @@ def wrk(base: str, targets: Targets, connections: int, seconds: int) -> dict[str
     }
 
 
+def running_body(job_id: str, upstream_id: str, n: int) -> str:
+    """A ``RUNNING`` callback body for a job, made unique by a sequence number ``n``
+    (the service takes a body it has seen for a job before as a repeat)."""
+    return json.dumps(
+        {
+            "id": upstream_id,
+            "callback-payload": job_id,
+            "status": "RUNNING",
+            "recordsCount": 10,
+            "sequence": n,
+        }
+    )
+
+
 class Targets:
     """Signed RUNNING callbacks for wrk, one job's own per line, each body different.
 
@@ -169,15 +183,7 @@ class Targets:
         lines = []
         for n in range(self._sent, self._sent + seconds * rate + 2_000):
             job_id, upstream_id = self._jobs[n % len(self._jobs)]
-            body = json.dumps(
-                {
-                    "id": upstream_id,
-                    "callback-payload": job_id,
-                    "status": "RUNNING",
-                    "recordsCount": 10,
-                    "sequence": n,
-                }
-            )
+            body = running_body(job_id, upstream_id, n)
             lines.append(f"/callbacks/jobs/{job_id}\t{sign(KEY, body.encode())}\t{body}\n")
         self._sent += len(lines)
         path = self._work / "callbacks.tsv"

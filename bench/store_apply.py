@@ -69,7 +69,7 @@ async def _opened(url: str) -> AsyncIterator[Store]:
         await store.close()
 
 
-async def _jobs(store: Store, count: int) -> list[tuple[str, str]]:
+async def submitted_jobs(store: Store, count: int) -> list[tuple[str, str]]:
     """``count`` submitted jobs: (job id, upstream id)."""
     made = []
     for n in range(count):
@@ -169,7 +169,7 @@ def _rounds(store: Store) -> list[int]:
 async def main(args: argparse.Namespace) -> None:
     with _database(args.url) as url:
         async with _opened(url) as store:
-            jobs = await _jobs(store, args.jobs)
+            jobs = await submitted_jobs(store, args.jobs)
             await _run(store, jobs, min(args.applies, 2_000), args.concurrency)  # warm-up
             sizes = _rounds(store)
             cpu = []
