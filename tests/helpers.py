@@ -654,6 +654,19 @@ def make_job(**changes: object) -> Job:
     return Job(**fields)  # type: ignore[arg-type]
 
 
+def download_job(**changes: object) -> Job:
+    """``make_job`` for a download: a query and a result format, no file."""
+    return make_job(
+        direction="download",
+        query="select * from contact",
+        format="jsonl",
+        path=None,
+        filename=None,
+        rows=None,
+        **changes,
+    )
+
+
 def assert_error(response, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")

@@ -262,6 +262,17 @@ def test_a_job_of_an_instance_no_longer_configured_is_refused_401(quiet: Any) ->
     unchanged(service, crm_job)
 
 
+def shop_job_watched(
+    start_sandbox: StartSandbox, start_service: StartService, store: Any, contacts_csv: Path
+) -> tuple[RunningService, dict[str, Any]]:
+    """Both instances served over ``store`` (a wrapper that watches the real one), and a
+    job of the shop instance that stays running (its callbacks dropped)."""
+    crm = start_sandbox(signature_key=CRM_KEY, drop_callbacks=1.0, job_seconds=60)
+    shop = start_sandbox(signature_key=SHOP_KEY, drop_callbacks=1.0, job_seconds=60)
+    service = two_instances(start_service, crm, shop, store=store)
+    return service, instance_job(service, shop, "shop", contacts_csv)
+
+
 class InstanceReads:
     """The service's store, counting the reads of a job's instance."""
 
@@ -283,11 +294,8 @@ def test_a_jobs_instance_is_read_once_however_many_callbacks_come(
     store_url: str,
     contacts_csv: Path,
 ) -> None:
-    crm = start_sandbox(signature_key=CRM_KEY, drop_callbacks=1.0, job_seconds=60)
-    shop = start_sandbox(signature_key=SHOP_KEY, drop_callbacks=1.0, job_seconds=60)
     store = InstanceReads(open_store(store_url))
-    service = two_instances(start_service, crm, shop, store=store)
-    job = instance_job(service, shop, "shop", contacts_csv)
+    service, job = shop_job_watched(start_sandbox, start_service, store, contacts_csv)
     for n in range(30):
         body = genuine(job, status="RUNNING", recordsCount=n)
         response = deliver(service, job_url(job), body, f"running-{n}", SHOP_KEY)
@@ -342,11 +350,8 @@ def test_while_the_store_cannot_say_a_jobs_instance_no_key_at_all_is_refused_at_
     store_url: str,
     contacts_csv: Path,
 ) -> None:
-    crm = start_sandbox(signature_key=CRM_KEY, drop_callbacks=1.0, job_seconds=60)
-    shop = start_sandbox(signature_key=SHOP_KEY, drop_callbacks=1.0, job_seconds=60)
     store = FailingInstanceReads(open_store(store_url))
-    service = two_instances(start_service, crm, shop, store=store)
-    job = instance_job(service, shop, "shop", contacts_csv)
+    service, job = shop_job_watched(start_sandbox, start_service, store, contacts_csv)
     store.down = True
     forged = deliver(service, job_url(job), genuine(job), "forged", "no-instances-key")
     assert_error(forged, 401, "bad_signature")

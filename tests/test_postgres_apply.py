@@ -15,7 +15,7 @@ from service.store import Delivery
 from service.store.base import Applied, Claim, StoreError
 from service.store.postgres.store import PostgresStore
 
-from .helpers import make_job
+from .helpers import download_job, make_job
 
 pytestmark = pytest.mark.anyio
 
@@ -190,9 +190,9 @@ async def test_a_round_refuses_and_defers_claims_on_the_locked_row(
         assert await cursor.fetchall() == [("named", None), ("other", "wrong_job")]
 
 
-async def _submitted(store: PostgresStore, upstream_id: str, **changes: object) -> Job:
-    """A job the upstream has accepted as ``upstream_id``."""
-    job, _ = await store.create_job(make_job(**changes))
+async def _submitted(store: PostgresStore, upstream_id: str, job: Job | None = None) -> Job:
+    """``job`` (by default a new upload) once the upstream has accepted it as ``upstream_id``."""
+    job, _ = await store.create_job(job or make_job())
     applied = await store.apply(
         job.id, Observation(Source.SUBMIT, status="CREATED"), upstream_id=upstream_id
     )
@@ -396,16 +396,7 @@ async def test_a_round_whose_compare_and_set_misses_runs_its_calls_apart(
 
 
 async def test_a_round_completing_a_download_schedules_its_fetch(store: PostgresStore) -> None:
-    download = await _submitted(
-        store,
-        "u-1",
-        direction="download",
-        query="select * from contact",
-        format="jsonl",
-        path=None,
-        filename=None,
-        rows=None,
-    )
+    download = await _submitted(store, "u-1", download_job())
     upload = await _submitted(store, "u-2")
     now = time.time()
     started, completed, late, uploaded = await asyncio.gather(

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs import TERMINAL, Job, Observation, Source, State, new_job_id
+from service.jobs import TERMINAL, Observation, Source, State, new_job_id
 from service.store import Delivery, Store, StoreError, open_store
 from service.store.base import Claim
 from service.store.sqlite import store as sqlite_store
 
-from .helpers import make_job
+from .helpers import download_job, make_job
 
 pytestmark = pytest.mark.anyio
 
@@ -454,18 +454,6 @@ async def test_a_dead_owners_copy_is_taken_over_when_its_lease_runs_out(store: S
     assert not await store.save_copy(dataclasses.replace(taken, kept=1), "dead", ['"x"'])
     await store.release_copy_leases("alive")
     assert [state.job_id for state in await store.claim_copies(now + 6, 10, "x", 5)] == [job_id]
-
-
-def download_job(**changes: object) -> Job:
-    return make_job(
-        direction="download",
-        query="select * from contact",
-        format="jsonl",
-        path=None,
-        filename=None,
-        rows=None,
-        **changes,
-    )
 
 
 async def test_completing_a_download_schedules_its_fetch_in_the_same_apply(store: Store) -> None:
