@@ -29,6 +29,7 @@ from service.callbacks import receiving as callbacks
 from service.callbacks.receiving import Answer, CallbackHeaders, CallbackReceiver, refusal_log
 from service.errors import ApiError, BulkhookError, error_body, unexpected
 from service.logs import short
+from service.server.protocol import pause_body
 from service.store import store_error
 
 __all__ = [
@@ -151,7 +152,7 @@ class CallbackEndpoint:
             # No keys to verify with, and a name the sender picked: answered unread.
             unknown = callbacks.unknown_instance(receiver, instance, webhook_id, self.refusals)
             if unknown is not None:
-                await self._reply(send, unknown)
+                await self._reply(receive, send, unknown)
                 return
         first: Message | None = None
         try:
@@ -192,15 +193,18 @@ class CallbackEndpoint:
         first = None
         if answer.paced:
             body = b""  # not held while the answer waits: only the answer is
-        await self._reply(send, answer)
+        await self._reply(receive, send, answer)
         if answer.after is not None:
             await answer.after()
 
-    async def _reply(self, send: Send, answer: Answer) -> None:
+    async def _reply(self, receive: Receive, send: Send, answer: Answer) -> None:
         """Send ``answer``; a paced one once the pacing delay passed, or at once and
-        closing its connection when too many answers wait already."""
-        if answer.paced and not await self._pacing.hold():
-            answer = answer.closing()
+        closing its connection when too many answers wait already. Nor does a paced
+        answer hold what the server buffered of a body it refused unread."""
+        if answer.paced:
+            pause_body(receive)
+            if not await self._pacing.hold():
+                answer = answer.closing()
         await _send(send, answer)
 
 

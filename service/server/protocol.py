@@ -10,14 +10,20 @@ keep-alive timeout bounds the wait for them); past it, the connection is closed.
 deadline covers a request's body too, except an upload's (``POST /jobs`` with a file),
 whose pace the upload rules judge: a callback, a form or a download's JSON is small,
 and one trickled a byte at a time would hold its connection just as long.
+
+``pause_body`` lets an app that answers late without reading a request's body (a
+refused callback's answer waits on purpose) free what the server buffered of it
+meanwhile: uvicorn reads a body ahead of the app, up to 64 KiB and a read's worth past
+that, which a thousand such requests would make a quarter of a gigabyte.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from uvicorn.protocols.http import h11_impl
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.downloads.requests import is_json
@@ -28,12 +34,14 @@ __all__ = [
     "http_implementation",
     "http_protocol",
     "implementations",
+    "pause_body",
 ]
 
 HEADER_TIMEOUT = 10.0
 
 
 if TYPE_CHECKING:
+    from starlette.types import Receive
     from uvicorn._types import HTTPScope
 
     _Protocol = H11Protocol  # what the mixin below needs of either uvicorn protocol
@@ -97,6 +105,30 @@ class _HeaderDeadline(_Protocol):
             return
         if self._awaiting_request():
             self.transport.close()
+
+
+def _cycles() -> tuple[type[Any], ...]:
+    """uvicorn's request-response cycles, one per HTTP implementation installed."""
+    cycles: list[type[Any]] = [h11_impl.RequestResponseCycle]
+    if importlib.util.find_spec("httptools"):
+        from uvicorn.protocols.http import httptools_impl
+
+        cycles.append(httptools_impl.RequestResponseCycle)
+    return tuple(cycles)
+
+
+_CYCLES = _cycles()
+
+
+def pause_body(receive: Receive) -> None:
+    """Drop what the server has read of the request's body and read no more of it until
+    the answer is sent; the app will not read it. uvicorn then reads on as before,
+    discarding the rest, for as long as the deadline allows. Under another server, for
+    which ``receive`` is not uvicorn's, nothing happens."""
+    cycle = getattr(receive, "__self__", None)
+    if isinstance(cycle, _CYCLES) and not cycle.response_complete:
+        cycle.flow.pause_reading()
+        cycle.body = bytearray()
 
 
 def _is_upload(scope: HTTPScope) -> bool:
