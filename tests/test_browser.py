@@ -114,6 +114,13 @@ def text_of(driver: Any, selector: str) -> str:
     return str(driver.find_element(By.CSS_SELECTOR, selector).text)
 
 
+def click(driver: Any, selector: str) -> None:
+    """Click the element, found again if a live update replaced it before the click."""
+    from selenium.webdriver.common.by import By
+
+    wait_until(lambda: driver.find_element(By.CSS_SELECTOR, selector).click() or True, selector)
+
+
 def screenshot(driver: Any, name: str) -> None:
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
@@ -149,7 +156,6 @@ def test_a_job_completes_live_and_its_page_shows_the_callback_and_failed_records
     bad_csv: Path,
     downloads: Path,
 ) -> None:
-    from selenium.webdriver.common.by import By
 
     service = start_service(start_sandbox(job_seconds=3.0))
     browser.get(service.url + "/")
@@ -179,7 +185,7 @@ def test_a_job_completes_live_and_its_page_shows_the_callback_and_failed_records
     assert "forged" not in text_of(browser, "#callbacks")
     screenshot(browser, "dashboard-callbacks")
 
-    browser.find_element(By.CSS_SELECTOR, f"{row} a").click()
+    click(browser, f"{row} a")
     wait_until(lambda: job["id"] in browser.current_url, "the job page")
     timeline = wait_until(lambda: text_of(browser, "table.timeline"), "the timeline")
     assert "callback" in timeline and "verified" in timeline
@@ -188,7 +194,7 @@ def test_a_job_completes_live_and_its_page_shows_the_callback_and_failed_records
     wait_until(lambda: "not-an-email" in text_of(browser, "#failed-body"), "the failed records")
     screenshot(browser, "job-page")
 
-    browser.find_element(By.ID, "csv").click()
+    click(browser, "#csv")
     csv_file = downloads / f"bulkhook-{job['id']}-failed.csv"
     wait_until(csv_file.exists, "the CSV download")
     lines = wait_until(lambda: csv_file.read_text().splitlines(), "the CSV's content")
@@ -215,12 +221,12 @@ def test_with_tokens_the_dashboard_refuses_until_you_log_in(
     screenshot(browser, "login")
 
     browser.find_element(By.NAME, "token").send_keys("not-the-token")
-    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    click(browser, "form.login button")
     wait_until(lambda: "not valid" in text_of(browser, ".problem"), "the refusal")
     assert "not-the-token" not in browser.page_source
 
     browser.find_element(By.NAME, "token").send_keys(TOKEN)
-    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    click(browser, "form.login button")
     wait_until(lambda: "Timeline" in browser.page_source, "the job page after logging in")
     assert TOKEN not in browser.page_source
     [cookie] = browser.get_cookies()
@@ -232,7 +238,7 @@ def test_with_tokens_the_dashboard_refuses_until_you_log_in(
     browser.get(service.url + "/")
     wait_until(lambda: text_of(browser, f"#job-{job['id']} .badge") == "COMPLETED", "the job")
     screenshot(browser, "dashboard-logged-in")
-    browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    click(browser, "form.logout button")
     wait_until(lambda: browser.find_elements(By.NAME, "token"), "the login form again")
     no_console_errors(browser)
 
@@ -262,7 +268,6 @@ def test_the_failed_records_page_through_without_leaving_the_job_page(
     browser: Any,
     tmp_path: Path,
 ) -> None:
-    from selenium.webdriver.common.by import By
 
     rows = [["Name", "Email"]] + [[f"person{i}", ""] for i in range(150)]
     service = start_service(start_sandbox())
@@ -273,14 +278,14 @@ def test_the_failed_records_page_through_without_leaving_the_job_page(
     assert "150 failed records: records 1 to 100 shown" in summary
     assert "person0" in text_of(browser, "table.records")
     browser.execute_script("window.notReloaded = true")
-    browser.find_element(By.CSS_SELECTOR, "a[rel=next]").click()
+    click(browser, "a[rel=next]")
     wait_until(lambda: "records 101 to 150" in text_of(browser, ".records-summary"), "page 2")
     assert "person149" in text_of(browser, "table.records")
     assert "person0" not in text_of(browser, "table.records")
     assert browser.execute_script("return window.notReloaded") is True  # still the job page
     assert "Timeline" in browser.page_source
     screenshot(browser, "failed-records-page-2")
-    browser.find_element(By.CSS_SELECTOR, "a[rel=prev]").click()
+    click(browser, "a[rel=prev]")
     wait_until(lambda: "records 1 to 100" in text_of(browser, ".records-summary"), "page 1")
     no_console_errors(browser)
 
@@ -331,7 +336,7 @@ def test_a_download_shows_its_result_live_and_the_button_saves_the_file(
 
     browser.get(f"{service.url}/ui/jobs/{job['id']}")
     browser.find_element(By.NAME, "token").send_keys(TOKEN)
-    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    click(browser, "form.login button")
     wait_until(lambda: text_of(browser, "dd.direction") == "download", "the job page")
     browser.execute_script("window.notReloaded = true")
     assert text_of(browser, "dd.query") == "select * from contact"
@@ -343,7 +348,7 @@ def test_a_download_shows_its_result_live_and_the_button_saves_the_file(
     assert text_of(browser, "dd.sha256") == result["sha256"]
     screenshot(browser, "download-job-page")
 
-    browser.find_element(By.ID, "download").click()
+    click(browser, "#download")
     saved = downloads / f"contact-{job['id']}.csv"
     wait_until(saved.exists, "the downloaded file")
     data = wait_until(
@@ -368,7 +373,7 @@ def test_the_jobs_table_filtered_by_instance_adds_only_that_instances_jobs_live(
     two = start_two_instances(start_sandbox, start_service, sandbox={"job_seconds": 1.0})
     browser.get(two.service.url + "/")
     Select(browser.find_element(By.NAME, "instance")).select_by_value("shop")
-    browser.find_element(By.CSS_SELECTOR, "form.filters button[type=submit]").click()
+    click(browser, "form.filters button[type=submit]")
     wait_until(lambda: "instance=shop" in browser.current_url, "the filtered page")
     wait_until(lambda: text_of(browser, "#live") == "live", "the live indicator")
 

@@ -376,7 +376,9 @@ def test_any_email_like_column_is_checked(sandbox: RunningSandbox, tmp_path: Pat
 def test_a_file_with_neither_an_email_nor_an_id_column_fails_whole(
     start_sandbox: StartSandbox, receiver: Receiver, tmp_path: Path
 ) -> None:
-    sandbox = start_sandbox(job_seconds=0.8)
+    # STARTED shows for a quarter of the job's time: long enough to be seen on a busy
+    # machine, whose poll can come a few hundred milliseconds late.
+    sandbox = start_sandbox(job_seconds=2.0)
     upload = write_csv(tmp_path / "people.csv", [["First", "Last"], ["Ada", "Lovelace"]])
     job_id = submit(sandbox, upload, callback=receiver.url).json()["id"]
     # Refused once started: it never runs.
