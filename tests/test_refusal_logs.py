@@ -44,6 +44,7 @@ def test_two_thousand_forged_callbacks_with_15_kb_ids_log_a_few_short_lines(
     body = b'{"status": "COMPLETED"}'
     huge = "j" * 15_000
     lines.records.clear()
+    started = time.monotonic()
     for n in range(2000):
         forged = {"Elements-Webhook-Signature": sign("not-the-key", body)}
         response = service.http.post(f"/callbacks/jobs/{huge}{n}", content=body, headers=forged)
@@ -59,7 +60,10 @@ def test_two_thousand_forged_callbacks_with_15_kb_ids_log_a_few_short_lines(
     assert counted(service, "job_not_found") == 2000
     assert counted(service, "bad_signature") == 200
     written = [r for r in lines.records if r.levelno >= logging.INFO]
-    assert 2 <= len(written) <= 6, [r.getMessage()[:100] for r in written]
+    # A line and a count of those held back, at most, per kind and 10-second window,
+    # however many requests: two kinds, over as many windows as the machine took.
+    windows = int((time.monotonic() - started) // 10) + 1
+    assert 2 <= len(written) <= 2 * 2 * windows, [r.getMessage()[:100] for r in written]
     for record in written:
         assert len(record.getMessage()) < 500
         for field in ("job_id", "webhook_id"):

@@ -267,6 +267,28 @@ async def test_list_pages_newest_first_and_filters_by_state(store: Store) -> Non
     assert {j.id for j in running} == {ids[1], ids[3]}
 
 
+async def test_sqlite_gives_up_the_leases_of_a_killed_process_when_it_opens(
+    tmp_path: Path,
+) -> None:
+    """One process serves an SQLite store: a lease found as it opens was left by one
+    killed mid-poll, and its job is due now, not two minutes later."""
+    path = tmp_path / "one.db"
+    killed = open_store(f"sqlite:///{path}")
+    await killed.open()
+    now = time.time()
+    due, _ = await killed.create_job(make_job(next_poll_at=now - 1))
+    assert [j.id for j in await killed.claim_due(now, 10, "killed", lease=120)] == [due.id]
+    await killed.close()  # as after kill -9: the lease is never given up
+    restarted = open_store(f"sqlite:///{path}")
+    await restarted.open()
+    try:
+        assert [j.id for j in await restarted.claim_due(now, 10, "restarted", lease=120)] == [
+            due.id
+        ]
+    finally:
+        await restarted.close()
+
+
 async def test_due_jobs_are_leased_once(store: Store) -> None:
     now = time.time()
     due, _ = await store.create_job(make_job(next_poll_at=now - 1))

@@ -157,6 +157,17 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
+def _release_every_lease(conn: sqlite3.Connection) -> None:
+    """Give up the leases a process left behind when it was killed mid-poll (or
+    mid-copy, mid-fetch): the SQLite store serves one process, so every lease found as
+    it opens is such a one, and its work is due again now, not once the lease ran out."""
+    for table in ("jobs", "failed_copies", "result_fetches"):
+        conn.execute(
+            f"UPDATE {table} SET lease_owner = NULL, lease_until = NULL"
+            " WHERE lease_owner IS NOT NULL"
+        )
+
+
 def _events(conn: sqlite3.Connection, job_id: str) -> tuple[TimelineEntry, ...]:
     rows = conn.execute(
         "SELECT at, source, state, detail FROM events WHERE job_id = ? ORDER BY seq", (job_id,)
@@ -287,6 +298,7 @@ class SQLiteStore(SQLiteActivity, Store):
             conn = connect(self.path)
             try:
                 _migrate(conn)
+                _release_every_lease(conn)
             finally:
                 conn.close()
         except (sqlite3.Error, OSError) as exc:
