@@ -161,7 +161,9 @@ def _release_every_lease(conn: sqlite3.Connection) -> None:
     """Give up the leases a process left behind when it was killed mid-poll (or
     mid-copy, mid-fetch): the SQLite store serves one process, so every lease found as
     it opens is such a one, and its work is due again now, not once the lease ran out."""
-    for table in ("jobs", "failed_copies", "result_fetches"):
+    leased = ("jobs", "failed_copies", "result_fetches")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for table in tables.intersection(leased):
         conn.execute(
             f"UPDATE {table} SET lease_owner = NULL, lease_until = NULL"
             " WHERE lease_owner IS NOT NULL"
