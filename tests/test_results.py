@@ -368,7 +368,9 @@ async def test_a_slowly_trickling_result_keeps_touching_its_temporary_file(
                 watching.cancel_scope.cancel()
     assert stored.records == rows
     sizes = sorted({size for size, _ in seen})
-    assert len(sizes) >= 3 and sizes[-1] < stored.bytes, sizes  # it grew while it came
+    # It grew while it came (a look between the last flush and the rename may also see
+    # it whole).
+    assert len([size for size in sizes if size < stored.bytes]) >= 3, sizes
     assert len({mtime for _, mtime in seen}) >= 3
 
 
