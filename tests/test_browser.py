@@ -109,9 +109,16 @@ def wait_until(condition: Callable[[], Any], what: str, within: float = 20.0) ->
 
 
 def text_of(driver: Any, selector: str) -> str:
+    """The element's text, found again if a live update replaced it as it was read."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+    for _ in range(50):
+        try:
+            return str(driver.find_element(By.CSS_SELECTOR, selector).text)
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    raise AssertionError(f"{selector} was replaced again and again for 5 seconds")
 
 
 def click(driver: Any, selector: str) -> None:

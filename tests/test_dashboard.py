@@ -386,6 +386,30 @@ def test_a_stream_resumes_from_the_last_event_id(
     assert [(j["id"], j["state"]) for j in sent] == [(job["id"], "COMPLETED")]
 
 
+def test_a_job_pages_stream_never_goes_back_to_an_earlier_state(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page shows each update as it comes: quiet ticks and heartbeats after the job
+    completed must not send the job as the stream first found it."""
+    monkeypatch.setattr(live, "MAX_STREAM", 3 * live.HEARTBEAT)
+    service = start_service(start_sandbox(job_seconds=1.0))
+    job = service.submit(contacts_csv).json()
+    with service.http.stream("GET", "/ui/stream", params={"job": job["id"]}, headers=SSE) as s:
+        sent = [data for name, data in events(s) if name == "job"]
+    final = service.http.get(f"/jobs/{job['id']}").json()
+    assert final["state"] == "COMPLETED"
+    states = [data["job"]["state"] for data in sent]
+    assert states[0] in {"SUBMITTING", "CREATED", "RUNNING"}
+    assert states[-1] == "COMPLETED", states
+    assert states.count("COMPLETED") == 1, states
+    updated = [data["job"]["updated_at"] for data in sent]
+    assert updated == sorted(updated), states
+    assert '<span id="state" class="badge ok">COMPLETED</span>' in sent[-1]["detail"]
+
+
 def test_the_cancel_and_refresh_buttons_answer_like_the_job_api(
     start_sandbox: Callable[..., RunningSandbox],
     start_service: Callable[..., RunningService],

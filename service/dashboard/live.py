@@ -400,16 +400,17 @@ async def one_job(
         if current is None:
             yield _event("gone", {"id": job_id[:100]})
             return
-        last, data = current
-        yield _event("job", data)
+        yield _event("job", current[1])
         async for tick, beat in _messages(subscriber, streams):
+            # A tick without this job (and a quiet moment) means no news: the page
+            # keeps the last detail sent, never the one the stream started with.
             update = tick.details.get(job_id, current) if tick is not None else current
             if update is None:
                 yield _event("gone", {"id": job_id[:100]})
                 return
-            if update[0] != last:
-                last = update[0]
-                yield _event("job", update[1])
+            if update[0] != current[0]:
+                current = update
+                yield _event("job", current[1])
             elif beat:
                 yield ": keep-alive\n\n"
     except Exception as exc:
