@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from service.callbacks import notification
 from service.callbacks.endpoint import JOB_CALLBACK_PATH
@@ -31,7 +31,7 @@ from service.jobs import (
     new_job_id,
 )
 from service.logs import short
-from service.store import Applied, Store
+from service.store import Applied, ApplyOptions, Store
 from service.uploads.relay import Relay
 from service.uploads.spool import Spool
 from service.upstream.client import (
@@ -479,7 +479,9 @@ class Tracker:
             job.id, self.backoff(job, now, exc.retry_after), detail=str(exc)
         )
 
-    async def _apply(self, job_id: str, observation: Observation, **options: Any) -> Applied | None:
+    async def _apply(
+        self, job_id: str, observation: Observation, **options: Unpack[ApplyOptions]
+    ) -> Applied | None:
         """``Store.apply``, waking what a job's end schedules when the change ended it."""
         applied = await self.store.apply(job_id, observation, **options)
         if applied is not None and applied.ended:

@@ -6,11 +6,20 @@ import sqlite3
 import sys
 
 from service.config import redact
-from service.store.base import KEEP, Applied, Delivery, KeptCallback, Store, StoreError
+from service.store.base import (
+    KEEP,
+    Applied,
+    ApplyOptions,
+    Delivery,
+    KeptCallback,
+    Store,
+    StoreError,
+)
 
 __all__ = [
     "KEEP",
     "Applied",
+    "ApplyOptions",
     "Delivery",
     "KeptCallback",
     "Store",

@@ -12,6 +12,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TypedDict
 
 from service.downloads.rules import FetchState
 from service.errors import BulkhookError
@@ -23,6 +24,7 @@ __all__ = [
     "KEPT_BYTES",
     "KEPT_MAX",
     "Applied",
+    "ApplyOptions",
     "CallbackRecord",
     "Claim",
     "Delivery",
@@ -74,6 +76,16 @@ class StoreError(BulkhookError):
     @property
     def public_message(self) -> str:
         return "the store is unavailable just now; try again shortly"
+
+
+class ApplyOptions(TypedDict, total=False):
+    """``Store.apply``'s keyword arguments, for a caller that passes them on."""
+
+    delivery: Delivery | None
+    upstream_id: str | None
+    next_poll_at: float | _Keep | None
+    kept_id: int | None
+    claim: Claim | None
 
 
 # Slots: a frozen instance with them is a third cheaper to build, and one is built
