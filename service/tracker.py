@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from service.callbacks.endpoint import JOB_CALLBACK_PATH
 from service.config import Settings
 from service.downloads.rules import result_json
 from service.errors import ApiError
+from service.jitter import spread
 from service.jobs import (
     DownloadRequest,
     Job,
@@ -141,11 +141,11 @@ class Tracker:
         interval = min(
             self.settings.poll_max_interval, self.settings.poll_interval * 2.0 ** max(0, polls - 1)
         )
-        interval *= random.uniform(0.8, 1.0)
+        interval *= spread(0.8, 1.0)
         return min(now + interval, job.created_at + self.settings.job_timeout)
 
     def backoff(self, job: Job, now: float, retry_after: float | None) -> float:
-        wait = max(retry_after or 0.0, self.settings.poll_interval * random.uniform(0.5, 1.0))
+        wait = max(retry_after or 0.0, self.settings.poll_interval * spread(0.5, 1.0))
         return min(now + wait, job.created_at + self.settings.job_timeout)
 
     # -- submission ---------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from datetime import datetime
 from pathlib import Path
@@ -53,6 +54,23 @@ def test_upstream_failures_never_fail_a_job(
     assert (final["state"], final["last_source"]) == ("COMPLETED", "poll")
     assert upstream.sandbox.calls["status"] >= 5
     assert sum("HTTP 503" in e["detail"] for e in final["events"]) == 4
+
+
+def test_polling_and_its_retries_leave_the_random_modules_shared_state_alone(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    """Jitter comes from the operating system: a test framework that seeds ``random``
+    (hypothesis does) sees the same draws whatever the service in its process does."""
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=1.0)
+    service = start_service(upstream, callback_grace=0.2, poll_interval=0.2, upstream_retry=ONE_TRY)
+    upstream.sandbox.inject_fault("status", 503, times=2)
+    before = random.getstate()
+    job = service.submit(contacts_csv).json()
+    final = service.wait_for(job["id"], DONE, within=15)
+    assert (final["state"], final["last_source"]) == ("COMPLETED", "poll")
+    assert sum("HTTP 503" in e["detail"] for e in final["events"]) == 2
+    untouched = random.getstate() == before
+    assert untouched, "the service drew from the random module's shared generator"
 
 
 def test_retry_after_is_honoured_by_the_poller(

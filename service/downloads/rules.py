@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 from dataclasses import dataclass
 from typing import Any
 
+from service.jitter import spread
 from service.jobs import Job, State
 
 __all__ = [
@@ -45,7 +45,7 @@ def backoff(attempts: int, first: float, most: float, retry_after: float | None)
     """Seconds before the next try after ``attempts`` failed ones: doubling from
     ``first`` up to ``most``, less up to 20 % of jitter, and never before the
     upstream's ``Retry-After``."""
-    wait = min(most, first * 2.0 ** max(0, attempts - 1)) * random.uniform(0.8, 1.0)
+    wait = min(most, first * 2.0 ** max(0, attempts - 1)) * spread(0.8, 1.0)
     if retry_after is None or math.isnan(retry_after):
         return wait
     # May be infinite: the caller bounds the due time, not this.

@@ -16,10 +16,10 @@ record is kept as a stub with its line number and message and says what was left
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from typing import Any
 
+from service.jitter import spread
 from service.jobs import TERMINAL, Job, State
 from service.values import json_text, safe_text
 
@@ -83,7 +83,7 @@ def backoff(attempts: int, first: float, most: float, retry_after: float | None)
     """Seconds before the next try after ``attempts`` failed ones: doubling from
     ``first`` up to ``most``, less up to 20 % of jitter, and never before the
     upstream's ``Retry-After``."""
-    wait = min(most, first * 2.0 ** max(0, attempts - 1)) * random.uniform(0.8, 1.0)
+    wait = min(most, first * 2.0 ** max(0, attempts - 1)) * spread(0.8, 1.0)
     return max(wait, retry_after or 0.0)
 
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import email.utils
 import json
-import random
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
@@ -29,6 +28,7 @@ import httpx
 
 from service import values
 from service.errors import ApiError, BulkhookError
+from service.jitter import spread
 from service.upstream.multipart import Chunk, FileStream, MultipartFile
 from service.upstream.statuses import normalize_status
 
@@ -87,7 +87,7 @@ class RetryPolicy:
 
     def backoff(self, attempt: int) -> float:
         ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        return ceiling * random.uniform(0.5, 1.0)
+        return ceiling * spread(0.5, 1.0)
 
 
 class UpstreamError(BulkhookError):
