@@ -20,7 +20,7 @@ from typing import Any, cast
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -151,6 +151,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """The client went away before its request's body ended (or was cut for being too
+    slow): nothing is wrong with the service, and nobody reads the answer."""
+    log.debug(
+        "the client went away before the body of %s %s ended", request.method, request.url.path
+    )
+    return error_response(
+        400,
+        "incomplete_body",
+        "the client went away before the body ended",
+        headers={"Connection": "close"},
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -407,6 +421,8 @@ def create_app(
         exception_handlers={
             BulkhookError: _own_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
+            ConnectionAbortedError: _client_gone,
             Exception: _unexpected,
         },
     )

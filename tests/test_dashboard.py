@@ -410,6 +410,127 @@ def test_a_job_pages_stream_never_goes_back_to_an_earlier_state(
     assert '<span id="state" class="badge ok">COMPLETED</span>' in sent[-1]["detail"]
 
 
+def refuse_at(service: RunningService, job_ref: str | None, at: float, webhook_id: str) -> None:
+    """A refused callback as the service records it, straight into its database."""
+    ref = f"'{job_ref}'" if job_ref is not None else "NULL"
+    service.query(
+        "INSERT INTO rejected_callbacks (received_at, reason, detail, job_ref, webhook_id)"
+        f" VALUES ({at}, 'bad_signature', 'refused {webhook_id}', {ref}, '{webhook_id}')"
+    )
+
+
+def test_a_job_page_shows_a_new_refusal_when_a_hundred_are_shown_already(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page lists the newest 100 refusals: a new one keeps the count at 100 and
+    must still reach the open page."""
+    monkeypatch.setattr(live, "MAX_STREAM", 6.0)
+    service = start_service(start_sandbox(job_seconds=60, drop_callbacks=1.0), callback_grace=60)
+    job = service.submit(contacts_csv).json()
+    now = time.time()
+    for n in range(100):
+        refuse_at(service, job["id"], now - 100 + n, f"old-{n}")
+    with service.http.stream("GET", "/ui/stream", params={"job": job["id"]}, headers=SSE) as s:
+        sent = events(s)
+        name, first = next(sent)
+        assert name == "job" and "refused old-99" in first["detail"]
+        refuse_at(service, job["id"], time.time(), "the-newest")
+        shown = [data["detail"] for name, data in sent if name == "job"]
+    assert shown and "refused the-newest" in shown[-1]
+    assert "refused old-0" not in shown[-1]  # the oldest made way
+
+
+def test_a_reconnecting_table_stream_gets_what_the_feed_read_for_other_tabs(
+    start_sandbox: Callable[..., RunningSandbox],
+    start_service: Callable[..., RunningService],
+    contacts_csv: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While a job page keeps the feed running, a job created as the table's browser
+    reconnects is sent to it, though the feed read it before the browser was back."""
+    monkeypatch.setattr(live, "MAX_STREAM", 6.0)
+    service = start_service(start_sandbox(job_seconds=60, drop_callbacks=1.0), callback_grace=60)
+    watched = service.submit(contacts_csv).json()
+    page_open = threading.Event()
+
+    def job_page() -> None:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            params = {"job": watched["id"]}
+            with client.stream("GET", "/ui/stream", params=params, headers=SSE) as s:
+                for _ in events(s):
+                    page_open.set()
+
+    page = threading.Thread(target=job_page, daemon=True)
+    page.start()
+    assert page_open.wait(10)
+    mark = f"{time.time():.6f}"
+    created = service.submit(contacts_csv).json()
+    time.sleep(3 * live.TICK)  # the feed has read it, for the job page alone
+    resumed = {**SSE, "Last-Event-ID": mark}
+    with service.http.stream("GET", "/ui/stream", headers=resumed) as s:
+        for name, data in events(s):
+            if name == "job" and data["job"]["id"] == created["id"]:
+                break
+        else:
+            pytest.fail("the job created while the browser reconnected was never sent")
+    page.join(live.MAX_STREAM + 5)  # its stream ends by itself, before the service stops
+
+
+def test_the_table_stream_sends_every_job_when_thousands_change_at_once(
+    start_service: Callable[..., RunningService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More changes than one read of the feed takes: the next read goes on from there."""
+    monkeypatch.setattr(live, "MAX_STREAM", 6.0)
+    service = start_service(None)
+    count = 2500
+    seen: set[str] = set()
+    with service.http.stream("GET", "/ui/stream", headers=SSE) as s:
+        for name, data in events(s):
+            if name == "callbacks" and not seen:  # the feed has read once: now they change
+                now = time.time()
+                rows = ", ".join(
+                    f"('bulk-{n:05d}', 'marketing', 'contact', '/c.csv', 'RUNNING',"
+                    f" {now}, {now + n / 10_000}, 'poll')"
+                    for n in range(count)
+                )
+                service.query(
+                    "INSERT INTO jobs (id, hub, object, path, state, created_at, updated_at,"
+                    f" last_source) VALUES {rows}"
+                )
+                seen.add("")
+            elif name == "job":
+                seen.add(data["job"]["id"])
+    assert len(seen - {""}) == count
+
+
+def test_the_callbacks_panel_shows_a_refusal_dated_before_the_newest_delivery(
+    start_service: Callable[..., RunningService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal is written after its answer's delay, dated when it came: the panel
+    shows it though a delivery arrived in between."""
+    monkeypatch.setattr(live, "MAX_STREAM", 6.0)
+    service = start_service(None)
+    now = time.time()
+    newest_written = late_written = shown = False
+    with service.http.stream("GET", "/ui/stream", headers=SSE) as s:
+        for name, data in events(s):
+            if name != "callbacks":
+                continue
+            if not newest_written:
+                refuse_at(service, None, now, "the-newest")
+                newest_written = True
+            elif "the-newest" in data["panel"] and not late_written:
+                refuse_at(service, None, now - 1, "written-late")
+                late_written = True
+            elif "written-late" in data["panel"]:
+                shown = True
+                break
+    assert late_written and shown
+
+
 def test_the_cancel_and_refresh_buttons_answer_like_the_job_api(
     start_sandbox: Callable[..., RunningSandbox],
     start_service: Callable[..., RunningService],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import selectors
@@ -501,6 +502,35 @@ def test_a_download_request_trickled_past_the_deadline_is_cut(
                 sock.sendall(bytes([byte]))
         assert closed_within(sock, 5) + (time.monotonic() - started) < 4
     assert answers(f"{quick_deadline.url}/healthz")
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "begun"),
+    [
+        ("/jobs", "application/json", b'{"object": "con'),
+        ("/ui/login", "application/x-www-form-urlencoded", b"token=abc"),
+    ],
+)
+def test_a_client_gone_before_its_body_ended_is_no_error(
+    start_service: StartService,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    content_type: str,
+    begun: bytes,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="bulkhook")
+    service = start_service(None)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        "Content-Length: 1000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", int(service.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(head.encode() + begun)
+        time.sleep(0.2)
+    eventually(lambda: any("went away" in r.getMessage() for r in caplog.records))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert service.http.get("/healthz").status_code == 200
 
 
 def test_an_upload_body_may_take_longer_than_the_deadline(

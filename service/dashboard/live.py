@@ -80,8 +80,9 @@ class Tick:
     details: dict[str, tuple[Mark, dict[str, Any]] | None]
 
 
-# What a job page shows changes with: the job's version, its timeline's length, and
-# its result (status, attempts, detail; None for an upload).
+# What a job page shows changes with: the job's version, its timeline's entries (a
+# hash of them: the refusals shown are the newest 100, so a new one may leave the
+# length as it was), and its result (status, attempts, detail; None for an upload).
 Mark = tuple[int, int, tuple[Any, ...] | None]
 
 _END = object()
@@ -170,9 +171,13 @@ class Streams:
         # is on its way (read again every tick).
         known: set[str] = set()
         moving: set[str] = set()
+        # Where the last tick stopped paging when more jobs changed than it may read.
+        behind: tuple[float, str] | None = None
         while True:
             everyone = any(s.job_id is None for s in self._subscribers)
-            changed, cursor = await _changed_jobs(store, self.read_from, cursor, seen)
+            changed, cursor, behind = await _changed_jobs(
+                store, self.read_from, cursor, seen, behind
+            )
             self.read_from = cursor - LOOKBACK
             seen = {k: v for k, v in seen.items() if v[1] >= cursor - 2 * LOOKBACK}
             touched = {job.id for job in changed}
@@ -181,10 +186,16 @@ class Streams:
                 max(0, newest_refusal - ID_LOOKBACK),
                 _PAGE * _PAGES_PER_TICK,
             )
+            # A new entry may be dated before the newest delivery (a refusal is written
+            # after its answer's delay, another replica commits late): the panel is
+            # rendered again for it, not only when the newest delivery changes.
+            fresh = False
             for kind, entries in (("event", events), ("refusal", refused)):
                 for number, ref in entries:
-                    if (kind, number) not in seen_entries and ref is not None:
-                        touched.add(ref)
+                    if (kind, number) not in seen_entries:
+                        fresh = True
+                        if ref is not None:
+                            touched.add(ref)
                     seen_entries.add((kind, number))
             newest_seq = max([newest_seq, *(n for n, _ in events)])
             newest_refusal = max([newest_refusal, *(n for n, _ in refused)])
@@ -200,7 +211,7 @@ class Streams:
                 rows = [(job, _row(renderer, job, now)) for job in changed]
                 newest = await store.recent_callbacks(1)
                 mark = (newest[0].received_at, newest[0].webhook_id) if newest else None
-                if mark != panel_mark or self.panel is None:
+                if mark != panel_mark or fresh or self.panel is None:
                     panel_mark = mark
                     view = await renderer.panel()
                     panel = self.panel = renderer.render("_callbacks.html", panel=view)
@@ -236,13 +247,23 @@ def _offer(subscriber: _Subscriber, item: Any) -> None:
 
 
 async def _changed_jobs(
-    store: Store, after: float, cursor: float, seen: dict[str, tuple[int, float]]
-) -> tuple[list[Job], float]:
+    store: Store,
+    after: float,
+    cursor: float,
+    seen: dict[str, tuple[int, float]],
+    behind: tuple[float, str] | None,
+) -> tuple[list[Job], float, tuple[float, str] | None]:
     """Jobs whose version is new to ``seen``, changed after ``after`` (paged), and the
     cursor moved past them: everything up to LOOKBACK ago counts as read even when
-    nothing changed, so a resumed stream does not replay the whole time it was open."""
+    nothing changed, so a resumed stream does not replay the whole time it was open.
+
+    More changes than a tick's pages: the read goes on from ``behind`` (where the last
+    tick stopped, returned as the third value) instead of reading the same first pages
+    again, and the cursor stays at the newest job read until the pages run dry."""
     changed: list[Job] = []
     after_id = ""
+    if behind is not None:
+        after, after_id = behind
     for _ in range(_PAGES_PER_TICK):
         jobs = await store.jobs_changed_since(after, after_id, _PAGE)
         for job in jobs:
@@ -252,9 +273,9 @@ async def _changed_jobs(
             cursor = max(cursor, job.updated_at)
             changed.append(job)
         if len(jobs) < _PAGE:
-            break
+            return changed, max(cursor, time.time() - LOOKBACK), None
         after, after_id = jobs[-1].updated_at, jobs[-1].id
-    return changed, max(cursor, time.time() - LOOKBACK)
+    return changed, cursor, (after, after_id)
 
 
 async def _detail(
@@ -272,8 +293,9 @@ async def _detail(
         "has_failed": view["has_failed"],
         "result_moving": bool(result and result["moving"]),
     }
+    entries = hash(tuple((e["at"], e["verdict"], e["detail"]) for e in detail["timeline"]))
     shown = (result["status"], result["attempts"], result["detail"]) if result else None
-    return (job.version, len(detail["timeline"]), shown), data
+    return (job.version, entries, shown), data
 
 
 def _server_exiting() -> bool:
@@ -353,14 +375,16 @@ async def all_jobs(
     cursor = since
     seen: dict[str, tuple[int, float]] = {}
     try:
-        if since < streams.read_from:  # resumed from before where the feed reads
-            async for job in _catch_up(store, since, streams.read_from + LOOKBACK, seen):
-                cursor = max(cursor, job.updated_at)
-                data = {
-                    "job": job.to_json(with_events=False),
-                    "row": _row(renderer, job, time.time()),
-                }
-                yield _event("job", data, f"{cursor:.6f}")
+        # What changed since the browser's point, read here even when the feed reads
+        # from before it: the feed may have read a change already, for other streams,
+        # while this browser was reconnecting.
+        async for job in _catch_up(store, since, streams.read_from + LOOKBACK, seen):
+            cursor = max(cursor, job.updated_at)
+            data = {
+                "job": job.to_json(with_events=False),
+                "row": _row(renderer, job, time.time()),
+            }
+            yield _event("job", data, f"{cursor:.6f}")
         if streams.panel is not None:
             yield _event("callbacks", {"panel": streams.panel}, f"{cursor:.6f}")
         async for tick, beat in _messages(subscriber, streams):
