@@ -247,6 +247,13 @@ def test_callbacks_and_probes_answer_under_any_host(
     assert unsigned.status_code == 401
     assert unsigned.json()["error"]["code"] == "bad_signature"  # reached the signature check
     assert service.http.get("/callbacks", headers=foreign).status_code == 405
+    assert service.http.get(f"/callbacks/jobs/{job['id']}", headers=foreign).status_code == 405
+    # A path that is no callback URL is served under this service's hosts only: no
+    # redirect is built from a stranger's Host.
+    for near in ("/callbacks/", "/callbacks/jobs/", "/callbacks/jobs/a/b"):
+        answer = service.http.post(near, content=b"{}", headers=foreign)
+        assert answer.status_code == 421, (near, answer.status_code, answer.headers)
+        assert "location" not in answer.headers
 
     # The upstream finished the job but its callback got lost; the proxy redelivers it
     # under a Host of its own.

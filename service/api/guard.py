@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.callbacks.endpoint import callback_route
 from service.config import Settings
 from service.errors import ApiError, error_response
 from service.logs import Repeats, short
@@ -68,7 +69,6 @@ CLIENTS = 10_000
 
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _EXEMPT = frozenset({"/callbacks", "/healthz", "/readyz"})
-_CALLBACKS = "/callbacks/"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _READ = frozenset({b"host", b"origin", b"sec-fetch-site", b"authorization"})
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -323,7 +323,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
-        if path in _EXEMPT or path.startswith(_CALLBACKS):
+        # Only the callback URLs themselves: any other path under /callbacks/ gets the
+        # Host check (a redirect to the path with its slash dropped is built from Host).
+        if path in _EXEMPT or callback_route(scope)[0]:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
