@@ -73,6 +73,24 @@ def test_polling_and_its_retries_leave_the_random_modules_shared_state_alone(
     assert untouched, "the service drew from the random module's shared generator"
 
 
+def test_a_status_answer_about_another_upstream_job_changes_nothing(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(drop_callbacks=1.0, job_seconds=1.0)
+    service = start_service(upstream, callback_grace=0.2, poll_interval=0.2, upstream_retry=ONE_TRY)
+    job = service.submit(contacts_csv).json()
+    other = {"id": "9999", "status": "ERROR", "recordsCount": 1, "recordsFailedCount": 1}
+    upstream.sandbox.inject_fault("status", 200, body=other, times=3)
+    refreshed = service.http.post(f"/jobs/{job['id']}/refresh")
+    assert refreshed.status_code == 502
+    assert "about upstream job 9999" in refreshed.json()["error"]["message"]
+    final = service.wait_for(job["id"], DONE, within=15)
+    assert (final["state"], final["last_source"]) == ("COMPLETED", "poll")
+    assert final["records_failed_count"] == 0
+    assert any("about upstream job 9999" in e["detail"] for e in final["events"])
+    assert all(e["state"] != "ERROR" for e in final["events"])
+
+
 def test_retry_after_is_honoured_by_the_poller(
     start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
 ) -> None:

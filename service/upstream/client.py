@@ -474,7 +474,14 @@ class UpstreamClient:
         body = _json(response, "status")
         if not isinstance(body, dict):
             raise UpstreamError("status", "expected a JSON object")
-        return JobStatus.from_body(body, str(job_id))
+        status = JobStatus.from_body(body, str(job_id))
+        # News about another job is no answer about this one: a failed poll, never
+        # applied (the job is polled again later).
+        if status.id != str(job_id):
+            raise UpstreamError(
+                "status", f"the answer is about upstream job {status.id[:64]}, not {job_id}"
+            )
+        return status
 
     async def errors(self, hub: str, job_id: str | int, *, page_size: int = 200) -> list[Any]:
         return await self._all_pages("errors", _job_url(hub, job_id, "errors"), {}, page_size)
