@@ -501,6 +501,10 @@ class Tracker:
             raise ApiError(
                 "the job has not reached the upstream yet", code="not_submitted", status=409
             )
+        if job.state == State.CANCELLATION_PENDING:
+            # Asked already, and the upstream is cancelling: asking again only earns a
+            # refusal once it is done. The answer is the job as the upstream has it now.
+            return await self.poll(job)
         try:
             answer = await self.upstreams.for_job(job).cancel(job.hub, job.upstream_id)
         except UpstreamError as exc:

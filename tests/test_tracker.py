@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .helpers import SIGNATURE_KEY, StartSandbox, StartService, write_csv
+from .helpers import SIGNATURE_KEY, StartSandbox, StartService, eventually, write_csv
 
 DONE = {"COMPLETED", "ERROR", "ABORTED", "CANCELLED", "TIMED_OUT", "SUBMIT_FAILED"}
 
@@ -227,6 +227,23 @@ def test_cancel_goes_through_the_upstream(
     again = service.http.post(f"/jobs/{job['id']}/cancel")
     assert again.status_code == 409
     assert again.json()["error"]["code"] == "job_terminal"
+
+
+def test_a_second_cancel_while_the_first_is_pending_answers_with_the_job(
+    start_sandbox: StartSandbox, start_service: StartService, contacts_csv: Path
+) -> None:
+    upstream = start_sandbox(job_seconds=5, drop_callbacks=1.0)
+    service = start_service(upstream, callback_grace=60)
+    job = service.submit(contacts_csv).json()
+    first = service.http.post(f"/jobs/{job['id']}/cancel")
+    assert (first.status_code, first.json()["state"]) == (200, "CANCELLATION_PENDING")
+    upstream_job = upstream.sandbox.find_job("marketing", str(job["upstream_id"]))
+    assert upstream_job is not None
+    eventually(lambda: upstream_job.status == "CANCELLED")
+    again = service.http.post(f"/jobs/{job['id']}/cancel")  # a double click
+    assert again.status_code == 200, again.text
+    assert (again.json()["state"], again.json()["last_source"]) == ("CANCELLED", "poll")
+    assert upstream.sandbox.calls["cancel"] == 1
 
 
 def test_refresh_polls_now(
