@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -299,3 +300,18 @@ def test_real_download_answers_match_the_schemas(
     ):
         assert answer.status_code in (400, 404), answer.text
         _conforms(spec, "Error", answer.json())
+
+
+def test_the_instance_filter_is_described_as_the_service_checks_it(
+    start_service: Callable[..., RunningService],
+) -> None:
+    """A value the description allows is served; one it refuses is a 400."""
+    service = start_service(None)
+    spec = service.http.get("/openapi.json").json()
+    for path in ("/jobs", "/objects"):
+        params = spec["paths"][path]["get"]["parameters"]
+        schema = next(p["schema"] for p in params if p["name"] == "instance")
+        for value in ("default", "a" * 41, "Default", "-crm", "crm_2"):
+            allowed = re.fullmatch(schema["pattern"].strip("^$"), value) is not None
+            status = service.http.get(path, params={"instance": value}).status_code
+            assert (status == 400) is not allowed, (path, value, status)

@@ -42,7 +42,7 @@ def instance_request_field() -> Schema:
 
 def instance_filter(what: str) -> Schema:
     """The ``?instance=`` parameter of a listing."""
-    return param("instance", "query", {"type": "string", "maxLength": 100}, what)
+    return param("instance", "query", {"type": "string", "pattern": INSTANCE_PATTERN}, what)
 
 
 def instance_schemas() -> dict[str, Schema]:
