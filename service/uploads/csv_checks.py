@@ -266,7 +266,9 @@ class CsvInspector:
         header = self._header if self._header is not None else bytes(self._head)
         columns = _parse_header(header.removeprefix(_BOM))
         if not any(name.strip() for name in columns):
-            raise bad_upload("no_header", "the file has no header row (its first line is blank)")
+            raise bad_upload(
+                "no_header", "the file has no header row (its first line names no column)"
+            )
         if records < 2:
             raise bad_upload("no_rows", "the file has a header row but no data rows")
         return CsvSummary(tuple(columns), records - 1, self._size)
