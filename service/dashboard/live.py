@@ -357,7 +357,7 @@ async def _catch_up(
     while True:
         jobs = await store.jobs_changed_since(after, after_id, _PAGE)
         for job in jobs:
-            if seen.get(job.id, (-1, 0.0))[0] != job.version:
+            if seen.get(job.id, (-1, 0.0))[0] < job.version:
                 seen[job.id] = (job.version, job.updated_at)
                 yield job
         if len(jobs) < _PAGE or jobs[-1].updated_at > until:
@@ -392,7 +392,8 @@ async def all_jobs(
             if tick is not None:
                 cursor = max(cursor, tick.cursor)
                 for job, row in tick.jobs:
-                    if seen.get(job.id, (-1, 0.0))[0] == job.version:
+                    # A tick read before this stream's catch-up may hold an older version.
+                    if seen.get(job.id, (-1, 0.0))[0] >= job.version:
                         continue
                     seen[job.id] = (job.version, job.updated_at)
                     data = {"job": job.to_json(with_events=False), "row": row}
@@ -432,7 +433,9 @@ async def one_job(
             if update is None:
                 yield _event("gone", {"id": job_id[:100]})
                 return
-            if update[0] != current[0]:
+            # A tick read just before this stream first read the job may hold an older
+            # version of it: only what is at least as new as the last sent is news.
+            if update[0] != current[0] and update[0][0] >= current[0][0]:
                 current = update
                 yield _event("job", current[1])
             elif beat:
