@@ -619,12 +619,35 @@ def test_if_none_match_and_if_range(served: tuple[str, bytes, str]) -> None:
         response = httpx.get(f"{url}/{JOB}/csv", headers={"If-None-Match": tag})
         assert (response.status_code, response.content) == (304, b"")
         assert response.headers["etag"] == f'"{sha}"'
+        # What a 200 would have said of caching, a 304 says too.
+        assert response.headers["cache-control"] == "private, no-cache"
     changed = httpx.get(f"{url}/{JOB}/csv", headers={"If-None-Match": '"other"'})
     assert (changed.status_code, changed.content) == (200, data)
     same = httpx.get(f"{url}/{JOB}/csv", headers={"Range": "bytes=0-3", "If-Range": f'"{sha}"'})
     assert (same.status_code, same.content) == (206, data[:4])
     other = httpx.get(f"{url}/{JOB}/csv", headers={"Range": "bytes=0-3", "If-Range": '"other"'})
     assert (other.status_code, other.content) == (200, data)
+    # A date is a weak validator: only the ETag keeps the range.
+    modified = changed.headers["last-modified"]
+    dated = httpx.get(f"{url}/{JOB}/csv", headers={"Range": "bytes=0-3", "If-Range": modified})
+    assert (dated.status_code, dated.content) == (200, data)
+
+
+def test_the_range_unit_is_read_whatever_its_case(served: tuple[str, bytes, str]) -> None:
+    url, data, _ = served
+    response = httpx.get(f"{url}/{JOB}/csv", headers={"Range": "Bytes=1-2"})
+    assert (response.status_code, response.content) == (206, data[1:3])
+    assert response.headers["content-range"] == f"bytes 1-2/{len(data)}"
+
+
+def test_a_result_gone_from_disk_is_not_found_even_to_a_matching_etag(
+    tmp_path: Path,
+) -> None:
+    from service.errors import ApiError
+
+    with pytest.raises(ApiError) as raised:
+        result_response(tmp_path / "gone.csv", "csv", "0" * 64, {"if-none-match": "*"})
+    assert (raised.value.status, raised.value.code) == (404, "result_not_found")
 
 
 def test_a_result_not_stored_is_not_found(tmp_path: Path) -> None:

@@ -40,7 +40,11 @@ CONTENT_TYPES: dict[Format, str] = {
 # At most 19 digits a number (a 64-bit offset; no file is larger): a longer one is not
 # a range this service can answer, and is ignored like any other unparseable range
 # rather than reaching ``int()``'s limit on digits or Starlette's parser.
-_ONE_RANGE = re.compile(r"bytes=[ \t]*(?:([0-9]{1,19})-([0-9]{0,19})|-[0-9]{1,19})[ \t]*")
+_ONE_RANGE = re.compile(
+    r"bytes=[ \t]*(?:([0-9]{1,19})-([0-9]{0,19})|-[0-9]{1,19})[ \t]*", re.IGNORECASE
+)
+# What every answer about the stored file carries, a 304 included.
+_CACHE = "private, no-cache"
 
 
 def _one_range(value: bytes) -> bool:
@@ -62,15 +66,25 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 
 class _ResultFile(FileResponse):
-    """A ``FileResponse`` that hands Starlette only a Range header of one range."""
+    """A ``FileResponse`` that hands Starlette only a Range header of one range (its
+    unit in lower case, as Starlette reads it; HTTP's units are case-insensitive), and
+    only when an ``If-Range`` is the ETag itself: a date is a weak validator (a second
+    apart), and any other value gets the whole file."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = scope.get("headers", [])
         if any(name == b"range" for name, _ in headers):
             ranges = [value for name, value in headers if name == b"range"]
-            if not (len(ranges) == 1 and _one_range(ranges[0])):
-                kept = [(name, value) for name, value in headers if name != b"range"]
-                scope = {**scope, "headers": kept}
+            conditions = [value for name, value in headers if name == b"if-range"]
+            etag = self.headers["etag"].encode("latin-1")
+            kept = [(name, value) for name, value in headers if name != b"range"]
+            if (
+                len(ranges) == 1
+                and _one_range(ranges[0])
+                and all(value.strip() == etag for value in conditions)
+            ):
+                kept.append((b"range", ranges[0].lower()))
+            scope = {**scope, "headers": kept}
         await super().__call__(scope, receive, send)
 
 
@@ -84,19 +98,20 @@ def result_response(
 ) -> Response:
     """The answer to a GET or HEAD of the stored result at ``path``."""
     etag = f'"{sha256}"'
-    if_none_match = request_headers.get("if-none-match")
-    if if_none_match is not None and _etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers={"etag": etag, "accept-ranges": "bytes"})
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         raise ApiError(
             "the job's result is not stored", code="result_not_found", status=404
         ) from None
+    if_none_match = request_headers.get("if-none-match")
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        headers = {"etag": etag, "accept-ranges": "bytes", "cache-control": _CACHE}
+        return Response(status_code=304, headers=headers)
     return _ResultFile(
         path,
         media_type=CONTENT_TYPES[fmt],
-        headers={"etag": etag, "cache-control": "private, no-cache"},
+        headers={"etag": etag, "cache-control": _CACHE},
         filename=filename or path.name,
         stat_result=stat,
         content_disposition_type="attachment",
