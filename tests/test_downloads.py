@@ -212,6 +212,12 @@ def test_a_query_the_upstream_fails_otherwise_is_a_502_and_the_job_ends(
         (b'{"object": "contact", "query": "select \\ud800"}', "bad_query"),
         (b'{"object": "contact", "query": "' + b"x" * 4001 + b'"}', "bad_query"),
         (b'{"object": "contact", "query": ["select"]}', "bad_query"),
+        # The result is fetched as the object: a query must read it, and an object
+        # named in the default query must be one word.
+        (b'{"object": "contact", "query": "select * from account"}', "bad_query"),
+        (b'{"object": "contact", "query": "select Email"}', "bad_query"),
+        (b'{"object": "contact limit 1"}', "bad_object"),
+        (b'{"object": "contact where x = \'1\'"}', "bad_object"),
     ],
 )
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)

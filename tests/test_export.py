@@ -179,7 +179,9 @@ def test_a_query_the_upstream_cannot_parse_exits_1_with_its_message(
 ) -> None:
     _, service = loaded
     target = out / "never.csv"
-    result = export(service, "contact", "--query", "select nothing", "--wait", "-o", str(target))
+    result = export(
+        service, "contact", "--query", "select * from contact wher x", "--wait", "-o", str(target)
+    )
     assert result.returncode == 1
     assert "Error parsing query" in result.stderr
     assert "upstream_query_refused" in result.stderr

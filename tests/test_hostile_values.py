@@ -317,7 +317,7 @@ def polled(
     ("spec", "note"),
     [
         (
-            {"body": {"id": "1", "status": "RUNNING", "recordsCount": 10**20}},
+            {"body": {"status": "RUNNING", "recordsCount": 10**20}},
             "recordsCount ignored",
         ),
         (

@@ -288,7 +288,7 @@ def test_real_download_answers_match_the_schemas(
     result = service.http.get(f"/jobs/{job_id}/result")
     described = spec["paths"]["/jobs/{job_id}/result"]["get"]["responses"]["200"]["content"]
     assert result.headers["content-type"] in described
-    refused = service.download("contact", query="select nothing")
+    refused = service.download("contact", query="select * from contact wher x")
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "upstream_query_refused"
     _conforms(spec, "Error", refused.json())

@@ -10,6 +10,7 @@ naming the field.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -86,8 +87,23 @@ def _name(value: Any, field: str, *, required: bool = False) -> str | None:
     return value.strip()
 
 
+# The object a CEQL query reads: the word after its first ``from``.
+_FROM = re.compile(r"\bfrom\s+([^\s,;()]+)", re.IGNORECASE)
+# An object name that can stand in a query as it is: no space, quote or separator.
+_PLAIN = re.compile(r"[^\s'\"`,;()=<>]+")
+
+
 def _query(value: Any, object_name: str) -> str:
+    """The query to run. The result is fetched as the job's object, so the query must
+    read that object: one that reads another starts an upstream job whose result can
+    never be fetched (the upstream answers 404 for it)."""
     if value is None:
+        if _PLAIN.fullmatch(object_name) is None:
+            raise ApiError(
+                f"'object' {object_name[:40]!r} cannot be named in the default query"
+                " ('select * from <object>'): give 'query'",
+                code="bad_object",
+            )
         return f"select * from {object_name}"
     if (
         not isinstance(value, str)
@@ -98,6 +114,13 @@ def _query(value: Any, object_name: str) -> str:
     ):
         raise ApiError(
             f"'query' must be printable text of 1 to {MAX_QUERY} characters", code="bad_query"
+        )
+    read = _FROM.search(value)
+    if read is None or read.group(1).strip("`\"'[]").lower() != object_name.lower():
+        raise ApiError(
+            f"'query' must read the job's object ('from {object_name[:40]}'): its result"
+            " is fetched as that object",
+            code="bad_query",
         )
     return value.strip()
 

@@ -350,8 +350,9 @@ def _paths() -> dict[str, Schema]:
                 "query": {
                     "type": "string",
                     "maxLength": MAX_QUERY,
-                    "description": "the CEQL query the upstream runs; default "
-                    "`select * from <object>`",
+                    "description": "the CEQL query the upstream runs, which must read "
+                    "`object` (`from <object>`: the result is fetched as that object); "
+                    "default `select * from <object>`",
                 },
                 "instance": instance_request_field(),
                 "hub": {
