@@ -221,3 +221,46 @@ def test_version_prints_the_one_version_the_package_has() -> None:
         [str(script), "--version"], capture_output=True, timeout=30, check=False
     )
     assert installed.stdout == result.stdout
+
+
+NOT_UTF8 = "\udcff"  # what a byte that is not UTF-8 (0xff) becomes in argv and the environment
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["verify", "--key", f"k{NOT_UTF8}y", "--signature", "sha256=x"], {}),
+        (["verify", "--signature", "sha256=x"], {"OC_SIGNATURE_KEYS": f"k{NOT_UTF8}y"}),
+        (["sign", "--key", f"k{NOT_UTF8}y"], {}),
+        (["sign"], {"OC_SIGNATURE_KEYS": f"k{NOT_UTF8}y"}),
+    ],
+)
+def test_a_key_that_is_not_utf8_is_a_usage_error_and_never_printed(
+    body_file: Path, args: list[str], env: dict[str, str]
+) -> None:
+    result = bulkhook(*args, str(body_file), env=env)
+    assert (result.returncode, result.stdout) == (2, b"")
+    assert b"is not valid UTF-8 text" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert b"k\xffy" not in result.stderr and b"k\\udcffy" not in result.stderr
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_key_to_verify_is_a_usage_error_even_with_oc_signature_keys(
+    body_file: Path, empty: str
+) -> None:
+    header = reference(empty, BODY)  # what an empty key would "verify"
+    for env in ({}, {"OC_SIGNATURE_KEYS": KEY}):
+        result = bulkhook("verify", "--key", empty, "--signature", header, str(body_file), env=env)
+        assert (result.returncode, result.stdout) == (2, b"")
+        assert result.stderr == b"bulkhook verify: error: --key is empty\n"
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_key_to_sign_is_a_usage_error_even_with_oc_signature_keys(
+    body_file: Path, empty: str
+) -> None:
+    for env in ({}, {"OC_SIGNATURE_KEYS": KEY}):
+        result = bulkhook("sign", "--key", empty, str(body_file), env=env)
+        assert (result.returncode, result.stdout) == (2, b"")
+        assert result.stderr == b"bulkhook sign: error: --key is empty\n"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
+import socket
+import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,11 @@ def test_submit_and_wait_follows_the_job_to_completed(
 
 # The states a job passes on its way to COMPLETED, in order.
 PROGRESS = ["SUBMITTING", "CREATED", "STARTED", "RUNNING", "COMPLETED"]
+
+
+def ids_printed(stdout: str) -> list[str]:
+    """The job id of each ``job <id> <STATE> ...`` line."""
+    return [line.split()[1] for line in stdout.splitlines() if line.startswith("job ")]
 
 
 def states_printed(stdout: str) -> list[str]:
@@ -552,3 +560,238 @@ def test_the_upload_progress_bar_is_drawn_on_a_terminal(
     assert b"uploading" in drawn
     assert b"100%" in drawn or b"1.0" in drawn or b"kB" in drawn or b"KiB" in drawn
     assert b"CREATED" in stdout  # the job line still goes to stdout
+
+
+ONE_STORE = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+
+
+@contextlib.contextmanager
+def fifo_reader(path: Path) -> Iterator[Callable[[], bytes]]:
+    """A FIFO at ``path`` with its read end open (so a writer's open does not block):
+    yields a function returning what was written to it, once the writer is done."""
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+    def read() -> bytes:
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        return data
+
+    try:
+        yield read
+    finally:
+        os.close(fd)
+
+
+@ONE_STORE
+def test_errors_written_to_a_fifo_goes_through_it_and_leaves_it_a_fifo(
+    failed_job: tuple[RunningService, dict[str, Any]], tmp_path: Path
+) -> None:
+    service, job = failed_job
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = out / "failed"
+    with fifo_reader(fifo) as read:
+        result = bulkhook(
+            "errors", job["id"], "-o", str(fifo), "--url", service.url, "--token", "cli-token"
+        )
+        assert result.returncode == 0, result.stderr
+        assert read().decode().startswith(f"job {job['id']}: 2 failed records\n")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert list(out.iterdir()) == [fifo]  # no temporary file left beside it
+
+
+@ONE_STORE
+def test_export_written_to_a_fifo_goes_through_it_and_leaves_it_a_fifo(
+    service: RunningService, contacts_csv: Path, tmp_path: Path
+) -> None:
+    loaded = service.submit(contacts_csv).json()
+    service.wait_for(loaded["id"], {"COMPLETED"})
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = out / "contacts.csv"
+    with fifo_reader(fifo) as read:
+        result = bulkhook("export", "contact", "--wait", "-o", str(fifo), "--url", service.url)
+        assert result.returncode == 0, result.stderr
+        written = read()
+    job_id = ids_printed(result.stdout)[-1]
+    assert written == service.http.get(f"/jobs/{job_id}/result").content
+    assert f"wrote 10 records, {len(written):,} bytes to {fifo}\n" in result.stdout
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert list(out.iterdir()) == [fifo]
+
+
+@pytest.mark.parametrize("target", ["/", ".", "{tmp}"])
+def test_errors_into_a_directory_is_a_usage_error_in_one_line(tmp_path: Path, target: str) -> None:
+    output = target.format(tmp=tmp_path)
+    result = bulkhook(
+        "errors", "01abc", "-o", output, "--url", f"http://127.0.0.1:{free_port()}", cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"bulkhook errors: cannot write {output}: it is a directory\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@ONE_STORE
+@pytest.mark.parametrize("job_id", ["..", ".", "a/b", "", "x" * 65, "\udcff", "é"])
+@pytest.mark.parametrize("command", [["status"], ["status", "--json"], ["errors"]])
+def test_an_argument_that_is_not_a_job_id_is_a_usage_error_in_one_line(
+    service: RunningService, contacts_csv: Path, command: list[str], job_id: str
+) -> None:
+    service.submit(contacts_csv)  # a job the list route would show, were it reached
+    result = bulkhook(command[0], job_id, *command[1:], "--url", service.url)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "is not a job id" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+NOT_BULKHOOK = {
+    "a proxy's login page": (b"<html><body>Sign in</body></html>", "text/html"),
+    "an empty object": (b"{}", "application/json"),
+    "null": (b"null", "application/json"),
+}
+
+
+@pytest.fixture(params=list(NOT_BULKHOOK))
+def not_bulkhook(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A server on loopback answering every request 200 with something that is not
+    bulkhook's API: its URL."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from service.server.thread import ServerThread
+
+    body, media_type = NOT_BULKHOOK[request.param]
+
+    async def answer(request: Request) -> Response:
+        await request.body()
+        return Response(body, media_type=media_type)
+
+    server = ServerThread(
+        Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST"])])
+    ).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit", "{csv}", "--object", "contact"],
+        ["submit", "{csv}", "--object", "contact", "--json"],
+        ["jobs"],
+        ["jobs", "--json"],
+        ["status", "01abc"],
+        ["status", "01abc", "--json"],
+        ["export", "contact"],
+        ["errors", "01abc"],
+        ["errors", "01abc", "--json"],
+        ["errors", "01abc", "--csv"],
+        ["instances"],
+        ["instances", "--json"],
+    ],
+)
+def test_a_server_that_is_not_bulkhook_is_one_line_and_exit_1(
+    not_bulkhook: str, contacts_csv: Path, command: list[str]
+) -> None:
+    args = [arg.format(csv=contacts_csv) for arg in command]
+    result = bulkhook(*args, "--url", not_bulkhook)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith(
+        f"bulkhook {command[0]}: the service at {not_bulkhook} answered something that is"
+        " not bulkhook's API (HTTP 200, "
+    )
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("token", ["s3cr3t-é", "s3cr3t\nnext line", "s3cr3t\rreturn"])
+@pytest.mark.parametrize("command", [["jobs"], ["submit", "{csv}", "--object", "contact"]])
+def test_a_token_no_http_header_can_carry_is_a_usage_error_and_never_shown(
+    contacts_csv: Path, command: list[str], token: str
+) -> None:
+    args = [arg.format(csv=contacts_csv) for arg in command]
+    result = bulkhook(*args, "--token", token, "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"bulkhook {command[0]}: the token (--token or BULKHOOK_TOKEN) holds a character"
+        " other than printable ASCII: an HTTP header cannot carry it\n"
+    )
+
+
+@pytest.mark.parametrize("key", ["é", "key\nwith a newline", ""])
+def test_an_idempotency_key_no_http_header_can_carry_is_a_usage_error(
+    contacts_csv: Path, key: str
+) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    result = bulkhook(
+        "submit",
+        str(contacts_csv),
+        "--object",
+        "contact",
+        "--idempotency-key",
+        key,
+        "--url",
+        nowhere,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bulkhook submit: --idempotency-key ")
+    assert "cannot reach" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://h:port/", "ftp://127.0.0.1/", "\udcff"])
+def test_a_url_that_is_not_an_http_url_is_a_usage_error(url: str) -> None:
+    result = bulkhook("jobs", "--url", url)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bulkhook jobs: --url ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_an_argument_sent_as_text_must_be_utf8(contacts_csv: Path) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    submitted = bulkhook("submit", str(contacts_csv), "--object", "\udcff", "--url", nowhere)
+    listed = bulkhook("jobs", "--state", "\udcff", "--url", nowhere)
+    assert (submitted.returncode, listed.returncode) == (2, 2)
+    assert submitted.stderr == "bulkhook submit: the object name is not valid UTF-8 text\n"
+    assert listed.stderr == "bulkhook jobs: --state is not valid UTF-8 text\n"
+
+
+def test_the_unreachable_message_hides_the_urls_credentials_and_query() -> None:
+    url = f"http://user:hunter2@127.0.0.1:{free_port()}/?token=s3cret#frag"
+    result = bulkhook("jobs", "--url", url)
+    assert result.returncode == 1
+    assert "cannot reach the service at http://***@127.0.0.1:" in result.stderr
+    assert "hunter2" not in result.stderr and "s3cret" not in result.stderr
+    assert "token" not in result.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-5"])
+def test_sandbox_refuses_a_port_out_of_range_in_one_line(port: str) -> None:
+    result = bulkhook("sandbox", "--port", port, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == f"bulkhook sandbox: error: --port must be from 0 to 65535, got {port}\n"
+    assert result.stdout == ""
+
+
+def test_sandbox_on_a_taken_port_says_so_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = bulkhook("sandbox", "--port", str(port), timeout=20)
+    assert result.returncode == 3
+    assert result.stderr.startswith(f"bulkhook sandbox: error: cannot listen on 127.0.0.1:{port}: ")
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("option", ["--job-seconds", "--retention", "--callback-delay"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "Infinity"])
+def test_sandbox_refuses_seconds_that_are_not_a_finite_number(option: str, value: str) -> None:
+    result = bulkhook("sandbox", "--port", str(free_port()), f"{option}={value}", timeout=20)
+    assert result.returncode == 2
+    assert f"argument {option}: must be a finite number: {value}" in result.stderr
+    assert "must not be negative" not in result.stderr

@@ -7,6 +7,9 @@ matches the one the service recorded, so the target is never a partial or corrup
 file. With ``-o -`` the bytes go to stdout as they arrive and every other line to
 stderr.
 
+A target that exists and is not a regular file (``/dev/null``, a FIFO) is written in
+place instead: renaming over it would replace it with a regular file.
+
 Exit codes: 0 the job was accepted (without ``--wait``) or its result is stored and
 written; 1 the job or its result failed, the bytes do not match, or the service
 refused or could not be reached; 2 usage errors, and a target that cannot be written,
@@ -36,6 +39,7 @@ from service.cli.remote import (
     printable,
     result_line,
     service_options,
+    written_in_place,
 )
 
 __all__ = ["add_export_command"]
@@ -93,8 +97,10 @@ def _writable(target: Path | None) -> None:
     """Refuse a target that cannot be written before any job is started (None: the
     default name, in the current directory)."""
     shown = target or "the result"
-    if target is not None and target.is_dir():
-        raise CommandError(f"cannot write {shown}: it is a directory", code=USAGE)
+    if target is not None and written_in_place(target):
+        if not os.access(target, os.W_OK):
+            raise CommandError(f"cannot write {target}: it is not writable", code=USAGE)
+        return
     folder = Path.cwd() if target is None else target.parent
     if not folder.is_dir():
         raise CommandError(f"cannot write {shown}: no directory {folder}", code=USAGE)
@@ -207,7 +213,18 @@ def _to_stdout(client: ServiceClient, job_id: str, result: dict[str, Any]) -> No
 
 def _to_file(client: ServiceClient, job_id: str, result: dict[str, Any], target: Path) -> None:
     """Download beside ``target`` under a temporary name, then rename: the target is
-    only ever the whole, checked file (an earlier one stays until then)."""
+    only ever the whole, checked file (an earlier one stays until then). A target that
+    is not a regular file (a device, a FIFO) is written in place, as the shell's ``>``
+    would: a rename would replace it with a regular file."""
+    if written_in_place(target):
+        try:
+            with target.open("wb") as sink:
+                got = _download(client, job_id, result, sink)
+        except OSError as exc:
+            raise CommandError(f"cannot write {target}: {exc.strerror or exc}") from None
+        if got != result["sha256"]:
+            raise CommandError(_mismatch(got, result) + "; do not use what was written")
+        return
     partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
         with partial.open("xb") as sink:

@@ -1,13 +1,14 @@
 """The ``bulkhook`` command line.
 
 Exit codes: 0 success, 1 a negative answer (``verify``: invalid), 2 usage errors
-(a bad setting included), 3 ``serve`` could not start (a taken port, a store that
-cannot be opened).
+(a bad setting included), 3 ``serve`` or ``sandbox`` could not start (a taken port, a
+store that cannot be opened).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ __all__ = ["main"]
 
 USAGE_ERROR = 2
 CANNOT_START = 3
+_MAX_PORT = 65535
 
 
 class _UsageError(Exception):
@@ -41,12 +43,24 @@ def _read_body(name: str, stdin: BinaryIO) -> bytes:
 
 
 def _keys(given: list[str] | None) -> list[str]:
-    if given:
-        return given
-    from_env = [k.strip() for k in os.environ.get("OC_SIGNATURE_KEYS", "").split(",")]
-    keys = [k for k in from_env if k]
+    """The keys of ``--key`` when given (an empty one is a mistake, never a quiet
+    fallback to ``OC_SIGNATURE_KEYS`` nor a key to verify with), else the
+    environment's. A key is text: HMAC runs over its UTF-8 bytes, as the service's
+    does, so bytes that are not UTF-8 can be no instance's key."""
+    if given is not None:
+        if any(not key.strip() for key in given):
+            raise _UsageError("--key is empty")
+        keys, source = given, "--key"
+    else:
+        from_env = [k.strip() for k in os.environ.get("OC_SIGNATURE_KEYS", "").split(",")]
+        keys, source = [k for k in from_env if k], "OC_SIGNATURE_KEYS"
     if not keys:
         raise _UsageError("no signature key: pass --key K or set OC_SIGNATURE_KEYS")
+    for key in keys:
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _UsageError(f"a key in {source} is not valid UTF-8 text") from None
     return keys
 
 
@@ -79,8 +93,9 @@ def _newline_hint(header: str, body: bytes, keys: list[str]) -> str:
 
 
 def _sign(args: argparse.Namespace, stdin: BinaryIO) -> int:
+    key = _keys(None if args.key is None else [args.key])[0]
     body = _read_body(args.file, stdin)
-    print(signatures.sign(_keys([args.key] if args.key else None)[0], body, args.algo))
+    print(signatures.sign(key, body, args.algo))
     return 0
 
 
@@ -88,7 +103,10 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
     import uvicorn
 
     from service.sandbox import API_PREFIX, Sandbox, SandboxOptions
+    from service.server.thread import bind_socket
 
+    if not 0 <= args.port <= _MAX_PORT:
+        raise _UsageError(f"--port must be from 0 to {_MAX_PORT}, got {args.port}")
     try:
         options = SandboxOptions(
             signature_key=args.signature_key,
@@ -121,12 +139,21 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
         if options.signature_key
         else "unsigned (no --signature-key)"
     )
+    # Bound before anything claims to listen: a taken port is one line, as for serve,
+    # not uvicorn's log of its failed start.
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"bulkhook sandbox: error: {exc.strerror or exc}", file=sys.stderr)
+        return CANNOT_START
+    host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"bulkhook sandbox: Open Connectors simulator at "
-        f"http://{args.host}:{args.port}{API_PREFIX}; callbacks {signing}",
+        f"http://{host}:{sock.getsockname()[1]}{API_PREFIX}; callbacks {signing}",
         flush=True,
     )
-    uvicorn.run(Sandbox(options).app, host=args.host, port=args.port, log_level="info")
+    config = uvicorn.Config(Sandbox(options).app, log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
@@ -167,6 +194,8 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value

@@ -11,17 +11,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-from service.cli.api_client import ServiceClient, ServiceError, ServiceUnreachable
+import httpx
+
+from service.cli.api_client import (
+    NOT_BULKHOOK,
+    ServiceClient,
+    ServiceError,
+    ServiceUnreachable,
+    shown_url,
+)
+from service.values import job_id_ok
 
 __all__ = [
     "CommandError",
     "add_job_commands",
     "call",
+    "check_job_id",
     "connect",
     "follow_to_end",
     "print_job",
@@ -30,9 +42,23 @@ __all__ = [
     "report",
     "result_line",
     "service_options",
+    "written_in_place",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+USAGE = 2
+# The arguments sent to the service as text (form fields, JSON, query parameters), by
+# the name the user typed.
+_SENT_AS_TEXT = {
+    "object": "the object name",
+    "hub": "--hub",
+    "path": "--path",
+    "metadata": "--metadata",
+    "instance": "--instance",
+    "state": "--state",
+    "where": "--where",
+    "query": "--query",
+}
 
 
 class CommandError(Exception):
@@ -46,8 +72,68 @@ class CommandError(Exception):
 
 
 def connect(args: argparse.Namespace) -> ServiceClient:
-    """A client of the service the command's ``--url`` and ``--token`` name."""
+    """A client of the service the command's ``--url`` and ``--token`` name, once every
+    argument it sends can be sent: refused here, a bad one is a usage error, not a
+    crash inside the HTTP library or a misleading "cannot reach"."""
+    _check_url(args.url)
+    if args.token:
+        _check_header_value(args.token, "the token (--token or BULKHOOK_TOKEN)", shown=False)
+    if getattr(args, "idempotency_key", None) is not None:
+        _check_header_value(args.idempotency_key, "--idempotency-key", shown=True)
+    for name, label in _SENT_AS_TEXT.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not _utf8(value):
+            raise CommandError(f"{label} is not valid UTF-8 text", code=USAGE)
     return ServiceClient(args.url, args.token)
+
+
+def _utf8(value: str) -> bool:
+    """Whether ``value`` is text: bytes that are not UTF-8 reach argv as surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_url(url: str) -> None:
+    if not _utf8(url):
+        raise CommandError("--url is not valid UTF-8 text", code=USAGE)
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise CommandError(f"--url is not a URL: {exc}", code=USAGE) from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise CommandError(
+            f"--url must be an http:// or https:// URL, not {shown_url(url)!r}", code=USAGE
+        )
+
+
+def _check_header_value(value: str, label: str, *, shown: bool) -> None:
+    """An HTTP header carries printable ASCII only: anything else would crash the
+    request, or (a newline) be refused by the HTTP library before it is sent. A token
+    is never echoed."""
+    if not value:
+        raise CommandError(f"{label} is empty", code=USAGE)
+    if all(" " <= ch <= "~" for ch in value):
+        return
+    echo = f" ({printable(value)!r})" if shown and _utf8(value) else ""
+    raise CommandError(
+        f"{label}{echo} holds a character other than printable ASCII: an HTTP header cannot"
+        " carry it",
+        code=USAGE,
+    )
+
+
+def check_job_id(value: str) -> str:
+    """``value`` when it can be one of the service's job ids. Anything else is refused
+    before it is put in a URL path, where ``..``, ``.`` or a ``/`` would name another
+    route (HTTP clients resolve dot segments) and non-UTF-8 bytes cannot go at all."""
+    if not job_id_ok(value):
+        shown = printable(repr(value) if _utf8(value) else ascii(value))
+        shown = shown if len(shown) <= 72 else shown[:71] + "…"
+        raise CommandError(f"{shown} is not a job id (1 to 64 letters, digits, _ or -)", code=USAGE)
+    return value
 
 
 def call(fn: Any, *fn_args: Any, **kwargs: Any) -> Any:
@@ -60,6 +146,8 @@ def call(fn: Any, *fn_args: Any, **kwargs: Any) -> Any:
             str(exc).split(": ", 1)[0], hint="start it with `bulkhook serve`"
         ) from None
     except ServiceError as exc:
+        if exc.code == NOT_BULKHOOK:  # the message names the status already
+            raise CommandError(exc.message) from None
         hint = "pass --token or set BULKHOOK_TOKEN" if exc.status == 401 else None
         raise CommandError(f"{exc.message} ({exc.code}, HTTP {exc.status})", hint=hint) from None
 
@@ -163,6 +251,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    check_job_id(args.job)
     with connect(args) as client:
         job = call(client.job, args.job)
         print_job(job, as_json=args.json)
@@ -288,20 +377,42 @@ def _errors_text(answer: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def written_in_place(target: Path) -> bool:
+    """Whether ``target`` is written where it is rather than renamed into place: it
+    exists and is not a regular file (a device such as /dev/null, a FIFO), which a
+    rename would replace with a regular file. A directory cannot be written at all."""
+    try:
+        mode = target.stat().st_mode
+    except OSError:  # absent, or unreachable: writing says why
+        return False
+    if stat.S_ISDIR(mode):
+        raise CommandError(f"cannot write {target}: it is a directory", code=USAGE)
+    return not stat.S_ISREG(mode)
+
+
 def _write(output: str | None, produce: Callable[[BinaryIO], object]) -> None:
-    """Run ``produce`` into stdout, or into ``output``: the file appears only whole."""
+    """Run ``produce`` into stdout, or into ``output``: a file appears only whole."""
     if output is None:
         produce(sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
     target = Path(output)
-    partial = target.with_name(f".{target.name}.partial")
+    if written_in_place(target):
+        try:
+            with target.open("wb") as sink:
+                produce(sink)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot write {output}: {exc.strerror or exc}", code=USAGE
+            ) from None
+        return
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
-        with partial.open("wb") as sink:
+        with partial.open("xb") as sink:
             produce(sink)
         partial.replace(target)
     except OSError as exc:
-        raise CommandError(f"cannot write {output}: {exc.strerror or exc}", code=2) from None
+        raise CommandError(f"cannot write {output}: {exc.strerror or exc}", code=USAGE) from None
     finally:
         partial.unlink(missing_ok=True)
 
@@ -309,6 +420,9 @@ def _write(output: str | None, produce: Callable[[BinaryIO], object]) -> None:
 def _errors(args: argparse.Namespace) -> int:
     if args.json and args.csv:
         raise CommandError("--json and --csv: choose one", code=2)
+    check_job_id(args.job)
+    if args.output:
+        written_in_place(Path(args.output))  # a directory is refused before any request
     suffix = Path(args.output).suffix.lower() if args.output else ""
     form = "csv" if args.csv else "json" if args.json else suffix.lstrip(".")
     with connect(args) as client:
