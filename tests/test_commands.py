@@ -776,6 +776,13 @@ def test_sandbox_refuses_a_port_out_of_range_in_one_line(port: str) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_serve_refuses_a_port_out_of_range_as_a_usage_error(port: str) -> None:
+    result = bulkhook("serve", "--port", port, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr == f"bulkhook serve: error: --port must be from 0 to 65535, got {port}\n"
+
+
 def test_sandbox_on_a_taken_port_says_so_in_one_line() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

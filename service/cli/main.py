@@ -161,6 +161,8 @@ def _serve(args: argparse.Namespace, stdin: BinaryIO) -> int:
     from service.config import ConfigError, Settings
     from service.server.serve import StartupError, serve
 
+    if not 0 <= args.port <= _MAX_PORT:
+        raise _UsageError(f"--port must be from 0 to {_MAX_PORT}, got {args.port}")
     try:
         settings = Settings.from_env()
         settings.check_bind(args.host)
