@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 import anyio.lowlevel
@@ -648,6 +649,24 @@ def test_a_result_gone_from_disk_is_not_found_even_to_a_matching_etag(
     with pytest.raises(ApiError) as raised:
         result_response(tmp_path / "gone.csv", "csv", "0" * 64, {"if-none-match": "*"})
     assert (raised.value.status, raised.value.code) == (404, "result_not_found")
+
+
+@pytest.mark.parametrize(
+    ("name", "plain"),
+    [
+        ('Kontakt "Bühne"; 1.csv', "Kontakt__B_hne___1.csv"),
+        ("contact list-01.csv", "contact_list-01.csv"),
+    ],
+)
+def test_a_name_with_spaces_quotes_or_any_letter_has_a_plain_fallback(
+    tmp_path: Path, name: str, plain: str
+) -> None:
+    path = tmp_path / "result.csv"
+    path.write_bytes(b"id\n1\n")
+    response = result_response(path, "csv", "0" * 64, {}, filename=name)
+    given = response.headers["content-disposition"]
+    assert given.startswith(f"attachment; filename=\"{plain}\"; filename*=utf-8''")
+    assert unquote(given.split("filename*=utf-8''", 1)[1]) == name
 
 
 def test_a_result_not_stored_is_not_found(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote
 
 from starlette.responses import FileResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -54,6 +55,19 @@ def _one_range(value: bytes) -> bool:
         return False
     first, last = match.groups()
     return not (first and last and int(first) > int(last))
+
+
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _disposition(filename: str) -> str:
+    """``attachment`` with a plain ASCII ``filename`` every client reads (``curl -OJ``
+    reads no other), and the exact name as ``filename*`` (RFC 6266) when the two differ:
+    an object name may hold spaces, quotes or any letter."""
+    plain = _UNSAFE_IN_NAME.sub("_", filename)
+    if plain == filename:
+        return f'attachment; filename="{filename}"'
+    return f"attachment; filename=\"{plain}\"; filename*=utf-8''{quote(filename, safe='')}"
 
 
 def _etag_matches(header: str, etag: str) -> bool:
@@ -111,8 +125,10 @@ def result_response(
     return _ResultFile(
         path,
         media_type=CONTENT_TYPES[fmt],
-        headers={"etag": etag, "cache-control": _CACHE},
-        filename=filename or path.name,
+        headers={
+            "etag": etag,
+            "cache-control": _CACHE,
+            "content-disposition": _disposition(filename or path.name),
+        },
         stat_result=stat,
-        content_disposition_type="attachment",
     )
