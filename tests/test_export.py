@@ -200,6 +200,8 @@ def test_a_query_the_upstream_cannot_parse_exits_1_with_its_message(
         (["--where", " ", "--wait"], "--where is empty"),
         (["--wait", "-o", "no/such/dir/contacts.csv"], "no directory"),
         (["--wait", "-o", "."], "is a directory"),
+        (["--wait", "-o", "sub/"], "names a directory"),
+        (["--wait", "-o", ""], "-o is empty"),
     ],
 )
 @ONE_STORE

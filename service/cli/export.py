@@ -118,6 +118,11 @@ def _default_name(job: dict[str, Any]) -> str:
 def _export(args: argparse.Namespace) -> int:
     if args.output is not None and not args.wait:
         raise CommandError("-o needs --wait: the file is written once the job ends", code=USAGE)
+    if args.output == "":
+        raise CommandError("-o is empty: name a file, or - for stdout", code=USAGE)
+    if args.output is not None and args.output.endswith(("/", os.sep)):
+        # Path() drops the slash: "sub/" would become a file named sub.
+        raise CommandError(f"cannot write {args.output}: it names a directory", code=USAGE)
     query = _query(args)
     to_stdout = args.output == "-"
     if args.wait and not to_stdout:
