@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from service.cli.remote import (
     printable,
     result_line,
     service_options,
+    written,
     written_in_place,
 )
 
@@ -221,23 +221,11 @@ def _to_file(client: ServiceClient, job_id: str, result: dict[str, Any], target:
     only ever the whole, checked file (an earlier one stays until then). A target that
     is not a regular file (a device, a FIFO) is written in place, as the shell's ``>``
     would: a rename would replace it with a regular file."""
-    if written_in_place(target):
-        try:
-            with target.open("wb") as sink:
-                got = _download(client, job_id, result, sink)
-        except OSError as exc:
-            raise CommandError(f"cannot write {target}: {exc.strerror or exc}") from None
-        if got != result["sha256"]:
-            raise CommandError(_mismatch(got, result) + "; do not use what was written")
-        return
-    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    outcome = "do not use what was written" if written_in_place(target) else f"{target} not written"
     try:
-        with partial.open("xb") as sink:
+        with written(target) as sink:
             got = _download(client, job_id, result, sink)
-        if got != result["sha256"]:
-            raise CommandError(_mismatch(got, result) + f"; {target} not written")
-        partial.replace(target)
+            if got != result["sha256"]:
+                raise CommandError(f"{_mismatch(got, result)}; {outcome}")
     except OSError as exc:
         raise CommandError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        partial.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from service.callbacks import signatures
 from service.cli.export import add_export_command
 from service.cli.instances import add_instances_command
 from service.cli.remote import CommandError, add_job_commands, report
+from service.values import is_clean
 
 __all__ = ["main"]
 
@@ -56,11 +57,8 @@ def _keys(given: list[str] | None) -> list[str]:
         keys, source = [k for k in from_env if k], "OC_SIGNATURE_KEYS"
     if not keys:
         raise _UsageError("no signature key: pass --key K or set OC_SIGNATURE_KEYS")
-    for key in keys:
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise _UsageError(f"a key in {source} is not valid UTF-8 text") from None
+    if not all(is_clean(key) for key in keys):  # not UTF-8: lone surrogates in argv
+        raise _UsageError(f"a key in {source} is not valid UTF-8 text")
     return keys
 
 
@@ -105,8 +103,7 @@ def _sandbox(args: argparse.Namespace, stdin: BinaryIO) -> int:
     from service.sandbox import API_PREFIX, Sandbox, SandboxOptions
     from service.server.thread import bind_socket
 
-    if not 0 <= args.port <= _MAX_PORT:
-        raise _UsageError(f"--port must be from 0 to {_MAX_PORT}, got {args.port}")
+    _check_port(args.port)
     try:
         options = SandboxOptions(
             signature_key=args.signature_key,
@@ -161,8 +158,7 @@ def _serve(args: argparse.Namespace, stdin: BinaryIO) -> int:
     from service.config import ConfigError, Settings
     from service.server.serve import StartupError, serve
 
-    if not 0 <= args.port <= _MAX_PORT:
-        raise _UsageError(f"--port must be from 0 to {_MAX_PORT}, got {args.port}")
+    _check_port(args.port)
     try:
         settings = Settings.from_env()
         settings.check_bind(args.host)
@@ -179,6 +175,11 @@ def _demo(args: argparse.Namespace, stdin: BinaryIO) -> int:
     from service.cli.demo import run_demo
 
     return run_demo()
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= _MAX_PORT:
+        raise _UsageError(f"--port must be from 0 to {_MAX_PORT}, got {port}")
 
 
 def _fraction(text: str) -> float:

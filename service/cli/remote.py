@@ -9,12 +9,13 @@ line on stderr: exit 1 for a job or service problem, 2 for usage errors, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -27,7 +28,7 @@ from service.cli.api_client import (
     ServiceUnreachable,
     shown_url,
 )
-from service.values import job_id_ok
+from service.values import is_clean, job_id_ok
 
 __all__ = [
     "CommandError",
@@ -42,6 +43,7 @@ __all__ = [
     "report",
     "result_line",
     "service_options",
+    "written",
     "written_in_place",
 ]
 
@@ -80,24 +82,17 @@ def connect(args: argparse.Namespace) -> ServiceClient:
         _check_header_value(args.token, "the token (--token or BULKHOOK_TOKEN)", shown=False)
     if getattr(args, "idempotency_key", None) is not None:
         _check_header_value(args.idempotency_key, "--idempotency-key", shown=True)
+    # Bytes of an argument that are not UTF-8 reach argv as lone surrogates (argv holds
+    # no NUL), which ``is_clean`` refuses.
     for name, label in _SENT_AS_TEXT.items():
         value = getattr(args, name, None)
-        if isinstance(value, str) and not _utf8(value):
+        if isinstance(value, str) and not is_clean(value):
             raise CommandError(f"{label} is not valid UTF-8 text", code=USAGE)
     return ServiceClient(args.url, args.token)
 
 
-def _utf8(value: str) -> bool:
-    """Whether ``value`` is text: bytes that are not UTF-8 reach argv as surrogates."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _check_url(url: str) -> None:
-    if not _utf8(url):
+    if not is_clean(url):
         raise CommandError("--url is not valid UTF-8 text", code=USAGE)
     try:
         parsed = httpx.URL(url)
@@ -117,7 +112,7 @@ def _check_header_value(value: str, label: str, *, shown: bool) -> None:
         raise CommandError(f"{label} is empty", code=USAGE)
     if all(" " <= ch <= "~" for ch in value):
         return
-    echo = f" ({printable(value)!r})" if shown and _utf8(value) else ""
+    echo = f" ({printable(value)!r})" if shown and is_clean(value) else ""
     raise CommandError(
         f"{label}{echo} holds a character other than printable ASCII: an HTTP header cannot"
         " carry it",
@@ -130,7 +125,7 @@ def check_job_id(value: str) -> str:
     before it is put in a URL path, where ``..``, ``.`` or a ``/`` would name another
     route (HTTP clients resolve dot segments) and non-UTF-8 bytes cannot go at all."""
     if not job_id_ok(value):
-        shown = printable(repr(value) if _utf8(value) else ascii(value))
+        shown = printable(repr(value) if is_clean(value) else ascii(value))
         shown = shown if len(shown) <= 72 else shown[:71] + "…"
         raise CommandError(f"{shown} is not a job id (1 to 64 letters, digits, _ or -)", code=USAGE)
     return value
@@ -390,31 +385,36 @@ def written_in_place(target: Path) -> bool:
     return not stat.S_ISREG(mode)
 
 
+@contextlib.contextmanager
+def written(target: Path) -> Iterator[BinaryIO]:
+    """A sink for ``target``: a temporary file beside it, renamed over it when the block
+    ends without an error, so the target is only ever whole (an earlier one stays until
+    then); or the target itself when ``written_in_place``. An ``OSError`` is left to the
+    caller, which says what could not be written."""
+    if written_in_place(target):
+        with target.open("wb") as sink:
+            yield sink
+        return
+    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+    try:
+        with partial.open("xb") as sink:
+            yield sink
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def _write(output: str | None, produce: Callable[[BinaryIO], object]) -> None:
     """Run ``produce`` into stdout, or into ``output``: a file appears only whole."""
     if output is None:
         produce(sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
-    target = Path(output)
-    if written_in_place(target):
-        try:
-            with target.open("wb") as sink:
-                produce(sink)
-        except OSError as exc:
-            raise CommandError(
-                f"cannot write {output}: {exc.strerror or exc}", code=USAGE
-            ) from None
-        return
-    partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
     try:
-        with partial.open("xb") as sink:
+        with written(Path(output)) as sink:
             produce(sink)
-        partial.replace(target)
     except OSError as exc:
         raise CommandError(f"cannot write {output}: {exc.strerror or exc}", code=USAGE) from None
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _errors(args: argparse.Namespace) -> int:
